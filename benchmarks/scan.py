@@ -1,0 +1,147 @@
+"""Forward+backward time of the scan backends, side by side in one run.
+
+    python benchmarks/scan.py            # CPU table (and CUDA rows when a GPU is present)
+
+CPU: T in {64, 256, 1024}, batch 16, N = 128 complex, one torch thread.
+CUDA: T in {256, 1024, 4096}, batch 64, N = 128 complex, plus real inputs against the
+``accelerated-scan`` package when it is installed (benchmark-only extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from policies.scan import linear_scan
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_fwd_bwd(backend, a, b, reset, repeats, device) -> float:
+    """Median seconds for one forward+backward of linear_scan."""
+
+    def run():
+        a_ = a.detach().requires_grad_(True)
+        b_ = b.detach().requires_grad_(True)
+        h = linear_scan(a_, b_, reset=reset, backend=backend)
+        (h.real.sum() if h.is_complex() else h.sum()).backward()
+
+    run()  # warm-up (compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(batch, steps, width, device, dtype=torch.complex64):
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(batch, steps, width, generator=gen)
+    if dtype.is_complex:
+        lam = torch.polar(torch.rand(width, generator=gen) * 0.5 + 0.45, torch.rand(width) * 3)
+        b = torch.complex(real, torch.randn(batch, steps, width, generator=gen))
+    else:
+        lam = torch.rand(width, generator=gen) * 0.5 + 0.45
+        b = real
+    reset = torch.rand(batch, steps, generator=gen) < 0.01
+    return lam.to(device), b.to(device), reset.to(device)
+
+
+def bench_cpu(repeats: int) -> list[str]:
+    rows = ["| T | sequential (ms) | parallel (ms) | speed-up |", "|---:|---:|---:|---:|"]
+    for steps in (64, 256, 1024):
+        lam, b, reset = make_inputs(16, steps, 128, "cpu")
+        seq = time_fwd_bwd("sequential", lam, b, reset, repeats, "cpu")
+        par = time_fwd_bwd("parallel", lam, b, reset, repeats, "cpu")
+        rows.append(f"| {steps} | {seq * 1e3:.1f} | {par * 1e3:.1f} | {seq / par:.1f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_cuda(repeats: int) -> list[str]:
+    backends = ["sequential", "parallel", "triton"]
+    rows = [
+        "| input | T | " + " | ".join(f"{k} (ms)" for k in backends) + " | parallel/triton |",
+        "|---|---:|" + "---:|" * (len(backends) + 1),
+    ]
+    for steps in (256, 1024, 4096):
+        lam, b, reset = make_inputs(64, steps, 128, "cuda")
+        ms = {k: time_fwd_bwd(k, lam, b, reset, repeats, "cuda") * 1e3 for k in backends}
+        cells = " | ".join(f"{ms[k]:.2f}" for k in backends)
+        rows.append(f"| complex | {steps} | {cells} | {ms['parallel'] / ms['triton']:.1f}x |")
+        print(rows[-1], flush=True)
+    try:
+        from accelerated_scan.warp import scan as accel_scan
+    except ImportError:
+        rows.append(
+            "\naccelerated-scan not installed: `pip install accelerated-scan` for that row."
+        )
+        return rows
+    rows += [
+        "",
+        "| real, no resets | T | triton (ms) | accelerated-scan (ms) |",
+        "|---|---:|---:|---:|",
+    ]
+    for steps in (256, 1024, 4096):
+        lam, b, _ = make_inputs(64, steps, 128, "cuda", torch.float32)
+        triton_ms = time_fwd_bwd("triton", lam, b, None, repeats, "cuda") * 1e3
+        gates = lam.expand(64, steps, 128).transpose(1, 2).contiguous()
+        tokens = b.transpose(1, 2).contiguous()
+
+        def run(g=gates, x=tokens):
+            g_, x_ = g.detach().requires_grad_(True), x.detach().requires_grad_(True)
+            accel_scan(g_, x_).sum().backward()
+
+        run()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+        accel_ms = (time.perf_counter() - start) / repeats * 1e3
+        rows.append(f"| real | {steps} | {triton_ms:.2f} | {accel_ms:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s) of "
+        f"{__import__('os').cpu_count()} cores, torch {torch.__version__}"
+    )
+    print(
+        "\nCPU, batch 16, N = 128 complex, forward+backward, median of "
+        f"{args.repeats}, resets p=0.01"
+    )
+    bench_cpu(args.repeats)
+    if torch.cuda.is_available():
+        print(f"\nCUDA: {torch.cuda.get_device_name()}, batch 64, N = 128")
+        bench_cuda(args.repeats)
+    else:
+        print("\nno GPU found: CUDA rows (sequential / parallel / triton) not measured")
+
+
+if __name__ == "__main__":
+    main()

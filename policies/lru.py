@@ -1,0 +1,203 @@
+"""Linear Recurrent Unit (LRU) layers with an explicit recurrent state.
+
+One layer, input ``u_t`` in R^H, complex state ``h_t`` in C^n::
+
+    h_t = Λ h_{t-1} + B̃ u_t,        B̃ = diag(γ) (B_re + i B_im)
+    y_t = Re(C h_t) + D ⊙ u_t,       C = C_re + i C_im
+    λ_j = exp(-exp(ν_j) + i θ_j),     γ_j = sqrt(1 - |λ_j|²)
+
+The phase θ is a direct parameter (not log θ): balanced truncation can produce real
+eigenvalues (θ = 0 or π) that a log-phase cannot hold. |λ| is clamped to ``MAX_RADIUS``
+so that |λ| < 1 holds for every parameter value, even where exp(ν) underflows, and so
+that γ (and B = B̃/γ after a reduction) stays finite.
+
+Every module takes its state as an argument and returns the new one; nothing is hidden
+inside the module. A layer's state is complex ``[B, n]``; a stack's state is one real
+tensor ``[B, S]`` laid out per layer as ``[Re h_1, Im h_1, Re h_2, Im h_2, ...]`` with
+``S = Σ 2 n_l`` (the ONNX export uses the same layout). Zeros mean "episode start".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from policies.scan import linear_scan
+
+MAX_RADIUS = 0.9999
+_MIN_DECAY = -math.log(MAX_RADIUS)  # exp(ν) floor that keeps |λ| ≤ MAX_RADIUS
+
+
+class LRU(nn.Module):
+    """Diagonal complex linear recurrence (one LRU layer, no nonlinearity).
+
+    Args:
+        width: H, input and output features.
+        state_dim: n, complex states.
+        r_min, r_max: ring of initial eigenvalue radii |λ|.
+        max_phase: initial phases θ are uniform in [0, max_phase).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        state_dim: int,
+        r_min: float = 0.5,
+        r_max: float = 0.99,
+        max_phase: float = math.pi,
+    ) -> None:
+        super().__init__()
+        if width < 1 or state_dim < 1:
+            raise ValueError(f"width and state_dim must be >= 1, got {width}, {state_dim}")
+        self.width, self.state_dim = width, state_dim
+        # |λ|² uniform on [r_min², r_max²] (the LRU paper's ring initialisation).
+        radius_sq = torch.empty(state_dim).uniform_(r_min**2, r_max**2)
+        self.nu_log = nn.Parameter(torch.log(-0.5 * torch.log(radius_sq)))
+        self.theta = nn.Parameter(torch.empty(state_dim).uniform_(0.0, max_phase))
+        self.B_re = nn.Parameter(torch.randn(state_dim, width) / math.sqrt(2 * width))
+        self.B_im = nn.Parameter(torch.randn(state_dim, width) / math.sqrt(2 * width))
+        self.C_re = nn.Parameter(torch.randn(width, state_dim) / math.sqrt(state_dim))
+        self.C_im = nn.Parameter(torch.randn(width, state_dim) / math.sqrt(state_dim))
+        self.D = nn.Parameter(torch.randn(width))
+
+    def eigenvalues(self) -> Tensor:
+        """λ, complex ``[n]``, |λ| ≤ MAX_RADIUS < 1."""
+        decay = torch.exp(self.nu_log).clamp(min=_MIN_DECAY)
+        return torch.polar(torch.exp(-decay), self.theta)
+
+    def gamma(self) -> Tensor:
+        """γ = sqrt(1 - |λ|²), real ``[n]``."""
+        decay = torch.exp(self.nu_log).clamp(min=_MIN_DECAY)
+        return torch.sqrt(-torch.expm1(-2.0 * decay))
+
+    def input_matrix(self) -> Tensor:
+        """Effective B̃ = diag(γ) B, complex ``[n, H]``."""
+        return torch.complex(self.B_re, self.B_im) * self.gamma()[:, None]
+
+    def output_matrix(self) -> Tensor:
+        """C, complex ``[H, n]``."""
+        return torch.complex(self.C_re, self.C_im)
+
+    def initial_state(self, batch: int, device: torch.device | None = None) -> Tensor:
+        """Zero state ``[batch, n]`` complex64."""
+        return torch.zeros(batch, self.state_dim, dtype=torch.complex64, device=device)
+
+    def forward(
+        self, u: Tensor, state: Tensor | None = None, reset: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sequence mode.
+
+        Args:
+            u: inputs ``[B, T, H]``.
+            state: complex ``[B, n]`` before the first step (zeros if None).
+            reset: bool ``[B, T]``, True where step t starts a new episode.
+
+        Returns:
+            ``y`` ``[B, T, H]`` and the state after the last step, complex ``[B, n]``.
+        """
+        bu = u.to(torch.complex64) @ self.input_matrix().T  # [B, T, n]
+        h = linear_scan(self.eigenvalues(), bu, h0=state, reset=reset)
+        y = (h @ self.output_matrix().T).real + self.D * u
+        return y, h[:, -1]
+
+    def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Step mode: ``u`` ``[B, H]``, ``state`` complex ``[B, n]`` -> ``(y [B, H], state)``."""
+        h = self.eigenvalues() * state + u.to(torch.complex64) @ self.input_matrix().T
+        y = (h @ self.output_matrix().T).real + self.D * u
+        return y, h
+
+
+class LRUBlock(nn.Module):
+    """Residual block: ``u + GELU(LRU(LayerNorm(u)))``."""
+
+    def __init__(self, width: int, state_dim: int, **lru_kwargs: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.lru = LRU(width, state_dim, **lru_kwargs)
+
+    def forward(
+        self, u: Tensor, state: Tensor | None = None, reset: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, state = self.lru(self.norm(u), state, reset)
+        return u + F.gelu(y), state
+
+    def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        y, state = self.lru.step(self.norm(u), state)
+        return u + F.gelu(y), state
+
+
+class LRUStack(nn.Module):
+    """Input encoder followed by residual LRU blocks.
+
+    Args:
+        in_dim: input features (e.g. observation size).
+        width: H, features inside the stack.
+        state_dims: n per layer; layers may differ (compression makes them differ).
+    """
+
+    def __init__(self, in_dim: int, width: int, state_dims: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        if len(state_dims) < 1:
+            raise ValueError("an LRU stack needs at least one layer")
+        self.encoder = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(LRUBlock(width, n) for n in state_dims)
+        self.width = width
+
+    @property
+    def state_dims(self) -> list[int]:
+        """Complex states per layer."""
+        return [block.lru.state_dim for block in self.blocks]
+
+    @property
+    def state_size(self) -> int:
+        """S, real numbers in the flat state (``Σ 2 n_l``)."""
+        return 2 * sum(self.state_dims)
+
+    def initial_state(self, batch: int, device: torch.device | None = None) -> Tensor:
+        """Zero flat state ``[batch, S]`` float32 (an episode start)."""
+        return torch.zeros(batch, self.state_size, device=device)
+
+    def split_state(self, state: Tensor) -> list[Tensor]:
+        """Flat real ``[B, S]`` -> per-layer complex ``[B, n_l]``."""
+        if state.dim() != 2 or state.shape[1] != self.state_size:
+            raise ValueError(
+                f"state must be [B, {self.state_size}] (Σ 2n over layers {self.state_dims}), "
+                f"got {tuple(state.shape)}"
+            )
+        parts, offset = [], 0
+        for n in self.state_dims:
+            re, im = state[:, offset : offset + n], state[:, offset + n : offset + 2 * n]
+            parts.append(torch.complex(re.float(), im.float()))
+            offset += 2 * n
+        return parts
+
+    @staticmethod
+    def join_state(parts: list[Tensor]) -> Tensor:
+        """Per-layer complex ``[B, n_l]`` -> flat real ``[B, S]``."""
+        return torch.cat([torch.cat([h.real, h.imag], dim=-1) for h in parts], dim=-1)
+
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, reset: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sequence mode: ``x`` ``[B, T, in_dim]``, flat ``state`` ``[B, S]`` (zeros if None),
+        ``reset`` bool ``[B, T]`` -> features ``[B, T, H]`` and the flat state after step T."""
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device)
+        u = self.encoder(x)
+        finals = []
+        for block, h0 in zip(self.blocks, self.split_state(state), strict=True):
+            u, h_last = block(u, h0, reset)
+            finals.append(h_last)
+        return u, self.join_state(finals)
+
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Step mode: ``x`` ``[B, in_dim]``, ``state`` ``[B, S]`` -> ``(features [B, H], state)``."""
+        u = self.encoder(x)
+        new = []
+        for block, h in zip(self.blocks, self.split_state(state), strict=True):
+            u, h = block.step(u, h)
+            new.append(h)
+        return u, self.join_state(new)

@@ -1,0 +1,90 @@
+"""LRU layer, block and stack: parametrisation, sequence mode equals step mode."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies import LRU, LRUStack, RunningNormalizer
+from policies.lru import MAX_RADIUS
+
+
+@settings(max_examples=50, deadline=None)
+@given(nu=st.floats(-1e4, 80.0), theta=st.floats(-10.0, 10.0))
+def test_eigenvalues_inside_unit_circle_for_any_parameters(nu, theta):
+    layer = LRU(width=2, state_dim=1)
+    with torch.no_grad():
+        layer.nu_log.fill_(nu)
+        layer.theta.fill_(theta)
+    radius = layer.eigenvalues().abs()
+    assert torch.all(radius <= MAX_RADIUS + 1e-7) and torch.all(radius < 1.0)
+    assert torch.all(torch.isfinite(layer.gamma())) and torch.all(layer.gamma() > 0)
+
+
+def _rollout_steps(stack, x, reset, state):
+    ys = []
+    for t in range(x.shape[1]):
+        state = torch.where(reset[:, t, None], torch.zeros_like(state), state)
+        y, state = stack.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def test_step_mode_equals_sequence_mode_with_resets_and_mixed_state_sizes():
+    torch.manual_seed(0)
+    stack = LRUStack(in_dim=5, width=16, state_dims=[128, 7])
+    assert stack.state_dims == [128, 7] and stack.state_size == 2 * 135
+    batch, steps = 3, 40
+    x = torch.randn(batch, steps, 5)
+    reset = torch.rand(batch, steps) < 0.1
+    reset[:, 0] = True
+    reset[1, 10:12] = True  # consecutive resets
+    state0 = torch.randn(batch, stack.state_size)
+    y_seq, s_seq = stack(x, state0, reset)
+    y_step, s_step = _rollout_steps(stack, x, reset, state0)
+    assert y_seq.shape == (batch, steps, 16) and s_seq.shape == (batch, stack.state_size)
+    torch.testing.assert_close(y_seq, y_step, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_seq, s_step, rtol=1e-4, atol=1e-5)
+
+
+def test_state_carries_across_sequence_chunks():
+    torch.manual_seed(1)
+    stack = LRUStack(in_dim=3, width=8, state_dims=[6, 4])
+    x = torch.randn(2, 30, 3)
+    y_full, s_full = stack(x)
+    y_a, s_a = stack(x[:, :13])
+    y_b, s_b = stack(x[:, 13:], s_a)
+    torch.testing.assert_close(torch.cat([y_a, y_b], 1), y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_b, s_full, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_flow_to_every_parameter():
+    stack = LRUStack(in_dim=3, width=8, state_dims=[4])
+    y, _ = stack(torch.randn(2, 9, 3))
+    y.square().mean().backward()
+    for name, p in stack.named_parameters():
+        assert p.grad is not None and torch.all(torch.isfinite(p.grad)), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_wrong_state_size_is_named():
+    stack = LRUStack(in_dim=3, width=8, state_dims=[4, 2])
+    try:
+        stack.step(torch.zeros(1, 3), torch.zeros(1, 5))
+    except ValueError as err:
+        assert "[B, 12]" in str(err)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_normalizer_tracks_mean_and_std_and_is_saved():
+    torch.manual_seed(0)
+    norm = RunningNormalizer(3)
+    data = torch.randn(5000, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 0.0])
+    for chunk in data.split(500):
+        norm.update(chunk)
+    torch.testing.assert_close(norm.mean, data.double().mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm.var, data.double().var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    out = norm(data)
+    assert out.dtype == torch.float32
+    assert abs(out.mean().item()) < 0.05 and abs(out.std().item() - 1) < 0.05
+    assert {"mean", "var", "count"} <= set(norm.state_dict())
