@@ -1,11 +1,138 @@
-"""The ``compressm-rl`` command line."""
+"""The ``compressm-rl`` command line: train, eval, report (compress, export, bench join)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+from pathlib import Path
 
 from compressm_rl import __version__
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a policy with recurrent PPO")
+    p.add_argument("--env", required=True, help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P")
+    p.add_argument("--total-steps", type=int, help="env steps (default: the task preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run directory (default runs/ENV-sSEED)")
+    p.add_argument("--policy", choices=["ssm", "mlp"], default="ssm")
+    p.add_argument("--state-dim", type=int, default=128, help="n, complex states per LRU layer")
+    p.add_argument("--width", type=int, default=64, help="H, features per layer")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--num-envs", type=int, help="parallel envs (default: preset)")
+    p.add_argument("--num-workers", type=int, default=0, help="subprocess envs (AsyncVectorEnv)")
+    p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue a run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_train)
+
+
+def _train(args) -> int:
+    from compressm_rl.runs import TrainConfig, load_config
+    from compressm_rl.train import train
+    from envs import check_env_id
+
+    if args.resume:
+        config = load_config(args.resume)
+        train(config, args.resume, resume=True, progress=not args.no_progress)
+        return 0
+    check_env_id(args.env)
+    data: dict = {}
+    if args.config:
+        import yaml
+
+        data = yaml.safe_load(args.config.read_text()) or {}
+    flags = {
+        "env_id": args.env,
+        "total_steps": args.total_steps,
+        "seed": args.seed,
+        "policy": args.policy,
+        "state_dim": args.state_dim,
+        "width": args.width,
+        "layers": args.layers,
+        "num_workers": args.num_workers,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.num_envs:
+        data.setdefault("ppo", {})["num_envs"] = args.num_envs
+    config = TrainConfig.from_dict(data)
+    config.preset()  # validate PPO overrides before creating anything
+    out = args.out or Path("runs") / f"{args.env}-s{args.seed}"
+    if (out / "config.yaml").exists():
+        if not args.overwrite:
+            print(
+                f"error: {out} already holds a run; pass --resume {out} to continue it "
+                "or --overwrite to replace it",
+                file=sys.stderr,
+            )
+            return 2
+        shutil.rmtree(out)
+    train(config, out, progress=not args.no_progress)
+    print(f"run saved in {out}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run directory or an .onnx file deterministically")
+    p.add_argument("target", type=Path, help="run directory or exported .onnx file")
+    p.add_argument("--env", help="env id (default: the run's)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=10_000, help="episode k uses reset(seed=seed+k)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args) -> int:
+    if args.target.suffix == ".onnx":
+        from compressm_rl.deploy import evaluate_onnx, onnx_env_id
+
+        env_id = args.env or onnx_env_id(args.target)
+        returns = evaluate_onnx(args.target, env_id, args.episodes, args.seed)
+    else:
+        from compressm_rl.evaluate import evaluate_policy
+        from compressm_rl.runs import load_policy
+
+        policy, meta = load_policy(args.target)
+        env_id = args.env or meta["env_id"]
+        returns = evaluate_policy(policy, env_id, args.episodes, args.seed)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "env_id": env_id,
+                    "episodes": len(returns),
+                    "mean": float(returns.mean()),
+                    "std": float(returns.std()),
+                    "returns": returns.tolist(),
+                }
+            )
+        )
+    else:
+        print(f"{env_id}: {returns.mean():.1f} ± {returns.std():.1f} over {len(returns)} episodes")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write report.md and the learning-curve PNG of a run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--episodes", type=int, default=10, help="deterministic eval episodes (0: skip)")
+    p.set_defaults(handler=_report)
+
+
+def _report(args) -> int:
+    from compressm_rl.evaluate import evaluate_policy
+    from compressm_rl.report import write_report
+    from compressm_rl.runs import load_policy
+
+    returns = None
+    if args.episodes > 0:
+        policy, meta = load_policy(args.run_dir)
+        returns = evaluate_policy(policy, meta["env_id"], args.episodes, seed=10_000)
+    print(f"report written to {write_report(args.run_dir, returns)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "truncation, export them to ONNX.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_report(sub)
     return parser
 
 
@@ -25,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Run reports: a learning-curve PNG and a Markdown summary next to the run's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from compressm_rl.runs import METRICS, MetricsLog, load_config  # noqa: E402
+
+
+def learning_curve(run_dir: Path, out: Path | None = None) -> Path:
+    """Plot episode return against env steps (and the state size when it changes)."""
+    rows = [r for r in MetricsLog(Path(run_dir) / METRICS).read() if r["episode_return"]]
+    if not rows:
+        raise ValueError(f"{run_dir} has no finished episodes in {METRICS} yet")
+    steps = [int(r["global_step"]) for r in rows]
+    returns = [float(r["episode_return"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, returns, color="tab:blue", label="episode return (training, stochastic)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("return")
+    ax.grid(alpha=0.3)
+    sizes = [sum(int(n) for n in r["state_dims"].split()) for r in rows]
+    if len(set(sizes)) > 1:
+        twin = ax.twinx()
+        twin.step(steps, sizes, color="tab:orange", where="post", label="actor state (Σ n)")
+        twin.set_ylabel("actor recurrent states")
+        twin.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    ax.set_title(load_config(run_dir).env_id)
+    out = Path(out or Path(run_dir) / "learning_curve.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dir: Path, eval_returns=None) -> Path:
+    """``report.md`` with settings, final figures, the learning curve and compression events."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    rows = MetricsLog(run_dir / METRICS).read()
+    if not rows:
+        raise ValueError(f"{run_dir} has no metrics yet: train first")
+    last = rows[-1]
+    curve = learning_curve(run_dir)
+    lines = [
+        f"# Run report: {config.env_id}",
+        "",
+        f"- policy: `{config.policy}`, width {config.width}, {config.layers} layers, "
+        f"initial n = {config.state_dim} per layer",
+        f"- env steps: {int(last['global_step']):,} in {float(last['wall_time']):.0f} s "
+        f"({int(last['global_step']) / max(float(last['wall_time']), 1e-9):,.0f} steps/s overall)",
+        f"- final actor state sizes per layer: {last['state_dims']}",
+    ]
+    finished = [float(r["episode_return"]) for r in rows if r["episode_return"]]
+    if finished:
+        lines.append(f"- training return (last iteration with episodes): {finished[-1]:.1f}")
+    if eval_returns is not None:
+        lines.append(
+            f"- deterministic evaluation: {eval_returns.mean():.1f} ± {eval_returns.std():.1f} "
+            f"over {len(eval_returns)} episodes"
+        )
+    lines += ["", f"![learning curve]({curve.name})", ""]
+    events_path = run_dir / "compression.json"
+    if events_path.exists():
+        events = json.loads(events_path.read_text())
+        lines += [
+            "## Compression events",
+            "",
+            "| step | layer | n before | n after | H∞ bound | status |",
+            "|---:|---|---:|---:|---:|---|",
+        ]
+        for e in events:
+            lines.append(
+                f"| {e['step']} | {e['layer']} | {e['n_before']} | {e['n_after']} | "
+                f"{e['bound']:.3g} | {e['status']} |"
+            )
+        lines += [""] + [f"![HSV spectra]({p.name})" for p in sorted(run_dir.glob("hsv_*.png"))]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
