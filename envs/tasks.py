@@ -95,16 +95,17 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
 
 
 def make_vec_env(
-    env_id: str, num_envs: int, seed: int, num_workers: int = 0
+    env_id: str, num_envs: int, seed: int, num_workers: int = 0, **env_kwargs
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies in SAME_STEP autoreset mode, seeded ``seed, seed+1, ...``.
 
     SAME_STEP: the step that ends an episode returns the next episode's first observation
     and puts the last one in ``info["final_obs"]`` (for bootstrapping truncations).
-    ``num_workers > 0`` runs the envs in subprocesses (``AsyncVectorEnv``).
+    ``num_workers > 0`` runs the envs in subprocesses (``AsyncVectorEnv``); ``env_kwargs``
+    go to ``gymnasium.make`` (e.g. ``max_episode_steps``).
     """
     check_env_id(env_id)
-    fns = [lambda: make_env(env_id) for _ in range(num_envs)]
+    fns = [lambda: make_env(env_id, **env_kwargs) for _ in range(num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if num_workers > 0:
         envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)

@@ -1,0 +1,151 @@
+"""Recurrent PPO on real MuJoCo envs: replay exactness, truncation, update, resume."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from compressm_rl import ppo
+from compressm_rl.runs import (
+    MetricsLog,
+    TrainConfig,
+    load_checkpoint,
+    load_config,
+    load_policy,
+)
+from compressm_rl.train import make_optimizer, train
+from envs import make_vec_env, preset_for
+from envs.tasks import with_overrides
+from policies.actor_critic import ActorCritic
+from policies.normalizer import RunningNormalizer
+
+TINY = dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=2, minibatches=2)
+
+
+def _setup(env_id="Hopper-v5", seed=0, **env_kwargs):
+    torch.manual_seed(seed)
+    envs = make_vec_env(env_id, 2, seed, **env_kwargs)
+    space_o, space_a = envs.single_observation_space, envs.single_action_space
+    policy = ActorCritic(
+        space_o.shape[0], space_a.shape[0], space_a.low, space_a.high, width=16, state_dims=[8, 5]
+    )
+    with torch.no_grad():
+        policy.log_std.fill_(0.5)  # noisy actions: Hopper falls within a few dozen steps
+    obs, _ = envs.reset(seed=seed)
+    return envs, policy, ppo.start_carry(policy, envs, obs)
+
+
+def _rollout(envs, policy, carry, steps=64, gamma=0.99):
+    return ppo.collect_rollout(policy, envs, carry, steps, RunningNormalizer(()), gamma)
+
+
+def test_replayed_log_probs_equal_rollout_across_resets():
+    envs, policy, carry = _setup()
+    _rollout(envs, policy, carry)  # episodes now in flight at the rollout start
+    rollout = _rollout(envs, policy, carry)
+    assert rollout.episode_start[1:].any(), "the test needs episode resets inside the rollout"
+    stored, replayed = ppo.first_pass_log_probs(policy, rollout, seq_len=16)
+    torch.testing.assert_close(replayed, stored, rtol=1e-4, atol=1e-4)
+    # Dropping the reset mask breaks the replay: the check has teeth.
+    rollout.episode_start[:] = False
+    _, wrong = ppo.first_pass_log_probs(policy, rollout, seq_len=16)
+    assert (wrong - stored).abs().max() > 1e-3
+
+
+def test_truncation_is_bootstrapped_and_termination_is_not():
+    gamma = 0.9
+    envs, policy, carry = _setup("InvertedPendulum-v5", max_episode_steps=10)
+    with torch.no_grad():
+        policy.log_std.fill_(-3.0)  # the pole stays up for 10 steps: truncation, not termination
+    rollout = _rollout(envs, policy, carry, steps=32, gamma=gamma)
+    assert rollout.truncations, "expected truncated episodes"
+    raw_rewards = rollout.rewards.clone()
+    values, *_ = ppo.critic_pass(policy, rollout, seq_len=16, gamma=gamma)
+    t, i, final_obs = rollout.truncations[0]
+    # Independent reference: the critic in step mode over that env's steps, then final_obs.
+    with torch.no_grad():
+        state = rollout.critic_state0[i : i + 1]
+        for s in range(t + 1):
+            if rollout.episode_start[s, i]:
+                state = torch.zeros_like(state)
+            _, state = policy.critic.step(rollout.obs[s, i][None], state)
+        feat, _ = policy.critic.step(final_obs[None], state)
+        v_final = policy.critic_head(feat)[0, 0]
+    torch.testing.assert_close(rollout.rewards[t, i], raw_rewards[t, i] + gamma * v_final)
+    assert rollout.dones[t, i] == 1.0
+    # Termination: a falling pole; no bootstrap is added anywhere.
+    envs, policy, carry = _setup("InvertedPendulum-v5")
+    with torch.no_grad():
+        policy.log_std.fill_(1.0)
+    rollout = _rollout(envs, policy, carry, steps=32)
+    assert not rollout.truncations and rollout.dones.any()
+    before = rollout.rewards.clone()
+    ppo.critic_pass(policy, rollout, seq_len=16, gamma=0.99)
+    assert torch.equal(before, rollout.rewards)
+
+
+def test_gae_does_not_leak_across_episode_ends():
+    rewards = torch.tensor([[1.0], [1.0], [1.0]])
+    values = torch.zeros(3, 1)
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    adv, ret = ppo.compute_gae(rewards, values, dones, torch.tensor([100.0]), gamma=0.5, lam=1.0)
+    assert adv[:, 0].tolist() == pytest.approx([1.5, 1.0, 51.0])
+    torch.testing.assert_close(ret, adv)
+
+
+def test_one_update_changes_policy_with_finite_losses():
+    envs, policy, carry = _setup()
+    cfg = with_overrides(preset_for("Hopper-v5"), **TINY)
+    rollout = _rollout(envs, policy, carry, steps=32)
+    before = copy.deepcopy(policy.state_dict())
+    values, last_value, seg_states, _ = ppo.critic_pass(policy, rollout, 16, cfg.gamma)
+    adv, ret = ppo.compute_gae(rollout.rewards, values, rollout.dones, last_value, 0.99, 0.95)
+    stats = ppo.ppo_update(
+        policy, make_optimizer(policy, 3e-4), rollout, values, adv, ret, seg_states, cfg
+    )
+    assert all(np.isfinite(v) for v in stats.values()), stats
+    changed = [k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("actor.blocks.0.lru") for k in changed)
+    assert any(k.startswith("critic.blocks.1.lru") for k in changed)
+
+
+def _tiny_config(total_steps=256, **kw):
+    return TrainConfig(
+        env_id="InvertedPendulum-v5",
+        total_steps=total_steps,
+        state_dim=6,
+        width=16,
+        checkpoint_every=1,
+        ppo=dict(TINY, num_envs=2),
+        **kw,
+    )
+
+
+def test_resume_continues_from_saved_step(tmp_path):
+    config = _tiny_config()
+    train(config, tmp_path, progress=False, max_iterations=2)  # "killed" after 2 of 4
+    assert load_checkpoint(tmp_path)["global_step"] == 2 * 2 * 32
+    train(load_config(tmp_path), tmp_path, resume=True, progress=False)
+    assert load_config(tmp_path) == config
+    rows = MetricsLog(tmp_path / "metrics.csv").read()
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["global_step"]) for r in rows] == [64, 128, 192, 256]
+    policy, meta = load_policy(tmp_path)
+    assert meta == {"env_id": "InvertedPendulum-v5", "global_step": 256}
+    assert policy.actor.state_dims == [6, 6]
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    train(_tiny_config(total_steps=64), tmp_path, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_unknown_env_lists_close_matches():
+    with pytest.raises(ValueError, match="Hopper-v5"):
+        make_vec_env("Hoper-v5", 1, 0)
