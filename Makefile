@@ -21,7 +21,7 @@ test: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/compressm-rl train --env InvertedPendulum-v5 --total-steps 60000 --seed 0 \
-		--out runs/demo --compress-tol 0.05 --overwrite
+		--out runs/demo --overwrite
 	$(VENV)/bin/compressm-rl report runs/demo
 
 clean:

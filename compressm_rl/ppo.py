@@ -242,7 +242,8 @@ def ppo_update(
     reset = to_sequences(rollout.episode_start, seq)
     old_values, adv_all, ret_all = (to_sequences(x, seq) for x in (values, advantages, returns))
     actor_state0 = to_sequences(rollout.actor_states, seq)[:, 0]
-    critic_state0 = critic_seg_states.transpose(0, 1).reshape(-1, critic_seg_states.shape[-1])
+    n_segments, n_envs, critic_size = critic_seg_states.shape
+    critic_state0 = critic_seg_states.transpose(0, 1).reshape(n_envs * n_segments, critic_size)
 
     n_seq = obs.shape[0]
     mb_size = max(1, n_seq // cfg.minibatches)

@@ -23,12 +23,18 @@ from policies.normalizer import RunningNormalizer
 TINY = dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=2, minibatches=2)
 
 
-def _setup(env_id="Hopper-v5", seed=0, **env_kwargs):
+def _setup(env_id="Hopper-v5", seed=0, policy_type="ssm", **env_kwargs):
     torch.manual_seed(seed)
     envs = make_vec_env(env_id, 2, seed, **env_kwargs)
     space_o, space_a = envs.single_observation_space, envs.single_action_space
     policy = ActorCritic(
-        space_o.shape[0], space_a.shape[0], space_a.low, space_a.high, width=16, state_dims=[8, 5]
+        space_o.shape[0],
+        space_a.shape[0],
+        space_a.low,
+        space_a.high,
+        policy=policy_type,
+        width=16,
+        state_dims=[8, 5],
     )
     with torch.no_grad():
         policy.log_std.fill_(0.5)  # noisy actions: Hopper falls within a few dozen steps
@@ -94,8 +100,9 @@ def test_gae_does_not_leak_across_episode_ends():
     torch.testing.assert_close(ret, adv)
 
 
-def test_one_update_changes_policy_with_finite_losses():
-    envs, policy, carry = _setup()
+@pytest.mark.parametrize("policy_type", ["ssm", "mlp"])
+def test_one_update_changes_policy_with_finite_losses(policy_type):
+    envs, policy, carry = _setup(policy_type=policy_type)
     cfg = with_overrides(preset_for("Hopper-v5"), **TINY)
     rollout = _rollout(envs, policy, carry, steps=32)
     before = copy.deepcopy(policy.state_dict())
@@ -106,8 +113,11 @@ def test_one_update_changes_policy_with_finite_losses():
     )
     assert all(np.isfinite(v) for v in stats.values()), stats
     changed = [k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])]
-    assert any(k.startswith("actor.blocks.0.lru") for k in changed)
-    assert any(k.startswith("critic.blocks.1.lru") for k in changed)
+    assert any(k.startswith("actor.") for k in changed)
+    assert any(k.startswith("critic.") for k in changed)
+    if policy_type == "ssm":
+        assert any(k.startswith("actor.blocks.0.lru") for k in changed)
+        assert any(k.startswith("critic.blocks.1.lru") for k in changed)
 
 
 def _tiny_config(total_steps=256, **kw):

@@ -1,0 +1,99 @@
+"""Training throughput, side by side in one run: this project's SSM and MLP policies vs
+stable-baselines3 PPO (MLP) and sb3-contrib RecurrentPPO (LSTM).
+
+    pip install -c constraints.txt -e ".[bench]"
+    python benchmarks/train.py [--iterations 4]
+
+Same set-up for all: Hopper-v5, 8 envs (SyncVectorEnv / DummyVecEnv), 256-step
+rollouts (2048 env steps per iteration), 10 epochs, 4 minibatches per epoch (SB3's
+batch_size = 512), one torch thread. Figures are env steps/s over whole iterations
+(rollout + update) after one warm-up iteration. sb3 is a benchmark-only extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+ENV = "Hopper-v5"
+N_ENVS, N_STEPS, EPOCHS, BATCH = 8, 256, 10, 512
+PER_ITER = N_ENVS * N_STEPS
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def ours(policy: str, iterations: int) -> float:
+    from compressm_rl.runs import TrainConfig
+    from compressm_rl.train import train
+
+    config = TrainConfig(
+        env_id=ENV,
+        total_steps=(iterations + 1) * PER_ITER,
+        policy=policy,
+        ppo={"num_envs": N_ENVS, "rollout_steps": N_STEPS, "epochs": EPOCHS, "minibatches": 4},
+        checkpoint_every=10_000,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        train(config, out, progress=False, max_iterations=1)  # warm-up, then resume timed
+        start = time.perf_counter()
+        train(config, out, resume=True, progress=False)
+        return iterations * PER_ITER / (time.perf_counter() - start)
+
+
+def sb3(recurrent: bool, iterations: int) -> float:
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = make_vec_env(ENV, n_envs=N_ENVS, seed=0)
+    if recurrent:
+        from sb3_contrib import RecurrentPPO
+
+        model = RecurrentPPO(
+            "MlpLstmPolicy", env, n_steps=N_STEPS, batch_size=BATCH, n_epochs=EPOCHS, seed=0
+        )
+    else:
+        from stable_baselines3 import PPO
+
+        model = PPO("MlpPolicy", env, n_steps=N_STEPS, batch_size=BATCH, n_epochs=EPOCHS, seed=0)
+    model.learn(PER_ITER)  # warm-up
+    start = time.perf_counter()
+    model.learn(iterations * PER_ITER, reset_num_timesteps=False)
+    return iterations * PER_ITER / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=4, help="timed PPO iterations each")
+    parser.add_argument("--lstm-iterations", type=int, default=1, help="RecurrentPPO is slow")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
+    rows = {
+        "compressm-rl SSM (2 LRU layers, n=128, H=64)": ours("ssm", args.iterations),
+        "compressm-rl MLP (64-64)": ours("mlp", args.iterations),
+        "SB3 PPO MLP (64-64)": sb3(False, args.iterations),
+        "sb3-contrib RecurrentPPO (LSTM 256)": sb3(True, args.lstm_iterations),
+    }
+    ref = rows["SB3 PPO MLP (64-64)"]
+    lstm = rows["sb3-contrib RecurrentPPO (LSTM 256)"]
+    print("\n| trainer | env steps/s | vs SB3 PPO MLP | vs RecurrentPPO |")
+    print("|---|---:|---:|---:|")
+    for name, sps in rows.items():
+        print(f"| {name} | {sps:,.0f} | {sps / ref:.2f}x | {sps / lstm:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
