@@ -1,0 +1,477 @@
+"""Balanced truncation of one LRU layer (DESIGN.md §5), on numpy float64 arrays.
+
+Conventions
+-----------
+One layer, input ``u_t`` real ``[H_in]``, complex state ``h_t`` ``[n]``, output real ``[H_out]``::
+
+    h_t = diag(lam) h_{t-1} + B u_t,      y_t = Re(C h_t) + D ⊙ u_t
+
+``lam`` complex ``[n]`` (|lam| < 1), ``B`` complex ``[n, H_in]`` is the *effective* B̃ (γ
+included), ``C`` complex ``[H_out, n]``, ``D`` real ``[H_out]`` (so ``H_in == H_out``
+wherever ``D`` is used). Discrete time throughout.
+
+Real form: ``x = [Re h; Im h]`` (2n states) with::
+
+    A = [[diag a, -diag b], [diag b, diag a]]  (lam = a + i b)
+    B_x = [Re B; Im B],   C_x = [Re C, -Im C],   D_x = diag(D)
+
+This is exact for the layer's map. Note the timing: the layer reads its output from the
+*updated* state (``y_t = C x_t + D u_t`` with ``x_t = A x_{t-1} + B u_t``), whereas a
+``control.StateSpace`` means ``x_{t+1} = A x_t + B u_t, y_t = C x_t + D u_t``. Hence
+
+    G_layer(z) = D + z (G_ss(z) - D).
+
+The Gramians, Hankel singular values (HSVs) and the truncation are those of ``(A, B, C)``
+(as DESIGN.md §5 prescribes). Because ``|z| = 1`` on the unit circle, the H∞ error of the
+reduced layer (read with the layer's timing) equals that of the truncated state-space
+system, so ``‖G − G_r‖_∞ ≤ 2 Σ_{j>r} σ_j`` holds for the layer as well.
+
+Pitfalls (python-control 0.10.2), so this module never uses them:
+``control.balred`` hard-codes continuous time (it keeps "unstable" modes of a stable
+discrete system and returns a dt=0 system with only a warning), ``control.hsvd`` raises
+NotImplementedError in discrete time, and ``control.ss`` silently drops imaginary parts.
+Only real matrices reach python-control; the reduction itself is the square-root method
+written here. ``slycot.ab09ad('D', ...)`` is the independent reference used in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import control
+import numpy as np
+import scipy.linalg as sla
+
+MAX_RADIUS = 0.9999  # same clamp as policies.lru.MAX_RADIUS (γ → 0 blows up B = B̃/γ)
+DEFAULT_MAX_COND = 1e3
+
+GramianMethod = Literal["closed_form", "control"]
+
+
+class IllConditionedReduction(RuntimeError):
+    """The reduced system's eigenvector matrix V is too ill-conditioned to re-diagonalise.
+
+    The caller should skip (not reduce) this layer. ``cond`` holds cond₂(V).
+    """
+
+    def __init__(self, cond: float, max_cond: float) -> None:
+        super().__init__(
+            f"re-diagonalising the reduced layer needs cond(V) = {cond:.3g} > max_cond = "
+            f"{max_cond:.3g}; skip this layer (or raise max_cond)"
+        )
+        self.cond = cond
+        self.max_cond = max_cond
+
+
+# --------------------------------------------------------------------------------------
+# Real realisation
+# --------------------------------------------------------------------------------------
+
+
+def _check_layer(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    lam = np.asarray(lam, dtype=np.complex128)
+    B = np.asarray(B, dtype=np.complex128)
+    C = np.asarray(C, dtype=np.complex128)
+    if lam.ndim != 1 or B.ndim != 2 or C.ndim != 2:
+        raise ValueError(
+            f"expected lam [n], B [n, H_in], C [H_out, n]; got {lam.shape}, {B.shape}, {C.shape}"
+        )
+    n = lam.shape[0]
+    if B.shape[0] != n or C.shape[1] != n:
+        raise ValueError(f"B {B.shape} and C {C.shape} do not match n = {n}")
+    if np.any(np.abs(lam) >= 1.0):
+        raise ValueError(f"the layer must be stable, got max |lam| = {np.abs(lam).max()}")
+    if D is not None:
+        D = np.asarray(D, dtype=np.float64)
+        if D.shape != (C.shape[0],) or B.shape[1] != C.shape[0]:
+            raise ValueError(
+                f"D must be [H] with H_in == H_out == H; got D {D.shape}, B {B.shape}, C {C.shape}"
+            )
+    return lam, B, C, D
+
+
+def real_matrices(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Real form ``(A [2n, 2n], B_x [2n, H_in], C_x [H_out, 2n], D_x [H_out, H_in])``, float64.
+
+    ``x = [Re h; Im h]``; see the module docstring. ``D=None`` gives a zero ``D_x``.
+    """
+    lam, B, C, D = _check_layer(lam, B, C, D)
+    a, b = np.diag(lam.real), np.diag(lam.imag)
+    A = np.block([[a, -b], [b, a]])
+    Bx = np.concatenate([B.real, B.imag], axis=0)
+    Cx = np.concatenate([C.real, -C.imag], axis=1)
+    Dx = np.zeros((C.shape[0], B.shape[1])) if D is None else np.diag(D)
+    return A, Bx, Cx, Dx
+
+
+def real_realization(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray | None = None
+) -> control.StateSpace:
+    """The real form as a discrete ``control.StateSpace`` (``dt=True``, 2n states).
+
+    python-control reads it as ``x_{t+1} = A x_t + B u_t``; the layer's own timing differs
+    by a factor z on the strictly proper part (module docstring).
+    """
+    return control.ss(*real_matrices(lam, B, C, D), dt=True)
+
+
+# --------------------------------------------------------------------------------------
+# Gramians and Hankel singular values
+# --------------------------------------------------------------------------------------
+
+
+def _closed_form_gramians(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    # Complex diagonal system: Pc = Σ Λ^k B Bᴴ Λ^{kᴴ}, R = Σ Λ^k B Bᵀ Λ^k (the input is real,
+    # so the pseudo-covariance R is needed too); likewise Qc, S for the output side. Then
+    # Re h = (h + h̄)/2, Im h = (h − h̄)/(2i) give the real Gramians blockwise.
+    lc, l = lam.conj(), lam
+    Pc = (B @ B.conj().T) / (1.0 - l[:, None] * lc[None, :])
+    R = (B @ B.T) / (1.0 - l[:, None] * l[None, :])
+    Qc = (C.conj().T @ C) / (1.0 - lc[:, None] * l[None, :])
+    S = (C.T @ C) / (1.0 - l[:, None] * l[None, :])
+    P = 0.5 * np.block([[(Pc + R).real, (R - Pc).imag], [(R + Pc).imag, (Pc - R).real]])
+    Q = 0.5 * np.block([[(Qc + S).real, -(Qc + S).imag], [(Qc - S).imag, (Qc - S).real]])
+    return P, Q
+
+
+def gramians(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, method: GramianMethod = "closed_form"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Controllability and observability Gramians ``(P, Q)``, each ``[2n, 2n]`` float64.
+
+    Of the real form ``(A, B_x, C_x)``: ``P = A P Aᵀ + B_x B_xᵀ``, ``Q = Aᵀ Q A + C_xᵀ C_x``.
+
+    Args:
+        method: ``"closed_form"`` (default; exact for the diagonal layer, O(n²H), ~2 ms at
+            n=128) or ``"control"`` (``control.gram`` on the discrete StateSpace, i.e.
+            SLICOT sb03md; ~100 ms at n=128).
+    """
+    lam, B, C, _ = _check_layer(lam, B, C)
+    if method == "closed_form":
+        P, Q = _closed_form_gramians(lam, B, C)
+    elif method == "control":
+        sys = real_realization(lam, B, C)
+        P, Q = control.gram(sys, "c"), control.gram(sys, "o")
+    else:
+        raise ValueError(f"method must be 'closed_form' or 'control', got {method!r}")
+    # Exact symmetry keeps the factorisations below honest.
+    return 0.5 * (P + P.T), 0.5 * (Q + Q.T)
+
+
+def _psd_factor(M: np.ndarray) -> np.ndarray:
+    """``L`` with ``L Lᵀ = M`` for symmetric PSD ``M``: Cholesky, else eigen-square-root.
+
+    Gramians of a (near) non-minimal layer are singular to working precision (e.g. a real
+    mode has an uncontrollable imaginary part), where Cholesky fails; eigh then clips the
+    rounding-level negative eigenvalues to zero.
+    """
+    try:
+        return sla.cholesky(M, lower=True)
+    except np.linalg.LinAlgError:
+        w, U = np.linalg.eigh(M)
+        return U * np.sqrt(np.clip(w, 0.0, None))
+
+
+def _balance(
+    P: np.ndarray, Q: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Square-root method: ``(hsv [2n], Lc, U, Vt, Lo)``, ``Loᵀ Lc = U diag(hsv) Vt``."""
+    Lc, Lo = _psd_factor(P), _psd_factor(Q)
+    U, s, Vt = np.linalg.svd(Lo.T @ Lc)
+    return s, Lc, U, Vt, Lo
+
+
+def hankel_singular_values(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, method: GramianMethod = "closed_form"
+) -> np.ndarray:
+    """Hankel singular values of the real form, descending, float64 ``[2n]``.
+
+    ``σ = sqrt(eig(P Q))`` computed as the singular values of ``Loᵀ Lc`` (P = Lc Lcᵀ,
+    Q = Lo Loᵀ), which avoids the non-symmetric eigenproblem. Where a Gramian is singular
+    (eigen-square-root path), σ much below ~1e-8 σ_1 may be rounding noise.
+    """
+    P, Q = gramians(lam, B, C, method)
+    return _balance(P, Q)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Balanced truncation
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReductionResult:
+    """A reduced LRU layer and how it was obtained.
+
+    Attributes:
+        lam: complex ``[m]``, |lam| ≤ MAX_RADIUS; real modes have Im lam = 0 (θ ∈ {0, π}).
+        B: complex ``[m, H_in]``, the effective B̃ (divide by γ = sqrt(1−|lam|²) to store).
+        C: complex ``[H_out, m]``.
+        D: real ``[H_out]``, unchanged.
+        hsv: Hankel singular values of the full layer's real form, descending ``[2n]``.
+        rank: real states kept, r (= 2 · complex pairs + real modes, so ``r ≤ 2m``).
+        bound: ``2 Σ_{j>r} σ_j``, the H∞ error bound on the unit circle.
+        W: complex ``[m, 2n]`` state map: ``z = W [Re h; Im h]`` (``map_state``).
+        cond_V: cond₂ of the reduced system's eigenvector matrix.
+        A_r, B_r, C_r: the truncated balanced real system ``[r, r]``, ``[r, H_in]``,
+            ``[H_out, r]`` (same timing as the layer).
+        T, T_inv: balancing projections ``[2n, r]`` and ``[r, 2n]`` (``T_inv T = I_r``).
+        n_clamped: eigenvalues whose radius was clamped to MAX_RADIUS.
+    """
+
+    lam: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+    hsv: np.ndarray
+    rank: int
+    bound: float
+    W: np.ndarray
+    cond_V: float
+    A_r: np.ndarray
+    B_r: np.ndarray
+    C_r: np.ndarray
+    T: np.ndarray
+    T_inv: np.ndarray
+    n_clamped: int
+
+    @property
+    def state_dim(self) -> int:
+        """m, complex states of the reduced layer."""
+        return int(self.lam.shape[0])
+
+    def map_state(self, h: np.ndarray) -> np.ndarray:
+        """Carried full-layer state ``h`` complex ``[..., n]`` -> reduced ``z`` ``[..., m]``."""
+        h = np.asarray(h)
+        x = np.concatenate([h.real, h.imag], axis=-1)
+        return x @ self.W.T
+
+
+def select_rank(hsv: np.ndarray, tol: float, min_rank: int = 1) -> int:
+    """Smallest r with ``Σ_{j≤r} σ_j ≥ (1 − tol) Σ_j σ_j``, at least ``min_rank``.
+
+    ``hsv`` descending ``[N]``; ``0 ≤ tol < 1``. The result is clipped to ``[min_rank, N]``.
+    """
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"tol must be in [0, 1), got {tol}")
+    csum = np.cumsum(hsv)
+    # csum[-1] (not a separate sum) so that tol=0 finds r = N despite rounding.
+    r = int(np.searchsorted(csum, (1.0 - tol) * csum[-1], side="left")) + 1
+    return int(min(max(r, min_rank), hsv.shape[0]))
+
+
+def balanced_truncation(
+    lam: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    D: np.ndarray,
+    *,
+    rank: int | None = None,
+    tol: float | None = None,
+    min_rank: int = 1,
+    method: GramianMethod = "closed_form",
+    max_cond: float = DEFAULT_MAX_COND,
+    hsv_rtol: float = 1e-12,
+) -> ReductionResult:
+    """Balanced truncation of one LRU layer, returned in LRU diagonal form.
+
+    Args:
+        lam, B, C, D: the layer (module docstring; ``B`` is B̃).
+        rank: real states to keep, ``1 ≤ rank ≤ 2n``.
+        tol: τ of the rank rule (``select_rank``). Exactly one of ``rank``/``tol``.
+        min_rank: floor on r for the ``tol`` rule.
+        method: Gramian method (``gramians``).
+        max_cond: raise ``IllConditionedReduction`` when cond₂(V) exceeds it.
+        hsv_rtol: states with ``σ_j ≤ hsv_rtol · σ_1`` are never kept (a non-minimal layer,
+            e.g. one reduced before, has σ ≈ 0 directions that Σ^{-1/2} cannot invert);
+            r may therefore come out below ``rank``.
+
+    Returns:
+        ReductionResult. A conjugate eigenvalue pair (μ, μ̄) of A_r becomes one complex
+        state (λ = μ with Im μ > 0, B̃ row (V⁻¹B_r)_j, C column 2 (C_r V)_j); a real μ
+        becomes one state with real λ, real B̃ row and C column (C_r V)_j. r may split a
+        near-equal HSV pair; the reduced real system is diagonalised whatever r is.
+
+    Raises:
+        ValueError: bad arguments. IllConditionedReduction: cond(V) > max_cond.
+    """
+    if (rank is None) == (tol is None):
+        raise ValueError("give exactly one of rank= (real states kept) or tol= (HSV mass)")
+    lam, B, C, D = _check_layer(lam, B, C, D)
+    if D is None:
+        raise ValueError("D is required")
+    n2 = 2 * lam.shape[0]
+    if rank is not None and not 1 <= rank <= n2:
+        raise ValueError(f"rank must be in [1, 2n = {n2}], got {rank}")
+    if not 1 <= min_rank <= n2:
+        raise ValueError(f"min_rank must be in [1, 2n = {n2}], got {min_rank}")
+
+    A, Bx, Cx, _ = real_matrices(lam, B, C)
+    P, Q = gramians(lam, B, C, method)
+    hsv, Lc, U, Vt, Lo = _balance(P, Q)
+    if hsv[0] <= 0.0:
+        raise ValueError("the layer's input-output map is zero (all HSVs vanish)")
+    r = rank if rank is not None else select_rank(hsv, tol, min_rank)
+    r = min(r, max(1, int(np.count_nonzero(hsv > hsv_rtol * hsv[0]))))
+
+    s_isqrt = 1.0 / np.sqrt(hsv[:r])
+    T = (Lc @ Vt[:r].T) * s_isqrt  # [2n, r]
+    T_inv = (U[:, :r].T @ Lo.T) * s_isqrt[:, None]  # [r, 2n]
+    A_r, B_r, C_r = T_inv @ A @ T, T_inv @ Bx, Cx @ T
+
+    lam_r, B_red, C_red, Vinv, cond_V, n_clamped = _diagonalise(A_r, B_r, C_r, max_cond)
+    return ReductionResult(
+        lam=lam_r,
+        B=B_red,
+        C=C_red,
+        D=D.copy(),
+        hsv=hsv,
+        rank=r,
+        bound=float(2.0 * hsv[r:].sum()),
+        W=Vinv @ T_inv,
+        cond_V=cond_V,
+        A_r=A_r,
+        B_r=B_r,
+        C_r=C_r,
+        T=T,
+        T_inv=T_inv,
+        n_clamped=n_clamped,
+    )
+
+
+def _diagonalise(
+    A_r: np.ndarray, B_r: np.ndarray, C_r: np.ndarray, max_cond: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """Real ``(A_r, B_r, C_r)`` -> LRU form ``(lam, B̃, C, V⁻¹ rows kept, cond V, clamped)``."""
+    mu, V = sla.eig(A_r)
+    cond_V = float(np.linalg.cond(V))
+    if not np.isfinite(cond_V) or cond_V > max_cond:
+        raise IllConditionedReduction(cond_V, max_cond)
+    Vinv = np.linalg.inv(V)
+    # LAPACK's real eig returns real eigenvalues with Im exactly 0 and conjugate pairs
+    # with conjugate eigenvectors, so exact comparisons classify the modes.
+    pos, real = mu.imag > 0, mu.imag == 0
+    if np.count_nonzero(pos) != np.count_nonzero(mu.imag < 0):
+        raise IllConditionedReduction(np.inf, max_cond)  # unpaired complex eigenvalues
+    keep = pos | real
+    Bz = Vinv[keep] @ B_r
+    Cz = (C_r @ V[:, keep]) * np.where(pos[keep], 2.0, 1.0)
+    Wz = Vinv[keep]
+    lam = mu[keep].astype(np.complex128)
+    # Real modes: drop the rounding-level imaginary parts so that θ ∈ {0, π} exactly.
+    is_real = real[keep]
+    lam[is_real] = lam[is_real].real
+    Bz[is_real] = Bz[is_real].real
+    Cz[:, is_real] = Cz[:, is_real].real
+    Wz[is_real] = Wz[is_real].real
+    radius = np.abs(lam)
+    clamp = radius > MAX_RADIUS
+    lam[clamp] *= MAX_RADIUS / radius[clamp]
+    return lam, Bz, Cz, Wz, cond_V, int(np.count_nonzero(clamp))
+
+
+# --------------------------------------------------------------------------------------
+# Responses (all with the layer's timing)
+# --------------------------------------------------------------------------------------
+
+
+def lru_impulse_response(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, steps: int
+) -> np.ndarray:
+    """Markov parameters of the layer, ``[steps, H_out, H_in]`` float64.
+
+    ``G_0 = Re(C B) + diag D``, ``G_k = Re(C diag(lam)^k B)`` (layer timing).
+    """
+    lam, B, C, D = _check_layer(lam, B, C, D)
+    powers = lam[None, :] ** np.arange(steps)[:, None]  # [steps, n]
+    G = np.einsum("on,kn,ni->koi", C, powers, B).real
+    G[0] += np.diag(D)
+    return G
+
+
+def real_impulse_response(
+    A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, steps: int
+) -> np.ndarray:
+    """Markov parameters ``[steps, H_out, H_in]`` of ``x_t = A x_{t-1} + B u_t,
+    y_t = C x_t + D u_t`` (layer timing): ``G_0 = C B + D``, ``G_k = C A^k B``."""
+    out = np.empty((steps, C.shape[0], B.shape[1]))
+    AkB = np.asarray(B, dtype=np.float64)
+    for k in range(steps):
+        out[k] = C @ AkB
+        AkB = A @ AkB
+    out[0] += D
+    return out
+
+
+def frequency_response(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, omegas: np.ndarray
+) -> np.ndarray:
+    """The layer's transfer matrix on the unit circle, complex ``[len(omegas), H_out, H_in]``.
+
+    With ``z = e^{iω}``::
+
+        G(z) = diag D + ½ [C diag(z/(z−λ)) B + conj(C) diag(z/(z−λ̄)) conj(B)]
+
+    (layer timing; ``control``'s reading of ``real_realization`` has ``1/(z−λ)`` instead,
+    which differs only by the all-pass factor z on the strictly proper part).
+    """
+    lam, B, C, D = _check_layer(lam, B, C, D)
+    z = np.exp(1j * np.asarray(omegas, dtype=np.float64))[:, None]  # [W, 1]
+    g1 = z / (z - lam[None, :])  # [W, n]
+    g2 = z / (z - lam.conj()[None, :])
+    G = 0.5 * (
+        np.einsum("on,wn,ni->woi", C, g1, B) + np.einsum("on,wn,ni->woi", C.conj(), g2, B.conj())
+    )
+    return G + np.diag(D)[None]
+
+
+def simulate_lru(
+    lam: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    D: np.ndarray,
+    u: np.ndarray,
+    h0: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the layer on ``u`` ``[T, H_in]`` from ``h0`` complex ``[n]`` (zeros if None).
+
+    Returns ``y`` ``[T, H_out]`` and the final state ``[n]``. A float64 reference, not fast.
+    """
+    lam, B, C, D = _check_layer(lam, B, C, D)
+    h = np.zeros(lam.shape[0], np.complex128) if h0 is None else np.asarray(h0, np.complex128)
+    bu = np.asarray(u, dtype=np.float64) @ B.T  # [T, n]
+    y = np.empty((bu.shape[0], C.shape[0]))
+    for t in range(bu.shape[0]):
+        h = lam * h + bu[t]
+        y[t] = (C @ h).real + D * u[t]
+    return y, h
+
+
+def lru_parameters(lam: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
+    """``policies.lru.LRU`` parameters for eigenvalues ``lam`` and effective ``B`` (= B̃).
+
+    Returns float64 ``nu_log [n]``, ``theta [n]`` (in (−π, π]), ``B_re, B_im [n, H]``
+    with ``B = B̃ / γ``. Needs ``0 < |lam| ≤ MAX_RADIUS`` (λ = 0 has ν = +∞).
+    """
+    lam = np.asarray(lam, dtype=np.complex128)
+    radius = np.abs(lam)
+    if np.any(radius <= 0.0) or np.any(radius > MAX_RADIUS * (1 + 1e-12)):
+        raise ValueError(
+            f"need 0 < |lam| <= {MAX_RADIUS}, got range [{radius.min()}, {radius.max()}]"
+        )
+    decay = -np.log(radius)
+    gamma = np.sqrt(-np.expm1(-2.0 * decay))
+    Bs = np.asarray(B, dtype=np.complex128) / gamma[:, None]
+    return {
+        "nu_log": np.log(decay),
+        "theta": np.angle(lam),
+        "B_re": Bs.real.copy(),
+        "B_im": Bs.imag.copy(),
+    }
