@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ def _add_train(sub) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--num-envs", type=int, help="parallel envs (default: preset)")
     p.add_argument("--num-workers", type=int, default=0, help="subprocess envs (AsyncVectorEnv)")
+    p.add_argument(
+        "--compress-tol", type=float, help="compress in training: drop this fraction of Σ HSV"
+    )
+    p.add_argument(
+        "--compress-at",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="reduction points as fractions of total steps (default 0.05,0.1,0.15,0.2)",
+    )
+    p.add_argument("--min-state", type=int, help="floor on complex states per layer (default 4)")
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue a run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -58,6 +68,8 @@ def _train(args) -> int:
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.num_envs:
         data.setdefault("ppo", {})["num_envs"] = args.num_envs
+    compression = {"tol": args.compress_tol, "at": args.compress_at, "min_state": args.min_state}
+    data.setdefault("compression", {}).update({k: v for k, v in compression.items() if v})
     config = TrainConfig.from_dict(data)
     config.preset()  # validate PPO overrides before creating anything
     out = args.out or Path("runs") / f"{args.env}-s{args.seed}"
@@ -135,6 +147,32 @@ def _report(args) -> int:
     return 0
 
 
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="balanced truncation of a finished run (post-training)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="new run directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tol", type=float, help="drop this fraction of Σ HSV per layer")
+    group.add_argument(
+        "--state-dims",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="target complex states per actor layer (critic layers get the same), e.g. 24,18",
+    )
+    p.set_defaults(handler=_compress)
+
+
+def _compress(args) -> int:
+    from compressm_rl.posthoc import compress_run
+
+    events = compress_run(args.run_dir, args.out, tol=args.tol, state_dims=args.state_dims)
+    for e in events:
+        print(
+            f"{e['layer']}: n {e['n_before']} -> {e['n_after']}  bound {e['bound']:.3g}  {e['status']}"
+        )
+    print(f"compressed run saved in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compressm-rl",
@@ -146,10 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_compress(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # One BLAS thread: the float64 reductions are small; on 2 cores more threads ran 20x slower.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

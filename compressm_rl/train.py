@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from compressm_rl import ppo
+from compressm_rl.compression import CompressionConfig, compress_policy, plot_hsv, save_events
 from compressm_rl.runs import (
     METRICS,
     MetricsLog,
@@ -86,6 +87,9 @@ def train(
     reward_norm = RunningNormalizer(()) if cfg.norm_reward else None
     metrics = MetricsLog(run_dir / METRICS)
     global_step, iteration = 0, 0
+    compression = CompressionConfig.from_dict(config.compression)
+    reduction_steps = [int(f * cfg.total_steps) for f in sorted(compression.at)]
+    next_reduction = 0
 
     if resume:
         payload = load_checkpoint(run_dir)
@@ -99,10 +103,12 @@ def train(
             reward_norm.load_state_dict(payload["reward_norm"])
         set_rng_state(payload["rng"])
         global_step, iteration = int(payload["global_step"]), int(payload["iteration"])
+        next_reduction = int(payload.get("next_reduction", 0))
         metrics.truncate_after(global_step)
     else:
         save_config(run_dir, config)
         metrics.path.unlink(missing_ok=True)
+        (run_dir / "compression.json").unlink(missing_ok=True)
 
     steps_per_iter = cfg.num_envs * cfg.rollout_steps
     num_iterations = max(1, cfg.total_steps // steps_per_iter)
@@ -119,6 +125,8 @@ def train(
     )
     start_time, start_step = time.perf_counter(), global_step
     iterations_done = 0
+    rollout = None
+    new_events: list[dict] = []
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -127,6 +135,7 @@ def train(
                 "env_id": config.env_id,
                 "global_step": global_step,
                 "iteration": iteration,
+                "next_reduction": next_reduction,
                 "architecture": policy.architecture(),
                 "action_low": policy.action_low,
                 "action_high": policy.action_high,
@@ -144,6 +153,31 @@ def train(
         if cfg.anneal_lr:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * (1.0 - iteration / num_iterations)
+
+        if (
+            compression.enabled
+            and rollout is not None
+            and next_reduction < len(reduction_steps)
+            and global_step >= reduction_steps[next_reduction]
+        ):
+            # Between rollouts: shrink every LRU layer, map the envs' ongoing states.
+            (actor_state, critic_state), new_events = compress_policy(
+                policy,
+                optimizer,
+                compression,
+                [carry.state.actor, carry.state.critic],
+                rollout.obs.transpose(0, 1),
+                rollout.episode_start.transpose(0, 1),
+            )
+            carry.state = ppo.RecurrentState(actor_state, critic_state)
+            for event in new_events:
+                event.update(step=global_step, return_before=_mean_or_none(recent_returns))
+            plot_hsv(
+                run_dir / f"hsv_{next_reduction + 1}.png",
+                new_events,
+                f"{config.env_id}: reduction {next_reduction + 1} at step {global_step:,}",
+            )
+            next_reduction += 1
 
         iter_start = time.perf_counter()
         rollout = ppo.collect_rollout(
@@ -164,6 +198,11 @@ def train(
         global_step += steps_per_iter
 
         recent_returns.extend(rollout.finished_returns)
+        if new_events:  # the return right after a reduction, for compression.json
+            for event in new_events:
+                event["return_after"] = _mean_or_none(rollout.finished_returns)
+            save_events(run_dir, new_events)
+            new_events = []
         elapsed = time.perf_counter() - start_time
         row = {
             "iteration": iteration,
@@ -191,3 +230,7 @@ def train(
         checkpoint()  # the last iterations of an interrupted call are kept too
     envs.close()
     return policy
+
+
+def _mean_or_none(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
