@@ -81,6 +81,16 @@ class LRU(nn.Module):
         """C, complex ``[H, n]``."""
         return torch.complex(self.C_re, self.C_im)
 
+    def input_weight(self) -> Tensor:
+        """B̃ as one real matrix ``[2n, H]`` with rows interleaved (Re B̃_1, Im B̃_1, ...),
+        so ``u @ W.T`` viewed as complex is ``B̃ u`` from a single real GEMM."""
+        gamma = self.gamma()[:, None]
+        return torch.stack([self.B_re * gamma, self.B_im * gamma], dim=1).reshape(-1, self.width)
+
+    def output_weight(self) -> Tensor:
+        """``[H, 2n]`` real with columns interleaved (Re C, -Im C): Re(C h) = W · view_as_real(h)."""
+        return torch.stack([self.C_re, -self.C_im], dim=-1).reshape(self.width, -1)
+
     def initial_state(self, batch: int, device: torch.device | None = None) -> Tensor:
         """Zero state ``[batch, n]`` complex64."""
         return torch.zeros(batch, self.state_dim, dtype=torch.complex64, device=device)
@@ -98,16 +108,18 @@ class LRU(nn.Module):
         Returns:
             ``y`` ``[B, T, H]`` and the state after the last step, complex ``[B, n]``.
         """
-        bu = u.to(torch.complex64) @ self.input_matrix().T  # [B, T, n]
+        batch, steps, _ = u.shape
+        bu = torch.view_as_complex((u @ self.input_weight().T).view(batch, steps, -1, 2))
         h = linear_scan(self.eigenvalues(), bu, h0=state, reset=reset)
-        y = (h @ self.output_matrix().T).real + self.D * u
-        return y, h[:, -1]
+        y = torch.view_as_real(h).reshape(batch, steps, -1) @ self.output_weight().T
+        return y + self.D * u, h[:, -1]
 
     def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """Step mode: ``u`` ``[B, H]``, ``state`` complex ``[B, n]`` -> ``(y [B, H], state)``."""
-        h = self.eigenvalues() * state + u.to(torch.complex64) @ self.input_matrix().T
-        y = (h @ self.output_matrix().T).real + self.D * u
-        return y, h
+        bu = torch.view_as_complex((u @ self.input_weight().T).view(u.shape[0], -1, 2))
+        h = self.eigenvalues() * state + bu
+        y = torch.view_as_real(h).reshape(u.shape[0], -1) @ self.output_weight().T
+        return y + self.D * u, h
 
 
 class LRUBlock(nn.Module):
