@@ -10,6 +10,7 @@ CUDA: T in {256, 1024, 4096}, batch 64, N = 128 complex, plus real inputs agains
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -64,13 +65,43 @@ def make_inputs(batch, steps, width, device, dtype=torch.complex64):
     return lam.to(device), b.to(device), reset.to(device)
 
 
+def naive_loop(a, b, reset):
+    """The loop most people write first: ``b[:, t]`` indexing, autograd through it all.
+    Each step's slice backward zero-fills a full ``[B, T, N]`` buffer: O(T²) memory traffic."""
+    h = torch.zeros_like(b[:, 0])
+    out = []
+    for t in range(b.shape[1]):
+        keep = (~reset[:, t, None]).to(b.dtype)
+        h = a * h * keep + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def time_naive(a, b, reset, repeats) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        a_, b_ = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+        start = time.perf_counter()
+        naive_loop(a_, b_, reset).real.sum().backward()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
 def bench_cpu(repeats: int) -> list[str]:
-    rows = ["| T | sequential (ms) | parallel (ms) | speed-up |", "|---:|---:|---:|---:|"]
+    rows = [
+        "| T | naive loop (ms) | sequential (ms) | parallel (ms) | parallel vs sequential | parallel vs naive |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(rows), flush=True)
     for steps in (64, 256, 1024):
         lam, b, reset = make_inputs(16, steps, 128, "cpu")
+        naive = time_naive(lam, b, reset, min(repeats, 3))
         seq = time_fwd_bwd("sequential", lam, b, reset, repeats, "cpu")
         par = time_fwd_bwd("parallel", lam, b, reset, repeats, "cpu")
-        rows.append(f"| {steps} | {seq * 1e3:.1f} | {par * 1e3:.1f} | {seq / par:.1f}x |")
+        rows.append(
+            f"| {steps} | {naive * 1e3:.1f} | {seq * 1e3:.1f} | {par * 1e3:.1f} | "
+            f"{seq / par:.2f}x | {naive / par:.1f}x |"
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -81,6 +112,7 @@ def bench_cuda(repeats: int) -> list[str]:
         "| input | T | " + " | ".join(f"{k} (ms)" for k in backends) + " | parallel/triton |",
         "|---|---:|" + "---:|" * (len(backends) + 1),
     ]
+    print("\n".join(rows), flush=True)
     for steps in (256, 1024, 4096):
         lam, b, reset = make_inputs(64, steps, 128, "cuda")
         ms = {k: time_fwd_bwd(k, lam, b, reset, repeats, "cuda") * 1e3 for k in backends}
@@ -129,7 +161,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s) of "
-        f"{__import__('os').cpu_count()} cores, torch {torch.__version__}"
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
     )
     print(
         "\nCPU, batch 16, N = 128 complex, forward+backward, median of "
