@@ -99,9 +99,10 @@ def _add_eval(sub) -> None:
 
 def _eval(args) -> int:
     if args.target.suffix == ".onnx":
-        from compressm_rl.deploy import evaluate_onnx, onnx_env_id
+        from compressm_rl.deploy import evaluate_onnx
+        from export.runtime import OnnxPolicy
 
-        env_id = args.env or onnx_env_id(args.target)
+        env_id = args.env or OnnxPolicy(args.target).env_id
         returns = evaluate_onnx(args.target, env_id, args.episodes, args.seed)
     else:
         from compressm_rl.evaluate import evaluate_policy
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_report(sub)
     _add_compress(sub)
+    from compressm_rl.deploy import add_bench_parser, add_export_parser
+
+    add_export_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.handler(args)
+        handler = getattr(args, "handler", None) or args.func
+        return handler(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

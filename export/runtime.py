@@ -1,0 +1,297 @@
+"""Run an exported policy with onnxruntime alone (numpy + onnxruntime, no torch, no gym).
+
+    policy = OnnxPolicy("hopper.onnx")
+    policy.reset()                          # at every episode start
+    action = policy.act(obs)                # obs [obs_dim] -> action [act_dim]
+
+``OnnxPolicy`` owns the recurrent state ``[batch_size, S]`` and feeds it back each step; an
+MLP export has no state (``state_size == 0``) and the same interface. The session is tuned
+for single-sample latency: one intra-op and one inter-op thread, sequential execution,
+spinning off (a spinning pool burns a core between control steps), all graph optimisations,
+and by default IOBinding onto preallocated buffers (skips ``run()``'s per-call allocation
+and dict handling: ~4 µs of ~18 µs for a 2-layer n=128 LRU on one Xeon core).
+
+Input convention for ``act``: float32 is used as is; other floating dtypes (float64 from
+gymnasium, float16) are cast to float32 silently; integer, bool, complex and object arrays
+are rejected with a ValueError, as are wrong shapes and NaN/inf (``validate=False`` skips
+the finiteness check for the last microsecond).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+PRODUCER = "compressm-rl"
+SUPPORTED_FORMAT_VERSIONS = ("1",)
+_EXPORT_HINT = "export a trained run with `compressm-rl export RUN_DIR --out FILE.onnx`"
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """ORT session options for lowest single-sample latency on a CPU core."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads cut wake-up latency but burn CPU between control steps; with one
+    # thread there is nothing to wake, so turn it off.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only
+    return opts
+
+
+def make_session(
+    model: str | os.PathLike | bytes, provider: str = "CPUExecutionProvider", threads: int = 1
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` on ``provider`` with ``session_options``; clear errors."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ValueError(
+            f"execution provider {provider!r} is not available in this onnxruntime "
+            f"({ort.__version__}); available: {', '.join(available)}. Pass one of those, or "
+            f"install the onnxruntime build that ships {provider}."
+        )
+    if not isinstance(model, bytes):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {path}; {_EXPORT_HINT}")
+        model = str(path)
+    try:
+        return ort.InferenceSession(model, session_options(threads), providers=[provider])
+    except Exception as err:  # ORT raises several types (InvalidProtobuf, Fail, ...)
+        name = model if isinstance(model, str) else "the given bytes"
+        raise ValueError(
+            f"{name} is not a loadable ONNX model ({type(err).__name__}: {err}); {_EXPORT_HINT}"
+        ) from err
+
+
+class OnnxPolicy:
+    """An exported compressm-rl policy running in onnxruntime, holding its recurrent state.
+
+    Args:
+        path: the ``.onnx`` file written by ``export.onnx_export.to_onnx``.
+        provider: ORT execution provider (``"CPUExecutionProvider"``).
+        batch_size: rows per ``act`` call (envs stepped together); fixed per instance.
+        io_binding: bind preallocated buffers (faster); False uses ``session.run``.
+        validate: check every ``act`` input for NaN/inf (shape and dtype are always checked).
+        threads: ORT intra-op threads (1 is fastest at these sizes).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        provider: str = "CPUExecutionProvider",
+        batch_size: int = 1,
+        io_binding: bool = True,
+        validate: bool = True,
+        threads: int = 1,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(path)
+        self.session = make_session(self.path, provider, threads)
+        self.provider = provider
+        self._meta = _read_metadata(self.session, self.path)
+        self.batch_size = int(batch_size)
+        self.validate = validate
+        self.obs_dim = int(self._meta["obs_dim"])
+        self.act_dim = int(self._meta["act_dim"])
+        self.state_size = int(self._meta["state_size"])
+        self.layer_state_dims: list[int] = json.loads(self._meta["layer_state_dims"])
+        self._recurrent = self.state_size > 0
+
+        b = self.batch_size
+        self._obs = np.zeros((b, self.obs_dim), np.float32)
+        self._single_shape = (self.obs_dim,) if b == 1 else None  # 1-D obs allowed at batch 1
+        self._action = np.zeros((b, self.act_dim), np.float32)
+        # Two state buffers used in turn: step k reads one and writes the other.
+        self._states = [np.zeros((b, self.state_size), np.float32) for _ in range(2)]
+        self._current = 0
+        self._bindings = self._make_bindings() if io_binding else None
+
+    # ----- properties --------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata props (env_id, sizes, policy_type, training_steps, ...)."""
+        return dict(self._meta)
+
+    @property
+    def env_id(self) -> str:
+        return self._meta.get("env_id", "")
+
+    @property
+    def policy_type(self) -> str:
+        return self._meta.get("policy_type", "")
+
+    @property
+    def recurrent(self) -> bool:
+        return self.state_size > 0
+
+    @property
+    def state(self) -> np.ndarray:
+        """A copy of the current recurrent state ``[batch_size, S]`` float32."""
+        return self._states[self._current].copy()
+
+    # ----- episode control ---------------------------------------------------------
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        """Start new episodes: all rows (``mask`` None) or rows where ``mask`` [batch_size] is True."""
+        state = self._states[self._current]
+        if mask is None:
+            state.fill(0.0)
+            return
+        mask = np.asarray(mask)
+        if mask.shape != (self.batch_size,) or mask.dtype.kind not in "biu":
+            raise ValueError(
+                f"reset mask must be bool [{self.batch_size}] (True = new episode in that row), "
+                f"got {mask.dtype} {mask.shape}"
+            )
+        state[mask.astype(bool)] = 0.0
+
+    # ----- stepping ----------------------------------------------------------------
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """One control step: raw ``obs`` -> deterministic action within the action bounds.
+
+        Args:
+            obs: ``[batch_size, obs_dim]``, or ``[obs_dim]`` when ``batch_size == 1``; float.
+
+        Returns:
+            ``[batch_size, act_dim]`` float32 (``[act_dim]`` for a 1-D ``obs``), a new array.
+        """
+        obs, single = self._check_obs(obs)
+        if single:
+            self._obs[0] = obs  # casts float64 -> float32 on the way
+        else:
+            self._obs[...] = obs
+        if self._bindings is not None:
+            self.session.run_with_iobinding(self._bindings[self._current])
+            if self._recurrent:
+                self._current ^= 1  # the buffer written this step is read by the next
+        else:
+            feeds = {"obs": self._obs}
+            if self._recurrent:
+                feeds["state"] = self._states[self._current]
+                action, self._states[self._current] = self.session.run(None, feeds)
+            else:
+                (action,) = self.session.run(None, feeds)
+            self._action[:] = action
+        return self._action[0].copy() if single else self._action.copy()
+
+    def run(
+        self, obs: np.ndarray, state: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Stateless step for any batch: ``obs`` ``[B, obs_dim]``, ``state`` ``[B, S]`` (zeros
+        if None) -> ``(action [B, act_dim], state_out [B, S])``; the held state is untouched."""
+        obs = self._as_float32(obs, "obs")
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"obs must be [B, {self.obs_dim}], got {obs.shape}")
+        batch = obs.shape[0]
+        if not self.recurrent:
+            return self.session.run(None, {"obs": obs})[0], np.zeros((batch, 0), np.float32)
+        state = np.zeros((batch, self.state_size), np.float32) if state is None else state
+        state = self._as_float32(state, "state")
+        if state.shape != (batch, self.state_size):
+            raise ValueError(
+                f"state must be [{batch}, {self.state_size}] "
+                f"(Σ 2n over layers {self.layer_state_dims}), got {state.shape}"
+            )
+        action, state_out = self.session.run(None, {"obs": obs, "state": state})
+        return action, state_out
+
+    # ----- internals ---------------------------------------------------------------
+    def _make_bindings(self) -> list:
+        """One IOBinding per state buffer parity (the two swap roles every step)."""
+        obs_v = ort.OrtValue.ortvalue_from_numpy(self._obs)  # CPU buffers are shared, not copied
+        act_v = ort.OrtValue.ortvalue_from_numpy(self._action)
+        state_v = [ort.OrtValue.ortvalue_from_numpy(s) for s in self._states]
+        bindings = []
+        for k in range(2 if self._recurrent else 1):
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input("obs", obs_v)
+            binding.bind_ortvalue_output("action", act_v)
+            if self._recurrent:
+                binding.bind_ortvalue_input("state", state_v[k])
+                binding.bind_ortvalue_output("state_out", state_v[1 - k])
+            bindings.append(binding)
+        self._ortvalues = (obs_v, act_v, state_v)  # keep the buffers' OrtValues alive
+        return bindings
+
+    def _check_obs(self, obs: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Validate ``obs`` for ``act``; returns it as an array and whether it is one 1-D row.
+
+        Written for the common case (a float ndarray of the right shape) to cost ~0.5 µs.
+        """
+        if type(obs) is not np.ndarray:
+            obs = np.asarray(obs)
+        if obs.dtype.kind != "f":
+            raise ValueError(
+                f"obs must be a float array (float32, or float64/float16 cast to float32), got "
+                f"dtype {obs.dtype}; convert it with obs.astype(np.float32)"
+            )
+        shape = obs.shape
+        single = shape == self._single_shape
+        if not single and shape != self._obs.shape:
+            want = f"[{self.batch_size}, {self.obs_dim}]" + (
+                f" or [{self.obs_dim}]" if self.batch_size == 1 else ""
+            )
+            raise ValueError(
+                f"obs must have shape {want} for this policy (env {self.env_id or '?'}, "
+                f"batch_size={self.batch_size}), got {shape}; pass the env's raw "
+                f"observation, or create OnnxPolicy(..., batch_size=B) for B envs"
+            )
+        # x·x is finite iff every x is finite, barring overflow past ~1e19, which the exact
+        # test below then sorts out; one dot product is 3x cheaper than isfinite().all().
+        if self.validate and not math.isfinite(float(np.dot(obs.ravel(), obs.ravel()))):
+            bad = ~np.isfinite(np.atleast_2d(obs))
+            if bad.any():
+                rows = np.unique(np.nonzero(bad)[0]).tolist()
+                raise ValueError(
+                    f"obs contains NaN or inf (rows {rows}); the policy state would be "
+                    f"corrupted. Check the environment, or reset() the affected episodes"
+                )
+        return obs, single
+
+    @staticmethod
+    def _as_float32(x: np.ndarray, name: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxPolicy({str(self.path)!r}, env={self.env_id!r}, type={self.policy_type}, "
+            f"obs_dim={self.obs_dim}, act_dim={self.act_dim}, state_dims={self.layer_state_dims}, "
+            f"batch_size={self.batch_size}, provider={self.provider})"
+        )
+
+
+def _read_metadata(session: ort.InferenceSession, path: Path) -> dict[str, str]:
+    """The compressm-rl metadata of a loaded model, or a ValueError saying what is missing."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    if meta.get("producer") != PRODUCER:
+        raise ValueError(
+            f"{path} is an ONNX model but not a compressm-rl policy (metadata 'producer' is "
+            f"{meta.get('producer')!r}, expected {PRODUCER!r}); {_EXPORT_HINT}"
+        )
+    version = meta.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(
+            f"{path} has policy format version {version!r}; this runtime reads "
+            f"{', '.join(SUPPORTED_FORMAT_VERSIONS)}. Re-export it with this version of compressm-rl"
+        )
+    required = ("obs_dim", "act_dim", "state_size", "layer_state_dims")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks metadata {missing}; {_EXPORT_HINT}")
+    inputs = {i.name for i in session.get_inputs()}
+    expected = {"obs", "state"} if int(meta["state_size"]) > 0 else {"obs"}
+    if inputs != expected:
+        raise ValueError(f"{path} has inputs {sorted(inputs)}, expected {sorted(expected)}")
+    return meta

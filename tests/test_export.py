@@ -1,0 +1,358 @@
+"""ONNX export, onnxruntime policy, parity, benchmark CLI: real sessions, real MuJoCo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from export.bench import _IDENTITY_MODEL
+from export.onnx_export import build_model, to_onnx
+from export.parity import ParityError, check_parity
+from export.runtime import OnnxPolicy
+from policies.actor_critic import ActorCritic
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = {
+    "ssm_full": dict(policy="ssm", state_dims=[128, 128]),
+    "ssm_compressed": dict(policy="ssm", state_dims=[37, 5]),
+    "mlp": dict(policy="mlp"),
+}
+
+
+def make_policy(env_id: str, seed: int, stress: bool = False, **kwargs) -> ActorCritic:
+    """A random policy for ``env_id`` with non-trivial obs statistics, log-std and head.
+
+    ``stress``: eigenvalues at the |λ| clamp and real ones (θ = 0, π), as balanced truncation
+    can produce.
+    """
+    torch.manual_seed(seed)
+    env = gym.make(env_id)
+    space = env.action_space
+    policy = ActorCritic(
+        env.observation_space.shape[0], space.shape[0], space.low, space.high, width=64, **kwargs
+    )
+    # Statistics of real observations, then perturbed: the normaliser matters in the graph.
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    seen = [obs]
+    for _ in range(300):
+        obs, _, terminated, truncated, _ = env.step(space.sample())
+        seen.append(obs)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    with torch.no_grad():
+        policy.obs_norm.update(torch.as_tensor(np.array(seen)))
+        policy.obs_norm.mean += torch.as_tensor(rng.normal(0, 0.1, policy.obs_dim))
+        policy.obs_norm.var *= torch.as_tensor(rng.uniform(0.5, 2.0, policy.obs_dim))
+        policy.log_std.copy_(torch.as_tensor(rng.normal(-0.5, 0.3, policy.act_dim)))
+        # A gain-1 head instead of 0.01: actions of order 1, some clamped at the bounds.
+        torch.nn.init.orthogonal_(policy.actor_head.weight, gain=1.5)
+        policy.actor_head.bias.normal_(0, 0.3)
+        if stress:
+            for block in policy.actor.blocks:
+                block.lru.nu_log[:3] = -30.0  # |λ| = MAX_RADIUS
+                block.lru.theta[:2] = torch.tensor([0.0, math.pi])[: block.lru.state_dim]
+    return policy
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (torch policy, .onnx path) for Hopper-v5."""
+    out = tmp_path_factory.mktemp("onnx")
+    result = {}
+    for i, (name, kwargs) in enumerate(POLICIES.items()):
+        policy = make_policy("Hopper-v5", seed=i, stress=name == "ssm_compressed", **kwargs)
+        path = to_onnx(policy, out / f"{name}.onnx", env_id="Hopper-v5", training_steps=1000 + i)
+        result[name] = (policy, path)
+    return result
+
+
+# ----- parity ---------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_closed_loop_parity_with_resets(exported, name, batch):
+    policy, path = exported[name]
+    report = check_parity(policy, path, "Hopper-v5", steps=500, batch=batch, seed=batch)
+    print(f"{name} batch {batch}: {report}")
+    assert report["episodes_started"] > 2 * batch  # resets happened mid-rollout
+    assert report["max_abs_err"] <= 1e-4
+
+
+def test_long_episode_parity_without_resets(tmp_path):
+    """HalfCheetah never terminates: 500 steps of one episode, state carried throughout."""
+    policy = make_policy("HalfCheetah-v5", seed=7, policy="ssm", state_dims=[64, 16])
+    path = to_onnx(policy, tmp_path / "cheetah.onnx", env_id="HalfCheetah-v5")
+    report = check_parity(policy, path, "HalfCheetah-v5", steps=500, batch=2)
+    print(report)
+    assert report["episodes_started"] == 2
+
+
+def test_parity_error_on_a_different_policy(exported):
+    policy, path = exported["ssm_compressed"]
+    other = make_policy("Hopper-v5", seed=1, **POLICIES["ssm_compressed"])
+    with pytest.raises(ParityError, match="action mismatch at step 0"):
+        check_parity(other, path, "Hopper-v5", steps=20)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_one_step_from_random_state_matches_torch(exported, name):
+    """Arbitrary (non-zero) states, several rows: checks the state layout and the split."""
+    policy, path = exported[name]
+    rng = np.random.default_rng(0)
+    obs = rng.normal(0, 2, (5, policy.obs_dim)).astype(np.float32)
+    state = rng.normal(0, 1, (5, policy.actor.state_size)).astype(np.float32)
+    action, state_out = OnnxPolicy(path).run(obs, state)
+    with torch.no_grad():
+        features, ref_state = policy.actor.step(
+            policy.obs_norm(torch.as_tensor(obs)), torch.as_tensor(state)
+        )
+        ref = torch.clamp(policy.actor_head(features), policy.action_low, policy.action_high)
+    np.testing.assert_allclose(action, ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state_out, ref_state.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_opset_17_gelu_decomposition_matches(exported, tmp_path):
+    policy, _ = exported["ssm_full"]
+    path = to_onnx(policy, tmp_path / "opset17.onnx", opset=17)
+    report = check_parity(policy, path, "Hopper-v5", steps=100)
+    assert report["max_abs_err"] <= 1e-5 + 1e-4
+
+
+def test_per_dimension_action_bounds(tmp_path):
+    policy = make_policy("Hopper-v5", seed=3, **POLICIES["mlp"])
+    policy.action_low.copy_(torch.tensor([-1.0, -0.2, -0.5]))
+    policy.action_high.copy_(torch.tensor([1.0, 0.3, 0.1]))
+    ops = [n.op_type for n in build_model(policy).graph.node]
+    assert ops[-2:] == ["Min", "Max"]
+    path = to_onnx(policy, tmp_path / "bounds.onnx")
+    report = check_parity(policy, path, "Hopper-v5", steps=100)
+    assert report["max_abs_err"] <= 1e-5
+
+
+# ----- graph and metadata ----------------------------------------------------------------
+def test_metadata_and_node_count(exported):
+    for name, (policy, path) in exported.items():
+        onnx_policy = OnnxPolicy(path)
+        meta = onnx_policy.metadata
+        print(f"{name}: {meta['num_nodes']} nodes, state dims {meta['layer_state_dims']}")
+        assert meta["producer"] == "compressm-rl" and meta["format_version"] == "1"
+        assert meta["env_id"] == "Hopper-v5" and int(meta["training_steps"]) >= 1000
+        assert (onnx_policy.obs_dim, onnx_policy.act_dim) == (11, 3)
+        assert onnx_policy.state_size == policy.actor.state_size
+        assert onnx_policy.layer_state_dims == list(policy.actor.state_dims)
+        assert meta["policy_type"] == policy.policy_type
+        layers = len(policy.actor.state_dims)
+        # norm (2) + encoder + transition (<= 5) + 6 per layer + concat + head + clamp
+        limit = 3 + 5 + 6 * layers + 3 if layers else 8
+        assert int(meta["num_nodes"]) <= limit
+
+
+def test_mlp_graph_has_no_state(exported):
+    _, path = exported["mlp"]
+    policy = OnnxPolicy(path)
+    assert [i.name for i in policy.session.get_inputs()] == ["obs"]
+    assert policy.state.shape == (1, 0) and not policy.recurrent
+    policy.reset()
+    assert policy.act(np.zeros(11)).shape == (3,)
+
+
+# ----- runtime behaviour -----------------------------------------------------------------
+def test_reset_mask_zeroes_only_those_rows(exported):
+    _, path = exported["ssm_compressed"]
+    policy = OnnxPolicy(path, batch_size=3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        policy.act(rng.normal(size=(3, 11)))
+    before = policy.state
+    policy.reset(np.array([True, False, True]))
+    after = policy.state
+    assert not after[[0, 2]].any() and np.array_equal(after[1], before[1]) and before[1].any()
+    policy.reset()
+    assert not policy.state.any()
+
+
+def test_io_binding_and_run_paths_agree(exported):
+    _, path = exported["ssm_full"]
+    fast, plain = OnnxPolicy(path, io_binding=True), OnnxPolicy(path, io_binding=False)
+    rng = np.random.default_rng(1)
+    for t in range(30):
+        obs = rng.normal(size=11)
+        if t == 17:
+            fast.reset(), plain.reset()
+        np.testing.assert_array_equal(fast.act(obs), plain.act(obs))
+    np.testing.assert_array_equal(fast.state, plain.state)
+
+
+def test_float64_obs_is_cast_and_actions_are_float32(exported):
+    _, path = exported["ssm_full"]
+    a, b = OnnxPolicy(path), OnnxPolicy(path)
+    obs = np.random.default_rng(2).normal(size=11)
+    out = a.act(obs)
+    assert out.dtype == np.float32 and out.shape == (3,)
+    np.testing.assert_array_equal(out, b.act(obs.astype(np.float32)))
+    assert a.act(obs[None]).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "obs, match",
+    [
+        (np.zeros(12), r"obs must have shape \[1, 11\] or \[11\]"),
+        (np.zeros((2, 11)), r"obs must have shape"),
+        (np.zeros(11, dtype=np.int64), "must be a float array"),
+        (np.array(["a"] * 11, dtype=object), "must be a float array"),
+        (np.full(11, np.nan), "NaN or inf"),
+        (np.array([np.inf] + [0.0] * 10), "NaN or inf"),
+    ],
+)
+def test_bad_observations_are_rejected_clearly(exported, obs, match):
+    _, path = exported["ssm_full"]
+    policy = OnnxPolicy(path)
+    with pytest.raises(ValueError, match=match):
+        policy.act(obs)
+
+
+def test_bad_batch_shape_and_reset_mask(exported):
+    _, path = exported["mlp"]
+    policy = OnnxPolicy(path, batch_size=4)
+    with pytest.raises(ValueError, match=r"\[4, 11\].*batch_size=4"):
+        policy.act(np.zeros(11))
+    with pytest.raises(ValueError, match="reset mask"):
+        policy.reset(np.ones(3, bool))
+
+
+def test_bad_files_are_rejected_clearly(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        OnnxPolicy(garbage)
+    foreign = tmp_path / "identity.onnx"
+    foreign.write_bytes(_IDENTITY_MODEL)
+    with pytest.raises(ValueError, match="not a compressm-rl policy"):
+        OnnxPolicy(foreign)
+    with pytest.raises(FileNotFoundError, match="no ONNX model at"):
+        OnnxPolicy(tmp_path / "missing.onnx")
+
+
+def test_unavailable_provider_lists_available_ones(exported):
+    _, path = exported["mlp"]
+    with pytest.raises(ValueError, match="available: .*CPUExecutionProvider"):
+        OnnxPolicy(path, provider="NoSuchExecutionProvider")
+
+
+# ----- device-side imports and the benchmark CLI ------------------------------------------
+def test_runtime_and_bench_import_neither_torch_nor_gym():
+    code = (
+        "import export.runtime, export.bench; import sys; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch','gymnasium','mujoco','onnx'}); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_bench_cli_writes_json(exported, tmp_path):
+    out = tmp_path / "bench.json"
+    paths = [str(exported[n][1]) for n in ("ssm_full", "mlp")]
+    cmd = [sys.executable, "-m", "export.bench", *paths, "--steps", "200", "--warmup", "20"]
+    proc = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
+    data = json.loads(out.read_text())
+    names = [r["name"] for r in data["results"]]
+    assert names[-2:] == ["ssm_full.onnx", "mlp.onnx"] and "identity" in names[0]
+    assert all(r["steps"] == 200 and 0 < r["p50_us"] <= r["p99_us"] for r in data["results"])
+    assert data["machine"]["onnxruntime"] and "| model |" in proc.stdout
+
+
+# ----- compressm_rl.deploy ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real (tiny) training run directory on Hopper-v5."""
+    from compressm_rl.runs import TrainConfig
+    from compressm_rl.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    config = TrainConfig(
+        env_id="Hopper-v5",
+        total_steps=128,
+        state_dim=12,
+        width=16,
+        ppo=dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=1, minibatches=1),
+    )
+    train(config, run, progress=False)
+    return run
+
+
+def _parse(argv):
+    from compressm_rl.deploy import add_bench_parser, add_export_parser
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_export_parser(sub)
+    add_bench_parser(sub)
+    return parser.parse_args(argv)
+
+
+def test_export_command_checks_parity_and_fails_loudly(trained_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "good.onnx"
+    args = _parse(["export", str(trained_run), "--out", str(out), "--parity-steps", "100"])
+    assert args.func(args) == 0 and out.exists()
+    assert OnnxPolicy(out).metadata["training_steps"] == "128"
+    assert "parity ok" in capsys.readouterr().out
+
+    # A graph that does not match its policy: exit status 1, the file is removed.
+    import export.onnx_export as onnx_export
+
+    other = make_policy("Hopper-v5", seed=11, state_dims=[12, 12])
+    real = onnx_export.to_onnx
+    monkeypatch.setattr(onnx_export, "to_onnx", lambda p, *a, **k: real(other, *a, **k))
+    bad = tmp_path / "bad.onnx"
+    args = _parse(["export", str(trained_run), "--out", str(bad), "--parity-steps", "50"])
+    assert args.func(args) == 1 and not bad.exists()
+    assert "does not match torch" in capsys.readouterr().err
+
+
+def test_bench_command_with_torch_row(exported, trained_run, tmp_path):
+    _, path = exported["ssm_compressed"]
+    args = _parse(
+        ["bench", str(path), "--steps", "100", "--warmup", "10", "--run", str(trained_run)]
+        + ["--out-dir", str(tmp_path / "b")]
+    )
+    assert args.func(args) == 0
+    table = (tmp_path / "b" / "latency.md").read_text()
+    assert "torch eager" in table and "ssm_compressed.onnx" in table
+    assert (tmp_path / "b" / "latency_hist.png").stat().st_size > 0
+
+
+def test_evaluate_onnx_returns_per_episode(exported):
+    from compressm_rl.deploy import evaluate_onnx
+
+    _, path = exported["mlp"]
+    first = evaluate_onnx(path, "Hopper-v5", episodes=3, seed=5)
+    again = evaluate_onnx(path, "Hopper-v5", episodes=3, seed=5)
+    assert first.shape == (3,) and np.all(np.isfinite(first))
+    np.testing.assert_array_equal(first, again)  # seeded resets: deterministic
+
+
+def test_eval_of_onnx_equals_eval_of_run_directory(trained_run, tmp_path, capsys):
+    from compressm_rl.cli import main
+
+    onnx_path = tmp_path / "policy.onnx"
+    assert main(["export", str(trained_run), "--out", str(onnx_path), "--parity-steps", "50"]) == 0
+    capsys.readouterr()
+    results = []
+    for target in (trained_run, onnx_path):
+        assert main(["eval", str(target), "--episodes", "3", "--seed", "7", "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    torch_run, onnx_run = results
+    assert torch_run["env_id"] == onnx_run["env_id"] == "Hopper-v5"
+    np.testing.assert_allclose(onnx_run["returns"], torch_run["returns"], rtol=1e-3)
