@@ -19,10 +19,16 @@ lint: $(STAMP)
 test: lint
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest
 
+# The main job end to end: train with in-training compression, export to ONNX (parity
+# checked), evaluate through onnxruntime alone, benchmark latency, write the report.
+DEMO := runs/demo
 demo: $(STAMP)
-	$(VENV)/bin/compressm-rl train --env InvertedPendulum-v5 --total-steps 60000 --seed 0 \
-		--out runs/demo --overwrite
-	$(VENV)/bin/compressm-rl report runs/demo
+	$(VENV)/bin/compressm-rl train --env InvertedPendulum-v5 --total-steps 100000 --seed 0 \
+		--compress-tol 0.1 --out $(DEMO) --overwrite
+	$(VENV)/bin/compressm-rl export $(DEMO) --out $(DEMO)/policy.onnx
+	$(VENV)/bin/compressm-rl eval $(DEMO)/policy.onnx --episodes 10
+	$(VENV)/bin/compressm-rl bench $(DEMO)/policy.onnx --run $(DEMO) --steps 3000 --out-dir $(DEMO)
+	$(VENV)/bin/compressm-rl report $(DEMO)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -140,11 +140,16 @@ def _report(args) -> int:
     from compressm_rl.report import write_report
     from compressm_rl.runs import load_policy
 
-    returns = None
+    returns = onnx_returns = None
     if args.episodes > 0:
         policy, meta = load_policy(args.run_dir)
         returns = evaluate_policy(policy, meta["env_id"], args.episodes, seed=10_000)
-    print(f"report written to {write_report(args.run_dir, returns)}")
+        onnx_path = args.run_dir / "policy.onnx"
+        if onnx_path.exists():
+            from compressm_rl.deploy import evaluate_onnx
+
+            onnx_returns = evaluate_onnx(onnx_path, meta["env_id"], args.episodes, seed=10_000)
+    print(f"report written to {write_report(args.run_dir, returns, onnx_returns)}")
     return 0
 
 

@@ -40,8 +40,10 @@ def learning_curve(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-def write_report(run_dir: Path, eval_returns=None) -> Path:
-    """``report.md`` with settings, final figures, the learning curve and compression events."""
+def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
+    """``report.md`` with settings, final figures, the learning curve, compression events,
+    and the exported policy's evaluation and latency when ``policy.onnx`` / ``latency.md``
+    are in the run directory."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     rows = MetricsLog(run_dir / METRICS).read()
@@ -66,6 +68,11 @@ def write_report(run_dir: Path, eval_returns=None) -> Path:
             f"- deterministic evaluation: {eval_returns.mean():.1f} ± {eval_returns.std():.1f} "
             f"over {len(eval_returns)} episodes"
         )
+    if onnx_returns is not None:
+        lines.append(
+            f"- `policy.onnx` through onnxruntime only: {onnx_returns.mean():.1f} ± "
+            f"{onnx_returns.std():.1f} over {len(onnx_returns)} episodes (same seeds)"
+        )
     lines += ["", f"![learning curve]({curve.name})", ""]
     events_path = run_dir / "compression.json"
     if events_path.exists():
@@ -73,15 +80,22 @@ def write_report(run_dir: Path, eval_returns=None) -> Path:
         lines += [
             "## Compression events",
             "",
-            "| step | layer | n before | n after | H∞ bound | status |",
-            "|---:|---|---:|---:|---:|---|",
+            "| step | layer | n before | n after | H∞ bound | output error | status |",
+            "|---:|---|---:|---:|---:|---:|---|",
         ]
         for e in events:
+            error = f"{e['output_error']:.3f}" if "output_error" in e else "-"
             lines.append(
                 f"| {e['step']} | {e['layer']} | {e['n_before']} | {e['n_after']} | "
-                f"{e['bound']:.3g} | {e['status']} |"
+                f"{e['bound']:.3g} | {error} | {e['status']} |"
             )
-        lines += [""] + [f"![HSV spectra]({p.name})" for p in sorted(run_dir.glob("hsv_*.png"))]
+        plots = sorted(run_dir.glob("hsv_*.png"))
+        lines += [""] + [f"![HSV spectra]({p.name})" for p in plots] + [""]
+    latency = run_dir / "latency.md"
+    if latency.exists():
+        lines += ["## Inference latency (batch 1, one thread)", "", latency.read_text().strip(), ""]
+        if (run_dir / "latency_hist.png").exists():
+            lines += ["![latency histogram](latency_hist.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
