@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     policy: str = "ssm"
     state_dim: int = 128
+    state_dims: list[int] | None = None  # per-layer n; overrides state_dim and layers
     width: int = 64
     layers: int = 2
     num_workers: int = 0

@@ -43,7 +43,7 @@ def make_policy(config: TrainConfig, envs) -> ActorCritic:
         act_space.high,
         policy=config.policy,
         width=config.width,
-        state_dims=[config.state_dim] * config.layers,
+        state_dims=config.state_dims or [config.state_dim] * config.layers,
         mlp_layers=config.layers,
         init_log_std=config.preset().init_log_std,
     )
