@@ -1,0 +1,49 @@
+"""The command line: help, version, clear errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from compressm_rl import __version__
+from compressm_rl.cli import main
+
+
+def test_help_and_version(capsys):
+    proc = subprocess.run(
+        [sys.executable, "-m", "compressm_rl.cli", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    for command in ("train", "eval", "report", "compress", "export", "bench"):
+        assert command in proc.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_unknown_env_is_a_clear_error(capsys):
+    assert main(["train", "--env", "HalfCheeta-v5", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown env id" in err and "HalfCheetah-v5" in err
+
+
+def test_existing_run_is_not_overwritten_silently(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("env_id: Hopper-v5\n")
+    assert main(["train", "--env", "Hopper-v5", "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_config_key_is_named(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo: {learning_rate: 0.1}\n")
+    assert (
+        main(["train", "--env", "Hopper-v5", "--config", str(cfg), "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
