@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 
+from export.bench import cpu_model
 from policies.scan import linear_scan
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_fwd_bwd(backend, a, b, reset, repeats, device) -> float:

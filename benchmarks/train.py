@@ -14,26 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
 import torch
 
+from export.bench import cpu_model
+
 ENV = "Hopper-v5"
 N_ENVS, N_STEPS, EPOCHS, BATCH = 8, 256, 10, 512
 PER_ITER = N_ENVS * N_STEPS
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def ours(policy: str, iterations: int) -> float:

@@ -161,17 +161,21 @@ def bench_identity(
     )
 
 
-def machine_info(provider: str = "CPUExecutionProvider") -> dict:
-    """CPU model, core counts, OS, and library versions for the table's caption."""
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(provider: str = "CPUExecutionProvider") -> dict:
+    """CPU model, core counts, OS, and library versions for the table's caption."""
+    cpu = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
