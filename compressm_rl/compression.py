@@ -35,7 +35,7 @@ from compressm_rl.reduction import (
     balanced_truncation,
     lru_parameters,
 )
-from policies.actor_critic import ActorCritic
+from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
 
 MIN_REMOVED_FRACTION = 0.05
@@ -231,20 +231,20 @@ def compress_policy(
     policy: ActorCritic,
     optimizer: torch.optim.Optimizer | None,
     config: CompressionConfig,
-    carried_states: list[Tensor] | None = None,
+    carried: RecurrentState | None = None,
     obs: Tensor | None = None,
     reset: Tensor | None = None,
-) -> tuple[list[Tensor], list[dict]]:
-    """Reduce every LRU layer of ``policy`` in place; map ``carried_states``.
+) -> tuple[RecurrentState | None, list[dict]]:
+    """Reduce every LRU layer of ``policy`` in place; map the ``carried`` state.
 
     Args:
-        carried_states: flat states to map, each ``[B, S_actor + ...]`` given as pairs in
-            the order ``[actor_state, critic_state, actor_state, ...]`` (alternating).
+        carried: the envs' ongoing recurrent state (actor ``[B, S_actor]``, critic
+            ``[B, S_critic]``), mapped into the reduced coordinates.
         obs, reset: the latest rollout as sequences ``[B, T, obs]`` (normalised) and
             ``[B, T]``, for the guards; None skips them.
 
     Returns:
-        The mapped states (same order) and the event records.
+        The mapped state (None if none was given) and the event records.
     """
     accepted, events = plan_reductions(policy, config, obs, reset)
     actor_names = [k for k in accepted if k.startswith("actor.")]
@@ -261,12 +261,15 @@ def compress_policy(
             for k in actor_names:
                 accepted.pop(k)
 
-    mapped = list(carried_states or [])
-    for j, state in enumerate(mapped):
-        part = "actor" if j % 2 == 0 else "critic"
-        maps = {int(k.split(".")[1]): r for k, r in accepted.items() if k.startswith(part + ".")}
-        if maps:
-            mapped[j] = map_layer_states(getattr(policy, part), state, maps)
+    mapped = None
+    if carried is not None:
+        parts = {}
+        for part in ("actor", "critic"):
+            prefix = part + "."
+            maps = {int(k[len(prefix) :]): r for k, r in accepted.items() if k.startswith(prefix)}
+            state = getattr(carried, part)
+            parts[part] = map_layer_states(getattr(policy, part), state, maps) if maps else state
+        mapped = RecurrentState(**parts)
     layers = lru_layers(policy)
     for name, result in accepted.items():
         reduce_layer(layers[name], result, optimizer)

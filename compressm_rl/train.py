@@ -77,11 +77,11 @@ def train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
 
-    envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)
     if cfg.rollout_steps % cfg.seq_len:
         raise ValueError(
             f"rollout_steps ({cfg.rollout_steps}) must be a multiple of seq_len ({cfg.seq_len})"
         )
+    envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)
     policy = make_policy(config, envs)
     optimizer = make_optimizer(policy, cfg.lr)
     reward_norm = RunningNormalizer(()) if cfg.norm_reward else None
@@ -161,15 +161,14 @@ def train(
             and global_step >= reduction_steps[next_reduction]
         ):
             # Between rollouts: shrink every LRU layer, map the envs' ongoing states.
-            (actor_state, critic_state), new_events = compress_policy(
+            carry.state, new_events = compress_policy(
                 policy,
                 optimizer,
                 compression,
-                [carry.state.actor, carry.state.critic],
+                carry.state,
                 rollout.obs.transpose(0, 1),
                 rollout.episode_start.transpose(0, 1),
             )
-            carry.state = ppo.RecurrentState(actor_state, critic_state)
             for event in new_events:
                 event.update(step=global_step, return_before=_mean_or_none(recent_returns))
             plot_hsv(

@@ -97,7 +97,8 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
 def make_vec_env(
     env_id: str, num_envs: int, seed: int, num_workers: int = 0, **env_kwargs
 ) -> gym.vector.VectorEnv:
-    """``num_envs`` copies in SAME_STEP autoreset mode, seeded ``seed, seed+1, ...``.
+    """``num_envs`` copies in SAME_STEP autoreset mode; ``reset(seed=seed)`` seeds them
+    ``seed, seed+1, ...`` (Gymnasium vector-env convention).
 
     SAME_STEP: the step that ends an episode returns the next episode's first observation
     and puts the last one in ``info["final_obs"]`` (for bootstrapping truncations).
@@ -111,7 +112,6 @@ def make_vec_env(
         envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
     else:
         envs = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
-    envs.reset(seed=seed)
     envs.action_space.seed(seed)
     return envs
 

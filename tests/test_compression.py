@@ -39,9 +39,10 @@ def test_mid_episode_reduction_keeps_actions_when_states_are_mapped():
         reference.append(action)
 
     unmapped = actor.clone()
-    (mapped, _), events = compress_policy(
-        policy, None, CompressionConfig(tol=1e-3, min_state=1), [actor, state.critic]
+    carried, events = compress_policy(
+        policy, None, CompressionConfig(tol=1e-3, min_state=1), state._replace(actor=actor)
     )
+    mapped = carried.actor
     assert all(e["status"] == "applied" for e in events), events
     assert policy.actor.state_dims[0] <= 14 and mapped.shape[1] == policy.actor.state_size
 
