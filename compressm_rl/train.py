@@ -23,6 +23,7 @@ from compressm_rl.runs import (
     TrainConfig,
     build_policy,
     load_checkpoint,
+    load_config,
     rng_state,
     save_checkpoint,
     save_config,
@@ -91,7 +92,14 @@ def train(
     reduction_steps = [int(f * cfg.total_steps) for f in sorted(compression.at)]
     next_reduction = 0
 
+    wall_before = 0.0  # training seconds before this call (resumed runs)
     if resume:
+        saved = load_config(run_dir)
+        if saved != config:
+            raise ValueError(
+                f"{run_dir} was trained with a different config; resume it with its own "
+                f"config.yaml (compressm-rl train --resume {run_dir})"
+            )
         payload = load_checkpoint(run_dir)
         policy = build_policy(
             payload["architecture"], payload["action_low"], payload["action_high"]
@@ -104,6 +112,7 @@ def train(
         set_rng_state(payload["rng"])
         global_step, iteration = int(payload["global_step"]), int(payload["iteration"])
         next_reduction = int(payload.get("next_reduction", 0))
+        wall_before = float(payload.get("wall_time", 0.0))
         metrics.truncate_after(global_step)
     else:
         save_config(run_dir, config)
@@ -136,6 +145,7 @@ def train(
                 "global_step": global_step,
                 "iteration": iteration,
                 "next_reduction": next_reduction,
+                "wall_time": wall_before + time.perf_counter() - start_time,
                 "architecture": policy.architecture(),
                 "action_low": policy.action_low,
                 "action_high": policy.action_high,
@@ -206,7 +216,7 @@ def train(
         row = {
             "iteration": iteration,
             "global_step": global_step,
-            "wall_time": round(elapsed, 3),
+            "wall_time": round(wall_before + elapsed, 3),
             "steps_per_s": round(steps_per_iter / (time.perf_counter() - iter_start), 1),
             "episode_return": np.mean(rollout.finished_returns) if rollout.finished_returns else "",
             "episode_length": np.mean(rollout.finished_lengths) if rollout.finished_lengths else "",

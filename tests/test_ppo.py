@@ -141,8 +141,12 @@ def test_resume_continues_from_saved_step(tmp_path):
     rows = MetricsLog(tmp_path / "metrics.csv").read()
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
     assert [int(r["global_step"]) for r in rows] == [64, 128, 192, 256]
+    walls = [float(r["wall_time"]) for r in rows]
+    assert walls == sorted(walls)  # wall-clock carries on across the resume
     policy, meta = load_policy(tmp_path)
     assert meta == {"env_id": "InvertedPendulum-v5", "global_step": 256}
+    with pytest.raises(ValueError, match="different config"):
+        train(_tiny_config(total_steps=512), tmp_path, resume=True, progress=False)
     assert policy.actor.state_dims == [6, 6]
 
 
