@@ -51,7 +51,7 @@ class Rollout:
     episode_start: Tensor  # [T, N] bool: reset mask for the scans
     actor_states: Tensor  # [T, N, S_actor] state before step t (before the reset mask)
     critic_state0: Tensor  # [N, S_critic] critic state before step 0
-    truncations: list[tuple[int, int, np.ndarray]]  # (t, env, final_obs normalised)
+    truncations: list[tuple[int, int, Tensor]]  # (t, env, final_obs normalised)
     next_obs: Tensor  # [N, obs_dim] normalised obs after the last step
     next_episode_start: Tensor  # [N] bool
     finished_returns: list[float]
@@ -85,17 +85,8 @@ def collect_rollout(
     Observation statistics stay frozen during the rollout (so the update replays exactly
     what the actor saw) and are updated from the raw observations afterwards.
     """
-    raw_obs, obs, actions, log_probs, rewards, dones, starts, states = (
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-    )
-    truncations: list[tuple[int, int, np.ndarray]] = []
+    raw_obs, obs, actions, log_probs, rewards, dones, starts, states = ([] for _ in range(8))
+    truncations: list[tuple[int, int, Tensor]] = []
     finished_returns: list[float] = []
     finished_lengths: list[int] = []
     critic_state0 = carry.state.critic.clone()
