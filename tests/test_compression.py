@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from compressm_rl.compression import CompressionConfig, compress_policy, lru_layers
-from compressm_rl.runs import TrainConfig, load_checkpoint, load_policy
+from compressm_rl.runs import load_checkpoint, load_policy
 from compressm_rl.train import make_optimizer, train
 from policies.actor_critic import ActorCritic
 
@@ -118,12 +118,10 @@ def test_optimizer_state_is_rebuilt_for_resized_tensors():
     optimizer.step()  # shapes line up: no error
 
 
-def test_compressed_policy_trains_on_and_events_are_recorded(tmp_path):
-    config = TrainConfig(
-        env_id="InvertedPendulum-v5",
+def test_compressed_policy_trains_on_and_events_are_recorded(tmp_path, tiny_config):
+    config = tiny_config(
         total_steps=320,
         state_dim=16,
-        width=8,
         checkpoint_every=1,
         ppo=dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=2, minibatches=2),
         compression=dict(tol=0.3, at=[0.2, 0.4], min_state=2),
@@ -154,18 +152,11 @@ def test_python_control_pitfalls_are_not_on_any_code_path():
         assert not names & {"balred", "hsvd"}, path
 
 
-def test_post_training_compression_to_target_sizes(tmp_path):
+def test_post_training_compression_to_target_sizes(tmp_path, tiny_config):
     from compressm_rl.cli import main
 
     run = tmp_path / "run"
-    config = TrainConfig(
-        env_id="InvertedPendulum-v5",
-        total_steps=64,
-        state_dim=12,
-        width=8,
-        ppo=dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=1, minibatches=1),
-    )
-    train(config, run, progress=False)
+    train(tiny_config(), run, progress=False)
     assert (
         main(["compress", str(run), "--out", str(tmp_path / "small"), "--state-dims", "5,3"]) == 0
     )

@@ -275,20 +275,12 @@ def test_bench_cli_writes_json(exported, tmp_path):
 
 # ----- compressm_rl.deploy ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, tiny_config):
     """A real (tiny) training run directory on Hopper-v5."""
-    from compressm_rl.runs import TrainConfig
     from compressm_rl.train import train
 
     run = tmp_path_factory.mktemp("run")
-    config = TrainConfig(
-        env_id="Hopper-v5",
-        total_steps=128,
-        state_dim=12,
-        width=16,
-        ppo=dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=1, minibatches=1),
-    )
-    train(config, run, progress=False)
+    train(tiny_config("Hopper-v5", total_steps=128, width=16), run, progress=False)
     return run
 
 

@@ -5,11 +5,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_config
 
 from compressm_rl import ppo
 from compressm_rl.runs import (
     MetricsLog,
-    TrainConfig,
     load_checkpoint,
     load_config,
     load_policy,
@@ -121,14 +121,8 @@ def test_one_update_changes_policy_with_finite_losses(policy_type):
 
 
 def _tiny_config(total_steps=256, **kw):
-    return TrainConfig(
-        env_id="InvertedPendulum-v5",
-        total_steps=total_steps,
-        state_dim=6,
-        width=16,
-        checkpoint_every=1,
-        ppo=dict(TINY, num_envs=2),
-        **kw,
+    return make_tiny_config(
+        total_steps=total_steps, state_dim=6, width=16, checkpoint_every=1, ppo=TINY, **kw
     )
 
 

@@ -1,0 +1,20 @@
+"""Shared test helpers."""
+
+import pytest
+
+from compressm_rl.runs import TrainConfig
+
+TINY_PPO = dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=1, minibatches=1)
+
+
+def make_tiny_config(env_id: str = "InvertedPendulum-v5", total_steps: int = 64, **overrides):
+    """A seconds-long real training run: 2 envs x 32 steps per iteration, a small SSM."""
+    settings = dict(env_id=env_id, total_steps=total_steps, state_dim=12, width=8, ppo=TINY_PPO)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory for small ``TrainConfig``s (see ``make_tiny_config``)."""
+    return make_tiny_config
