@@ -108,7 +108,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def build_policy(arch: dict, action_low, action_high) -> ActorCritic:
     """Rebuild an ActorCritic from ``ActorCritic.architecture()`` output."""
-    policy = ActorCritic(
+    return ActorCritic(
         arch["obs_dim"],
         arch["act_dim"],
         action_low,
@@ -116,14 +116,9 @@ def build_policy(arch: dict, action_low, action_high) -> ActorCritic:
         policy=arch["policy"],
         width=arch["width"],
         state_dims=arch["actor_state_dims"] or [1],
+        critic_state_dims=arch["critic_state_dims"] or None,
         mlp_layers=arch.get("mlp_layers") or 2,
     )
-    if arch["policy"] == "ssm" and arch["critic_state_dims"] != arch["actor_state_dims"]:
-        # Compression shrinks actor and critic layers separately.
-        from policies.lru import LRUStack
-
-        policy.critic = LRUStack(arch["obs_dim"], arch["width"], arch["critic_state_dims"])
-    return policy
 
 
 def rng_state() -> dict:

@@ -40,9 +40,6 @@ class TaskPreset:
     norm_reward: bool = True
     init_log_std: float = 0.0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 PRESETS: dict[str, TaskPreset] = {
     "InvertedPendulum-v5": TaskPreset(total_steps=100_000, rollout_steps=128, lr=1e-3),

@@ -76,6 +76,8 @@ class ActorCritic(nn.Module):
         policy: ``"ssm"`` (LRU stacks) or ``"mlp"``.
         width: H, features per layer.
         state_dims: n per LRU layer (``"ssm"`` only), e.g. ``[128, 128]``.
+        critic_state_dims: the critic's n per layer if it differs (compression shrinks
+            actor and critic layers separately); defaults to ``state_dims``.
         mlp_layers: hidden layers for ``"mlp"``.
         init_log_std: initial log standard deviation of the action noise.
     """
@@ -89,6 +91,7 @@ class ActorCritic(nn.Module):
         policy: str = "ssm",
         width: int = 64,
         state_dims: list[int] | tuple[int, ...] = (128, 128),
+        critic_state_dims: list[int] | tuple[int, ...] | None = None,
         mlp_layers: int = 2,
         init_log_std: float = 0.0,
     ) -> None:
@@ -100,7 +103,7 @@ class ActorCritic(nn.Module):
         self.obs_norm = RunningNormalizer(obs_dim)
         if policy == "ssm":
             self.actor = LRUStack(obs_dim, width, list(state_dims))
-            self.critic = LRUStack(obs_dim, width, list(state_dims))
+            self.critic = LRUStack(obs_dim, width, list(critic_state_dims or state_dims))
         else:
             self.actor = MLPBody(obs_dim, width, mlp_layers)
             self.critic = MLPBody(obs_dim, width, mlp_layers)
