@@ -1,11 +1,12 @@
 """In-training compression against its baselines, side by side (issue 4).
 
     python benchmarks/compression.py [--envs Hopper-v5,Hopper-v5-P] [--seeds 0,1]
-        [--steps 1000000] [--tol 0.12] [--out benchmarks/out/compression]
+        [--steps 1000000] [--tol 0.15] [--at 0.02,0.04,0.06,0.08]
+        [--out benchmarks/out/compression]
 
 Per env and seed, four policies:
 1. uncompressed (n = 128 per layer),
-2. compressed in training (tolerance ``--tol`` at 5/10/15/20% of training),
+2. compressed in training (tolerance ``--tol`` at the fractions ``--at`` of training),
 3. small from scratch at (2)'s final actor sizes,
 4. post-training compression of (1) to those sizes (no fine-tuning).
 Reports deterministic return (10 episodes), final per-layer n, wall-clock training time
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--envs", default="Hopper-v5,Hopper-v5-P")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=1_000_000)
-    parser.add_argument("--tol", type=float, default=0.12)
+    parser.add_argument("--tol", type=float, default=0.15)
+    parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
     args = parser.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -82,7 +84,7 @@ def main() -> None:
                 env_id=env_id,
                 total_steps=args.steps,
                 seed=seed,
-                compression={"tol": args.tol},
+                compression={"tol": args.tol, "at": [float(f) for f in args.at.split(",")]},
             )
             run_once(compressed, base / "2-compressed")
             final_dims = load_policy(base / "2-compressed")[0].actor.state_dims

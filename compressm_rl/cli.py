@@ -30,7 +30,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--compress-at",
         type=lambda s: [float(x) for x in s.split(",")],
-        help="reduction points as fractions of total steps (default 0.05,0.1,0.15,0.2)",
+        help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
     )
     p.add_argument("--min-state", type=int, help="floor on complex states per layer (default 4)")
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressm_rl.compression import CompressionConfig, compress_policy, lru_layers
+from compressm_rl.compression import (
+    CompressionConfig,
+    action_kl,
+    compress_policy,
+    fit_actor_kl,
+    lru_layers,
+    plan_reductions,
+)
+from compressm_rl.compression import _trial_policy as trial_policy
 from compressm_rl.runs import load_checkpoint, load_policy
 from compressm_rl.train import make_optimizer, train
 from policies.actor_critic import ActorCritic
@@ -78,11 +86,11 @@ def test_guard_rolls_back_a_forced_bad_reduction():
     )
     assert [lru.state_dim for lru in lru_layers(policy).values()] == sizes
     assert all(e["status"].startswith("rolled back: output error") for e in events), events
-    # The KL guard alone: output errors allowed, action change not.
+    # The KL guard alone: output errors allowed, (almost) no action change.
     _, events = compress_policy(
         policy,
         None,
-        CompressionConfig(tol=0.9, min_state=1, max_output_error=1e9, max_kl=1e-6),
+        CompressionConfig(tol=0.9, min_state=1, max_output_error=1e9, max_kl=1e-12),
         None,
         obs,
         reset,
@@ -91,6 +99,27 @@ def test_guard_rolls_back_a_forced_bad_reduction():
     assert all(e["status"].startswith("rolled back: KL") for e in actor_events), events
     assert policy.actor.state_dims == sizes[:2]
     assert policy.critic.state_dims != sizes[2:]  # the critic has no KL guard
+
+
+def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
+    policy = _policy_with_weak_modes()
+    obs = torch.randn(4, 32, 6)
+    reset = torch.zeros(4, 32, dtype=torch.bool)
+    config = CompressionConfig(tol=0.9, min_state=1, max_output_error=1e9)
+    planned, _ = plan_reductions(policy, config, obs, reset)
+    planned = {k: r for k, r in planned.items() if k.startswith("actor.")}
+    kl_planned = action_kl(policy, trial_policy(policy, planned), obs, reset)
+    config.max_kl = 0.5 * kl_planned  # the planned cut no longer fits
+    fitted, kl, halvings = fit_actor_kl(policy, planned, config, obs, reset)
+    assert halvings >= 1 and fitted, (kl_planned, kl, halvings)
+    assert kl <= config.max_kl
+    assert kl == action_kl(policy, trial_policy(policy, fitted), obs, reset)
+    for name, result in fitted.items():  # gentler than planned, still a reduction
+        assert planned[name].state_dim < result.state_dim < lru_layers(policy)[name].state_dim
+    _, events = compress_policy(policy, None, config, None, obs, reset)
+    actor_events = [e for e in events if e["layer"].startswith("actor")]
+    assert all(e["status"].startswith("applied: cut halved") for e in actor_events), events
+    assert policy.actor.state_dims == [fitted[f"actor.{i}"].state_dim for i in range(2)]
 
 
 def test_optimizer_state_is_rebuilt_for_resized_tensors():
