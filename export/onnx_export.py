@@ -15,7 +15,7 @@ concatenated over layers. An MLP policy has no recurrent state (``S = 0``); its 
 The graph is written node by node with ``onnx.helper`` rather than exported with
 ``torch.onnx.export(dynamo=True)`` (DESIGN.md §7): tracing the torch step of a 2-layer
 n=128 policy gives 131 nodes (complex ops decomposed into Gather/Slice/Concat/Unsqueeze),
-this builder 23, and every constant and node is under our control. ONNX Runtime costs
+this builder 23 (18 once the state is small, e.g. after compression), and every constant and node is under our control. ONNX Runtime costs
 ~0.3-0.5 µs per node at batch 1 (DESIGN.md §7-8), so the graph avoids small nodes. Per LRU
 layer the complex recurrence is written in real form::
 
@@ -27,8 +27,8 @@ layer the complex recurrence is written in real form::
 
 Constants are folded in float64 and cast once to float32, except λ, which is torch's own
 float32 value (see ``_lru_constants``). ``A x`` is computed for all layers at once
-(elementwise, or as one dense block-diagonal MatMul when the whole state is small enough
-that the MatMul costs no more than the four elementwise nodes), then split per layer.
+(elementwise), or, when the whole state is small, merged with each layer's output map into
+one block-diagonal MatMul (``_lru_stack``), then split per layer.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ FORMAT_VERSION = "1"
 PRODUCER = "compressm-rl"
 DEFAULT_OPSET = 20  # native Gelu (ORT >= 1.17); 17-19 emit the erf form that ORT re-fuses
 MIN_OPSET = 17  # LayerNormalization
-# A dense [S, S] MatMul for the state transition is as fast as the 4 elementwise nodes up to
-# this S and 3 nodes shorter (ORT 1.32, one Xeon core, batch 1: S=64 13.5 vs 14.6 µs,
-# S=128 15.5 vs 15.6 µs, S=512 29 vs 18 µs).
-DENSE_TRANSITION_MAX_STATE = 128
+# Up to this total state S the merged path (one dense MatMul on the state, one Gemm per layer)
+# beats the elementwise one, 5 nodes shorter for 2 layers (ORT 1.32, one Xeon core, batch 1,
+# medians of 5 interleaved runs, p50: S=90 13.2 vs 14.4 µs, S=192 14.7 vs 16.3, S=256
+# 16.9 vs 16.7, S=512 34 vs 19.5).
+DENSE_TRANSITION_MAX_STATE = 192
 
 
 class _GraphBuilder:
@@ -77,13 +78,21 @@ class _GraphBuilder:
         return name
 
     def op(
-        self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        n_out: int = 1,
+        names: list[str] | None = None,
+        **attrs,
     ) -> str | list[str]:
         """Add a node; returns its output name (or names when ``n_out > 1``).
 
-        A single output is named ``name`` when that name is free (graph outputs rely on it).
+        A single output is named ``name`` when that name is free (graph outputs rely on it);
+        ``names`` names several outputs.
         """
-        outputs = [self._unique(name if n_out == 1 else f"{name}_{i}") for i in range(n_out)]
+        names = names or [name if n_out == 1 else f"{name}_{i}" for i in range(n_out)]
+        outputs = [self._unique(n) for n in names]
         self.nodes.append(
             helper.make_node(op_type, inputs, outputs, name=self._unique(f"{name}_node"), **attrs)
         )
@@ -150,21 +159,13 @@ def _lru_constants(lru) -> dict[str, np.ndarray]:
     }
 
 
-def _state_transition(g: _GraphBuilder, state: str, layers: list[dict], dense_max: int) -> str:
-    """``A x`` for every layer at once: ``[B, S] -> [B, S]`` (block-diagonal A, layout kept)."""
+def _state_transition(g: _GraphBuilder, state: str, layers: list[dict]) -> str:
+    """``A x`` for every layer at once: ``[B, S] -> [B, S]`` (block-diagonal A, layout kept).
+
+    Elementwise complex multiply in real form: O(S), for states too large for the dense
+    merged path of ``_lru_stack``.
+    """
     sizes = [len(p["a"]) for p in layers]
-    total = 2 * sum(sizes)
-    if total <= dense_max:
-        # Small state: one MatMul with the dense block-diagonal Aᵀ.
-        a_t = np.zeros((total, total))
-        offset = 0
-        for p, n in zip(layers, sizes, strict=True):
-            a, b = np.diag(p["a"]), np.diag(p["b"])
-            block = np.block([[a, -b], [b, a]])  # x' = block @ x
-            a_t[offset : offset + 2 * n, offset : offset + 2 * n] = block.T
-            offset += 2 * n
-        return g.op("MatMul", [state, g.const("A_T", a_t)], "state_transition")
-    # Large state: elementwise complex multiply in real form (O(S) instead of O(S²)).
     swap, coef_self, coef_swap = [], [], []
     offset = 0
     for p, n in zip(layers, sizes, strict=True):
@@ -181,18 +182,52 @@ def _state_transition(g: _GraphBuilder, state: str, layers: list[dict], dense_ma
     return g.op("Add", [t1, t2], "state_transition")
 
 
+def _real_transition(p: dict) -> np.ndarray:
+    """``Aᵀ`` ``[2n, 2n]`` of one layer, for ``x' = x @ Aᵀ`` with ``x = [Re h, Im h]``."""
+    a, b = np.diag(p["a"]), np.diag(p["b"])
+    return np.block([[a, -b], [b, a]]).T
+
+
+def _split(g: _GraphBuilder, x: str, sizes: list[int], name: str) -> list[str]:
+    if len(sizes) == 1:
+        return [x]
+    splits = g.const(f"{name}_sizes", sizes, np.int64)
+    return g.op("Split", [x, splits], name, n_out=len(sizes), axis=1)
+
+
 def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, dense_max: int) -> str:
-    """Encoder + residual LRU blocks; returns features ``[B, H]`` and writes ``state_out``."""
+    """Encoder + residual LRU blocks; returns features ``[B, H]`` and writes ``state_out``.
+
+    Small states (``S ≤ dense_max``) take the merged path: per layer, one Gemm gives the
+    new state and the output together, because both are linear in ``(x, z)``::
+
+        [h' | y] = z @ [W_in | W_in W_out + diag D]  +  x @ [Aᵀ | Aᵀ W_out]
+
+    and the ``x`` term of every layer comes from one block-diagonal MatMul on ``state``
+    before the first layer. Per layer that is LayerNorm, Gemm, Split, Gelu, Add (5 nodes);
+    the large-state path keeps ``A x`` elementwise and needs a Mul and a second Gemm.
+    """
     u = g.gemm(x, _f64(stack.encoder.weight).T, _f64(stack.encoder.bias), "encoder")
     layers = [_lru_constants(block.lru) for block in stack.blocks]
-    ax = _state_transition(g, state, layers, dense_max)
-    if len(layers) > 1:
-        splits = g.const("state_split", [2 * len(p["a"]) for p in layers], np.int64)
-        ax_parts = g.op("Split", [ax, splits], "ax_split", n_out=len(layers), axis=1)
+    width = int(stack.width)
+    sizes = [2 * len(p["a"]) for p in layers]
+    merged = sum(sizes) <= dense_max
+    if merged:
+        # x @ [Aᵀ | Aᵀ W_out] per layer, block-diagonal over layers: [B, S] -> [B, Σ(2n+H)].
+        carry_t = np.zeros((sum(sizes), sum(sizes) + width * len(layers)))
+        row = col = 0
+        for p, n2 in zip(layers, sizes, strict=True):
+            a_t = _real_transition(p)
+            carry_t[row : row + n2, col : col + n2] = a_t
+            carry_t[row : row + n2, col + n2 : col + n2 + width] = a_t @ p["w_out"]
+            row, col = row + n2, col + n2 + width
+        carried = g.op("MatMul", [state, g.const("carry_T", carry_t)], "state_carry")
+        carried = _split(g, carried, [n2 + width for n2 in sizes], "carry_split")
     else:
-        ax_parts = [ax]
+        carried = _split(g, _state_transition(g, state, layers), sizes, "ax_split")
+    single = len(layers) == 1  # then the layer's new state is the graph's state_out
     new_states = []
-    for i, (block, p, ax_l) in enumerate(zip(stack.blocks, layers, ax_parts, strict=True)):
+    for i, (block, p, carry_l) in enumerate(zip(stack.blocks, layers, carried, strict=True)):
         z = g.op(
             "LayerNormalization",
             [
@@ -204,13 +239,25 @@ def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, dense_ma
             axis=-1,
             epsilon=float(block.norm.eps),
         )
-        single = len(layers) == 1  # then this Gemm's output is the graph's state_out
-        h = g.gemm(z, p["w_in"], ax_l, "state_out" if single else f"lru{i}_state")
-        dz = g.op("Mul", [z, g.const(f"lru{i}.D", p["d"])], f"lru{i}_skip")
-        y = g.gemm(h, p["w_out"], dz, f"lru{i}_out")
+        h_name = "state_out" if single else f"lru{i}_state"
+        if merged:
+            w = np.concatenate([p["w_in"], p["w_in"] @ p["w_out"] + np.diag(p["d"])], axis=1)
+            hy = g.gemm(z, w, carry_l, f"lru{i}")
+            h, y = g.op(
+                "Split",
+                [hy, g.const(f"lru{i}_sizes", [sizes[i], width], np.int64)],
+                f"lru{i}_split",
+                n_out=2,
+                axis=1,
+                names=[h_name, f"lru{i}_out"],
+            )
+        else:
+            h = g.gemm(z, p["w_in"], carry_l, h_name)
+            dz = g.op("Mul", [z, g.const(f"lru{i}.D", p["d"])], f"lru{i}_skip")
+            y = g.gemm(h, p["w_out"], dz, f"lru{i}_out")
         u = g.op("Add", [u, g.gelu(y, opset, f"gelu{i}")], f"residual{i}")
         new_states.append(h)
-    if len(new_states) > 1:
+    if not single:
         g.op("Concat", new_states, "state_out", axis=1)
     return u
 

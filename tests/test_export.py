@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export.bench import _IDENTITY_MODEL
-from export.onnx_export import build_model, to_onnx
+from export.onnx_export import DENSE_TRANSITION_MAX_STATE, build_model, to_onnx
 from export.parity import ParityError, check_parity
 from export.runtime import OnnxPolicy
 from policies.actor_critic import ActorCritic
@@ -152,8 +152,13 @@ def test_metadata_and_node_count(exported):
         assert onnx_policy.layer_state_dims == list(policy.actor.state_dims)
         assert meta["policy_type"] == policy.policy_type
         layers = len(policy.actor.state_dims)
-        # norm (2) + encoder + transition (<= 5) + 6 per layer + concat + head + clamp
-        limit = 3 + 5 + 6 * layers + 3 if layers else 8
+        if not layers:  # norm (2) + 3 Gemm + 2 Tanh + clamp
+            limit = 8
+        elif policy.actor.state_size <= DENSE_TRANSITION_MAX_STATE:
+            # norm (2) + encoder + carry MatMul + Split + 5 per layer + concat + head + clamp
+            limit = 3 + 2 + 5 * layers + 3
+        else:  # transition 4 + Split + 6 per layer
+            limit = 3 + 5 + 6 * layers + 3
         assert int(meta["num_nodes"]) <= limit
 
 
