@@ -6,16 +6,17 @@ Shapes: ``b`` is ``[B, T, N]`` (complex or real); ``a`` broadcasts to it (``[N]`
 per-layer diagonal Λ, or a full ``[B, T, N]``); ``h0`` is ``[B, N]``; ``reset`` is a bool
 ``[B, T]`` marking the first step of a new episode. The result ``h`` has the shape of ``b``.
 
-A reset only zeroes the carried state, so it folds into ``a`` (``a_t = 0`` where a new
-episode starts) and ``h0`` folds into ``b_0``. Every backend then solves the plain
-recurrence ``h_t = a_t h_{t-1} + b_t`` from zero, which is what the reset-aware
-associative operator of Lu et al. (2023) computes.
+A reset only zeroes the carried state: ``h_t = a_t k_t h_{t-1} + b_t`` with the keep mask
+``k_t = 0`` where a new episode starts, which is what the reset-aware associative operator
+of Lu et al. (2023) computes. The sequential and Triton backends fold the mask into ``a``
+and ``h0`` into ``b_0``; the parallel one keeps both apart, so that a per-layer ``a``
+(``[N]``) is never expanded to ``[B, T, N]`` (20% faster PPO gradient steps).
 
 Backends:
 - ``sequential``: a Python loop over time, the reference.
 - ``parallel``: a two-level blocked scan in plain torch (chunks of √T steps scanned
   side by side, then the chunk carries), O(T) work, ~2√T Python steps, any device, with
-  a hand-written backward (the reverse scan with conj(a) shifted one step). Measured
+  a hand-written backward (the reverse scan with conj(a k) shifted one step). Measured
   here against a log-depth pairwise scan it was 1.5-3x faster on CPU (see
   ``benchmarks/RESULTS.md``): on a CPU the scan is memory-bound, not depth-bound.
 - ``triton``: fused GPU kernels (``policies.scan_triton``), picked by ``auto`` on CUDA.
@@ -75,15 +76,16 @@ def linear_scan(
 
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
+    if backend == "parallel":
+        keep = None if reset is None else (~reset).to(b.real.dtype)
+        return _ChunkedScan.apply(a, b, None if h0 is None else h0.to(dtype), keep)
     if reset is not None:
         a = torch.where(reset[..., None], torch.zeros((), dtype=a.dtype, device=a.device), a)
     if h0 is not None:
         # h_0 = a_0 h0 + b_0: fold the initial state into the first input term.
         first = b[:, :1] + a[:, :1] * h0[:, None]
         b = torch.cat([first, b[:, 1:]], dim=1)
-    if backend == "sequential":
-        return _sequential(a, b)
-    return _ChunkedScan.apply(a, b)
+    return _sequential(a, b)
 
 
 def _triton_available() -> bool:
@@ -110,42 +112,65 @@ def _sequential(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """h = scan(a, b) from zero with a hand-written backward: another scan, run in reverse.
+    """``h_t = a_t k_t h_{t-1} + b_t`` from ``h_{-1} = h0``, with a hand-written backward.
 
-    With δ_t = ∂L/∂h_t accumulated through time, δ_t = g_t + conj(a_{t+1}) δ_{t+1}, so
-    grad_b = δ and grad_a_t = δ_t conj(h_{t-1}) (torch's conjugate convention for complex).
-    Autograd never records the per-step ops, which is what makes the loop cheap.
+    ``k = keep`` (1 carries the state, 0 is an episode start) stays a separate real mask,
+    so a time-invariant ``a`` (``[1, 1, N]``) is never expanded to ``[B, T, N]`` and its
+    gradient is one reduction. The backward is another scan, run in reverse: with
+    δ_t = ∂L/∂h_t through time, δ_t = g_t + conj(a_{t+1} k_{t+1}) δ_{t+1}, so
+    grad_b = δ, grad_a_t = δ_t k_t conj(h_{t-1}) and grad_h0 = conj(a_0 k_0) δ_0 (torch's
+    conjugate convention for complex). Autograd never records the per-step ops.
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        h = _chunked(a, b)
-        ctx.save_for_backward(a, h)
+    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor | None, keep: Tensor | None) -> Tensor:
+        h = _chunked(a, b, h0, keep)
+        ctx.save_for_backward(a, h, h0, keep)
         return h
 
     @staticmethod
-    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor]:
-        a, h = ctx.saved_tensors
-        if a.shape[1] > 1:  # a_next_t = conj(a_{t+1}); the last one multiplies nothing
-            a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj()
-        else:
-            a_next = a.conj()
-        delta = _chunked(a_next.flip(1), grad_h.flip(1)).flip(1)
-        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
-        grad_a = delta * h_prev.conj()
-        reduce_dims = [d for d in range(3) if a.shape[d] == 1 and grad_a.shape[d] != 1]
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
+        a, h, h0, keep = ctx.saved_tensors
+        # Step t of the reverse scan reads a_{t+1}, k_{t+1}; nothing follows the last step.
+        a_next = _shift_left(a, 1.0) if a.shape[1] > 1 else a
+        keep_next = None if keep is None else _shift_left(keep, 0.0)
+        delta = _chunked(a_next.conj(), grad_h, None, keep_next, reverse=True)
+        masked = delta if keep is None else delta * keep[..., None]
+        h_prev = torch.cat(
+            [torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None], h[:, :-1]], 1
+        )
+        grad_a = masked * h_prev.conj()
+        reduce_dims = [d for d in range(3) if a.shape[d] == 1]
         if reduce_dims:
             grad_a = grad_a.sum(dim=reduce_dims, keepdim=True)
-        return grad_a, delta
+        grad_h0 = None
+        if h0 is not None and ctx.needs_input_grad[2]:
+            grad_h0 = masked[:, 0] * a[:, 0].conj()
+        return grad_a, delta, grad_h0, None
 
 
-def _chunked(a: Tensor, b: Tensor) -> Tensor:
+def _shift_left(x: Tensor, fill: float) -> Tensor:
+    """``x[:, 1:]`` followed by one step of ``fill`` (time is dim 1)."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], dim=1)
+
+
+def _chunked(
+    a: Tensor,
+    b: Tensor,
+    h0: Tensor | None = None,
+    keep: Tensor | None = None,
+    reverse: bool = False,
+) -> Tensor:
     """Two-level scan without autograd: T is cut into K chunks of L ≈ √T steps.
 
-    1. Scan inside every chunk at once (L steps on ``[B, K, N]`` slices), tracking the
-       running product of ``a`` (the decay from the chunk start to each step).
-    2. Scan the chunk-end states across chunks (K steps on ``[B, N]``).
-    3. Add each chunk's incoming state times the running decay (one broadcast op).
+    Forward: ``h_t = a_t k_t h_{t-1} + b_t`` from ``h_{-1} = h0``; ``reverse``:
+    ``h_t = a_t k_t h_{t+1} + b_t`` from ``h_T = 0`` (the caller shifts ``a`` and ``k``).
+
+    1. Scan inside every chunk at once (L steps on ``[B, K, N]`` slices) from zero.
+    2. Scan the chunk-boundary states across chunks (K steps on ``[B, N]``).
+    3. Add each chunk's incoming state times the decay from the chunk's entry to each
+       step (one broadcast op). For a time-invariant ``a`` that decay is a power of ``a``
+       times "no reset yet since the entry", so it is never built step by step.
     Work stays O(T); Python-level steps drop from T to about 2√T.
     """
     batch, steps, width = b.shape
@@ -153,32 +178,54 @@ def _chunked(a: Tensor, b: Tensor) -> Tensor:
     n_chunks = -(-steps // chunk)
     pad = n_chunks * chunk - steps
     full = a.shape[1] > 1
-    if pad:  # padded steps come after the real ones and are dropped
-        b = torch.cat([b, b.new_zeros(batch, pad, width)], dim=1)
-        if full:
-            a = torch.cat([a, a.new_ones(a.shape[0], pad, width)], dim=1)
+    if full and keep is not None:  # a time-varying a takes the mask in
+        a, keep = a * keep[..., None], None
+    if pad:  # padded steps come after the real ones (in scan order) and are dropped
+
+        def padded(x: Tensor, fill: float) -> Tensor:
+            filler = torch.full(
+                (x.shape[0], pad, *x.shape[2:]), fill, dtype=x.dtype, device=x.device
+            )
+            return torch.cat([filler, x] if reverse else [x, filler], dim=1)
+
+        b = padded(b, 0.0)
+        a = padded(a, 1.0) if full else a
+        keep = None if keep is None else padded(keep, 1.0)
+
+    def running_product(x: Tensor) -> Tensor:  # along each chunk, from its entry step
+        return torch.cumprod(x.flip(2), dim=2).flip(2) if reverse else torch.cumprod(x, dim=2)
+
     b4 = b.reshape(batch, n_chunks, chunk, width)
-    h = torch.empty_like(b4)
-    h[:, :, 0] = b4[:, :, 0]
     if full:
-        a4 = a.reshape(a.shape[0], n_chunks, chunk, width)
-        decay = torch.empty(
-            torch.broadcast_shapes(a4.shape, b4.shape), dtype=b.dtype, device=b.device
-        )
-        decay[:, :, 0] = a4[:, :, 0]
-        for i in range(1, chunk):
-            torch.addcmul(b4[:, :, i], a4[:, :, i], h[:, :, i - 1], out=h[:, :, i])
-            torch.mul(a4[:, :, i], decay[:, :, i - 1], out=decay[:, :, i])
+        coef = a.reshape(a.shape[0], n_chunks, chunk, width)
+        decay = running_product(coef)
     else:
-        a_step = a.reshape(a.shape[0], 1, width)
-        decay = torch.cumprod(a_step[:, :, None].expand(-1, 1, chunk, -1), dim=2)
-        for i in range(1, chunk):
-            torch.addcmul(b4[:, :, i], a_step, h[:, :, i - 1], out=h[:, :, i])
-    if n_chunks > 1:
-        ends = h[:, :, -1].clone()  # state at each chunk's end, made global below
-        chunk_decay = decay[:, :, -1]
-        for k in range(1, n_chunks):
-            ends[:, k] += chunk_decay[:, k if full else 0] * ends[:, k - 1]
-        incoming = decay[:, 1:] if full else decay
-        h[:, 1:] += incoming * ends[:, :-1, None]
-    return h.reshape(batch, n_chunks * chunk, width)[:, :steps]
+        a_step = a.reshape(a.shape[0], 1, 1, width)
+        powers = running_product(a_step.expand(-1, 1, chunk, -1))
+        if keep is None:
+            coef, decay = a_step, powers
+        else:
+            keep4 = keep.reshape(batch, n_chunks, chunk, 1)
+            coef = a_step * keep4
+            decay = powers * running_product(keep4)  # zero from the first reset on
+    entry, last = (chunk - 1, 0) if reverse else (0, chunk - 1)
+    h = torch.empty_like(b4)
+    h[:, :, entry] = b4[:, :, entry]
+    step = 1 if reverse else -1  # offset of the neighbour a step reads
+    for i in range(chunk - 2, -1, -1) if reverse else range(1, chunk):
+        c = coef[:, :, i] if coef.shape[2] > 1 else coef[:, :, 0]
+        torch.addcmul(b4[:, :, i], c, h[:, :, i + step], out=h[:, :, i])
+    if n_chunks > 1 or h0 is not None:
+        # State entering each chunk: h0 (forward) or zero, then the neighbour's last step.
+        incoming = torch.zeros_like(h[:, :, 0])
+        if h0 is not None:
+            incoming[:, 0] = h0
+        boundary_decay = decay[:, :, last]  # across a whole chunk
+        chunks = range(n_chunks - 2, -1, -1) if reverse else range(1, n_chunks)
+        for k in chunks:
+            src = k + 1 if reverse else k - 1
+            d = boundary_decay[:, src] if boundary_decay.shape[1] > 1 else boundary_decay[:, 0]
+            torch.addcmul(h[:, src, last], d, incoming[:, src], out=incoming[:, k])
+        h += decay * incoming[:, :, None]
+    h = h.reshape(batch, n_chunks * chunk, width)
+    return h[:, pad:] if reverse else h[:, :steps]
