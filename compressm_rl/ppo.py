@@ -92,11 +92,12 @@ def collect_rollout(
     critic_state0 = carry.state.critic.clone()
     actor_state = carry.state.actor
     low, high = envs.single_action_space.low, envs.single_action_space.high
+    act = policy.rollout_actor()  # the weights are fixed until the update
     for t in range(steps):
         obs_t = policy.obs_norm(torch.as_tensor(carry.obs, dtype=torch.float32))
         start_t = torch.as_tensor(carry.episode_start)
         states.append(actor_state)
-        action, log_prob, actor_state = policy.act(obs_t, actor_state, start_t)
+        action, log_prob, actor_state = act(obs_t, actor_state, start_t)
         next_obs, reward, terminated, truncated, info = envs.step(
             np.clip(action.numpy(), low, high)
         )

@@ -16,6 +16,7 @@ Both share one interface, so PPO, export and evaluation never ask which one they
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -59,6 +60,9 @@ class MLPBody(nn.Module):
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         return self.net(x), state
+
+    def frozen_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        return self.step
 
 
 def _zero_where(state: Tensor, episode_start: Tensor | None) -> Tensor:
@@ -165,6 +169,28 @@ class ActorCritic(nn.Module):
             return action, torch.zeros(mean.shape[0], device=mean.device), actor_state
         action = mean + std * torch.randn_like(mean)
         return action, gaussian_log_prob(action, mean, self.log_std), actor_state
+
+    @torch.no_grad()
+    def rollout_actor(self) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+        """The stochastic ``act(obs_norm, actor_state, episode_start)`` with the weights
+        read once: for a rollout, during which they are fixed (PPO updates only between
+        rollouts). Same outputs as ``act`` up to float32 rounding; stale after an update.
+        """
+        step = self.actor.frozen_step()
+        head_w, head_b = self.actor_head.weight.T.clone(), self.actor_head.bias.clone()
+        std = self.log_std.exp()
+        log_norm = (self.log_std + 0.5 * math.log(2 * math.pi)).sum()
+
+        def act(
+            obs_norm: Tensor, actor_state: Tensor, episode_start: Tensor | None = None
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            features, actor_state = step(obs_norm, _zero_where(actor_state, episode_start))
+            mean = torch.addmm(head_b, features, head_w)
+            noise = torch.randn_like(mean)
+            # log N(mean + std·ε; mean, std) = -ε²/2 - log std - log √(2π), summed
+            return mean + std * noise, -0.5 * noise.square().sum(-1) - log_norm, actor_state
+
+        return act
 
     @torch.no_grad()
     def predict(

@@ -46,6 +46,25 @@ def test_step_mode_equals_sequence_mode_with_resets_and_mixed_state_sizes():
     torch.testing.assert_close(s_seq, s_step, rtol=1e-4, atol=1e-5)
 
 
+def test_frozen_step_equals_step_and_goes_stale_after_an_update():
+    torch.manual_seed(2)
+    stack = LRUStack(in_dim=5, width=16, state_dims=[12, 3])
+    with torch.no_grad():
+        stack.blocks[1].lru.theta[0] = 0.0  # a real eigenvalue, as after a reduction
+    frozen = stack.frozen_step()
+    x = torch.randn(4, 5)
+    state = state_ref = torch.randn(4, stack.state_size)
+    for _ in range(30):
+        y, state = frozen(x, state)
+        y_ref, state_ref = stack.step(x, state_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        stack.blocks[0].lru.C_re.add_(1.0)
+    y_new, _ = stack.step(x, state_ref)
+    assert (frozen(x, state_ref)[0] - y_new).abs().max() > 1e-2  # weights were read once
+
+
 def test_state_carries_across_sequence_chunks():
     torch.manual_seed(1)
     stack = LRUStack(in_dim=3, width=8, state_dims=[6, 4])

@@ -157,3 +157,25 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
 def test_unknown_env_lists_close_matches():
     with pytest.raises(ValueError, match="Hopper-v5"):
         make_vec_env("Hoper-v5", 1, 0)
+
+
+@pytest.mark.parametrize("policy_type", ["ssm", "mlp"])
+def test_rollout_actor_samples_what_act_samples(policy_type):
+    torch.manual_seed(0)
+    policy = ActorCritic(6, 2, -np.ones(2), np.ones(2), policy=policy_type, width=8)
+    with torch.no_grad():
+        policy.actor_head.weight.normal_()
+        policy.log_std.copy_(torch.tensor([-0.5, 0.3]))
+    fast = policy.rollout_actor()
+    obs = torch.randn(5, 6)
+    state = policy.initial_state(5).actor
+    start = torch.tensor([True, False, False, True, False])
+    for _ in range(3):
+        torch.manual_seed(7)
+        action, log_prob, new_state = fast(obs, state, start)
+        torch.manual_seed(7)
+        action_ref, log_prob_ref, state_ref = policy.act(obs, state, start)
+        torch.testing.assert_close(action, action_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(log_prob, log_prob_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(new_state, state_ref, rtol=1e-5, atol=1e-5)
+        state, start = new_state, None
