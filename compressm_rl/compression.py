@@ -174,10 +174,12 @@ def action_kl(full: ActorCritic, reduced: ActorCritic, obs: Tensor, reset: Tenso
     return float(((mean_full - mean_red).square() / (2 * var)).sum(-1).mean())
 
 
-def _clone_lru(lru: LRU) -> LRU:
-    clone = LRU(lru.width, lru.state_dim)
-    clone.load_state_dict(lru.state_dict())
-    return clone
+def reduced_output_error(lru: LRU, result: ReductionResult, u: Tensor, reset: Tensor) -> float:
+    """``relative_output_error`` of ``lru`` reduced by ``result``, on inputs ``u [B, T, H]``."""
+    candidate = LRU(lru.width, lru.state_dim)
+    candidate.load_state_dict(lru.state_dict())
+    reduce_layer(candidate, result, None)
+    return relative_output_error(lru, candidate, u, reset)
 
 
 def plan_reductions(
@@ -212,9 +214,7 @@ def plan_reductions(
             events.append({**event, "n_after": n, "status": "skipped: removes < 5% of states"})
             continue
         if name in inputs:
-            candidate = _clone_lru(lru)
-            reduce_layer(candidate, result, None)
-            error = relative_output_error(lru, candidate, inputs[name], reset)
+            error = reduced_output_error(lru, result, inputs[name], reset)
             event["output_error"] = error
             if error > config.max_output_error:
                 events.append(
@@ -255,21 +255,26 @@ def compress_policy(
     actor_names = [k for k in accepted if k.startswith("actor.")]
     if actor_names and obs is not None:
         planned = {k: accepted.pop(k) for k in actor_names}
-        fitted, kl, halvings = fit_actor_kl(policy, planned, config, obs, reset)
+        fitted, kl, halvings, dropped = fit_actor_kl(policy, planned, config, obs, reset)
         accepted.update(fitted)
+        inputs = record_layer_inputs(policy.actor, obs, reset) if halvings and fitted else []
+        layers = lru_layers(policy)
         for e in events:
-            if e["layer"] not in actor_names:
+            name = e["layer"]
+            if name not in actor_names:
                 continue
             e["kl"] = kl
-            if e["layer"] in fitted:
-                result = fitted[e["layer"]]
+            if name in fitted:
+                result = fitted[name]
                 e.update(n_after=result.state_dim, bound=float(result.bound))
-                if halvings:
+                if halvings:  # the gentler cut's own error, not the planned one's
+                    u = inputs[int(name.split(".")[1])]
+                    e["output_error"] = reduced_output_error(layers[name], result, u, reset)
                     e["status"] = f"applied: cut halved {halvings}x to fit KL {kl:.3f}"
             else:
                 e["n_after"] = e["n_before"]
-                e["status"] = (
-                    f"rolled back: KL {kl:.3f} > {config.max_kl} after {halvings} halvings"
+                e["status"] = "rolled back: " + dropped.get(
+                    name, f"KL {kl:.3f} > {config.max_kl} after {halvings} halvings"
                 )
 
     mapped = None
@@ -304,16 +309,22 @@ def fit_actor_kl(
     config: CompressionConfig,
     obs: Tensor,
     reset: Tensor,
-) -> tuple[dict[str, ReductionResult], float, int]:
-    """The largest actor cut (at most ``planned``) whose KL(full ‖ reduced) fits ``max_kl``.
+) -> tuple[dict[str, ReductionResult], float, int, dict[str, str]]:
+    """Back the actor's cut off until KL(full ‖ reduced) fits ``max_kl``.
 
-    While the KL is over budget, every actor layer sheds half as many states as before
-    (re-truncated at the higher rank); a layer whose gentler cut removes < 5% of its
-    states drops out. Returns the fitted reductions (empty if none fits after
-    ``MAX_KL_BACKOFFS`` halvings), the last KL measured and the number of halvings.
+    Tries the planned cut, then, while the KL is over budget, cuts with half as many real
+    states removed from every actor layer (re-truncated at the higher rank; at most
+    ``MAX_KL_BACKOFFS`` halvings, so the planned cut and up to 3 gentler ones). A layer
+    whose gentler cut would remove < 5% of its states, or cannot be re-diagonalised,
+    drops out with a reason. Every layer backs off alike, also one that adds no KL.
+
+    Returns:
+        The accepted reductions (empty if no candidate fits), the last KL measured, the
+        number of halvings, and the reason per dropped layer.
     """
     layers = lru_layers(policy)
     results = dict(planned)
+    dropped: dict[str, str] = {}
     for halvings in range(MAX_KL_BACKOFFS + 1):
         kl = action_kl(policy, _trial_policy(policy, results), obs, reset)
         if kl <= config.max_kl or halvings == MAX_KL_BACKOFFS:
@@ -327,14 +338,21 @@ def fit_actor_kl(
                 candidate = balanced_truncation(
                     *layer_system(lru), rank=rank, max_cond=config.max_cond
                 )
-            except IllConditionedReduction:
+            except IllConditionedReduction as err:
+                dropped[name] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
                 continue
             if candidate.state_dim <= (1 - MIN_REMOVED_FRACTION) * lru.state_dim:
                 gentler[name] = candidate
+            else:
+                dropped[name] = (
+                    f"KL {kl:.3f} > {config.max_kl}, and a gentler cut removes < 5% of states"
+                )
         if not gentler:
             break
         results = gentler
-    return (results if kl <= config.max_kl else {}), kl, halvings
+    if kl > config.max_kl:
+        return {}, kl, halvings, {}
+    return results, kl, halvings, dropped
 
 
 def save_events(run_dir: Path, events: list[dict]) -> None:
@@ -357,7 +375,7 @@ def plot_hsv(path: Path, events: list[dict], title: str) -> None:
             continue
         hsv = np.asarray(e["hsv"])
         line = ax.semilogy(np.arange(1, len(hsv) + 1), hsv / hsv[0], label=f"{e['layer']}")[0]
-        if e["status"] == "applied":
+        if e["status"].startswith("applied"):
             ax.axvline(2 * e["n_after"], color=line.get_color(), ls=":", lw=1)
     ax.set_xlabel("index (real states; dotted: kept ≈ 2 n_after)")
     ax.set_ylabel("σ_j / σ_1")

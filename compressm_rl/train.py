@@ -113,6 +113,8 @@ def train(
         set_rng_state(payload["rng"])
         global_step, iteration = int(payload["global_step"]), int(payload["iteration"])
         next_reduction = int(payload.get("next_reduction", 0))
+        # The schedule the run started with, even if the defaults changed since.
+        reduction_steps = [int(x) for x in payload.get("reduction_steps", reduction_steps)]
         wall_before = float(payload.get("wall_time", 0.0))
         metrics.truncate_after(global_step)
     else:
@@ -146,6 +148,7 @@ def train(
                 "global_step": global_step,
                 "iteration": iteration,
                 "next_reduction": next_reduction,
+                "reduction_steps": reduction_steps,
                 "wall_time": wall_before + time.perf_counter() - start_time,
                 "architecture": policy.architecture(),
                 "action_low": policy.action_low,

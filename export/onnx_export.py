@@ -49,11 +49,19 @@ FORMAT_VERSION = "1"
 PRODUCER = "compressm-rl"
 DEFAULT_OPSET = 20  # native Gelu (ORT >= 1.17); 17-19 emit the erf form that ORT re-fuses
 MIN_OPSET = 17  # LayerNormalization
-# Up to this total state S the merged path (one dense MatMul on the state, one Gemm per layer)
-# beats the elementwise one, 5 nodes shorter for 2 layers (ORT 1.32, one Xeon core, batch 1,
-# medians of 5 interleaved runs, p50: S=90 13.2 vs 14.4 µs, S=192 14.7 vs 16.3, S=256
-# 16.9 vs 16.7, S=512 34 vs 19.5).
-DENSE_TRANSITION_MAX_STATE = 192
+# The merged path (see ``_lru_stack``) is 5 nodes shorter for 2 layers but multiplies the
+# whole state by a dense [S, S + L·H] matrix and uses [H, 2n + H] per-layer Gemms: extra
+# multiply-adds ≈ S (S + L·H) + L·H². It wins up to about this many (ORT 1.32, one Xeon
+# core, batch 1, H = 64, 2 layers, p50 medians of 5 interleaved runs: S=90 13.2 vs
+# 14.4 µs, S=192 14.7 vs 16.3, S=256 16.9 vs 16.7, S=512 34 vs 19.5 for merged vs
+# elementwise). 70k is S ≈ 190 at H = 64, L = 2.
+MERGED_PATH_MAX_EXTRA_MACS = 70_000
+
+
+def uses_merged_path(state_dims: list[int], width: int) -> bool:
+    """Whether ``build_model`` writes an LRU stack with these sizes on the merged path."""
+    state, layers = 2 * sum(state_dims), len(state_dims)
+    return state * (state + layers * width) + layers * width**2 <= MERGED_PATH_MAX_EXTRA_MACS
 
 
 class _GraphBuilder:
@@ -195,10 +203,10 @@ def _split(g: _GraphBuilder, x: str, sizes: list[int], name: str) -> list[str]:
     return g.op("Split", [x, splits], name, n_out=len(sizes), axis=1)
 
 
-def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, dense_max: int) -> str:
+def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, merged: bool) -> str:
     """Encoder + residual LRU blocks; returns features ``[B, H]`` and writes ``state_out``.
 
-    Small states (``S ≤ dense_max``) take the merged path: per layer, one Gemm gives the
+    Small states (``uses_merged_path``) take the merged path: per layer, one Gemm gives the
     new state and the output together, because both are linear in ``(x, z)``::
 
         [h' | y] = z @ [W_in | W_in W_out + diag D]  +  x @ [Aᵀ | Aᵀ W_out]
@@ -211,7 +219,6 @@ def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, dense_ma
     layers = [_lru_constants(block.lru) for block in stack.blocks]
     width = int(stack.width)
     sizes = [2 * len(p["a"]) for p in layers]
-    merged = sum(sizes) <= dense_max
     if merged:
         # x @ [Aᵀ | Aᵀ W_out] per layer, block-diagonal over layers: [B, S] -> [B, Σ(2n+H)].
         carry_t = np.zeros((sum(sizes), sum(sizes) + width * len(layers)))
@@ -292,9 +299,13 @@ def build_model(
     env_id: str = "",
     training_steps: int = 0,
     opset: int = DEFAULT_OPSET,
-    dense_transition_max: int = DENSE_TRANSITION_MAX_STATE,
+    merged: bool | None = None,
 ) -> onnx.ModelProto:
-    """The actor's step graph as an ``onnx.ModelProto`` (see the module docstring)."""
+    """The actor's step graph as an ``onnx.ModelProto`` (see the module docstring).
+
+    ``merged`` forces the LRU stack's merged (True) or elementwise (False) path; None
+    picks by size (``uses_merged_path``). Both compute the same function.
+    """
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(
             f"opset must be in [{MIN_OPSET}, {onnx.defs.onnx_opset_version()}], got {opset}"
@@ -308,7 +319,9 @@ def build_model(
 
     x = _obs_normalisation(g, policy, "obs")
     if recurrent:
-        features = _lru_stack(g, policy.actor, x, "state", opset, dense_transition_max)
+        if merged is None:
+            merged = uses_merged_path(policy.actor.state_dims, policy.actor.width)
+        features = _lru_stack(g, policy.actor, x, "state", opset, merged)
     else:
         features = _mlp_body(g, policy.actor, x)
     action = _action_head(g, policy, features)

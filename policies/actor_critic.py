@@ -62,6 +62,7 @@ class MLPBody(nn.Module):
         return self.net(x), state
 
     def frozen_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``step`` itself: an MLP has nothing to precompute (so it reads live weights)."""
         return self.step
 
 
@@ -173,14 +174,16 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def rollout_actor(self) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
         """The stochastic ``act(obs_norm, actor_state, episode_start)`` with the weights
-        read once: for a rollout, during which they are fixed (PPO updates only between
-        rollouts). Same outputs as ``act`` up to float32 rounding; stale after an update.
+        read once (the SSM's; an MLP's are read live): for a rollout, during which they
+        are fixed (PPO updates only between rollouts). Same outputs as ``act`` up to
+        float32 rounding, no autograd; stale after an update.
         """
         step = self.actor.frozen_step()
         head_w, head_b = self.actor_head.weight.T.clone(), self.actor_head.bias.clone()
         std = self.log_std.exp()
         log_norm = (self.log_std + 0.5 * math.log(2 * math.pi)).sum()
 
+        @torch.no_grad()
         def act(
             obs_norm: Tensor, actor_state: Tensor, episode_start: Tensor | None = None
         ) -> tuple[Tensor, Tensor, Tensor]:

@@ -210,7 +210,7 @@ class LRUStack(nn.Module):
     def frozen_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """``step`` with every weight read once, in real form, for a rollout (where the
         weights are fixed): same inputs, outputs and state layout, about half the torch
-        ops per call. Stale after a parameter update: ask for a new one.
+        ops per call, no autograd. Stale after a parameter update: ask for a new one.
 
         Per layer, with its slice ``x = [Re h, Im h]`` of the flat state and λ = a + i b::
 
@@ -222,10 +222,11 @@ class LRUStack(nn.Module):
         for block in self.blocks:
             lru, n = block.lru, block.lru.state_dim
             lam, b_tilde, c = lru.eigenvalues(), lru.input_matrix(), lru.output_matrix()
+            norm = block.norm
             layers.append(
                 (
                     n,
-                    block.norm,
+                    (norm.normalized_shape, norm.weight.clone(), norm.bias.clone(), norm.eps),
                     torch.cat([lam.real, lam.real]),
                     torch.cat([-lam.imag, lam.imag]),
                     torch.cat([b_tilde.real.T, b_tilde.imag.T], dim=1).contiguous(),
@@ -234,6 +235,7 @@ class LRUStack(nn.Module):
                 )
             )
 
+        @torch.no_grad()
         def step(x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
             u = torch.addmm(enc_b, x, enc_w)
             new, offset = [], 0
@@ -241,7 +243,7 @@ class LRUStack(nn.Module):
                 h = state[:, offset : offset + 2 * n]
                 offset += 2 * n
                 swapped = torch.cat([h[:, n:], h[:, :n]], dim=1)
-                z = F.layer_norm(u, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                z = F.layer_norm(u, *norm)
                 h = torch.addmm(torch.addcmul(h * a2, swapped, b2), z, w_in)
                 u = u + F.gelu(torch.addmm(d * z, h, w_out))
                 new.append(h)

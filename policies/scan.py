@@ -9,8 +9,9 @@ per-layer diagonal Λ, or a full ``[B, T, N]``); ``h0`` is ``[B, N]``; ``reset``
 A reset only zeroes the carried state: ``h_t = a_t k_t h_{t-1} + b_t`` with the keep mask
 ``k_t = 0`` where a new episode starts, which is what the reset-aware associative operator
 of Lu et al. (2023) computes. The sequential and Triton backends fold the mask into ``a``
-and ``h0`` into ``b_0``; the parallel one keeps both apart, so that a per-layer ``a``
-(``[N]``) is never expanded to ``[B, T, N]`` (20% faster PPO gradient steps).
+and ``h0`` into ``b_0``; the parallel one keeps both apart inside its autograd Function,
+so that a per-layer ``a`` (``[N]``) gets no ``[B, T, N]`` autograd graph or saved tensor
+and its gradient is one reduction (20% faster PPO gradient steps).
 
 Backends:
 - ``sequential``: a Python loop over time, the reference.
@@ -62,6 +63,8 @@ def linear_scan(
         torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError as err:
         raise ValueError(f"a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}") from err
+    if reset is not None and reset.dtype != torch.bool:
+        raise ValueError(f"reset must be a bool tensor (True = episode start), got {reset.dtype}")
     if reset is not None and tuple(reset.shape) != tuple(b.shape[:2]):
         raise ValueError(f"reset must be [B, T] = {tuple(b.shape[:2])}, got {tuple(reset.shape)}")
     if h0 is not None and tuple(h0.shape) != (b.shape[0], b.shape[2]):
@@ -115,8 +118,8 @@ class _ChunkedScan(torch.autograd.Function):
     """``h_t = a_t k_t h_{t-1} + b_t`` from ``h_{-1} = h0``, with a hand-written backward.
 
     ``k = keep`` (1 carries the state, 0 is an episode start) stays a separate real mask,
-    so a time-invariant ``a`` (``[1, 1, N]``) is never expanded to ``[B, T, N]`` and its
-    gradient is one reduction. The backward is another scan, run in reverse: with
+    so autograd sees a time-invariant ``a`` (``[1, 1, N]``) as it is and its gradient is
+    one reduction. The backward is another scan, run in reverse: with
     δ_t = ∂L/∂h_t through time, δ_t = g_t + conj(a_{t+1} k_{t+1}) δ_{t+1}, so
     grad_b = δ, grad_a_t = δ_t k_t conj(h_{t-1}) and grad_h0 = conj(a_0 k_0) δ_0 (torch's
     conjugate convention for complex). Autograd never records the per-step ops.
@@ -173,6 +176,7 @@ def _chunked(
        times "no reset yet since the entry", so it is never built step by step.
     Work stays O(T); Python-level steps drop from T to about 2√T.
     """
+    assert h0 is None or not reverse, "the reverse scan starts from zero"
     batch, steps, width = b.shape
     chunk = max(1, math.isqrt(steps - 1) + 1)
     n_chunks = -(-steps // chunk)

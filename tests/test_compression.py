@@ -106,12 +106,13 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     obs = torch.randn(4, 32, 6)
     reset = torch.zeros(4, 32, dtype=torch.bool)
     config = CompressionConfig(tol=0.9, min_state=1, max_output_error=1e9)
-    planned, _ = plan_reductions(policy, config, obs, reset)
+    planned, planned_events = plan_reductions(policy, config, obs, reset)
+    planned_errors = {e["layer"]: e["output_error"] for e in planned_events}
     planned = {k: r for k, r in planned.items() if k.startswith("actor.")}
     kl_planned = action_kl(policy, trial_policy(policy, planned), obs, reset)
     config.max_kl = 0.5 * kl_planned  # the planned cut no longer fits
-    fitted, kl, halvings = fit_actor_kl(policy, planned, config, obs, reset)
-    assert halvings >= 1 and fitted, (kl_planned, kl, halvings)
+    fitted, kl, halvings, dropped = fit_actor_kl(policy, planned, config, obs, reset)
+    assert halvings >= 1 and fitted and not dropped, (kl_planned, kl, halvings, dropped)
     assert kl <= config.max_kl
     assert kl == action_kl(policy, trial_policy(policy, fitted), obs, reset)
     for name, result in fitted.items():  # gentler than planned, still a reduction
@@ -119,6 +120,8 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     _, events = compress_policy(policy, None, config, None, obs, reset)
     actor_events = [e for e in events if e["layer"].startswith("actor")]
     assert all(e["status"].startswith("applied: cut halved") for e in actor_events), events
+    for e in actor_events:  # the gentler cut's own error, below the planned cut's
+        assert 0 < e["output_error"] < planned_errors[e["layer"]]
     assert policy.actor.state_dims == [fitted[f"actor.{i}"].state_dim for i in range(2)]
 
 

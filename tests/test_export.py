@@ -11,11 +11,12 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from export.bench import _IDENTITY_MODEL
-from export.onnx_export import DENSE_TRANSITION_MAX_STATE, build_model, to_onnx
+from export.onnx_export import build_model, to_onnx, uses_merged_path
 from export.parity import ParityError, check_parity
 from export.runtime import OnnxPolicy
 from policies.actor_critic import ActorCritic
@@ -128,6 +129,22 @@ def test_opset_17_gelu_decomposition_matches(exported, tmp_path):
     assert report["max_abs_err"] <= 1e-5 + 1e-4
 
 
+@pytest.mark.parametrize("state_dims", [[9], [12, 3, 7]])
+def test_merged_and_elementwise_graph_paths_agree(tmp_path, state_dims):
+    policy = make_policy("Hopper-v5", seed=4, stress=True, policy="ssm", state_dims=state_dims)
+    runs = {}
+    for merged in (True, False):
+        model = build_model(policy, merged=merged)
+        path = tmp_path / f"merged_{merged}.onnx"
+        onnx.save_model(model, str(path))
+        onnx_policy = OnnxPolicy(path)
+        obs = np.random.default_rng(0).standard_normal((200, 11)).astype(np.float32)
+        runs[merged] = (len(model.graph.node), np.stack([onnx_policy.act(o) for o in obs]))
+    (nodes_merged, merged), (nodes_elementwise, elementwise) = runs[True], runs[False]
+    assert nodes_merged < nodes_elementwise
+    np.testing.assert_allclose(merged, elementwise, rtol=1e-4, atol=1e-5)
+
+
 def test_per_dimension_action_bounds(tmp_path):
     policy = make_policy("Hopper-v5", seed=3, **POLICIES["mlp"])
     policy.action_low.copy_(torch.tensor([-1.0, -0.2, -0.5]))
@@ -154,7 +171,7 @@ def test_metadata_and_node_count(exported):
         layers = len(policy.actor.state_dims)
         if not layers:  # norm (2) + 3 Gemm + 2 Tanh + clamp
             limit = 8
-        elif policy.actor.state_size <= DENSE_TRANSITION_MAX_STATE:
+        elif uses_merged_path(policy.actor.state_dims, policy.actor.width):
             # norm (2) + encoder + carry MatMul + Split + 5 per layer + concat + head + clamp
             limit = 3 + 2 + 5 * layers + 3
         else:  # transition 4 + Split + 6 per layer
