@@ -16,7 +16,7 @@ from compressm_rl.compression import (
     plan_reductions,
 )
 from compressm_rl.compression import _trial_policy as trial_policy
-from compressm_rl.runs import load_checkpoint, load_policy
+from compressm_rl.runs import load_checkpoint, load_policy, save_checkpoint
 from compressm_rl.train import make_optimizer, train
 from policies.actor_critic import ActorCritic
 
@@ -198,3 +198,15 @@ def test_post_training_compression_to_target_sizes(tmp_path, tiny_config):
     for got, want in zip(policy.actor.state_dims, [5, 3], strict=True):
         assert want - 1 <= got <= want + 2
     assert (tmp_path / "small" / "compression.json").exists()
+
+
+def test_resume_follows_the_schedule_saved_in_the_checkpoint(tmp_path, tiny_config):
+    config = tiny_config(total_steps=320, checkpoint_every=1, compression=dict(tol=0.3))
+    train(config, tmp_path, progress=False, max_iterations=1)
+    # As if the run had started under another default schedule: reductions at 192 and 256.
+    payload = load_checkpoint(tmp_path)
+    payload["reduction_steps"] = [192, 256]
+    save_checkpoint(tmp_path, payload)
+    train(config, tmp_path, resume=True, progress=False)
+    events = json.loads((tmp_path / "compression.json").read_text())
+    assert {e["step"] for e in events} == {192, 256}
