@@ -252,13 +252,13 @@ def compress_policy(
         The mapped state (None if none was given) and the event records.
     """
     accepted, events = plan_reductions(policy, config, obs, reset)
+    layers = lru_layers(policy)
     actor_names = [k for k in accepted if k.startswith("actor.")]
     if actor_names and obs is not None:
         planned = {k: accepted.pop(k) for k in actor_names}
         fitted, kl, halvings, dropped = fit_actor_kl(policy, planned, config, obs, reset)
         accepted.update(fitted)
         inputs = record_layer_inputs(policy.actor, obs, reset) if halvings and fitted else []
-        layers = lru_layers(policy)
         for e in events:
             name = e["layer"]
             if name not in actor_names:
@@ -286,7 +286,6 @@ def compress_policy(
             state = getattr(carried, part)
             parts[part] = map_layer_states(getattr(policy, part), state, maps) if maps else state
         mapped = RecurrentState(**parts)
-    layers = lru_layers(policy)
     for name, result in accepted.items():
         reduce_layer(layers[name], result, optimizer)
     return mapped, events

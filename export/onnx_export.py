@@ -15,9 +15,10 @@ concatenated over layers. An MLP policy has no recurrent state (``S = 0``); its 
 The graph is written node by node with ``onnx.helper`` rather than exported with
 ``torch.onnx.export(dynamo=True)`` (DESIGN.md §7): tracing the torch step of a 2-layer
 n=128 policy gives 131 nodes (complex ops decomposed into Gather/Slice/Concat/Unsqueeze),
-this builder 23 (18 once the state is small, e.g. after compression), and every constant and node is under our control. ONNX Runtime costs
-~0.3-0.5 µs per node at batch 1 (DESIGN.md §7-8), so the graph avoids small nodes. Per LRU
-layer the complex recurrence is written in real form::
+this builder 23 (18 once the state is small, e.g. after compression), and every constant
+and node is under our control. ONNX Runtime costs ~0.3-0.5 µs per node at batch 1
+(DESIGN.md §7-8), so the graph avoids small nodes. Per LRU layer the complex recurrence is
+written in real form::
 
     x = [Re h, Im h]                 (the layer's slice of ``state``)
     A x = x ⊙ [a, a] + swap(x) ⊙ [-b, b],  λ = a + i b, swap exchanges Re and Im halves
