@@ -92,12 +92,15 @@ def collect_rollout(
     critic_state0 = carry.state.critic.clone()
     actor_state = carry.state.actor
     low, high = envs.single_action_space.low, envs.single_action_space.high
-    act = policy.rollout_actor()  # the weights are fixed until the update
+    # The weights and observation statistics are fixed until the update: read them once.
+    act, normalize = policy.rollout_actor(), policy.obs_norm.frozen()
     for t in range(steps):
-        obs_t = policy.obs_norm(torch.as_tensor(carry.obs, dtype=torch.float32))
-        start_t = torch.as_tensor(carry.episode_start)
+        obs_t = normalize(carry.obs)
+        start_t = torch.from_numpy(carry.episode_start)
         states.append(actor_state)
-        action, log_prob, actor_state = act(obs_t, actor_state, start_t)
+        action, log_prob, actor_state = act(
+            obs_t, actor_state, start_t if carry.episode_start.any() else None
+        )
         next_obs, reward, terminated, truncated, info = envs.step(
             np.clip(action.numpy(), low, high)
         )
@@ -107,15 +110,13 @@ def collect_rollout(
         carry.episode_length += 1
         carry.discounted_return = carry.discounted_return * gamma + reward
         if reward_norm is not None:
-            reward_norm.update(torch.as_tensor(carry.discounted_return))
-            scale = float(torch.sqrt(reward_norm.var + reward_norm.eps))
-            reward = np.clip(reward / scale, -10.0, 10.0)
+            reward_norm.update(carry.discounted_return)
+            reward = np.clip(reward / np.sqrt(float(reward_norm.var) + reward_norm.eps), -10, 10)
         for i in np.flatnonzero(done):
             finished_returns.append(float(carry.episode_return[i]))
             finished_lengths.append(int(carry.episode_length[i]))
             if truncated[i] and not terminated[i]:
-                final = torch.as_tensor(info["final_obs"][i], dtype=torch.float32)
-                truncations.append((t, int(i), policy.obs_norm(final)))
+                truncations.append((t, int(i), normalize(info["final_obs"][i])))
         carry.episode_return[done] = 0.0
         carry.episode_length[done] = 0
         carry.discounted_return[done] = 0.0
@@ -124,20 +125,20 @@ def collect_rollout(
         obs.append(obs_t)
         actions.append(action)
         log_probs.append(log_prob)
-        rewards.append(torch.as_tensor(reward, dtype=torch.float32))
-        dones.append(torch.as_tensor(done, dtype=torch.float32))
+        rewards.append(reward)
+        dones.append(done)
         starts.append(start_t)
         carry.obs, carry.episode_start = next_obs, done
 
     carry.state = RecurrentState(actor_state, carry.state.critic)  # critic advanced later
-    next_obs_t = policy.obs_norm(torch.as_tensor(carry.obs, dtype=torch.float32))
-    policy.obs_norm.update(torch.as_tensor(np.stack(raw_obs), dtype=torch.float32))
+    next_obs_t = normalize(carry.obs)
+    policy.obs_norm.update(np.stack(raw_obs))
     return Rollout(
         obs=torch.stack(obs),
         actions=torch.stack(actions),
         log_probs=torch.stack(log_probs),
-        rewards=torch.stack(rewards),
-        dones=torch.stack(dones),
+        rewards=torch.as_tensor(np.stack(rewards), dtype=torch.float32),
+        dones=torch.as_tensor(np.stack(dones), dtype=torch.float32),
         episode_start=torch.stack(starts),
         actor_states=torch.stack(states),
         critic_state0=critic_state0,

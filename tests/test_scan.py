@@ -1,4 +1,4 @@
-"""The parallel scan equals the sequential reference, forward and backward."""
+"""The parallel and numba scans equal the sequential reference, forward and backward."""
 
 import pytest
 import torch
@@ -39,6 +39,7 @@ def _grads(a, b, h0, reset, backend):
     return h.detach(), grads
 
 
+@pytest.mark.parametrize("backend", ["parallel", "numba"])
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 4),
@@ -50,10 +51,12 @@ def _grads(a, b, h0, reset, backend):
     reset_p=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
     seed=st.integers(0, 2**16),
 )
-def test_parallel_matches_sequential(batch, steps, width, dtype, full_a, with_h0, reset_p, seed):
+def test_backend_matches_sequential(
+    backend, batch, steps, width, dtype, full_a, with_h0, reset_p, seed
+):
     a, b, h0, reset = _inputs(batch, steps, width, dtype, full_a, with_h0, reset_p, seed)
     h_seq, g_seq = _grads(a, b, h0, reset, "sequential")
-    h_par, g_par = _grads(a, b, h0, reset, "parallel")
+    h_par, g_par = _grads(a, b, h0, reset, backend)
     torch.testing.assert_close(h_par, h_seq, rtol=1e-4, atol=1e-5)
     for gp, gs in zip(g_par, g_seq, strict=True):
         torch.testing.assert_close(gp, gs, rtol=1e-4, atol=1e-4)
@@ -72,11 +75,33 @@ def test_sequential_is_the_recurrence_with_resets():
     assert h_no_reset[0, 0, 0].item() == pytest.approx(6.0)  # 0.5*10 + 1
 
 
-@pytest.mark.parametrize("backend", ["sequential", "parallel"])
+@pytest.mark.parametrize("backend", ["sequential", "parallel", "numba"])
 def test_float64_complex_long_sequence(backend):
     a, b, h0, reset = _inputs(2, 1024, 8, torch.complex128, True, True, 0.01, 3)
     ref = linear_scan(a, b, h0, reset, backend="sequential")
     torch.testing.assert_close(linear_scan(a, b, h0, reset, backend=backend), ref)
+
+
+def test_numba_forward_is_the_reference_bit_for_bit():
+    """Same additions in the same order as the sequential loop: not merely close."""
+    a, b, h0, reset = _inputs(3, 50, 16, torch.complex64, False, True, 0.1, 7)
+    ref = linear_scan(a, b, h0, reset, backend="sequential")
+    assert torch.equal(linear_scan(a, b, h0, reset, backend="numba"), ref)
+    assert torch.equal(linear_scan(a, b, h0, reset), ref)  # "auto" on CPU is numba
+
+
+def test_numba_gradient_of_a_broadcast_over_states():
+    """a ``[B, T, 1]`` (one decay shared by all states) gets its gradient summed back."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 9, 1, dtype=torch.float64, generator=gen) * 0.9
+    b = torch.randn(2, 9, 4, dtype=torch.float64, generator=gen)
+    reset = torch.rand(2, 9, generator=gen) < 0.2
+    for backend in ("sequential", "numba"):
+        a_ = a.clone().requires_grad_(True)
+        linear_scan(a_, b, None, reset, backend=backend).square().sum().backward()
+        if backend == "sequential":
+            expected = a_.grad
+    torch.testing.assert_close(a_.grad, expected)
 
 
 def test_bad_shapes_are_named():
