@@ -44,28 +44,29 @@ def _forward_kernel(a, b, h0, keep, h):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _backward_kernel(a, h, h0, keep, grad_h, delta, grad_a, grad_h0):  # pragma: no cover
     """Writes delta (= grad b) ``[B, T, N]`` and grad_h0 ``[B, N]``; adds into grad_a
-    ``[Ba, Ta, N]`` (a wide dtype: it sums B·T terms)."""
+    ``[Ba, Ta, N]`` (a wide dtype: it sums B·T terms). One reverse pass."""
     batch, steps, width = h.shape
-    last = steps - 1
     for i in range(batch):
         ia = i if a.shape[0] > 1 else 0
-        for n in range(width):
-            delta[i, last, n] = grad_h[i, last, n]
-        for t in range(last - 1, -1, -1):
-            ta_next = t + 1 if a.shape[1] > 1 else 0
-            k_next = keep[i, t + 1]
-            for n in range(width):
-                carried = np.conj(a[ia, ta_next, n]) * k_next * delta[i, t + 1, n]
-                delta[i, t, n] = grad_h[i, t, n] + carried
-        k = keep[i, 0]
-        for n in range(width):
-            grad_a[ia, 0, n] += delta[i, 0, n] * k * np.conj(h0[i, n])
-            grad_h0[i, n] = np.conj(a[ia, 0, n]) * k * delta[i, 0, n]
-        for t in range(1, steps):
+        for t in range(steps - 1, -1, -1):
             ta = t if a.shape[1] > 1 else 0
             k = keep[i, t]
-            for n in range(width):
-                grad_a[ia, ta, n] += delta[i, t, n] * k * np.conj(h[i, t - 1, n])
+            if t == steps - 1:
+                for n in range(width):
+                    delta[i, t, n] = grad_h[i, t, n]
+            else:
+                ta_next = t + 1 if a.shape[1] > 1 else 0
+                k_next = keep[i, t + 1]
+                for n in range(width):
+                    carried = np.conj(a[ia, ta_next, n]) * k_next * delta[i, t + 1, n]
+                    delta[i, t, n] = grad_h[i, t, n] + carried
+            if t > 0:
+                for n in range(width):
+                    grad_a[ia, ta, n] += delta[i, t, n] * k * np.conj(h[i, t - 1, n])
+            else:
+                for n in range(width):
+                    grad_a[ia, 0, n] += delta[i, 0, n] * k * np.conj(h0[i, n])
+                    grad_h0[i, n] = np.conj(a[ia, 0, n]) * k * delta[i, 0, n]
 
 
 def _array(x: Tensor) -> np.ndarray:
