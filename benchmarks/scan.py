@@ -2,7 +2,8 @@
 
     python benchmarks/scan.py            # CPU table (and CUDA rows when a GPU is present)
 
-CPU: T in {64, 256, 1024}, batch 16, N = 128 complex, one torch thread.
+CPU: batch 8 x T 64 (a PPO minibatch) and batch 16 x T in {64, 256, 1024}, N = 128
+complex, one torch thread.
 CUDA: T in {256, 1024, 4096}, batch 64, N = 128 complex, plus real inputs against the
 ``accelerated-scan`` package when it is installed (benchmark-only extra).
 """
@@ -78,18 +79,23 @@ def time_naive(a, b, reset, repeats) -> float:
 
 def bench_cpu(repeats: int) -> list[str]:
     rows = [
-        "| T | naive loop (ms) | sequential (ms) | parallel (ms) | parallel vs sequential | parallel vs naive |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | T | naive loop (ms) | sequential (ms) | parallel (ms) | numba (ms) "
+        "| parallel vs sequential | numba vs sequential | numba vs parallel |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(rows), flush=True)
-    for steps in (64, 256, 1024):
-        lam, b, reset = make_inputs(16, steps, 128, "cpu")
+    # (8, 64) is one PPO minibatch of the Hopper preset: 8 sequences of 64 steps.
+    for batch, steps in ((8, 64), (16, 64), (16, 256), (16, 1024)):
+        lam, b, reset = make_inputs(batch, steps, 128, "cpu")
         naive = time_naive(lam, b, reset, min(repeats, 3))
-        seq = time_fwd_bwd("sequential", lam, b, reset, repeats, "cpu")
-        par = time_fwd_bwd("parallel", lam, b, reset, repeats, "cpu")
+        ms = {
+            k: time_fwd_bwd(k, lam, b, reset, repeats, "cpu")
+            for k in ("sequential", "parallel", "numba")
+        }
+        seq, par, fused = ms["sequential"], ms["parallel"], ms["numba"]
         rows.append(
-            f"| {steps} | {naive * 1e3:.1f} | {seq * 1e3:.1f} | {par * 1e3:.1f} | "
-            f"{seq / par:.2f}x | {naive / par:.1f}x |"
+            f"| {batch} | {steps} | {naive * 1e3:.1f} | {seq * 1e3:.2f} | {par * 1e3:.2f} | "
+            f"{fused * 1e3:.2f} | {seq / par:.2f}x | {seq / fused:.1f}x | {par / fused:.1f}x |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -153,7 +159,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, torch {torch.__version__}"
     )
     print(
-        "\nCPU, batch 16, N = 128 complex, forward+backward, median of "
+        "\nCPU, N = 128 complex, forward+backward, median of "
         f"{args.repeats}, resets p=0.01"
     )
     bench_cpu(args.repeats)
