@@ -158,10 +158,7 @@ def main() -> None:
         f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s) of "
         f"{os.cpu_count()} cores, torch {torch.__version__}"
     )
-    print(
-        "\nCPU, N = 128 complex, forward+backward, median of "
-        f"{args.repeats}, resets p=0.01"
-    )
+    print(f"\nCPU, N = 128 complex, forward+backward, median of {args.repeats}, resets p=0.01")
     bench_cpu(args.repeats)
     if torch.cuda.is_available():
         print(f"\nCUDA: {torch.cuda.get_device_name()}, batch 64, N = 128")

@@ -1,5 +1,7 @@
 """LRU layer, block and stack: parametrisation, sequence mode equals step mode."""
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -107,3 +109,20 @@ def test_normalizer_tracks_mean_and_std_and_is_saved():
     assert out.dtype == torch.float32
     assert abs(out.mean().item()) < 0.05 and abs(out.std().item() - 1) < 0.05
     assert {"mean", "var", "count"} <= set(norm.state_dict())
+
+
+def test_normalizer_frozen_equals_forward_and_scalar_updates_match_the_data():
+    rng = np.random.default_rng(0)
+    norm = RunningNormalizer(4)
+    norm.update(rng.normal(3.0, 2.0, (300, 4)))  # numpy in, float64 statistics
+    x = rng.normal(3.0, 40.0, (64, 4))  # some entries clip at ±10
+    frozen = norm.frozen()
+    assert torch.equal(frozen(x), norm(torch.as_tensor(x, dtype=torch.float32)))
+    # The reward scale: a 0-d normaliser fed one small batch per env step.
+    returns = RunningNormalizer(())
+    data = rng.normal(-5.0, 3.0, (200, 8))
+    for row in data:
+        returns.update(row)
+    assert returns.mean.shape == () and float(returns.count) == pytest.approx(1600, abs=1e-3)
+    assert float(returns.mean) == pytest.approx(data.mean(), rel=1e-6)
+    assert float(returns.var) == pytest.approx(data.var(), rel=1e-4)
