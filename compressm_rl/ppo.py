@@ -86,6 +86,7 @@ def collect_rollout(
     what the actor saw) and are updated from the raw observations afterwards.
     """
     raw_obs, obs, actions, log_probs, rewards, dones, starts, states = ([] for _ in range(8))
+    discounted: list[np.ndarray] = []
     truncations: list[tuple[int, int, Tensor]] = []
     finished_returns: list[float] = []
     finished_lengths: list[int] = []
@@ -109,9 +110,7 @@ def collect_rollout(
         carry.episode_return += reward
         carry.episode_length += 1
         carry.discounted_return = carry.discounted_return * gamma + reward
-        if reward_norm is not None:
-            reward_norm.update(carry.discounted_return)
-            reward = np.clip(reward / np.sqrt(float(reward_norm.var) + reward_norm.eps), -10, 10)
+        discounted.append(carry.discounted_return.copy())  # zeroed below where done
         for i in np.flatnonzero(done):
             finished_returns.append(float(carry.episode_return[i]))
             finished_lengths.append(int(carry.episode_length[i]))
@@ -133,11 +132,18 @@ def collect_rollout(
     carry.state = RecurrentState(actor_state, carry.state.critic)  # critic advanced later
     next_obs_t = normalize(carry.obs)
     policy.obs_norm.update(np.stack(raw_obs))
+    scaled_rewards = np.stack(rewards)
+    if reward_norm is not None:
+        # Step t's reward is divided by the std of the discounted returns seen up to and
+        # including step t (SB3's VecNormalize), computed for all steps at once.
+        variances = reward_norm.update_each(np.stack(discounted))
+        scale = np.sqrt(variances + reward_norm.eps)[:, None]
+        scaled_rewards = np.clip(scaled_rewards / scale, -10, 10)
     return Rollout(
         obs=torch.stack(obs),
         actions=torch.stack(actions),
         log_probs=torch.stack(log_probs),
-        rewards=torch.as_tensor(np.stack(rewards), dtype=torch.float32),
+        rewards=torch.as_tensor(scaled_rewards, dtype=torch.float32),
         dones=torch.as_tensor(np.stack(dones), dtype=torch.float32),
         episode_start=torch.stack(starts),
         actor_states=torch.stack(states),
@@ -192,16 +198,19 @@ def compute_gae(
     """Generalised advantage estimation over ``[T, N]``; ``dones[t]`` cuts the bootstrap
     after step t (truncations were already bootstrapped into the reward).
 
-    Returns advantages and returns (advantages + values), both ``[T, N]``.
+    Returns advantages and returns (advantages + values), both ``[T, N]``. The loop runs
+    on numpy views (5x cheaper per step than on tiny torch tensors).
     """
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(last_value)
-    for t in reversed(range(rewards.shape[0])):
-        next_value = last_value if t == rewards.shape[0] - 1 else values[t + 1]
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * not_done - values[t]
+    r, v, d = rewards.numpy(), values.numpy(), dones.numpy()
+    adv = np.zeros_like(r)
+    running = np.zeros_like(r[0])
+    for t in reversed(range(len(r))):
+        next_value = last_value.numpy() if t == len(r) - 1 else v[t + 1]
+        not_done = 1.0 - d[t]
+        delta = r[t] + gamma * next_value * not_done - v[t]
         running = delta + gamma * lam * not_done * running
-        advantages[t] = running
+        adv[t] = running
+    advantages = torch.from_numpy(adv)
     return advantages, advantages + values
 
 
@@ -238,6 +247,7 @@ def ppo_update(
     n_segments, n_envs, critic_size = critic_seg_states.shape
     critic_state0 = critic_seg_states.transpose(0, 1).reshape(n_envs * n_segments, critic_size)
 
+    params = list(policy.parameters())  # walked once, not at every clipping
     n_seq = obs.shape[0]
     mb_size = max(1, n_seq // cfg.minibatches)
     stats: dict[str, list[float]] = {
@@ -260,21 +270,15 @@ def ppo_update(
                 -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
             ).mean()
             # Clipped value loss, as in CleanRL and the PPO reference implementation.
-            v_clipped = old_values[idx] + (new_values - old_values[idx]).clamp(
-                -cfg.clip_coef, cfg.clip_coef
-            )
-            v_loss = (
-                0.5
-                * torch.max(
-                    (new_values - ret_all[idx]).square(), (v_clipped - ret_all[idx]).square()
-                ).mean()
-            )
+            old_v, ret = old_values[idx], ret_all[idx]
+            v_clipped = old_v + (new_values - old_v).clamp(-cfg.clip_coef, cfg.clip_coef)
+            v_loss = 0.5 * torch.max((new_values - ret).square(), (v_clipped - ret).square()).mean()
             entropy_mean = entropy.mean()
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_mean
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
 
             with torch.no_grad():

@@ -191,7 +191,11 @@ class ActorCritic(nn.Module):
             mean = torch.addmm(head_b, features, head_w)
             noise = torch.randn_like(mean)
             # log N(mean + std·ε; mean, std) = -ε²/2 - log std - log √(2π), summed
-            return mean + std * noise, -0.5 * noise.square().sum(-1) - log_norm, actor_state
+            return (
+                torch.addcmul(mean, std, noise),
+                -0.5 * noise.square().sum(-1) - log_norm,
+                actor_state,
+            )
 
         return act
 

@@ -64,14 +64,19 @@ class LRU(nn.Module):
         self.C_im = nn.Parameter(torch.randn(width, state_dim) / math.sqrt(state_dim))
         self.D = nn.Parameter(torch.randn(width))
 
-    def eigenvalues(self) -> Tensor:
+    def decay(self) -> Tensor:
+        """exp(ν), real ``[n]``, floored so that |λ| = exp(-decay) ≤ MAX_RADIUS."""
+        return torch.exp(self.nu_log).clamp(min=_MIN_DECAY)
+
+    # ``decay`` may be passed in so that one training step computes it once for λ and γ.
+    def eigenvalues(self, decay: Tensor | None = None) -> Tensor:
         """λ, complex ``[n]``, |λ| ≤ MAX_RADIUS < 1."""
-        decay = torch.exp(self.nu_log).clamp(min=_MIN_DECAY)
+        decay = self.decay() if decay is None else decay
         return torch.polar(torch.exp(-decay), self.theta)
 
-    def gamma(self) -> Tensor:
+    def gamma(self, decay: Tensor | None = None) -> Tensor:
         """γ = sqrt(1 - |λ|²), real ``[n]``."""
-        decay = torch.exp(self.nu_log).clamp(min=_MIN_DECAY)
+        decay = self.decay() if decay is None else decay
         return torch.sqrt(-torch.expm1(-2.0 * decay))
 
     def input_matrix(self) -> Tensor:
@@ -82,11 +87,11 @@ class LRU(nn.Module):
         """C, complex ``[H, n]``."""
         return torch.complex(self.C_re, self.C_im)
 
-    def input_weight(self) -> Tensor:
+    def input_weight(self, decay: Tensor | None = None) -> Tensor:
         """B̃ as one real matrix ``[2n, H]`` with rows interleaved (Re B̃_1, Im B̃_1, ...),
         so ``u @ W.T`` viewed as complex is ``B̃ u`` from a single real GEMM."""
-        gamma = self.gamma()[:, None]
-        return torch.stack([self.B_re * gamma, self.B_im * gamma], dim=1).reshape(-1, self.width)
+        gamma = self.gamma(decay)[:, None, None]
+        return (torch.stack([self.B_re, self.B_im], dim=1) * gamma).reshape(-1, self.width)
 
     def output_weight(self) -> Tensor:
         """``[H, 2n]`` real with columns interleaved (Re C, -Im C): Re(C h) = W · view_as_real(h)."""
@@ -110,15 +115,17 @@ class LRU(nn.Module):
             ``y`` ``[B, T, H]`` and the state after the last step, complex ``[B, n]``.
         """
         batch, steps, _ = u.shape
-        bu = torch.view_as_complex((u @ self.input_weight().T).view(batch, steps, -1, 2))
-        h = linear_scan(self.eigenvalues(), bu, h0=state, reset=reset)
+        decay = self.decay()
+        bu = torch.view_as_complex((u @ self.input_weight(decay).T).view(batch, steps, -1, 2))
+        h = linear_scan(self.eigenvalues(decay), bu, h0=state, reset=reset)
         y = torch.view_as_real(h).reshape(batch, steps, -1) @ self.output_weight().T
         return y + self.D * u, h[:, -1]
 
     def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """Step mode: ``u`` ``[B, H]``, ``state`` complex ``[B, n]`` -> ``(y [B, H], state)``."""
-        bu = torch.view_as_complex((u @ self.input_weight().T).view(u.shape[0], -1, 2))
-        h = self.eigenvalues() * state + bu
+        decay = self.decay()
+        bu = torch.view_as_complex((u @ self.input_weight(decay).T).view(u.shape[0], -1, 2))
+        h = self.eigenvalues(decay) * state + bu
         y = torch.view_as_real(h).reshape(u.shape[0], -1) @ self.output_weight().T
         return y + self.D * u, h
 
@@ -209,29 +216,40 @@ class LRUStack(nn.Module):
     @torch.no_grad()
     def frozen_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """``step`` with every weight read once, in real form, for a rollout (where the
-        weights are fixed): same inputs, outputs and state layout, about half the torch
+        weights are fixed): same inputs, outputs and state layout, a third of the torch
         ops per call, no autograd. Stale after a parameter update: ask for a new one.
 
-        Per layer, with its slice ``x = [Re h, Im h]`` of the flat state and λ = a + i b::
+        Per layer, with its slice ``x = [Re h, Im h]`` of the flat state, λ = a + i b and
+        z = LayerNorm(u), one product gives the new state and the layer's output::
 
-            x' = x ⊙ [a, a] + swap(x) ⊙ [-b, b] + z @ [Re B̃ᵀ | Im B̃ᵀ]
-            y  = x' @ [Re Cᵀ; -Im Cᵀ] + D ⊙ z
+            [x' | y] = x @ [Λᵀ | Λᵀ W_out] + z @ [W_in | W_in W_out + diag(D)]
+            Λᵀ = [[diag(a), diag(b)], [-diag(b), diag(a)]],  W_in = [Re B̃ᵀ | Im B̃ᵀ],
+            W_out = [Re Cᵀ; -Im Cᵀ]
+
+        (the ONNX graph's merged path; products formed in float64). The dense 2n × 2n Λᵀ
+        costs more multiply-adds than the elementwise form, but at rollout sizes a
+        matrix product is cheaper than the five small ops it replaces.
         """
         enc_w, enc_b = self.encoder.weight.T.clone(), self.encoder.bias.clone()
         layers = []
         for block in self.blocks:
             lru, n = block.lru, block.lru.state_dim
-            lam, b_tilde, c = lru.eigenvalues(), lru.input_matrix(), lru.output_matrix()
+            lam = lru.eigenvalues().to(torch.complex128)
+            b_tilde = lru.input_matrix().to(torch.complex128)
+            c = lru.output_matrix().to(torch.complex128)
+            a, b = torch.diag(lam.real), torch.diag(lam.imag)
+            lam_t = torch.cat([torch.cat([a, b], 1), torch.cat([-b, a], 1)], 0)
+            w_in = torch.cat([b_tilde.real.T, b_tilde.imag.T], dim=1)
+            w_out = torch.cat([c.real.T, -c.imag.T], dim=0)
+            from_state = torch.cat([lam_t, lam_t @ w_out], dim=1)
+            from_input = torch.cat([w_in, w_in @ w_out + torch.diag(lru.D.double())], dim=1)
             norm = block.norm
             layers.append(
                 (
-                    n,
+                    2 * n,
                     (norm.normalized_shape, norm.weight.clone(), norm.bias.clone(), norm.eps),
-                    torch.cat([lam.real, lam.real]),
-                    torch.cat([-lam.imag, lam.imag]),
-                    torch.cat([b_tilde.real.T, b_tilde.imag.T], dim=1).contiguous(),
-                    torch.cat([c.real.T, -c.imag.T], dim=0).contiguous(),
-                    lru.D.clone(),
+                    from_state.float().contiguous(),
+                    from_input.float().contiguous(),
                 )
             )
 
@@ -239,14 +257,12 @@ class LRUStack(nn.Module):
         def step(x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
             u = torch.addmm(enc_b, x, enc_w)
             new, offset = [], 0
-            for n, norm, a2, b2, w_in, w_out, d in layers:
-                h = state[:, offset : offset + 2 * n]
-                offset += 2 * n
-                swapped = torch.cat([h[:, n:], h[:, :n]], dim=1)
+            for size, norm, from_state, from_input in layers:
                 z = F.layer_norm(u, *norm)
-                h = torch.addmm(torch.addcmul(h * a2, swapped, b2), z, w_in)
-                u = u + F.gelu(torch.addmm(d * z, h, w_out))
-                new.append(h)
+                out = torch.addmm(z @ from_input, state[:, offset : offset + size], from_state)
+                offset += size
+                new.append(out[:, :size])
+                u = u + F.gelu(out[:, size:])
             return u, torch.cat(new, dim=1)
 
         return step

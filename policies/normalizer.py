@@ -32,11 +32,7 @@ class RunningNormalizer(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor | np.ndarray) -> None:
-        """Merge a batch ``[..., *shape]`` into the statistics (Chan et al. parallel update).
-
-        In numpy: it runs once per env step for the reward scale, where a dozen tiny
-        torch ops would cost ~0.2 ms.
-        """
+        """Merge a batch ``[..., *shape]`` into the statistics (Chan et al. parallel update)."""
         x = np.asarray(x, dtype=np.float64).reshape(-1, *self.mean.shape)
         batch_mean, batch_var, batch_count = x.mean(0), x.var(0), x.shape[0]
         mean, var, count = self.mean.numpy(), self.var.numpy(), float(self.count)
@@ -46,6 +42,28 @@ class RunningNormalizer(nn.Module):
         self.mean.copy_(torch.from_numpy(np.asarray(mean + delta * batch_count / total)))
         self.var.copy_(torch.from_numpy(np.asarray(m2 / total)))
         self.count.fill_(total)
+
+    @torch.no_grad()
+    def update_each(self, batches: np.ndarray) -> np.ndarray:
+        """Merge ``T`` batches ``[T, N, *shape]`` one after another, as ``T`` calls to
+        ``update`` would, and return the variance after each merge ``[T, *shape]``.
+
+        Vectorised (a rollout's reward scale needs the variance after every env step;
+        per-step calls cost ~0.15 ms each beside MuJoCo). With d = x - mean₀ and S1, S2
+        the running sums of d and d² over the m samples merged so far, n = count₀ + m:
+        mean = mean₀ + S1/n and n·var = count₀·var₀ + S2 - S1²/n (Chan's merge, unrolled).
+        """
+        x = np.asarray(batches, dtype=np.float64)
+        x = x.reshape(x.shape[0], -1, *self.mean.shape)
+        mean0, var0, count0 = self.mean.numpy().copy(), self.var.numpy().copy(), float(self.count)
+        d = x - mean0
+        s1, s2 = np.cumsum(d.sum(1), axis=0), np.cumsum((d * d).sum(1), axis=0)
+        n = (count0 + x.shape[1] * np.arange(1, x.shape[0] + 1)).reshape(-1, *[1] * mean0.ndim)
+        variances = (count0 * var0 + s2 - s1 * s1 / n) / n
+        self.mean.copy_(torch.from_numpy(np.asarray(mean0 + s1[-1] / n[-1])))
+        self.var.copy_(torch.from_numpy(np.asarray(variances[-1])))
+        self.count.fill_(float(n[-1].item()))
+        return variances
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` ``[..., *shape]``; returns ``x``'s dtype."""

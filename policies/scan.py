@@ -89,13 +89,14 @@ def linear_scan(
 
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
-    if backend in ("parallel", "numba"):
+    h0 = None if h0 is None else h0.to(dtype)
+    if backend == "numba":
+        from policies.scan_numba import FusedCPUScan
+
+        return FusedCPUScan.apply(a, b, h0, reset)
+    if backend == "parallel":
         keep = None if reset is None else (~reset).to(b.real.dtype)
-        if backend == "numba":
-            from policies.scan_numba import FusedCPUScan as scan
-        else:
-            scan = _ChunkedScan
-        return scan.apply(a, b, None if h0 is None else h0.to(dtype), keep)
+        return _ChunkedScan.apply(a, b, h0, keep)
     if reset is not None:
         a = torch.where(reset[..., None], torch.zeros((), dtype=a.dtype, device=a.device), a)
     if h0 is not None:

@@ -126,3 +126,17 @@ def test_normalizer_frozen_equals_forward_and_scalar_updates_match_the_data():
     assert returns.mean.shape == () and float(returns.count) == pytest.approx(1600, abs=1e-3)
     assert float(returns.mean) == pytest.approx(data.mean(), rel=1e-6)
     assert float(returns.var) == pytest.approx(data.var(), rel=1e-4)
+    # update_each: the same merges at once, with the variance after each one.
+    one_by_one, at_once = RunningNormalizer(()), RunningNormalizer(())
+    variances = []
+    for row in data:
+        one_by_one.update(row)
+        variances.append(float(one_by_one.var))
+    np.testing.assert_allclose(at_once.update_each(data), variances, rtol=1e-10)
+    for name in ("mean", "var", "count"):
+        torch.testing.assert_close(getattr(at_once, name), getattr(one_by_one, name))
+    features = RunningNormalizer(3)  # and per feature: [T, N, 3]
+    batches = rng.normal(1.0, 2.0, (5, 4, 3))
+    per_step = features.update_each(batches)
+    assert per_step.shape == (5, 3)
+    np.testing.assert_allclose(per_step[-1], batches.reshape(-1, 3).var(0), rtol=1e-3)

@@ -59,6 +59,26 @@ def test_replayed_log_probs_equal_rollout_across_resets():
     assert (wrong - stored).abs().max() > 1e-3
 
 
+def test_rewards_are_scaled_by_the_running_std_of_discounted_returns():
+    """Reference: SB3 VecNormalize's per-step loop over the raw rewards of the same
+    trajectory (same seeds, no scaling), against the rollout's vectorised scale."""
+    gamma = 0.99
+    envs, policy, carry = _setup()
+    torch.manual_seed(3)
+    raw = ppo.collect_rollout(policy, envs, carry, 48, None, gamma)
+    envs, policy, carry = _setup()
+    torch.manual_seed(3)
+    scaled = ppo.collect_rollout(policy, envs, carry, 48, RunningNormalizer(()), gamma)
+    assert torch.equal(scaled.actions, raw.actions) and raw.dones.any()
+    reference, returns, expected = RunningNormalizer(()), np.zeros(2), []
+    for reward, done in zip(raw.rewards.double().numpy(), raw.dones.numpy(), strict=True):
+        returns = returns * gamma + reward
+        reference.update(returns)
+        expected.append(np.clip(reward / np.sqrt(float(reference.var) + 1e-8), -10, 10))
+        returns[done > 0] = 0.0
+    np.testing.assert_allclose(scaled.rewards.numpy(), np.array(expected), rtol=1e-5)
+
+
 def test_truncation_is_bootstrapped_and_termination_is_not():
     gamma = 0.9
     envs, policy, carry = _setup("InvertedPendulum-v5", max_episode_steps=10)
