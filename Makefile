@@ -24,7 +24,7 @@ test: lint
 DEMO := runs/demo
 demo: $(STAMP)
 	$(VENV)/bin/compressm-rl train --env InvertedPendulum-v5 --total-steps 100000 --seed 0 \
-		--compress-tol 0.1 --compress-at 0.05,0.1,0.15,0.2 --out $(DEMO) --overwrite
+		--compress-tol 0.1 --out $(DEMO) --overwrite
 	$(VENV)/bin/compressm-rl export $(DEMO) --out $(DEMO)/policy.onnx
 	$(VENV)/bin/compressm-rl eval $(DEMO)/policy.onnx --episodes 10
 	$(VENV)/bin/compressm-rl bench $(DEMO)/policy.onnx --run $(DEMO) --steps 3000 --out-dir $(DEMO)
