@@ -30,28 +30,21 @@ class RunningNormalizer(nn.Module):
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
 
-    @torch.no_grad()
     def update(self, x: Tensor | np.ndarray) -> None:
-        """Merge a batch ``[..., *shape]`` into the statistics (Chan et al. parallel update)."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1, *self.mean.shape)
-        batch_mean, batch_var, batch_count = x.mean(0), x.var(0), x.shape[0]
-        mean, var, count = self.mean.numpy(), self.var.numpy(), float(self.count)
-        delta = batch_mean - mean
-        total = count + batch_count
-        m2 = var * count + batch_var * batch_count + delta**2 * count * batch_count / total
-        self.mean.copy_(torch.from_numpy(np.asarray(mean + delta * batch_count / total)))
-        self.var.copy_(torch.from_numpy(np.asarray(m2 / total)))
-        self.count.fill_(total)
+        """Merge a batch ``[..., *shape]`` into the statistics."""
+        x = np.asarray(x, dtype=np.float64)
+        self.update_each(x.reshape(1, -1, *self.mean.shape))
 
     @torch.no_grad()
     def update_each(self, batches: np.ndarray) -> np.ndarray:
-        """Merge ``T`` batches ``[T, N, *shape]`` one after another, as ``T`` calls to
-        ``update`` would, and return the variance after each merge ``[T, *shape]``.
+        """Merge ``T`` batches ``[T, N, *shape]`` one after another (Chan et al.'s
+        parallel update) and return the variance after each merge ``[T, *shape]``.
 
         Vectorised (a rollout's reward scale needs the variance after every env step;
         per-step calls cost ~0.15 ms each beside MuJoCo). With d = x - mean₀ and S1, S2
         the running sums of d and d² over the m samples merged so far, n = count₀ + m:
-        mean = mean₀ + S1/n and n·var = count₀·var₀ + S2 - S1²/n (Chan's merge, unrolled).
+        mean = mean₀ + S1/n and n·var = count₀·var₀ + S2 - S1²/n (the merge, unrolled;
+        centring on the previous mean keeps S1 small once the statistics have settled).
         """
         x = np.asarray(batches, dtype=np.float64)
         x = x.reshape(x.shape[0], -1, *self.mean.shape)
