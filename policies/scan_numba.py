@@ -1,10 +1,11 @@
 """Fused CPU kernels for the reset-aware linear scan (numba), forward and backward.
 
 Same contract as ``policies.scan.linear_scan``: ``h_t = a_t h_{t-1} + b_t`` from
-``h_{-1} = h0``, and ``h_t = b_t`` where step t starts an episode (``reset``). One compiled loop per
-direction touches every element once; at PPO sizes (8 sequences x 64 steps x 128 complex
-states) the torch scans spend most of their time in per-op overhead instead: a
-gradient step's scans cost ~0.3 ms here against ~1.8 ms for the chunked torch scan.
+``h_{-1} = h0``, and ``h_t = b_t`` where step t starts an episode (``reset``). One
+compiled loop per direction touches every element once; at PPO sizes (8 sequences x 64
+steps x 128 complex states) the torch scans spend most of their time in per-op overhead
+instead: one scan's forward and backward cost ~0.35 ms of kernel time here against
+~1.8 ms for the chunked torch scan.
 
 The forward adds in the same order as the sequential reference, so it matches it bit
 for bit. The backward is one reverse pass that also accumulates grad a (in complex128 /
