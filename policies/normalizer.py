@@ -32,8 +32,7 @@ class RunningNormalizer(nn.Module):
 
     def update(self, x: Tensor | np.ndarray) -> None:
         """Merge a batch ``[..., *shape]`` into the statistics."""
-        x = np.asarray(x, dtype=np.float64)
-        self.update_each(x.reshape(1, -1, *self.mean.shape))
+        self.update_each(np.asarray(x, dtype=np.float64).reshape(1, -1, *self.mean.shape))
 
     @torch.no_grad()
     def update_each(self, batches: np.ndarray) -> np.ndarray:
