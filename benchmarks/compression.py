@@ -12,13 +12,22 @@ Per env and seed, four policies:
 Reports deterministic return (10 episodes), final per-layer n, wall-clock training time
 and training env steps/s after the last reduction. Runs already in ``--out`` are reused,
 so the script can be stopped and restarted.
+
+With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
+seed start at the same time, one process per core, so that their wall-clock ratio is
+measured under the same machine load (on this shared VM one run's iteration time has
+drifted by 25% between hours); when (2) ends, (3) takes its core, so (1) never trains
+alone. Such a seed directory gets a ``side_by_side`` marker, reported with the results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +40,17 @@ from compressm_rl.train import train
 
 def run_once(config: TrainConfig, run_dir: Path) -> None:
     """Train unless a finished run is already there (resume an unfinished one)."""
-    if (run_dir / "checkpoint.pt").exists():
-        done = load_checkpoint(run_dir)["global_step"] >= config.preset().total_steps - (
-            config.preset().num_envs * config.preset().rollout_steps
-        )
-        if not done:
-            train(config, run_dir, resume=True, progress=False)
-        return
-    train(config, run_dir, progress=False)
+    if not _is_done(config, run_dir):
+        resume = (run_dir / "checkpoint.pt").exists()
+        train(config, run_dir, resume=resume, progress=False)
+
+
+def _is_done(config: TrainConfig, run_dir: Path) -> bool:
+    if not (run_dir / "checkpoint.pt").exists():
+        return False
+    preset = config.preset()
+    last_iteration = preset.total_steps - preset.num_envs * preset.rollout_steps
+    return load_checkpoint(run_dir)["global_step"] >= last_iteration
 
 
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
@@ -72,31 +84,43 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=0.15)
     parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
+    parser.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    results = []
-    for env_id in args.envs.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            base = args.out / f"{env_id}-s{seed}"
+    runs = [
+        (env_id, seed, args.out / f"{env_id}-s{seed}")
+        for env_id in args.envs.split(",")
+        for seed in (int(s) for s in args.seeds.split(","))
+    ]
+    at = [float(f) for f in args.at.split(",")]
+    # spawn, not fork: a forked child of a process that ran OpenMP regions can hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
+        for env_id, seed, base in runs:
             full = TrainConfig(env_id=env_id, total_steps=args.steps, seed=seed)
-            run_once(full, base / "1-full")
-            compressed = TrainConfig(
-                env_id=env_id,
-                total_steps=args.steps,
-                seed=seed,
-                compression={"tol": args.tol, "at": [float(f) for f in args.at.split(",")]},
-            )
-            run_once(compressed, base / "2-compressed")
+            compressed = replace(full, compression={"tol": args.tol, "at": at})
+            if args.workers >= 2 and not (
+                _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
+            ):
+                base.mkdir(parents=True, exist_ok=True)
+                (base / "side_by_side").write_text("(1) and (2) started at the same time\n")
+            full_run = pool.submit(run_once, full, base / "1-full")
+            pool.submit(run_once, compressed, base / "2-compressed").result()
             final_dims = load_policy(base / "2-compressed")[0].actor.state_dims
-            small = TrainConfig(
-                env_id=env_id, total_steps=args.steps, seed=seed, state_dims=final_dims
-            )
-            run_once(small, base / "3-small")
+            small = replace(full, state_dims=final_dims)
+            small_run = pool.submit(run_once, small, base / "3-small")
+            full_run.result()
+            small_run.result()
             if not (base / "4-posthoc" / "checkpoint.pt").exists():
                 compress_run(base / "1-full", base / "4-posthoc", state_dims=final_dims)
-            for label in ("1-full", "2-compressed", "3-small", "4-posthoc"):
-                results.append(summarise(base / label, env_id, seed, label))
-                print(json.dumps(results[-1]), flush=True)
+    results = []
+    for env_id, seed, base in runs:
+        for label in ("1-full", "2-compressed", "3-small", "4-posthoc"):
+            results.append(summarise(base / label, env_id, seed, label))
+            results[-1]["side_by_side"] = (base / "side_by_side").exists()
+            print(json.dumps(results[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(
         "\n| env | policy | seeds | return (mean ± std over seeds) | final actor n | wall s | steps/s after last reduction |"
@@ -112,6 +136,12 @@ def main() -> None:
                 f"{np.mean([r['wall_s'] for r in rows]):.0f} | "
                 f"{_fmt(np.mean([r['steps_per_s_after'] for r in rows]))} |"
             )
+    print("\n(2)/(1) wall-clock per seed (* = trained side by side):")
+    for env_id, seed, _ in runs:
+        wall = {r["label"]: r for r in results if r["env"] == env_id and r["seed"] == seed}
+        ratio = wall["2-compressed"]["wall_s"] / wall["1-full"]["wall_s"]
+        star = "*" if wall["1-full"]["side_by_side"] else ""
+        print(f"  {env_id} seed {seed}: {ratio:.3f}{star}")
 
 
 def _fmt(x: float) -> str:

@@ -260,7 +260,9 @@ def ppo_update(
             log_prob, entropy = policy.evaluate_actions(
                 obs[idx], actor_state0[idx], reset[idx], actions[idx]
             )
-            new_values, _ = policy.values(obs[idx], critic_state0[idx], reset[idx])
+            new_values, _ = policy.values(
+                obs[idx], critic_state0[idx], reset[idx], return_state=False
+            )
 
             log_ratio = log_prob - old_log_probs[idx]
             ratio = log_ratio.exp()

@@ -52,11 +52,15 @@ class MLPBody(nn.Module):
         return torch.zeros(batch, 0, device=device)
 
     def forward(
-        self, x: Tensor, state: Tensor | None = None, reset: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        if state is None:
+        self,
+        x: Tensor,
+        state: Tensor | None = None,
+        reset: Tensor | None = None,
+        return_state: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        if state is None and return_state:
             state = self.initial_state(x.shape[0], x.device)
-        return self.net(x), state
+        return self.net(x), state if return_state else None
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         return self.net(x), state
@@ -229,17 +233,18 @@ class ActorCritic(nn.Module):
         """Log-probs ``[B, T]`` and entropy ``[B, T]`` of ``actions`` ``[B, T, act_dim]``,
         replaying the actor over ``obs_norm`` ``[B, T, obs_dim]`` from ``actor_state``
         ``[B, S_actor]`` with ``reset`` bool ``[B, T]`` marking episode starts."""
-        features, _ = self.actor(obs_norm, actor_state, reset)
+        features, _ = self.actor(obs_norm, actor_state, reset, return_state=False)
         mean = self.actor_head(features)
         log_prob = gaussian_log_prob(actions, mean, self.log_std)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(log_prob.shape)
         return log_prob, entropy
 
     def values(
-        self, obs_norm: Tensor, critic_state: Tensor, reset: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Values ``[B, T]`` over a sequence, and the critic state after its last step."""
-        features, critic_state = self.critic(obs_norm, critic_state, reset)
+        self, obs_norm: Tensor, critic_state: Tensor, reset: Tensor, return_state: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Values ``[B, T]`` over a sequence, and the critic state after its last step
+        (None with ``return_state=False``)."""
+        features, critic_state = self.critic(obs_norm, critic_state, reset, return_state)
         return self.critic_head(features).squeeze(-1), critic_state
 
 

@@ -119,7 +119,7 @@ class LRU(nn.Module):
         bu = torch.view_as_complex((u @ self.input_weight(decay).T).view(batch, steps, -1, 2))
         h = linear_scan(self.eigenvalues(decay), bu, h0=state, reset=reset)
         y = torch.view_as_real(h).reshape(batch, steps, -1) @ self.output_weight().T
-        return y + self.D * u, h[:, -1]
+        return torch.addcmul(y, self.D, u), h[:, -1]
 
     def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """Step mode: ``u`` ``[B, H]``, ``state`` complex ``[B, n]`` -> ``(y [B, H], state)``."""
@@ -200,10 +200,16 @@ class LRUStack(nn.Module):
         return torch.cat([torch.cat([h.real, h.imag], dim=-1) for h in parts], dim=-1)
 
     def forward(
-        self, x: Tensor, state: Tensor | None = None, reset: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        x: Tensor,
+        state: Tensor | None = None,
+        reset: Tensor | None = None,
+        return_state: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
         """Sequence mode: ``x`` ``[B, T, in_dim]``, flat ``state`` ``[B, S]`` (zeros if None),
-        ``reset`` bool ``[B, T]`` -> features ``[B, T, H]`` and the flat state after step T."""
+        ``reset`` bool ``[B, T]`` -> features ``[B, T, H]`` and the flat state after step T
+        (None with ``return_state=False``, which a PPO gradient step passes: it needs
+        only the features, and gathering the state costs ~10 recorded ops)."""
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         u = self.encoder(x)
@@ -211,7 +217,7 @@ class LRUStack(nn.Module):
         for block, h0 in zip(self.blocks, self.split_state(state), strict=True):
             u, h_last = block(u, h0, reset)
             finals.append(h_last)
-        return u, self.join_state(finals)
+        return u, self.join_state(finals) if return_state else None
 
     @torch.no_grad()
     def frozen_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
