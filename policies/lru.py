@@ -127,7 +127,7 @@ class LRU(nn.Module):
         bu = torch.view_as_complex((u @ self.input_weight(decay).T).view(u.shape[0], -1, 2))
         h = self.eigenvalues(decay) * state + bu
         y = torch.view_as_real(h).reshape(u.shape[0], -1) @ self.output_weight().T
-        return y + self.D * u, h
+        return torch.addcmul(y, self.D, u), h
 
 
 class LRUBlock(nn.Module):

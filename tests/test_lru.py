@@ -46,6 +46,8 @@ def test_step_mode_equals_sequence_mode_with_resets_and_mixed_state_sizes():
     assert y_seq.shape == (batch, steps, 16) and s_seq.shape == (batch, stack.state_size)
     torch.testing.assert_close(y_seq, y_step, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s_seq, s_step, rtol=1e-4, atol=1e-5)
+    y_only, no_state = stack(x, state0, reset, return_state=False)  # a PPO gradient step's call
+    assert no_state is None and torch.equal(y_only, y_seq)
 
 
 def test_frozen_step_equals_step_and_goes_stale_after_an_update():
