@@ -39,10 +39,14 @@ from compressm_rl.train import train
 
 
 def run_once(config: TrainConfig, run_dir: Path) -> None:
-    """Train unless a finished run is already there (resume an unfinished one)."""
+    """Train unless a finished run is already there (resume an unfinished one); one line
+    of progress per run (two bars from two processes would garble each other)."""
     if not _is_done(config, run_dir):
         resume = (run_dir / "checkpoint.pt").exists()
+        print(f"{run_dir}: {'resuming' if resume else 'training'}", flush=True)
         train(config, run_dir, resume=resume, progress=False)
+        rows = MetricsLog(run_dir / METRICS).read()
+        print(f"{run_dir}: done in {float(rows[-1]['wall_time']):.0f} s", flush=True)
 
 
 def _is_done(config: TrainConfig, run_dir: Path) -> bool:
