@@ -1,8 +1,8 @@
 """In-training compression against its baselines, side by side (issue 4).
 
     python benchmarks/compression.py [--envs Hopper-v5,Hopper-v5-P] [--seeds 0,1]
-        [--steps 1000000] [--tol 0.15] [--at 0.02,0.04,0.06,0.08]
-        [--out benchmarks/out/compression]
+        [--steps 1000000] [--tol 0.15] [--at 0.02,0.04,0.06,0.08] [--min-state 4]
+        [--out benchmarks/out/compression] [--workers 2]
 
 Per env and seed, four policies:
 1. uncompressed (n = 128 per layer),
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1_000_000)
     parser.add_argument("--tol", type=float, default=0.15)
     parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
+    parser.add_argument("--min-state", type=int, help="floor on n per layer (default: 4)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
@@ -104,7 +105,10 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
         for env_id, seed, base in runs:
             full = TrainConfig(env_id=env_id, total_steps=args.steps, seed=seed)
-            compressed = replace(full, compression={"tol": args.tol, "at": at})
+            compression = {"tol": args.tol, "at": at}
+            if args.min_state is not None:
+                compression["min_state"] = args.min_state
+            compressed = replace(full, compression=compression)
             if args.workers >= 2 and not (
                 _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
             ):
