@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -43,10 +44,15 @@ def run_once(config: TrainConfig, run_dir: Path) -> None:
     of progress per run (two bars from two processes would garble each other)."""
     if not _is_done(config, run_dir):
         resume = (run_dir / "checkpoint.pt").exists()
-        print(f"{run_dir}: {'resuming' if resume else 'training'}", flush=True)
+        _say(f"{run_dir}: {'resuming' if resume else 'training'}")
         train(config, run_dir, resume=resume, progress=False)
         rows = MetricsLog(run_dir / METRICS).read()
-        print(f"{run_dir}: done in {float(rows[-1]['wall_time']):.0f} s", flush=True)
+        _say(f"{run_dir}: done in {float(rows[-1]['wall_time']):.0f} s")
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write: lines from two processes stay whole
+    sys.stdout.flush()
 
 
 def _is_done(config: TrainConfig, run_dir: Path) -> bool:
