@@ -16,8 +16,9 @@ so the script can be stopped and restarted.
 With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
 seed start at the same time, one process per core, so that their wall-clock ratio is
 measured under the same machine load (on this shared VM one run's iteration time has
-drifted by 25% between hours); when (2) ends, (3) takes its core, so (1) never trains
-alone. Such a seed directory gets a ``side_by_side`` marker, reported with the results.
+drifted by 25% between hours); when (2) ends, (3) takes its core, so (1) keeps a
+neighbour to its end (at these sizes (3) outlasts (1)). Such a seed directory gets a
+``side_by_side`` marker, reported with the results.
 """
 
 from __future__ import annotations
