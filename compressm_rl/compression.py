@@ -37,9 +37,11 @@ from compressm_rl.reduction import (
     balanced_truncation,
     lru_parameters,
 )
+from compressm_rl.runs import atomic_write_text
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
 
+EVENTS = "compression.json"
 MIN_REMOVED_FRACTION = 0.05
 MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
 
@@ -355,10 +357,19 @@ def fit_actor_kl(
 
 
 def save_events(run_dir: Path, events: list[dict]) -> None:
-    """Append events to ``compression.json`` (a list of records)."""
-    path = Path(run_dir) / "compression.json"
+    """Append events to ``compression.json`` (a list of records), atomically."""
+    path = Path(run_dir) / EVENTS
     old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + events, indent=1))
+    atomic_write_text(path, json.dumps(old + events, indent=1))
+
+
+def drop_events_from(run_dir: Path, step: int) -> None:
+    """Forget the events at ``step`` or later: a run resumed from a checkpoint at
+    ``step`` redoes those reductions and records them again."""
+    path = Path(run_dir) / EVENTS
+    if path.exists():
+        kept = [e for e in json.loads(path.read_text()) if e["step"] < step]
+        atomic_write_text(path, json.dumps(kept, indent=1))
 
 
 def plot_hsv(path: Path, events: list[dict], title: str) -> None:

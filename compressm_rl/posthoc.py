@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from compressm_rl.compression import layer_system, lru_layers, reduce_layer, save_events
+from compressm_rl.compression import EVENTS, layer_system, lru_layers, reduce_layer, save_events
 from compressm_rl.reduction import balanced_truncation
 from compressm_rl.runs import CONFIG, METRICS, load_checkpoint, load_policy, save_checkpoint
 
@@ -65,6 +65,6 @@ def compress_run(
     )
     payload.pop("format_version", None)
     save_checkpoint(out_dir, payload)
-    (out_dir / "compression.json").unlink(missing_ok=True)
+    (out_dir / EVENTS).unlink(missing_ok=True)
     save_events(out_dir, events)
     return events

@@ -16,7 +16,14 @@ import torch
 from tqdm import tqdm
 
 from compressm_rl import ppo
-from compressm_rl.compression import CompressionConfig, compress_policy, plot_hsv, save_events
+from compressm_rl.compression import (
+    EVENTS,
+    CompressionConfig,
+    compress_policy,
+    drop_events_from,
+    plot_hsv,
+    save_events,
+)
 from compressm_rl.runs import (
     METRICS,
     MetricsLog,
@@ -117,10 +124,11 @@ def train(
         reduction_steps = [int(x) for x in payload.get("reduction_steps", reduction_steps)]
         wall_before = float(payload.get("wall_time", 0.0))
         metrics.truncate_after(global_step)
+        drop_events_from(run_dir, global_step)
     else:
         save_config(run_dir, config)
         metrics.path.unlink(missing_ok=True)
-        (run_dir / "compression.json").unlink(missing_ok=True)
+        (run_dir / EVENTS).unlink(missing_ok=True)
 
     steps_per_iter = cfg.num_envs * cfg.rollout_steps
     num_iterations = max(1, cfg.total_steps // steps_per_iter)

@@ -210,3 +210,20 @@ def test_resume_follows_the_schedule_saved_in_the_checkpoint(tmp_path, tiny_conf
     train(config, tmp_path, resume=True, progress=False)
     events = json.loads((tmp_path / "compression.json").read_text())
     assert {e["step"] for e in events} == {192, 256}
+
+
+def test_resume_after_a_crash_records_each_reduction_once(tmp_path, tiny_config):
+    """Events written after the last checkpoint are redone on resume, not duplicated."""
+    config = tiny_config(
+        total_steps=320, checkpoint_every=10, compression=dict(tol=0.3, at=[0.4, 0.6])
+    )
+    train(config, tmp_path, progress=False, max_iterations=1)  # checkpoint at step 64
+    before_reductions = (tmp_path / "checkpoint.pt").read_bytes()
+    train(config, tmp_path, resume=True, progress=False, max_iterations=3)  # reduces at 128, 192
+    # A crash after compression.json was written but before the checkpoint was saved.
+    (tmp_path / "checkpoint.pt").write_bytes(before_reductions)
+    train(config, tmp_path, resume=True, progress=False)
+    events = json.loads((tmp_path / "compression.json").read_text())
+    keys = [(e["step"], e["layer"]) for e in events]
+    assert {step for step, _ in keys} == {128, 192}
+    assert len(keys) == len(set(keys)) == 2 * len(lru_layers(load_policy(tmp_path)[0]))
