@@ -33,6 +33,11 @@ def _add_train(sub) -> None:
         help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
     )
     p.add_argument("--min-state", type=int, help="floor on complex states per layer (default 4)")
+    p.add_argument(
+        "--compress-parts",
+        type=lambda s: s.split(","),
+        help="what to compress: actor,critic (default) or actor (the deployed part) alone",
+    )
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue a run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -41,6 +46,7 @@ def _add_train(sub) -> None:
 
 
 def _train(args) -> int:
+    from compressm_rl.compression import CompressionConfig
     from compressm_rl.runs import TrainConfig, load_config
     from compressm_rl.train import train
     from envs import check_env_id
@@ -68,10 +74,16 @@ def _train(args) -> int:
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.num_envs:
         data.setdefault("ppo", {})["num_envs"] = args.num_envs
-    compression = {"tol": args.compress_tol, "at": args.compress_at, "min_state": args.min_state}
+    compression = {
+        "tol": args.compress_tol,
+        "at": args.compress_at,
+        "min_state": args.min_state,
+        "parts": args.compress_parts,
+    }
     data.setdefault("compression", {}).update({k: v for k, v in compression.items() if v})
     config = TrainConfig.from_dict(data)
-    config.preset()  # validate PPO overrides before creating anything
+    config.preset()  # validate PPO and compression settings before creating anything
+    CompressionConfig.from_dict(config.compression)
     out = args.out or Path("runs") / f"{args.env}-s{args.seed}"
     if (out / "config.yaml").exists():
         if not args.overwrite:

@@ -58,6 +58,14 @@ class CompressionConfig:
     max_output_error: float = 0.5  # relative, per layer, on recorded inputs
     max_kl: float = 0.1  # KL(full ‖ reduced) of the actor, mean over the rollout
     max_cond: float = 1e3  # cond(V) of the re-diagonalisation; above it the layer is skipped
+    # What to shrink: the actor is what gets deployed; the critic only speeds up training.
+    parts: list[str] = field(default_factory=lambda: ["actor", "critic"])
+
+    def __post_init__(self) -> None:
+        if not self.parts or not set(self.parts) <= {"actor", "critic"}:
+            raise ValueError(
+                f"compression parts must be 'actor', 'critic' or both, got {self.parts}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressionConfig:
@@ -81,10 +89,12 @@ def layer_system(lru: LRU) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return lam, b, c, d
 
 
-def lru_layers(policy: ActorCritic) -> dict[str, LRU]:
-    """Named LRU layers of the actor and the critic (empty for an MLP policy)."""
+def lru_layers(
+    policy: ActorCritic, parts: list[str] | tuple[str, ...] = ("actor", "critic")
+) -> dict[str, LRU]:
+    """Named LRU layers (``"actor.0"``, ...) of the given parts (empty for an MLP policy)."""
     layers = {}
-    for part in ("actor", "critic"):
+    for part in parts:
         body = getattr(policy, part)
         if isinstance(body, LRUStack):
             for i, block in enumerate(body.blocks):
@@ -195,10 +205,10 @@ def plan_reductions(
     events = []
     inputs = {}
     if obs is not None:
-        for part in ("actor", "critic"):
+        for part in config.parts:
             for i, u in enumerate(record_layer_inputs(getattr(policy, part), obs, reset)):
                 inputs[f"{part}.{i}"] = u
-    for name, lru in lru_layers(policy).items():
+    for name, lru in lru_layers(policy, config.parts).items():
         n = lru.state_dim
         event = {"layer": name, "n_before": n, "n_after": n, "bound": 0.0, "hsv": []}
         try:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from compressm_rl.compression import (
@@ -123,6 +124,23 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     for e in actor_events:  # the gentler cut's own error, below the planned cut's
         assert 0 < e["output_error"] < planned_errors[e["layer"]]
     assert policy.actor.state_dims == [fitted[f"actor.{i}"].state_dim for i in range(2)]
+
+
+def test_actor_only_compression_leaves_the_critic_and_its_state_alone():
+    policy = _policy_with_weak_modes()
+    critic_before = {k: v.clone() for k, v in policy.critic.state_dict().items()}
+    carried = policy.initial_state(3)
+    carried = carried._replace(critic=torch.randn_like(carried.critic))
+    mapped, events = compress_policy(
+        policy, None, CompressionConfig(tol=1e-3, min_state=1, parts=["actor"]), carried
+    )
+    assert policy.actor.state_dims[0] < 24 and policy.critic.state_dims == [24, 24]
+    assert {e["layer"] for e in events} == {"actor.0", "actor.1"}
+    for key, value in policy.critic.state_dict().items():
+        assert torch.equal(value, critic_before[key]), key
+    assert torch.equal(mapped.critic, carried.critic)
+    with pytest.raises(ValueError, match="parts"):
+        CompressionConfig(tol=0.1, parts=["policy"])
 
 
 def test_optimizer_state_is_rebuilt_for_resized_tensors():
