@@ -9,8 +9,10 @@ Per env and seed, four policies:
 2. compressed in training (tolerance ``--tol`` at the fractions ``--at`` of training),
 3. small from scratch at (2)'s final actor sizes,
 4. post-training compression of (1) to those sizes (no fine-tuning).
-Reports deterministic return (10 episodes), final per-layer n, wall-clock training time
-and training env steps/s after the last reduction. Runs already in ``--out`` are reused,
+Reports deterministic return (10 episodes), the training return of the last 50
+iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
+deterministic ones), final per-layer n, wall-clock training time and training env
+steps/s after the last reduction. Runs already in ``--out`` are reused,
 so the script can be stopped and restarted.
 
 With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
@@ -38,6 +40,8 @@ from compressm_rl.evaluate import evaluate_policy
 from compressm_rl.posthoc import compress_run
 from compressm_rl.runs import METRICS, MetricsLog, TrainConfig, load_checkpoint, load_policy
 from compressm_rl.train import train
+
+TRAIN_RETURN_ITERATIONS = 50
 
 
 def run_once(config: TrainConfig, run_dir: Path) -> None:
@@ -73,12 +77,19 @@ def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
     if events_path.exists():
         last_reduction = max((e["step"] for e in json.loads(events_path.read_text())), default=0)
     after = [float(r["steps_per_s"]) for r in rows if int(r["global_step"]) > last_reduction]
+    last = [r for r in rows[-TRAIN_RETURN_ITERATIONS:] if r["episode_return"]]
+    episodes = sum(int(r["episodes"]) for r in last)
+    train_return = sum(float(r["episode_return"]) * int(r["episodes"]) for r in last) / max(
+        episodes, 1
+    )
     return {
         "label": label,
         "env": env_id,
         "seed": seed,
         "return": float(returns.mean()),
         "return_std": float(returns.std()),
+        # (4) was not trained: its metrics are (1)'s
+        "train_return": train_return if episodes and label != "4-posthoc" else float("nan"),
         "actor_n": policy.actor.state_dims,
         "critic_n": policy.critic.state_dims,
         "wall_s": float(rows[-1]["wall_time"]) if rows else float("nan"),
@@ -138,15 +149,17 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(
-        "\n| env | policy | seeds | return (mean ± std over seeds) | final actor n | wall s | steps/s after last reduction |"
+        "\n| env | policy | seeds | return (mean ± std over seeds) | training return, last 50 it. "
+        "| final actor n | wall s | steps/s after last reduction |"
     )
-    print("|---|---|---:|---:|---|---:|---:|")
+    print("|---|---|---:|---:|---:|---|---:|---:|")
     for env_id in args.envs.split(","):
         for label in ("1-full", "2-compressed", "3-small", "4-posthoc"):
             rows = [r for r in results if r["env"] == env_id and r["label"] == label]
             rets = np.array([r["return"] for r in rows])
             print(
                 f"| {env_id} | {label} | {len(rows)} | {rets.mean():.0f} ± {rets.std():.0f} | "
+                f"{_fmt(np.mean([r['train_return'] for r in rows]))} | "
                 f"{' / '.join(str(r['actor_n']) for r in rows)} | "
                 f"{np.mean([r['wall_s'] for r in rows]):.0f} | "
                 f"{_fmt(np.mean([r['steps_per_s_after'] for r in rows]))} |"
