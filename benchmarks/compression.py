@@ -143,7 +143,7 @@ def main() -> None:
                 compress_run(base / "1-full", base / "4-posthoc", state_dims=final_dims)
     results = []
     for env_id, seed, base in runs:
-        for label in ("1-full", "2-compressed", "3-small", "4-posthoc"):
+        for label in LABELS:
             results.append(summarise(base / label, env_id, seed, label))
             results[-1]["side_by_side"] = (base / "side_by_side").exists()
             print(json.dumps(results[-1]), flush=True)
@@ -154,7 +154,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---|---:|---:|")
     for env_id in args.envs.split(","):
-        for label in ("1-full", "2-compressed", "3-small", "4-posthoc"):
+        for label in LABELS:
             rows = [r for r in results if r["env"] == env_id and r["label"] == label]
             rets = np.array([r["return"] for r in rows])
             print(
@@ -170,6 +170,56 @@ def main() -> None:
         ratio = wall["2-compressed"]["wall_s"] / wall["1-full"]["wall_s"]
         star = "*" if wall["1-full"]["side_by_side"] else ""
         print(f"  {env_id} seed {seed}: {ratio:.3f}{star}")
+    plot(results, runs, at, args.out / "compression.png")
+    print(f"\nplot: {args.out / 'compression.png'}")
+
+
+LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
+
+
+def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) -> None:
+    """Per env: the training return over env steps (mean ± std over seeds of a
+    10-iteration running mean; dotted: reduction points) and each seed's deterministic
+    return under every policy (grey lines join a seed's four policies)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(env_id for env_id, _, _ in runs))
+    fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.6 * len(envs)), squeeze=False)
+    for (curves, paired), env_id in zip(axes, envs, strict=True):
+        seeds = [(seed, base) for e, seed, base in runs if e == env_id]
+        for label in LABELS[:3]:
+            smoothed = []
+            for _, base in seeds:
+                rows = MetricsLog(base / label / METRICS).read()
+                ret = np.array([float(r["episode_return"] or "nan") for r in rows])
+                # an iteration where no episode ended repeats the previous iteration's return
+                last_seen = np.maximum.accumulate(np.where(np.isnan(ret), 0, np.arange(len(ret))))
+                ret = np.nan_to_num(ret[last_seen])
+                smoothed.append(np.convolve(ret, np.ones(10) / 10, "valid"))
+            length = min(len(x) for x in smoothed)
+            smoothed = np.array([x[:length] for x in smoothed])
+            steps = np.array([int(r["global_step"]) for r in rows])[9 : 9 + length]
+            mean, std = smoothed.mean(0), smoothed.std(0)
+            line = curves.plot(steps, mean, label=label)[0]
+            curves.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        for fraction in at:
+            curves.axvline(fraction * steps[-1], color="grey", ls=":", lw=1)
+        curves.set(title=f"{env_id}: training return ({len(seeds)} seeds)", xlabel="env steps")
+        curves.legend(fontsize=8)
+        by_key = {(r["env"], r["seed"], r["label"]): r["return"] for r in results}
+        table = np.array([[by_key[env_id, seed, label] for label in LABELS] for seed, _ in seeds])
+        x = np.arange(len(LABELS))
+        for row in table:
+            paired.plot(x, row, color="grey", alpha=0.4, marker="o")
+        paired.plot(x, table.mean(0), color="black", marker="_", ms=30, ls="none")
+        paired.set_xticks(x, LABELS)
+        paired.set_title(f"{env_id}: deterministic return per seed (bar: mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _fmt(x: float) -> str:
