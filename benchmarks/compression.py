@@ -12,8 +12,11 @@ Per env and seed, four policies:
 Reports deterministic return (10 episodes), the training return of the last 50
 iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
 deterministic ones), final per-layer n, wall-clock training time and training env
-steps/s after the last reduction. Runs already in ``--out`` are reused,
-so the script can be stopped and restarted.
+steps/s after the last reduction, and plots the training curves and per-seed returns
+(``compression.png`` in ``--out``). Runs already in ``--out`` are reused, so the script
+can be stopped and restarted; stop it with Ctrl-C, which reaches its training processes
+too (killing the main process alone leaves them training, and a restarted script would
+then resume the same run beside them).
 
 With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
 seed start at the same time, one process per core, so that their wall-clock ratio is
