@@ -14,7 +14,7 @@ from compressm_rl import __version__
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a policy with recurrent PPO")
-    p.add_argument("--env", required=True, help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P")
+    p.add_argument("--env", help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P (not with --resume)")
     p.add_argument("--total-steps", type=int, help="env steps (default: the task preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run directory (default runs/ENV-sSEED)")
@@ -55,6 +55,8 @@ def _train(args) -> int:
         config = load_config(args.resume)
         train(config, args.resume, resume=True, progress=not args.no_progress)
         return 0
+    if args.env is None:
+        raise ValueError("--env is required to start a run (or pass --resume DIR to continue one)")
     check_env_id(args.env)
     data: dict = {}
     if args.config:
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = getattr(args, "handler", None) or args.func
         return handler(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, missing file, run directory busy
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,9 @@ A run directory holds::
     compression.json   reduction events (when compression is on)
 
 Checkpoints are written to a temporary file in the same directory and renamed over the
-old one, so a run killed mid-write keeps its previous checkpoint. They are loaded with
+old one, so a run killed mid-write keeps its previous checkpoint. A training process
+holds a lock on ``.lock`` in the directory, so a second one (say, a resume while the
+first still runs) stops with an error instead of interleaving its writes. They are loaded with
 ``torch.load(..., weights_only=True)``: plain tensors, numbers, strings, lists, dicts.
 """
 
@@ -19,6 +21,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -86,6 +89,29 @@ def load_config(run_dir: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
     return TrainConfig.from_dict(data)
+
+
+class RunDirectoryBusy(OSError):
+    """Another process is training in this run directory."""
+
+
+def lock_run_dir(run_dir: Path) -> IO:
+    """Take the run directory's lock; keep the returned file open while training (the OS
+    drops the lock when it is closed or the process dies, so no stale locks remain).
+    POSIX only: elsewhere the file is opened but nothing is locked."""
+    handle = open(Path(run_dir) / ".lock", "w")  # noqa: SIM115 - held open on purpose
+    try:
+        import fcntl
+    except ImportError:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunDirectoryBusy(
+            f"another process is training in {run_dir}; wait for it or stop it first"
+        ) from None
+    return handle
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -31,6 +31,7 @@ from compressm_rl.runs import (
     build_policy,
     load_checkpoint,
     load_config,
+    lock_run_dir,
     rng_state,
     save_checkpoint,
     save_config,
@@ -82,6 +83,7 @@ def train(
     cfg = config.preset()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -250,6 +252,7 @@ def train(
     if iterations_done and iteration % config.checkpoint_every != 0:
         checkpoint()  # the last iterations of an interrupted call are kept too
     envs.close()
+    lock.close()
     return policy
 
 

@@ -47,3 +47,8 @@ def test_bad_config_key_is_named(tmp_path, capsys):
 def test_eval_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_train_needs_an_env_unless_it_resumes(capsys):
+    assert main(["train", "--out", "unused"]) == 2
+    assert "--env is required" in capsys.readouterr().err

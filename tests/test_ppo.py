@@ -199,3 +199,20 @@ def test_rollout_actor_samples_what_act_samples(policy_type):
         torch.testing.assert_close(log_prob, log_prob_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(new_state, state_ref, rtol=1e-5, atol=1e-5)
         state, start = new_state, None
+
+
+def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
+    import fcntl
+
+    from compressm_rl.cli import main
+    from compressm_rl.runs import RunDirectoryBusy
+
+    config = _tiny_config(total_steps=128)
+    train(config, tmp_path, progress=False, max_iterations=1)
+    with open(tmp_path / ".lock", "w") as held:  # as if another process were training
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirectoryBusy, match="another process"):
+            train(config, tmp_path, resume=True, progress=False)
+        assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
+    train(config, tmp_path, resume=True, progress=False)  # free again: the run finishes
+    assert load_checkpoint(tmp_path)["global_step"] == 128
