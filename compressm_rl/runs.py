@@ -6,12 +6,13 @@ A run directory holds::
     metrics.csv        one row per PPO iteration
     checkpoint.pt      latest checkpoint (policy, optimiser, normalisers, RNG, step)
     compression.json   reduction events (when compression is on)
+    .lock              locked while a process trains here
 
 Checkpoints are written to a temporary file in the same directory and renamed over the
-old one, so a run killed mid-write keeps its previous checkpoint. A training process
-holds a lock on ``.lock`` in the directory, so a second one (say, a resume while the
-first still runs) stops with an error instead of interleaving its writes. They are loaded with
+old one, so a run killed mid-write keeps its previous checkpoint. They are loaded with
 ``torch.load(..., weights_only=True)``: plain tensors, numbers, strings, lists, dicts.
+A second process that tries to train in a locked directory (say, a resume while the
+first still runs) stops with an error instead of interleaving its writes.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -95,23 +97,23 @@ class RunDirectoryBusy(OSError):
     """Another process is training in this run directory."""
 
 
-def lock_run_dir(run_dir: Path) -> IO:
-    """Take the run directory's lock; keep the returned file open while training (the OS
-    drops the lock when it is closed or the process dies, so no stale locks remain).
-    POSIX only: elsewhere the file is opened but nothing is locked."""
-    handle = open(Path(run_dir) / ".lock", "w")  # noqa: SIM115 - held open on purpose
-    try:
-        import fcntl
-    except ImportError:
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunDirectoryBusy(
-            f"another process is training in {run_dir}; wait for it or stop it first"
-        ) from None
-    return handle
+@contextmanager
+def locked_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the ``with`` block (released when the block
+    ends or the process dies: no stale locks). POSIX only: elsewhere nothing is locked."""
+    with open(Path(run_dir) / ".lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryBusy(
+                f"another process is training in {run_dir}; wait for it or stop it first"
+            ) from None
+        yield
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -31,7 +31,7 @@ from compressm_rl.runs import (
     build_policy,
     load_checkpoint,
     load_config,
-    lock_run_dir,
+    locked_run_dir,
     rng_state,
     save_checkpoint,
     save_config,
@@ -79,11 +79,24 @@ def train(
         progress: show a progress bar with env steps/s and the recent return.
         max_iterations: stop after this many iterations in this call (for tests and
             for simulating an interrupted run); the run stays resumable.
+
+    Raises:
+        RunDirectoryBusy: another process is training in ``run_dir``.
     """
-    cfg = config.preset()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(run_dir)
+    with locked_run_dir(run_dir):
+        return _train(config, run_dir, resume, progress, max_iterations)
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    max_iterations: int | None,
+) -> ActorCritic:
+    cfg = config.preset()
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -252,7 +265,6 @@ def train(
     if iterations_done and iteration % config.checkpoint_every != 0:
         checkpoint()  # the last iterations of an interrupted call are kept too
     envs.close()
-    lock.close()
     return policy
 
 

@@ -214,5 +214,12 @@ def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
         with pytest.raises(RunDirectoryBusy, match="another process"):
             train(config, tmp_path, resume=True, progress=False)
         assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
+    bad = _tiny_config(total_steps=128, seed=1)
+    bad.ppo = {**bad.ppo, "seq_len": 7}  # rollout_steps % seq_len != 0: train raises
+    with pytest.raises(ValueError) as failed:
+        train(bad, tmp_path / "other", progress=False)
+    # the failed call let its lock go, although its traceback is still alive here
+    train(config, tmp_path / "other", progress=False, max_iterations=1)
+    assert failed.value is not None
     train(config, tmp_path, resume=True, progress=False)  # free again: the run finishes
     assert load_checkpoint(tmp_path)["global_step"] == 128
