@@ -44,6 +44,7 @@ from compressm_rl.posthoc import compress_run
 from compressm_rl.runs import METRICS, MetricsLog, TrainConfig, load_checkpoint, load_policy
 from compressm_rl.train import train
 
+LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
 TRAIN_RETURN_ITERATIONS = 50
 
 
@@ -175,9 +176,6 @@ def main() -> None:
         print(f"  {env_id} seed {seed}: {ratio:.3f}{star}")
     plot(results, runs, at, args.out / "compression.png")
     print(f"\nplot: {args.out / 'compression.png'}")
-
-
-LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
 
 
 def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) -> None:
