@@ -1,0 +1,98 @@
+"""Where a PPO iteration's time goes, per phase, for several policy sizes side by side.
+
+    python benchmarks/phases.py [--sizes 128,67,25] [--mlp] [--reps 5] [--env Hopper-v5]
+
+One process builds a policy per size (n per LRU layer, two layers, H = 64; ``--mlp``
+adds the 64-64 MLP) with its own envs and optimiser, then runs their iterations in
+turn, so every size sees the same machine load. Prints the median over ``--reps``
+iterations (after one warm-up) of the rollout, the critic pass, GAE and the update, in
+ms, one torch thread. The ratio of two totals is the wall-clock ratio of training at
+those sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from compressm_rl import ppo
+from compressm_rl.train import make_optimizer
+from envs import make_vec_env, preset_for
+from export.bench import cpu_model
+from policies.actor_critic import ActorCritic
+from policies.normalizer import RunningNormalizer
+
+PHASES = ("rollout", "critic pass", "gae", "update")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="128,67,25", help="n per LRU layer, one per policy")
+    parser.add_argument("--mlp", action="store_true", help="also time the MLP policy")
+    parser.add_argument("--reps", type=int, default=5, help="timed iterations per policy")
+    parser.add_argument("--env", default="Hopper-v5")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = preset_for(args.env)
+    variants = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
+    if args.mlp:
+        variants["MLP 64-64"] = ("mlp", [1])
+
+    setups = {}
+    for name, (kind, dims) in variants.items():
+        torch.manual_seed(0)
+        envs = make_vec_env(args.env, cfg.num_envs, seed=0)
+        obs, _ = envs.reset(seed=0)
+        space = envs.single_action_space
+        policy = ActorCritic(
+            envs.single_observation_space.shape[0],
+            space.shape[0],
+            space.low,
+            space.high,
+            policy=kind,
+            state_dims=dims,
+        )
+        carry = ppo.start_carry(policy, envs, obs)
+        setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
+
+    times = {name: {phase: [] for phase in PHASES} for name in setups}
+    for rep in range(args.reps + 1):  # rep 0 warms up
+        for name, (envs, policy, optimizer, carry, reward_norm) in setups.items():
+            t0 = time.perf_counter()
+            rollout = ppo.collect_rollout(
+                policy, envs, carry, cfg.rollout_steps, reward_norm, cfg.gamma
+            )
+            t1 = time.perf_counter()
+            values, last, seg_states, critic_end = ppo.critic_pass(
+                policy, rollout, cfg.seq_len, cfg.gamma
+            )
+            carry.state = ppo.RecurrentState(carry.state.actor, critic_end)
+            t2 = time.perf_counter()
+            adv, ret = ppo.compute_gae(
+                rollout.rewards, values, rollout.dones, last, cfg.gamma, cfg.gae_lambda
+            )
+            t3 = time.perf_counter()
+            ppo.ppo_update(policy, optimizer, rollout, values, adv, ret, seg_states, cfg)
+            t4 = time.perf_counter()
+            if rep:
+                spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+                for phase, seconds in zip(PHASES, spans, strict=True):
+                    times[name][phase].append(seconds)
+
+    print(f"machine: {cpu_model()}, {args.env}, 1 torch thread, median of {args.reps}")
+    print("\n| policy | " + " | ".join(PHASES) + " | total ms | vs first |")
+    print("|---|" + "---:|" * (len(PHASES) + 2))
+    first = None
+    for name, phases in times.items():
+        medians = [1000 * np.median(phases[p]) for p in PHASES]
+        total = sum(medians)
+        first = first or total
+        cells = " | ".join(f"{m:.0f}" for m in medians)
+        print(f"| {name} | {cells} | {total:.0f} | {total / first:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
