@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from compressm_rl import ppo
-from compressm_rl.train import make_optimizer
+from compressm_rl.runs import TrainConfig
+from compressm_rl.train import make_optimizer, make_policy
 from envs import make_vec_env, preset_for
 from export.bench import cpu_model
-from policies.actor_critic import ActorCritic
 from policies.normalizer import RunningNormalizer
 
 PHASES = ("rollout", "critic pass", "gae", "update")
@@ -39,22 +39,14 @@ def main() -> None:
     cfg = preset_for(args.env)
     variants = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
     if args.mlp:
-        variants["MLP 64-64"] = ("mlp", [1])
+        variants["MLP 64-64"] = ("mlp", None)
 
     setups = {}
     for name, (kind, dims) in variants.items():
         torch.manual_seed(0)
         envs = make_vec_env(args.env, cfg.num_envs, seed=0)
         obs, _ = envs.reset(seed=0)
-        space = envs.single_action_space
-        policy = ActorCritic(
-            envs.single_observation_space.shape[0],
-            space.shape[0],
-            space.low,
-            space.high,
-            policy=kind,
-            state_dims=dims,
-        )
+        policy = make_policy(TrainConfig(env_id=args.env, policy=kind, state_dims=dims), envs)
         carry = ppo.start_carry(policy, envs, obs)
         setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
 
