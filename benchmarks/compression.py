@@ -39,9 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-from compressm_rl.evaluate import evaluate_policy
+from compressm_rl.compression import CompressionConfig
 from compressm_rl.posthoc import compress_run
-from compressm_rl.runs import METRICS, MetricsLog, TrainConfig, load_checkpoint, load_policy
+from compressm_rl.runs import (
+    EventLog,
+    MetricsLog,
+    TorchController,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    load_policy,
+)
 from compressm_rl.train import train
 
 LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
@@ -55,7 +63,7 @@ def run_once(config: TrainConfig, run_dir: Path) -> None:
         resume = (run_dir / "checkpoint.pt").exists()
         _say(f"{run_dir}: {'resuming' if resume else 'training'}")
         train(config, run_dir, resume=resume, progress=False)
-        rows = MetricsLog(run_dir / METRICS).read()
+        rows = MetricsLog(run_dir).read()
         _say(f"{run_dir}: done in {float(rows[-1]['wall_time']):.0f} s")
 
 
@@ -67,19 +75,15 @@ def _say(line: str) -> None:
 def _is_done(config: TrainConfig, run_dir: Path) -> bool:
     if not (run_dir / "checkpoint.pt").exists():
         return False
-    preset = config.preset()
-    last_iteration = preset.total_steps - preset.num_envs * preset.rollout_steps
-    return load_checkpoint(run_dir)["global_step"] >= last_iteration
+    last_iteration = config.ppo.total_steps - config.ppo.steps_per_iteration
+    return load_checkpoint(run_dir).global_step >= last_iteration
 
 
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
     policy, meta = load_policy(run_dir)
-    returns = evaluate_policy(policy, env_id, episodes=10, seed=10_000 + seed)
-    rows = MetricsLog(run_dir / METRICS).read()
-    events_path = run_dir / "compression.json"
-    last_reduction = 0
-    if events_path.exists():
-        last_reduction = max((e["step"] for e in json.loads(events_path.read_text())), default=0)
+    returns = evaluate(TorchController(policy), env_id, episodes=10, seed=10_000 + seed)
+    rows = MetricsLog(run_dir).read()
+    last_reduction = max((e.step for e in EventLog(run_dir).read()), default=0)
     after = [float(r["steps_per_s"]) for r in rows if int(r["global_step"]) > last_reduction]
     last = [r for r in rows[-TRAIN_RETURN_ITERATIONS:] if r["episode_return"]]
     episodes = sum(int(r["episodes"]) for r in last)
@@ -126,10 +130,10 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
         for env_id, seed, base in runs:
-            full = TrainConfig(env_id=env_id, total_steps=args.steps, seed=seed)
-            compression = {"tol": args.tol, "at": at}
+            full = TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, seed=seed))
+            compression = CompressionConfig(tol=args.tol, at=at)
             if args.min_state is not None:
-                compression["min_state"] = args.min_state
+                compression = replace(compression, min_state=args.min_state)
             compressed = replace(full, compression=compression)
             if args.workers >= 2 and not (
                 _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
@@ -194,7 +198,7 @@ def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) ->
         for label in LABELS[:3]:
             smoothed = []
             for _, base in seeds:
-                rows = MetricsLog(base / label / METRICS).read()
+                rows = MetricsLog(base / label).read()
                 ret = np.array([float(r["episode_return"] or "nan") for r in rows])
                 # an iteration where no episode ended repeats the previous iteration's return
                 last_seen = np.maximum.accumulate(np.where(np.isnan(ret), 0, np.arange(len(ret))))

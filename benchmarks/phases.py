@@ -13,19 +13,17 @@ those sizes.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
-from compressm_rl import ppo
+from compressm_rl.rl import iteration, make_optimizer, preset_for, start_carry
+from compressm_rl.rl.iteration import PHASES
 from compressm_rl.runs import TrainConfig
-from compressm_rl.train import make_optimizer, make_policy
-from envs import make_vec_env, preset_for
+from compressm_rl.train import make_policy
+from envs import make_vec_env
 from export.bench import cpu_model
 from policies.normalizer import RunningNormalizer
-
-PHASES = ("rollout", "critic pass", "gae", "update")
 
 
 def main() -> None:
@@ -46,32 +44,17 @@ def main() -> None:
         torch.manual_seed(0)
         envs = make_vec_env(args.env, cfg.num_envs, seed=0)
         obs, _ = envs.reset(seed=0)
-        policy = make_policy(TrainConfig(env_id=args.env, policy=kind, state_dims=dims), envs)
-        carry = ppo.start_carry(policy, envs, obs)
+        config = TrainConfig.from_dict(dict(env_id=args.env, policy=kind, state_dims=dims))
+        policy = make_policy(config, envs)
+        carry = start_carry(policy, envs, obs)
         setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
 
     times = {name: {phase: [] for phase in PHASES} for name in setups}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for name, (envs, policy, optimizer, carry, reward_norm) in setups.items():
-            t0 = time.perf_counter()
-            rollout = ppo.collect_rollout(
-                policy, envs, carry, cfg.rollout_steps, reward_norm, cfg.gamma
-            )
-            t1 = time.perf_counter()
-            values, last, seg_states, critic_end = ppo.critic_pass(
-                policy, rollout, cfg.seq_len, cfg.gamma
-            )
-            carry.state = ppo.RecurrentState(carry.state.actor, critic_end)
-            t2 = time.perf_counter()
-            adv, ret = ppo.compute_gae(
-                rollout.rewards, values, rollout.dones, last, cfg.gamma, cfg.gae_lambda
-            )
-            t3 = time.perf_counter()
-            ppo.ppo_update(policy, optimizer, rollout, values, adv, ret, seg_states, cfg)
-            t4 = time.perf_counter()
+            result = iteration(policy, optimizer, envs, carry, reward_norm, cfg)
             if rep:
-                spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
-                for phase, seconds in zip(PHASES, spans, strict=True):
+                for phase, seconds in result.seconds.items():
                     times[name][phase].append(seconds)
 
     print(f"machine: {cpu_model()}, {args.env}, 1 torch thread, median of {args.reps}")

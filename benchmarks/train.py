@@ -30,12 +30,14 @@ def ours(policy: str, iterations: int) -> float:
     from compressm_rl.runs import TrainConfig
     from compressm_rl.train import train
 
-    config = TrainConfig(
-        env_id=ENV,
-        total_steps=(iterations + 1) * PER_ITER,
-        policy=policy,
-        ppo={"num_envs": N_ENVS, "rollout_steps": N_STEPS, "epochs": EPOCHS, "minibatches": 4},
-        checkpoint_every=10_000,
+    config = TrainConfig.from_dict(
+        dict(
+            env_id=ENV,
+            total_steps=(iterations + 1) * PER_ITER,
+            policy=policy,
+            ppo={"num_envs": N_ENVS, "rollout_steps": N_STEPS, "epochs": EPOCHS, "minibatches": 4},
+            checkpoint_every=10_000,
+        )
     )
     with tempfile.TemporaryDirectory() as out:
         train(config, out, progress=False, max_iterations=1)  # warm-up, then resume timed

@@ -1,17 +1,32 @@
-"""The ``compressm-rl`` command line: train, eval, report (compress, export, bench join)."""
+"""The ``compressm-rl`` command line: train, eval, report, compress, export, bench.
+
+One convention: ``_add_NAME(subparsers)`` declares a command and sets its ``handler``;
+``_NAME(args)`` does the work through the library and returns the exit status.
+``ValueError`` and ``OSError`` (bad input, a missing file, a busy run directory) print
+one ``error:`` line and exit 2, before anything is written. Heavy imports (torch,
+gymnasium, onnx) happen inside the handlers so that ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from compressm_rl import __version__
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+# ----- train ----------------------------------------------------------------------------
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a policy with recurrent PPO")
     p.add_argument("--env", help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P (not with --resume)")
@@ -29,7 +44,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--compress-at",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=_floats,
         help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
     )
     p.add_argument("--min-state", type=int, help="floor on complex states per layer (default 4)")
@@ -46,23 +61,21 @@ def _add_train(sub) -> None:
 
 
 def _train(args) -> int:
-    from compressm_rl.compression import CompressionConfig
     from compressm_rl.runs import TrainConfig, load_config
     from compressm_rl.train import train
-    from envs import check_env_id
 
     if args.resume:
-        config = load_config(args.resume)
-        train(config, args.resume, resume=True, progress=not args.no_progress)
+        train(load_config(args.resume), args.resume, resume=True, progress=not args.no_progress)
         return 0
     if args.env is None:
         raise ValueError("--env is required to start a run (or pass --resume DIR to continue one)")
-    check_env_id(args.env)
     data: dict = {}
     if args.config:
         import yaml
 
         data = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config} must hold a mapping of TrainConfig keys")
     flags = {
         "env_id": args.env,
         "total_steps": args.total_steps,
@@ -74,33 +87,29 @@ def _train(args) -> int:
         "num_workers": args.num_workers,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
-    if args.num_envs:
-        data.setdefault("ppo", {})["num_envs"] = args.num_envs
+    if args.num_envs is not None:
+        data["ppo"] = {**(data.get("ppo") or {}), "num_envs": args.num_envs}
     compression = {
         "tol": args.compress_tol,
         "at": args.compress_at,
         "min_state": args.min_state,
         "parts": args.compress_parts,
     }
-    data.setdefault("compression", {}).update({k: v for k, v in compression.items() if v})
-    config = TrainConfig.from_dict(data)
-    config.preset()  # validate PPO and compression settings before creating anything
-    CompressionConfig.from_dict(config.compression)
+    compression = {k: v for k, v in compression.items() if v is not None}
+    data["compression"] = {**(data.get("compression") or {}), **compression}
+    config = TrainConfig.from_dict(data)  # every setting checked before anything is created
     out = args.out or Path("runs") / f"{args.env}-s{args.seed}"
-    if (out / "config.yaml").exists():
-        if not args.overwrite:
-            print(
-                f"error: {out} already holds a run; pass --resume {out} to continue it "
-                "or --overwrite to replace it",
-                file=sys.stderr,
-            )
-            return 2
-        shutil.rmtree(out)
-    train(config, out, progress=not args.no_progress)
+    if (out / "config.yaml").exists() and not args.overwrite:
+        raise ValueError(
+            f"{out} already holds a run; pass --resume {out} to continue it "
+            "or --overwrite to replace it"
+        )
+    train(config, out, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"run saved in {out}")
     return 0
 
 
+# ----- eval, report, compress -----------------------------------------------------------
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run directory or an .onnx file deterministically")
     p.add_argument("target", type=Path, help="run directory or exported .onnx file")
@@ -112,31 +121,17 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> int:
-    if args.target.suffix == ".onnx":
-        from compressm_rl.deploy import evaluate_onnx
-        from export.runtime import OnnxPolicy
+    from compressm_rl.runs import evaluate, load_controller
 
-        env_id = args.env or OnnxPolicy(args.target).env_id
-        returns = evaluate_onnx(args.target, env_id, args.episodes, args.seed)
-    else:
-        from compressm_rl.evaluate import evaluate_policy
-        from compressm_rl.runs import load_policy
-
-        policy, meta = load_policy(args.target)
-        env_id = args.env or meta["env_id"]
-        returns = evaluate_policy(policy, env_id, args.episodes, args.seed)
+    if args.episodes < 1:
+        raise ValueError(f"--episodes = {args.episodes} is out of range: at least 1")
+    controller, env_id = load_controller(args.target)
+    env_id = args.env or env_id
+    returns = evaluate(controller, env_id, args.episodes, args.seed)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "env_id": env_id,
-                    "episodes": len(returns),
-                    "mean": float(returns.mean()),
-                    "std": float(returns.std()),
-                    "returns": returns.tolist(),
-                }
-            )
-        )
+        summary = {"env_id": env_id, "episodes": len(returns), "mean": float(returns.mean())}
+        summary.update(std=float(returns.std()), returns=returns.tolist())
+        print(json.dumps(summary))
     else:
         print(f"{env_id}: {returns.mean():.1f} ± {returns.std():.1f} over {len(returns)} episodes")
     return 0
@@ -150,19 +145,17 @@ def _add_report(sub) -> None:
 
 
 def _report(args) -> int:
-    from compressm_rl.evaluate import evaluate_policy
-    from compressm_rl.report import write_report
-    from compressm_rl.runs import load_policy
+    from compressm_rl.runs import evaluate, load_controller
+    from compressm_rl.runs.report import write_report
 
     returns = onnx_returns = None
     if args.episodes > 0:
-        policy, meta = load_policy(args.run_dir)
-        returns = evaluate_policy(policy, meta["env_id"], args.episodes, seed=10_000)
+        controller, env_id = load_controller(args.run_dir)
+        returns = evaluate(controller, env_id, args.episodes, seed=10_000)
         onnx_path = args.run_dir / "policy.onnx"
         if onnx_path.exists():
-            from compressm_rl.deploy import evaluate_onnx
-
-            onnx_returns = evaluate_onnx(onnx_path, meta["env_id"], args.episodes, seed=10_000)
+            onnx_policy, _ = load_controller(onnx_path)
+            onnx_returns = evaluate(onnx_policy, env_id, args.episodes, seed=10_000)
     print(f"report written to {write_report(args.run_dir, returns, onnx_returns)}")
     return 0
 
@@ -175,7 +168,7 @@ def _add_compress(sub) -> None:
     group.add_argument("--tol", type=float, help="drop this fraction of Σ HSV per layer")
     group.add_argument(
         "--state-dims",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=_ints,
         help="target complex states per actor layer (critic layers get the same), e.g. 24,18",
     )
     p.set_defaults(handler=_compress)
@@ -186,13 +179,128 @@ def _compress(args) -> int:
 
     events = compress_run(args.run_dir, args.out, tol=args.tol, state_dims=args.state_dims)
     for e in events:
-        print(
-            f"{e['layer']}: n {e['n_before']} -> {e['n_after']}  bound {e['bound']:.3g}  {e['status']}"
-        )
+        print(f"{e.layer}: n {e.n_before} -> {e.n_after}  bound {e.bound:.3g}  {e.status}")
     print(f"compressed run saved in {args.out}")
     return 0
 
 
+# ----- deployment -----------------------------------------------------------------------
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run's policy to one ONNX step graph and check it against torch",
+        description="Export the actor of a trained run to ONNX (obs normalisation and action "
+        "bounds baked in), then run closed-loop MuJoCo rollouts with episode resets comparing "
+        "ONNX Runtime's actions with torch's. Exits with status 1 if they differ.",
+    )
+    p.add_argument("run_dir", type=Path, help="run directory (as written by `compressm-rl train`)")
+    p.add_argument("--out", type=Path, help="output .onnx file (default: RUN_DIR/policy.onnx)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    p.add_argument(
+        "--parity-steps",
+        type=int,
+        default=500,
+        help="closed-loop steps per parity check (0 skips the check; not recommended)",
+    )
+    p.add_argument("--parity-batch", type=int, default=1, help="envs stepped together")
+    p.add_argument("--seed", type=int, default=0, help="env seed of the parity rollouts")
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="keep the .onnx file when parity fails (it is deleted by default so that a "
+        "file at --out always means a checked export)",
+    )
+    p.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    from compressm_rl.deploy import export_run
+    from export.onnx_export import DEFAULT_OPSET
+    from export.parity import ParityError
+    from export.runtime import OnnxPolicy
+
+    out = args.out or args.run_dir / "policy.onnx"
+    try:
+        policy, meta, report = export_run(
+            args.run_dir,
+            out,
+            opset=args.opset or DEFAULT_OPSET,
+            parity_steps=args.parity_steps,
+            parity_batch=args.parity_batch,
+            seed=args.seed,
+            rtol=args.rtol,
+            atol=args.atol,
+            keep_failed=args.keep_failed,
+        )
+    except ParityError as err:
+        kept = f"kept {out}" if args.keep_failed else f"deleted {out}"
+        print(f"error: ONNX export does not match torch: {err} ({kept})", file=sys.stderr)
+        return 1
+    onnx_policy = OnnxPolicy(out)
+    print(
+        f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB): {meta['env_id']}, "
+        f"{policy.policy_type}, state dims {onnx_policy.layer_state_dims}, "
+        f"{onnx_policy.metadata['num_nodes']} nodes, trained {meta['global_step']} steps"
+    )
+    if report is None:
+        print("parity check skipped (--parity-steps 0)", file=sys.stderr)
+        return 0
+    print(
+        f"parity ok: {report['steps']} steps x {report['batch']} envs, "
+        f"{report['episodes_started']} episodes, max abs err {report['max_abs_err']:.2e}, "
+        f"max rel err {report['max_rel_err']:.2e} (rtol {args.rtol}, atol {args.atol})"
+    )
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="per-step latency of exported policies in ONNX Runtime (batch 1)",
+        description="Time OnnxPolicy.act at batch 1 for each file side by side, with ONNX "
+        "Runtime's identity-graph floor and optionally the torch policy of a run.",
+    )
+    p.add_argument("models", nargs="+", help=".onnx files")
+    p.add_argument("--steps", type=int, default=5000, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--provider", default="CPUExecutionProvider")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--run", type=Path, metavar="DIR", help="add a torch eager row for this run")
+    p.add_argument(
+        "--out-dir", type=Path, help="write latency.md, latency.json, latency_hist.png here"
+    )
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args) -> int:
+    from export.bench import machine_info, markdown_table, run_benchmarks, save_histogram, to_json
+
+    results = run_benchmarks(args.models, args.steps, args.warmup, args.provider)
+    if args.run:
+        from compressm_rl.deploy import bench_torch
+        from compressm_rl.runs import load_policy
+
+        policy, _ = load_policy(args.run)
+        results.append(
+            bench_torch(policy, f"torch eager ({args.run.name})", args.steps, args.warmup)
+        )
+    machine = machine_info(args.provider)
+    table = markdown_table(results, machine)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(to_json(results, machine))
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "latency.md").write_text(table + "\n")
+        (args.out_dir / "latency.json").write_text(to_json(results, machine))
+        if not save_histogram(results, args.out_dir / "latency_hist.png"):
+            print("matplotlib is not installed: no histogram written", file=sys.stderr)
+    return 0
+
+
+# ----- entry point ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compressm-rl",
@@ -201,14 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train(sub)
-    _add_eval(sub)
-    _add_report(sub)
-    _add_compress(sub)
-    from compressm_rl.deploy import add_bench_parser, add_export_parser
-
-    add_export_parser(sub)
-    add_bench_parser(sub)
+    for add in (_add_train, _add_eval, _add_report, _add_compress, _add_export, _add_bench):
+        add(sub)
     return parser
 
 
@@ -221,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        handler = getattr(args, "handler", None) or args.func
-        return handler(args)
+        return args.handler(args)
     except (ValueError, OSError) as err:  # bad input, missing file, run directory busy
         print(f"error: {err}", file=sys.stderr)
         return 2

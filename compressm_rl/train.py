@@ -1,48 +1,46 @@
-"""The training runner: envs + policy + recurrent PPO + run directory, with resume.
+"""The training runner: envs + policy + recurrent PPO + in-training compression + run
+directory, with resume (docs/design.md §5, §7, §9).
 
-``train(config, run_dir)`` is the whole loop; reading it top to bottom shows every
-step of an iteration: anneal the learning rate, collect a rollout, compute values and
-advantages, update, log, checkpoint.
+``train(config, run_dir)`` reads top to bottom: start (or resume) the run, then per
+iteration anneal the learning rate, compress when a reduction point is due, run one PPO
+``iteration``, log, checkpoint.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from compressm_rl import ppo
-from compressm_rl.compression import (
-    EVENTS,
-    CompressionConfig,
-    compress_policy,
-    drop_events_from,
-    plot_hsv,
-    save_events,
-)
+from compressm_rl.compression import ReductionEvent, compress_policy
+from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
+from compressm_rl.rl.ppo import explained_variance
 from compressm_rl.runs import (
-    METRICS,
+    EventLog,
     MetricsLog,
     TrainConfig,
-    build_policy,
+    TrainingState,
     load_checkpoint,
     load_config,
     locked_run_dir,
-    rng_state,
     save_checkpoint,
     save_config,
-    set_rng_state,
 )
+from compressm_rl.runs.checkpoint import rng_state, set_rng_state
+from compressm_rl.runs.files import clear_run_dir
+from compressm_rl.runs.report import plot_hsv
 from envs import make_vec_env
 from policies.actor_critic import ActorCritic
 from policies.normalizer import RunningNormalizer
 
 
-def make_policy(config: TrainConfig, envs) -> ActorCritic:
+def make_policy(config: TrainConfig, envs: gym.vector.VectorEnv) -> ActorCritic:
     """A fresh policy for the envs' spaces, sized by the config."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     return ActorCritic(
@@ -52,15 +50,10 @@ def make_policy(config: TrainConfig, envs) -> ActorCritic:
         act_space.high,
         policy=config.policy,
         width=config.width,
-        state_dims=config.state_dims or [config.state_dim] * config.layers,
+        state_dims=config.initial_state_dims,
         mlp_layers=config.layers,
-        init_log_std=config.preset().init_log_std,
+        init_log_std=config.ppo.init_log_std,
     )
-
-
-def make_optimizer(policy: ActorCritic, lr: float) -> torch.optim.Adam:
-    # fused: one kernel for all tensors instead of ~10 ops per tensor (2.9 -> 0.7 ms a step)
-    return torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5, fused=True)
 
 
 def train(
@@ -69,6 +62,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     max_iterations: int | None = None,
+    overwrite: bool = False,
 ) -> ActorCritic:
     """Train (or resume) a run; returns the final policy.
 
@@ -79,6 +73,8 @@ def train(
         progress: show a progress bar with env steps/s and the recent return.
         max_iterations: stop after this many iterations in this call (for tests and
             for simulating an interrupted run); the run stays resumable.
+        overwrite: empty ``run_dir`` first (once its lock is held, so a run that another
+            process is training is never deleted under it).
 
     Raises:
         RunDirectoryBusy: another process is training in ``run_dir``.
@@ -86,186 +82,170 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with locked_run_dir(run_dir):
+        if overwrite and not resume:
+            clear_run_dir(run_dir)
         return _train(config, run_dir, resume, progress, max_iterations)
 
 
 def _train(
-    config: TrainConfig,
-    run_dir: Path,
-    resume: bool,
-    progress: bool,
-    max_iterations: int | None,
+    config: TrainConfig, run_dir: Path, resume: bool, progress: bool, max_iterations: int | None
 ) -> ActorCritic:
-    cfg = config.preset()
+    cfg = config.ppo
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-
-    if cfg.rollout_steps % cfg.seq_len:
-        raise ValueError(
-            f"rollout_steps ({cfg.rollout_steps}) must be a multiple of seq_len ({cfg.seq_len})"
-        )
     envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)
-    policy = make_policy(config, envs)
-    optimizer = make_optimizer(policy, cfg.lr)
-    reward_norm = RunningNormalizer(()) if cfg.norm_reward else None
-    metrics = MetricsLog(run_dir / METRICS)
-    global_step, iteration = 0, 0
-    compression = CompressionConfig.from_dict(config.compression)
-    reduction_steps = [int(f * cfg.total_steps) for f in sorted(compression.at)]
-    next_reduction = 0
+    state = _resume(config, run_dir) if resume else _start(config, run_dir, envs)
+    metrics, events = MetricsLog(run_dir), EventLog(run_dir)
 
-    wall_before = 0.0  # training seconds before this call (resumed runs)
-    if resume:
-        saved = load_config(run_dir)
-        if saved != config:
-            raise ValueError(
-                f"{run_dir} was trained with a different config; resume it with its own "
-                f"config.yaml (compressm-rl train --resume {run_dir})"
-            )
-        payload = load_checkpoint(run_dir)
-        policy = build_policy(
-            payload["architecture"], payload["action_low"], payload["action_high"]
-        )
-        policy.load_state_dict(payload["policy"])
-        optimizer = make_optimizer(policy, cfg.lr)
-        optimizer.load_state_dict(payload["optimizer"])
-        if reward_norm is not None:
-            reward_norm.load_state_dict(payload["reward_norm"])
-        set_rng_state(payload["rng"])
-        global_step, iteration = int(payload["global_step"]), int(payload["iteration"])
-        next_reduction = int(payload.get("next_reduction", 0))
-        # The schedule the run started with, even if the defaults changed since.
-        reduction_steps = [int(x) for x in payload.get("reduction_steps", reduction_steps)]
-        wall_before = float(payload.get("wall_time", 0.0))
-        metrics.truncate_after(global_step)
-        drop_events_from(run_dir, global_step)
-    else:
-        save_config(run_dir, config)
-        metrics.path.unlink(missing_ok=True)
-        (run_dir / EVENTS).unlink(missing_ok=True)
-
-    steps_per_iter = cfg.num_envs * cfg.rollout_steps
-    num_iterations = max(1, cfg.total_steps // steps_per_iter)
+    num_iterations = cfg.num_iterations
     # MuJoCo episodes in flight at a checkpoint are not saved: a resumed run restarts them.
-    obs, _ = envs.reset(seed=config.seed + iteration)
-    carry = ppo.start_carry(policy, envs, obs)
+    obs, _ = envs.reset(seed=config.seed + state.iteration)
+    carry = start_carry(state.policy, envs, obs)
     recent_returns: deque[float] = deque(maxlen=20)
     bar = tqdm(
-        total=num_iterations * steps_per_iter,
-        initial=global_step,
+        total=num_iterations * cfg.steps_per_iteration,
+        initial=state.global_step,
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
     )
-    start_time, start_step = time.perf_counter(), global_step
+    start_time, start_step, wall_before = time.perf_counter(), state.global_step, state.wall_time
+    result: IterationResult | None = None  # the last iteration of this call
     iterations_done = 0
-    rollout = None
-    new_events: list[dict] = []
 
     def checkpoint() -> None:
-        save_checkpoint(
-            run_dir,
-            {
-                "env_id": config.env_id,
-                "global_step": global_step,
-                "iteration": iteration,
-                "next_reduction": next_reduction,
-                "reduction_steps": reduction_steps,
-                "wall_time": wall_before + time.perf_counter() - start_time,
-                "architecture": policy.architecture(),
-                "action_low": policy.action_low,
-                "action_high": policy.action_high,
-                "policy": policy.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "reward_norm": reward_norm.state_dict() if reward_norm is not None else {},
-                "rng": rng_state(),
-                "config": config.to_dict(),
-            },
-        )
+        state.wall_time = wall_before + time.perf_counter() - start_time
+        state.rng = rng_state()
+        save_checkpoint(run_dir, state)
 
-    while iteration < num_iterations:
+    while state.iteration < num_iterations:
         if max_iterations is not None and iterations_done >= max_iterations:
             break
         if cfg.anneal_lr:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (1.0 - iteration / num_iterations)
-
-        if (
-            compression.enabled
-            and rollout is not None
-            and next_reduction < len(reduction_steps)
-            and global_step >= reduction_steps[next_reduction]
-        ):
-            # Between rollouts: shrink every LRU layer, map the envs' ongoing states.
-            carry.state, new_events = compress_policy(
-                policy,
-                optimizer,
-                compression,
-                carry.state,
-                rollout.obs.transpose(0, 1),
-                rollout.episode_start.transpose(0, 1),
-            )
-            for event in new_events:
-                event.update(step=global_step, return_before=_mean_or_none(recent_returns))
-            plot_hsv(
-                run_dir / f"hsv_{next_reduction + 1}.png",
-                new_events,
-                f"{config.env_id}: reduction {next_reduction + 1} at step {global_step:,}",
-            )
-            next_reduction += 1
+            for group in state.optimizer.param_groups:
+                group["lr"] = cfg.lr * (1.0 - state.iteration / num_iterations)
+        new_events = []
+        if result is not None and _reduction_due(state):  # guards need a rollout of this call
+            new_events = _compress(state, carry, result, recent_returns, run_dir)
 
         iter_start = time.perf_counter()
-        rollout = ppo.collect_rollout(
-            policy, envs, carry, cfg.rollout_steps, reward_norm, cfg.gamma
-        )
-        values, last_value, critic_seg_states, critic_end = ppo.critic_pass(
-            policy, rollout, cfg.seq_len, cfg.gamma
-        )
-        carry.state = ppo.RecurrentState(carry.state.actor, critic_end)
-        advantages, returns = ppo.compute_gae(
-            rollout.rewards, values, rollout.dones, last_value, cfg.gamma, cfg.gae_lambda
-        )
-        stats = ppo.ppo_update(
-            policy, optimizer, rollout, values, advantages, returns, critic_seg_states, cfg
-        )
-        iteration += 1
+        result = iteration(state.policy, state.optimizer, envs, carry, state.reward_norm, cfg)
+        state.iteration += 1
+        state.global_step += cfg.steps_per_iteration
         iterations_done += 1
-        global_step += steps_per_iter
 
-        recent_returns.extend(rollout.finished_returns)
+        finished = result.rollout.finished_returns
+        recent_returns.extend(finished)
         if new_events:  # the return right after a reduction, for compression.json
-            for event in new_events:
-                event["return_after"] = _mean_or_none(rollout.finished_returns)
-            save_events(run_dir, new_events)
-            new_events = []
+            events.append([replace(e, return_after=_mean_or_none(finished)) for e in new_events])
         elapsed = time.perf_counter() - start_time
-        row = {
-            "iteration": iteration,
-            "global_step": global_step,
-            "wall_time": round(wall_before + elapsed, 3),
-            "steps_per_s": round(steps_per_iter / (time.perf_counter() - iter_start), 1),
-            "episode_return": np.mean(rollout.finished_returns) if rollout.finished_returns else "",
-            "episode_length": np.mean(rollout.finished_lengths) if rollout.finished_lengths else "",
-            "episodes": len(rollout.finished_returns),
-            "lr": optimizer.param_groups[0]["lr"],
-            "explained_variance": ppo.explained_variance(values, returns),
-            "state_dims": " ".join(str(n) for n in policy.actor.state_dims) or "0",
-            **stats,
-        }
-        metrics.append(row)
-        bar.update(steps_per_iter)
+        metrics.append(
+            _metrics_row(state, result, wall_before + elapsed, time.perf_counter() - iter_start)
+        )
+        bar.update(cfg.steps_per_iteration)
         bar.set_postfix(
-            sps=f"{(global_step - start_step) / elapsed:.0f}",
+            sps=f"{(state.global_step - start_step) / elapsed:.0f}",
             ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "-",
         )
-        if iteration % config.checkpoint_every == 0 or iteration == num_iterations:
+        if state.iteration % config.checkpoint_every == 0 or state.iteration == num_iterations:
             checkpoint()
     bar.close()
-    if iterations_done and iteration % config.checkpoint_every != 0:
+    if iterations_done and state.iteration % config.checkpoint_every != 0:
         checkpoint()  # the last iterations of an interrupted call are kept too
     envs.close()
-    return policy
+    return state.policy
+
+
+def _start(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> TrainingState:
+    """A new run: fresh policy and optimiser, ``config.yaml`` written, old logs cleared."""
+    cfg = config.ppo
+    policy = make_policy(config, envs)
+    state = TrainingState(
+        config=config,
+        policy=policy,
+        optimizer=make_optimizer(policy, cfg.lr),
+        reward_norm=RunningNormalizer(()) if cfg.norm_reward else None,
+        reduction_steps=[int(f * cfg.total_steps) for f in sorted(config.compression.at)],
+    )
+    save_config(run_dir, config)
+    MetricsLog(run_dir).path.unlink(missing_ok=True)
+    EventLog(run_dir).clear()
+    return state
+
+
+def _resume(config: TrainConfig, run_dir: Path) -> TrainingState:
+    """The run's checkpoint, RNG restored, logs cut back to the checkpoint's step."""
+    if load_config(run_dir) != config:
+        raise ValueError(
+            f"{run_dir} was trained with a different config; resume it with its own "
+            f"config.yaml (compressm-rl train --resume {run_dir})"
+        )
+    state = load_checkpoint(run_dir)
+    if not state.reduction_steps:  # checkpoints from before the schedule was saved
+        at = sorted(config.compression.at)
+        state.reduction_steps = [int(f * config.ppo.total_steps) for f in at]
+    set_rng_state(state.rng)
+    MetricsLog(run_dir).truncate_after(state.global_step)
+    EventLog(run_dir).drop_from(state.global_step)
+    return state
+
+
+def _reduction_due(state: TrainingState) -> bool:
+    return (
+        state.config.compression.enabled
+        and state.next_reduction < len(state.reduction_steps)
+        and state.global_step >= state.reduction_steps[state.next_reduction]
+    )
+
+
+def _compress(
+    state: TrainingState,
+    carry: EnvCarry,
+    last: IterationResult,
+    recent_returns: deque[float],
+    run_dir: Path,
+) -> list[ReductionEvent]:
+    """Between rollouts: shrink the LRU layers, map the envs' ongoing states, plot the
+    spectra. The events are logged after the next rollout, with the return it reached."""
+    carry.state, events = compress_policy(
+        state.policy,
+        state.optimizer,
+        state.config.compression,
+        carry.state,
+        last.rollout.obs.transpose(0, 1),
+        last.rollout.episode_start.transpose(0, 1),
+    )
+    before = _mean_or_none(recent_returns)
+    events = [replace(e, step=state.global_step, return_before=before) for e in events]
+    state.next_reduction += 1
+    plot_hsv(
+        run_dir / f"hsv_{state.next_reduction}.png",
+        events,
+        f"{state.config.env_id}: reduction {state.next_reduction} at step {state.global_step:,}",
+    )
+    return events
+
+
+def _metrics_row(
+    state: TrainingState, result: IterationResult, wall_time: float, iteration_seconds: float
+) -> dict:
+    """One ``metrics.csv`` row for the iteration just finished."""
+    rollout = result.rollout
+    steps = state.config.ppo.steps_per_iteration
+    return {
+        "iteration": state.iteration,
+        "global_step": state.global_step,
+        "wall_time": round(wall_time, 3),
+        "steps_per_s": round(steps / iteration_seconds, 1),
+        "episode_return": np.mean(rollout.finished_returns) if rollout.finished_returns else "",
+        "episode_length": np.mean(rollout.finished_lengths) if rollout.finished_lengths else "",
+        "episodes": len(rollout.finished_returns),
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "explained_variance": explained_variance(result.values, result.returns),
+        "state_dims": " ".join(str(n) for n in state.policy.actor.state_dims) or "0",
+        **result.stats,
+    }
 
 
 def _mean_or_none(values) -> float | None:

@@ -1,17 +1,16 @@
-"""Gymnasium MuJoCo tasks: registry with presets, vector-env factory, POMDP wrappers.
+"""Gymnasium MuJoCo tasks: registry, vector-env factory, POMDP wrappers.
 
-Imports nothing else of this project (see DESIGN.md §1).
+Imports nothing else of this project (docs/design.md §1).
 """
 
 from envs.pomdp import KeepPartObservation
-from envs.tasks import PRESETS, TaskPreset, check_env_id, make_env, make_vec_env, preset_for
+from envs.tasks import TASKS, check_env_id, make_env, make_vec_env, split_env_id
 
 __all__ = [
-    "PRESETS",
+    "TASKS",
     "KeepPartObservation",
-    "TaskPreset",
     "check_env_id",
     "make_env",
     "make_vec_env",
-    "preset_for",
+    "split_env_id",
 ]

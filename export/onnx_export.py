@@ -18,23 +18,24 @@ n=128 policy gives 131 nodes (complex ops decomposed into Gather/Slice/Concat/Un
 this builder 23 (18 once the state is small, e.g. after compression), and every constant
 and node is under our control. ONNX Runtime costs ~0.3-0.5 µs per node at batch 1
 (DESIGN.md §7-8), so the graph avoids small nodes. Per LRU layer the complex recurrence is
-written in real form::
+written in the real form of ``policies.lti`` (rows, ``x = [Re h, Im h]``, the layer's slice
+of ``state``)::
 
-    x = [Re h, Im h]                 (the layer's slice of ``state``)
     A x = x ⊙ [a, a] + swap(x) ⊙ [-b, b],  λ = a + i b, swap exchanges Re and Im halves
-    h' = Gemm(z, [Re B̃ᵀ | Im B̃ᵀ], A x)                 z = LayerNorm(u)
-    y  = Gemm(h', [[Re Cᵀ], [-Im Cᵀ]], D ⊙ z)
+    h' = Gemm(z, B_xᵀ, A x)                 z = LayerNorm(u)
+    y  = Gemm(h', C_xᵀ, D ⊙ z)
     u' = u + GELU(y)
 
-Constants are folded in float64 and cast once to float32, except λ, which is torch's own
-float32 value (see ``_lru_constants``). ``A x`` is computed for all layers at once
-(elementwise), or, when the whole state is small, merged with each layer's output map into
-one block-diagonal MatMul (``_lru_stack``), then split per layer.
+The layer is read once as ``LRU.system()``: the float32 numbers torch computes with
+(λ's rounding is the error that compounds over time: with |λ| = 0.9999 over 600
+HalfCheetah steps a float64-rounded λ left 6e-6 state drift against torch, torch's own λ
+8e-7); products are formed in float64 and cast once to float32. ``A x`` is computed for
+all layers at once (elementwise), or, when the whole state is small, merged with each
+layer's output map into one block-diagonal MatMul (``_lru_stack``), then split per layer.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from policies.actor_critic import ActorCritic
+from policies.lti import DiagonalSystem, merged_step_matrices, real_form
 
 FORMAT_VERSION = "1"
 PRODUCER = "compressm-rl"
@@ -143,45 +145,20 @@ def _obs_normalisation(g: _GraphBuilder, policy: ActorCritic, obs: str) -> str:
     )
 
 
-def _lru_constants(lru) -> dict[str, np.ndarray]:
-    """Real-form constants of one LRU layer from the layer's own methods.
-
-    B̃, C and D are computed in float64 and rounded once. λ is taken as the float32 value
-    ``lru.eigenvalues()`` gives, bit for bit: it is the number the policy was trained and
-    evaluated with, and its rounding is the one error that compounds over time (state
-    error ~ t·δλ). With |λ| = 0.9999 over 600 HalfCheetah steps, the float64-rounded λ
-    left 6e-6 state drift against torch, torch's own λ 8e-7.
-    """
-    lru64 = copy.deepcopy(lru).to(torch.float64)
-    with torch.no_grad():
-        lam = lru.eigenvalues().detach().cpu().to(torch.complex128).numpy()  # [n]
-        b_tilde = lru64.input_matrix().numpy()  # [n, H]
-        c = lru64.output_matrix().numpy()  # [H, n]
-        d = lru64.D.numpy()  # [H]
-    return {
-        "a": lam.real,
-        "b": lam.imag,
-        # h' = A x + z @ w_in ; y = h' @ w_out + D ⊙ z, with x = [Re h, Im h].
-        "w_in": np.concatenate([b_tilde.real.T, b_tilde.imag.T], axis=1),  # [H, 2n]
-        "w_out": np.concatenate([c.real.T, -c.imag.T], axis=0),  # [2n, H]
-        "d": d,
-    }
-
-
-def _state_transition(g: _GraphBuilder, state: str, layers: list[dict]) -> str:
+def _state_transition(g: _GraphBuilder, state: str, systems: list[DiagonalSystem]) -> str:
     """``A x`` for every layer at once: ``[B, S] -> [B, S]`` (block-diagonal A, layout kept).
 
     Elementwise complex multiply in real form: O(S), for states too large for the dense
     merged path of ``_lru_stack``.
     """
-    sizes = [len(p["a"]) for p in layers]
     swap, coef_self, coef_swap = [], [], []
     offset = 0
-    for p, n in zip(layers, sizes, strict=True):
+    for system in systems:
+        a, b, n = system.lam.real, system.lam.imag, system.state_dim
         idx = np.arange(offset, offset + 2 * n)
         swap.append(np.concatenate([idx[n:], idx[:n]]))
-        coef_self.append(np.concatenate([p["a"], p["a"]]))
-        coef_swap.append(np.concatenate([-p["b"], p["b"]]))
+        coef_self.append(np.concatenate([a, a]))
+        coef_swap.append(np.concatenate([-b, b]))
         offset += 2 * n
     swapped = g.op(
         "Gather", [state, g.const("swap_index", np.concatenate(swap), np.int64)], "swap", axis=1
@@ -189,12 +166,6 @@ def _state_transition(g: _GraphBuilder, state: str, layers: list[dict]) -> str:
     t1 = g.op("Mul", [state, g.const("lambda_re", np.concatenate(coef_self))], "ax_self")
     t2 = g.op("Mul", [swapped, g.const("lambda_im", np.concatenate(coef_swap))], "ax_swap")
     return g.op("Add", [t1, t2], "state_transition")
-
-
-def _real_transition(p: dict) -> np.ndarray:
-    """``Aᵀ`` ``[2n, 2n]`` of one layer, for ``x' = x @ Aᵀ`` with ``x = [Re h, Im h]``."""
-    a, b = np.diag(p["a"]), np.diag(p["b"])
-    return np.block([[a, -b], [b, a]]).T
 
 
 def _split(g: _GraphBuilder, x: str, sizes: list[int], name: str) -> list[str]:
@@ -217,25 +188,24 @@ def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, merged: 
     the large-state path keeps ``A x`` elementwise and needs a Mul and a second Gemm.
     """
     u = g.gemm(x, _f64(stack.encoder.weight).T, _f64(stack.encoder.bias), "encoder")
-    layers = [_lru_constants(block.lru) for block in stack.blocks]
+    systems = [block.lru.system() for block in stack.blocks]
     width = int(stack.width)
-    sizes = [2 * len(p["a"]) for p in layers]
+    sizes = [2 * system.state_dim for system in systems]
     if merged:
-        # x @ [Aᵀ | Aᵀ W_out] per layer, block-diagonal over layers: [B, S] -> [B, Σ(2n+H)].
-        carry_t = np.zeros((sum(sizes), sum(sizes) + width * len(layers)))
+        steps = [merged_step_matrices(*system) for system in systems]
+        # x @ from_state per layer, block-diagonal over layers: [B, S] -> [B, Σ(2n+H)].
+        carry_t = np.zeros((sum(sizes), sum(sizes) + width * len(systems)))
         row = col = 0
-        for p, n2 in zip(layers, sizes, strict=True):
-            a_t = _real_transition(p)
-            carry_t[row : row + n2, col : col + n2] = a_t
-            carry_t[row : row + n2, col + n2 : col + n2 + width] = a_t @ p["w_out"]
+        for (from_state, _), n2 in zip(steps, sizes, strict=True):
+            carry_t[row : row + n2, col : col + n2 + width] = from_state
             row, col = row + n2, col + n2 + width
         carried = g.op("MatMul", [state, g.const("carry_T", carry_t)], "state_carry")
         carried = _split(g, carried, [n2 + width for n2 in sizes], "carry_split")
     else:
-        carried = _split(g, _state_transition(g, state, layers), sizes, "ax_split")
-    single = len(layers) == 1  # then the layer's new state is the graph's state_out
+        carried = _split(g, _state_transition(g, state, systems), sizes, "ax_split")
+    single = len(systems) == 1  # then the layer's new state is the graph's state_out
     new_states = []
-    for i, (block, p, carry_l) in enumerate(zip(stack.blocks, layers, carried, strict=True)):
+    for i, (block, system, carry_l) in enumerate(zip(stack.blocks, systems, carried, strict=True)):
         z = g.op(
             "LayerNormalization",
             [
@@ -249,8 +219,7 @@ def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, merged: 
         )
         h_name = "state_out" if single else f"lru{i}_state"
         if merged:
-            w = np.concatenate([p["w_in"], p["w_in"] @ p["w_out"] + np.diag(p["d"])], axis=1)
-            hy = g.gemm(z, w, carry_l, f"lru{i}")
+            hy = g.gemm(z, steps[i][1], carry_l, f"lru{i}")
             h, y = g.op(
                 "Split",
                 [hy, g.const(f"lru{i}_sizes", [sizes[i], width], np.int64)],
@@ -260,9 +229,10 @@ def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, merged: 
                 names=[h_name, f"lru{i}_out"],
             )
         else:
-            h = g.gemm(z, p["w_in"], carry_l, h_name)
-            dz = g.op("Mul", [z, g.const(f"lru{i}.D", p["d"])], f"lru{i}_skip")
-            y = g.gemm(h, p["w_out"], dz, f"lru{i}_out")
+            _, b_x, c_x, _ = real_form(*system)
+            h = g.gemm(z, b_x.T, carry_l, h_name)
+            dz = g.op("Mul", [z, g.const(f"lru{i}.D", system.D)], f"lru{i}_skip")
+            y = g.gemm(h, c_x.T, dz, f"lru{i}_out")
         u = g.op("Add", [u, g.gelu(y, opset, f"gelu{i}")], f"residual{i}")
         new_states.append(h)
     if not single:

@@ -140,7 +140,8 @@ def _drift_hint(policy: ActorCritic, max_state_err: float) -> str:
     """Explain the one benign cause of a mismatch: float32 rounding integrated by |λ| ≈ 1."""
     if policy.policy_type != "ssm" or max_state_err == 0.0:
         return ""
-    radius = max(float(b.lru.eigenvalues().abs().max()) for b in policy.actor.blocks)
+    with torch.no_grad():
+        radius = max(float(b.lru.eigenvalues().abs().max()) for b in policy.actor.blocks)
     if radius < 0.99:
         return ""
     return (

@@ -135,7 +135,8 @@ class ActorCritic(nn.Module):
         )
 
     def architecture(self) -> dict:
-        """What is needed to rebuild this module before ``load_state_dict``."""
+        """What is needed to rebuild this module before ``load_state_dict``
+        (``from_architecture``)."""
         return {
             "obs_dim": self.obs_dim,
             "act_dim": self.act_dim,
@@ -145,6 +146,23 @@ class ActorCritic(nn.Module):
             "critic_state_dims": list(self.critic.state_dims),
             "mlp_layers": len(self.actor.net) // 2 if self.policy_type == "mlp" else None,
         }
+
+    @classmethod
+    def from_architecture(
+        cls, arch: dict, action_low: np.ndarray | Tensor, action_high: np.ndarray | Tensor
+    ) -> ActorCritic:
+        """An untrained module shaped as ``architecture()`` described; load its weights next."""
+        return cls(
+            arch["obs_dim"],
+            arch["act_dim"],
+            action_low,
+            action_high,
+            policy=arch["policy"],
+            width=arch["width"],
+            state_dims=arch["actor_state_dims"] or [1],
+            critic_state_dims=arch["critic_state_dims"] or None,
+            mlp_layers=arch.get("mlp_layers") or 2,
+        )
 
     # ----- step mode (rollouts, deployment) ----------------------------------------
     def act(

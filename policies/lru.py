@@ -11,6 +11,9 @@ eigenvalues (θ = 0 or π) that a log-phase cannot hold. |λ| is clamped to ``MA
 so that |λ| < 1 holds for every parameter value, even where exp(ν) underflows, and so
 that γ (and B = B̃/γ after a reduction) stays finite.
 
+``LRU.system()`` reads a layer as the diagonal LTI system of ``policies.lti`` (the one
+realisation every other part of the project uses), ``LRU.load_system()`` writes one back.
+
 Every module takes its state as an argument and returns the new one; nothing is hidden
 inside the module. A layer's state is complex ``[B, n]``; a stack's state is one real
 tensor ``[B, S]`` laid out per layer as ``[Re h_1, Im h_1, Re h_2, Im h_2, ...]`` with
@@ -22,14 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policies.lti import MAX_RADIUS, MIN_DECAY, DiagonalSystem, lru_parameters, merged_step_matrices
 from policies.scan import linear_scan
 
-MAX_RADIUS = 0.9999
-_MIN_DECAY = -math.log(MAX_RADIUS)  # exp(ν) floor that keeps |λ| ≤ MAX_RADIUS
+__all__ = ["LRU", "LRUBlock", "LRUStack", "MAX_RADIUS"]
 
 
 class LRU(nn.Module):
@@ -66,7 +70,7 @@ class LRU(nn.Module):
 
     def decay(self) -> Tensor:
         """exp(ν), real ``[n]``, floored so that |λ| = exp(-decay) ≤ MAX_RADIUS."""
-        return torch.exp(self.nu_log).clamp(min=_MIN_DECAY)
+        return torch.exp(self.nu_log).clamp(min=MIN_DECAY)
 
     # ``decay`` may be passed in so that one training step computes it once for λ and γ.
     def eigenvalues(self, decay: Tensor | None = None) -> Tensor:
@@ -96,6 +100,51 @@ class LRU(nn.Module):
     def output_weight(self) -> Tensor:
         """``[H, 2n]`` real with columns interleaved (Re C, -Im C): Re(C h) = W · view_as_real(h)."""
         return torch.stack([self.C_re, -self.C_im], dim=-1).reshape(self.width, -1)
+
+    @torch.no_grad()
+    def system(self) -> DiagonalSystem:
+        """The layer as a diagonal LTI system ``(λ [n], B̃ [n, H], C [H, n], D [H])``.
+
+        The float32 numbers this layer computes with, widened to complex128 / float64
+        numpy (not recomputed in float64: λ's rounding is the one that compounds over
+        time, and the export and the reduction must see the layer that was trained).
+        """
+
+        def wide(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+            return t.detach().cpu().to(dtype).numpy()
+
+        return DiagonalSystem(
+            lam=wide(self.eigenvalues(), torch.complex128),
+            B=wide(self.input_matrix(), torch.complex128),
+            C=wide(self.output_matrix(), torch.complex128),
+            D=wide(self.D, torch.float64),
+        )
+
+    @torch.no_grad()
+    def load_system(self, system: DiagonalSystem) -> dict[nn.Parameter, nn.Parameter]:
+        """Become ``system`` (any state size m; ``D`` must keep its width H).
+
+        The state-sized parameters (ν, θ, B, C) are replaced by new ``Parameter``s
+        (resizing ``.data`` in place would leave autograd's cached shapes stale); D is
+        written in place. Returns ``{old: new}`` so that an optimiser can follow.
+        """
+        lam, b_tilde, c, d = system
+        c = np.asarray(c, dtype=np.complex128)
+        if np.shape(d) != (self.width,) or c.shape[0] != self.width:
+            raise ValueError(f"the system must keep width H = {self.width}")
+        values = lru_parameters(lam, b_tilde)
+        values["C_re"], values["C_im"] = c.real, c.imag
+        replaced = {}
+        for name, value in values.items():
+            old = getattr(self, name)
+            new = nn.Parameter(
+                torch.as_tensor(np.ascontiguousarray(value), dtype=old.dtype, device=old.device)
+            )
+            setattr(self, name, new)
+            replaced[old] = new
+        self.D.copy_(torch.as_tensor(d, dtype=self.D.dtype))
+        self.state_dim = int(np.shape(lam)[0])
+        return replaced
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> Tensor:
         """Zero state ``[batch, n]`` complex64."""
@@ -225,37 +274,24 @@ class LRUStack(nn.Module):
         weights are fixed): same inputs, outputs and state layout, six torch ops per
         layer instead of ~30, no autograd. Stale after a parameter update: ask for a new one.
 
-        Per layer, with its slice ``x = [Re h, Im h]`` of the flat state, λ = a + i b and
-        z = LayerNorm(u), one product gives the new state and the layer's output::
-
-            [x' | y] = x @ [Λᵀ | Λᵀ W_out] + z @ [W_in | W_in W_out + diag(D)]
-            Λᵀ = [[diag(a), diag(b)], [-diag(b), diag(a)]],  W_in = [Re B̃ᵀ | Im B̃ᵀ],
-            W_out = [Re Cᵀ; -Im Cᵀ]
-
-        (the ONNX graph's merged path; products formed in float64). The dense 2n × 2n Λᵀ
-        costs more multiply-adds than the elementwise form, but at rollout sizes a
-        matrix product is cheaper than the five small ops it replaces.
+        Per layer, with its slice ``x = [Re h, Im h]`` of the flat state and
+        z = LayerNorm(u), one product gives the new state and the layer's output,
+        ``[x' | y] = x @ from_state + z @ from_input`` (``policies.lti.merged_step_matrices``,
+        formed in float64; the ONNX graph's merged path). The dense 2n × 2n Aᵀ costs more
+        multiply-adds than the elementwise form, but at rollout sizes a matrix product is
+        cheaper than the five small ops it replaces.
         """
         enc_w, enc_b = self.encoder.weight.T.clone(), self.encoder.bias.clone()
         layers = []
         for block in self.blocks:
-            lru, n = block.lru, block.lru.state_dim
-            lam = lru.eigenvalues().to(torch.complex128)
-            b_tilde = lru.input_matrix().to(torch.complex128)
-            c = lru.output_matrix().to(torch.complex128)
-            a, b = torch.diag(lam.real), torch.diag(lam.imag)
-            lam_t = torch.cat([torch.cat([a, b], 1), torch.cat([-b, a], 1)], 0)
-            w_in = torch.cat([b_tilde.real.T, b_tilde.imag.T], dim=1)
-            w_out = torch.cat([c.real.T, -c.imag.T], dim=0)
-            from_state = torch.cat([lam_t, lam_t @ w_out], dim=1)
-            from_input = torch.cat([w_in, w_in @ w_out + torch.diag(lru.D.double())], dim=1)
+            from_state, from_input = merged_step_matrices(*block.lru.system())
             norm = block.norm
             layers.append(
                 (
-                    2 * n,
+                    2 * block.lru.state_dim,
                     (norm.normalized_shape, norm.weight.clone(), norm.bias.clone(), norm.eps),
-                    from_state.float().contiguous(),
-                    from_input.float().contiguous(),
+                    torch.from_numpy(from_state).float().contiguous(),
+                    torch.from_numpy(from_input).float().contiguous(),
                 )
             )
 

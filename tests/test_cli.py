@@ -52,3 +52,38 @@ def test_eval_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 def test_train_needs_an_env_unless_it_resumes(capsys):
     assert main(["train", "--out", "unused"]) == 2
     assert "--env is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--total-steps", "-5"], "total_steps = -5"),
+        (["--compress-tol", "7"], "tol = 7.0"),
+        (["--compress-tol", "0.1", "--compress-at", "0.5,0.2,1.5"], "at = [0.5, 0.2, 1.5]"),
+        (["--compress-tol", "0.1", "--min-state", "0"], "min_state = 0"),
+        (["--compress-tol", "0.1", "--min-state", "500"], "min_state = 500"),
+        (["--compress-tol", "0.1", "--compress-parts", "policy"], "parts = ['policy']"),
+        (["--state-dim", "0"], "state_dim = 0"),
+        (["--num-envs", "0"], "num_envs = 0"),
+        (["--seed", "-1"], "seed = -1"),
+        (["--policy", "mlp", "--compress-tol", "0.1"], "policy = 'mlp'"),
+    ],
+)
+def test_out_of_range_settings_exit_2_before_a_run_directory_exists(tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    assert main(["train", "--env", "Hopper-v5", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and ("out of range" in err or "no recurrent state" in err), err
+    assert not out.exists()
+
+
+def test_bad_ppo_values_in_a_config_file_are_named(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo: {lr: -0.1, seq_len: 7}\n")
+    assert (
+        main(["train", "--env", "Hopper-v5", "--config", str(cfg), "--out", str(tmp_path / "r")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "ppo seq_len = 7 is out of range: a divisor of rollout_steps = 256" in err
+    assert not (tmp_path / "r").exists()

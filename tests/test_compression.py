@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from compressm_rl.compression import (
-    CompressionConfig,
+from compressm_rl.compression import CompressionConfig, LayerRef, compress_policy, lru_layers
+from compressm_rl.compression.pipeline import (
     action_kl,
-    compress_policy,
     fit_actor_kl,
-    lru_layers,
     plan_reductions,
+    trial_policy,
 )
-from compressm_rl.compression import _trial_policy as trial_policy
-from compressm_rl.runs import load_checkpoint, load_policy, save_checkpoint
-from compressm_rl.train import make_optimizer, train
+from compressm_rl.rl import make_optimizer
+from compressm_rl.runs import EventLog, load_checkpoint, load_policy, save_checkpoint
+from compressm_rl.train import train
 from policies.actor_critic import ActorCritic
 
 
@@ -27,7 +26,8 @@ def _policy_with_weak_modes(seed=0, n=24, weak=12):
     torch.manual_seed(seed)
     policy = ActorCritic(6, 2, -np.ones(2), np.ones(2), width=8, state_dims=[n, n])
     with torch.no_grad():
-        for lru in lru_layers(policy).values():
+        for ref in lru_layers(policy):
+            lru = ref.of(policy)
             lru.C_re[:, -weak:] *= 1e-4
             lru.C_im[:, -weak:] *= 1e-4
         policy.actor_head.weight.normal_()  # visible actions, not CleanRL's 0.01 init
@@ -52,7 +52,7 @@ def test_mid_episode_reduction_keeps_actions_when_states_are_mapped():
         policy, None, CompressionConfig(tol=1e-3, min_state=1), state._replace(actor=actor)
     )
     mapped = carried.actor
-    assert all(e["status"] == "applied" for e in events), events
+    assert all(e.status == "applied" for e in events), events
     assert policy.actor.state_dims[0] <= 14 and mapped.shape[1] == policy.actor.state_size
 
     def continue_from(actor_state):
@@ -75,7 +75,7 @@ def test_guard_rolls_back_a_forced_bad_reduction():
     policy = _policy_with_weak_modes()
     obs = torch.randn(4, 32, 6)
     reset = torch.zeros(4, 32, dtype=torch.bool)
-    sizes = [lru.state_dim for lru in lru_layers(policy).values()]
+    sizes = [ref.of(policy).state_dim for ref in lru_layers(policy)]
     # tol 0.9 keeps only the strongest modes: far beyond any reasonable output error.
     _, events = compress_policy(
         policy,
@@ -85,8 +85,9 @@ def test_guard_rolls_back_a_forced_bad_reduction():
         obs,
         reset,
     )
-    assert [lru.state_dim for lru in lru_layers(policy).values()] == sizes
-    assert all(e["status"].startswith("rolled back: output error") for e in events), events
+    assert [ref.of(policy).state_dim for ref in lru_layers(policy)] == sizes
+    assert all(e.status.startswith("rolled back: output error") for e in events), events
+    assert all(e.output_error > 0.05 and e.n_after == e.n_before for e in events), events
     # The KL guard alone: output errors allowed, (almost) no action change.
     _, events = compress_policy(
         policy,
@@ -96,8 +97,8 @@ def test_guard_rolls_back_a_forced_bad_reduction():
         obs,
         reset,
     )
-    actor_events = [e for e in events if e["layer"].startswith("actor")]
-    assert all(e["status"].startswith("rolled back: KL") for e in actor_events), events
+    actor_events = [e for e in events if e.layer.part == "actor"]
+    assert all(e.status.startswith("rolled back: KL") for e in actor_events), events
     assert policy.actor.state_dims == sizes[:2]
     assert policy.critic.state_dims != sizes[2:]  # the critic has no KL guard
 
@@ -107,23 +108,23 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     obs = torch.randn(4, 32, 6)
     reset = torch.zeros(4, 32, dtype=torch.bool)
     config = CompressionConfig(tol=0.9, min_state=1, max_output_error=1e9)
-    planned, planned_events = plan_reductions(policy, config, obs, reset)
-    planned_errors = {e["layer"]: e["output_error"] for e in planned_events}
-    planned = {k: r for k, r in planned.items() if k.startswith("actor.")}
+    plan = plan_reductions(policy, config, obs, reset)
+    planned_errors = {e.layer: e.output_error for e in plan.events}
+    planned = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
     kl_planned = action_kl(policy, trial_policy(policy, planned), obs, reset)
     config.max_kl = 0.5 * kl_planned  # the planned cut no longer fits
-    fitted, kl, halvings, dropped = fit_actor_kl(policy, planned, config, obs, reset)
+    fitted, kl, halvings, dropped = fit_actor_kl(policy, plan, planned, config, obs, reset)
     assert halvings >= 1 and fitted and not dropped, (kl_planned, kl, halvings, dropped)
     assert kl <= config.max_kl
     assert kl == action_kl(policy, trial_policy(policy, fitted), obs, reset)
-    for name, result in fitted.items():  # gentler than planned, still a reduction
-        assert planned[name].state_dim < result.state_dim < lru_layers(policy)[name].state_dim
+    for ref, result in fitted.items():  # gentler than planned, still a reduction
+        assert planned[ref].state_dim < result.state_dim < ref.of(policy).state_dim
     _, events = compress_policy(policy, None, config, None, obs, reset)
-    actor_events = [e for e in events if e["layer"].startswith("actor")]
-    assert all(e["status"].startswith("applied: cut halved") for e in actor_events), events
+    actor_events = [e for e in events if e.layer.part == "actor"]
+    assert all(e.status.startswith("applied: cut halved") for e in actor_events), events
     for e in actor_events:  # the gentler cut's own error, below the planned cut's
-        assert 0 < e["output_error"] < planned_errors[e["layer"]]
-    assert policy.actor.state_dims == [fitted[f"actor.{i}"].state_dim for i in range(2)]
+        assert 0 < e.output_error < planned_errors[e.layer] and e.kl == kl
+    assert policy.actor.state_dims == [fitted[LayerRef("actor", i)].state_dim for i in range(2)]
 
 
 def test_actor_only_compression_leaves_the_critic_and_its_state_alone():
@@ -135,12 +136,26 @@ def test_actor_only_compression_leaves_the_critic_and_its_state_alone():
         policy, None, CompressionConfig(tol=1e-3, min_state=1, parts=["actor"]), carried
     )
     assert policy.actor.state_dims[0] < 24 and policy.critic.state_dims == [24, 24]
-    assert {e["layer"] for e in events} == {"actor.0", "actor.1"}
+    assert {str(e.layer) for e in events} == {"actor.0", "actor.1"}
     for key, value in policy.critic.state_dict().items():
         assert torch.equal(value, critic_before[key]), key
     assert torch.equal(mapped.critic, carried.critic)
     with pytest.raises(ValueError, match="parts"):
         CompressionConfig(tol=0.1, parts=["policy"])
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        (dict(tol=7.0), "tol"),
+        (dict(tol=0.1, at=[0.5, 0.2, 1.5]), "at"),
+        (dict(tol=0.1, min_state=0), "min_state"),
+        (dict(tol=0.1, max_kl=-1.0), "max_kl"),
+    ],
+)
+def test_out_of_range_compression_settings_are_named(settings, field):
+    with pytest.raises(ValueError, match=f"compression {field} = .* out of range"):
+        CompressionConfig(**settings)
 
 
 def test_optimizer_state_is_rebuilt_for_resized_tensors():
@@ -177,22 +192,22 @@ def test_compressed_policy_trains_on_and_events_are_recorded(tmp_path, tiny_conf
         compression=dict(tol=0.3, at=[0.2, 0.4], min_state=2),
     )
     train(config, tmp_path, progress=False)
-    events = json.loads((tmp_path / "compression.json").read_text())
-    assert {e["step"] for e in events} == {64, 128}
-    assert all(
-        {"layer", "n_before", "n_after", "hsv", "bound", "return_before"} <= set(e) for e in events
-    )
+    records = json.loads((tmp_path / "compression.json").read_text())
+    assert {r["step"] for r in records} == {64, 128}
+    events = EventLog(tmp_path).read()
+    assert [e.to_dict() for e in events] == records  # the file round-trips
+    assert all(e.hsv and e.bound >= 0 and e.return_before is not None for e in events)
     assert list(tmp_path.glob("hsv_*.png"))
     policy, _ = load_policy(tmp_path)
     assert sum(policy.actor.state_dims) < 32
-    assert load_checkpoint(tmp_path)["global_step"] == 320  # trained on to the end
+    assert load_checkpoint(tmp_path).global_step == 320  # trained on to the end
 
 
 def test_python_control_pitfalls_are_not_on_any_code_path():
-    """DESIGN.md §5: balred and hsvd are wrong or unimplemented for discrete time."""
+    """docs/design.md §6: balred and hsvd are wrong or unimplemented for discrete time."""
     root = Path(__file__).resolve().parents[1]
     for path in [
-        *root.glob("compressm_rl/*.py"),
+        *root.glob("compressm_rl/**/*.py"),
         *root.glob("policies/*.py"),
         *root.glob("export/*.py"),
     ]:
@@ -222,12 +237,11 @@ def test_resume_follows_the_schedule_saved_in_the_checkpoint(tmp_path, tiny_conf
     config = tiny_config(total_steps=320, checkpoint_every=1, compression=dict(tol=0.3))
     train(config, tmp_path, progress=False, max_iterations=1)
     # As if the run had started under another default schedule: reductions at 192 and 256.
-    payload = load_checkpoint(tmp_path)
-    payload["reduction_steps"] = [192, 256]
-    save_checkpoint(tmp_path, payload)
+    state = load_checkpoint(tmp_path)
+    state.reduction_steps = [192, 256]
+    save_checkpoint(tmp_path, state)
     train(config, tmp_path, resume=True, progress=False)
-    events = json.loads((tmp_path / "compression.json").read_text())
-    assert {e["step"] for e in events} == {192, 256}
+    assert {e.step for e in EventLog(tmp_path).read()} == {192, 256}
 
 
 def test_resume_after_a_crash_records_each_reduction_once(tmp_path, tiny_config):
@@ -241,7 +255,6 @@ def test_resume_after_a_crash_records_each_reduction_once(tmp_path, tiny_config)
     # A crash after compression.json was written but before the checkpoint was saved.
     (tmp_path / "checkpoint.pt").write_bytes(before_reductions)
     train(config, tmp_path, resume=True, progress=False)
-    events = json.loads((tmp_path / "compression.json").read_text())
-    keys = [(e["step"], e["layer"]) for e in events]
+    keys = [(e.step, e.layer) for e in EventLog(tmp_path).read()]
     assert {step for step, _ in keys} == {128, 192}
     assert len(keys) == len(set(keys)) == 2 * len(lru_layers(load_policy(tmp_path)[0]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -38,6 +37,7 @@ def make_policy(env_id: str, seed: int, stress: bool = False, **kwargs) -> Actor
     torch.manual_seed(seed)
     env = gym.make(env_id)
     space = env.action_space
+    space.seed(seed)  # env.reset(seed=...) does not seed the action space
     policy = ActorCritic(
         env.observation_space.shape[0], space.shape[0], space.low, space.high, width=64, **kwargs
     )
@@ -86,7 +86,9 @@ def test_closed_loop_parity_with_resets(exported, name, batch):
     report = check_parity(policy, path, "Hopper-v5", steps=500, batch=batch, seed=batch)
     print(f"{name} batch {batch}: {report}")
     assert report["episodes_started"] > 2 * batch  # resets happened mid-rollout
-    assert report["max_abs_err"] <= 1e-4
+    # Actions are enforced by check_parity; the recurrent state is only reported. A state
+    # layout or reset bug shows here before it grows into an action mismatch.
+    assert report["max_state_abs_err"] <= 1e-4
 
 
 def test_long_episode_parity_without_resets(tmp_path):
@@ -123,10 +125,23 @@ def test_one_step_from_random_state_matches_torch(exported, name):
 
 
 def test_opset_17_gelu_decomposition_matches(exported, tmp_path):
-    policy, _ = exported["ssm_full"]
+    policy, default_path = exported["ssm_full"]
     path = to_onnx(policy, tmp_path / "opset17.onnx", opset=17)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert [o.version for o in model.opset_import if o.domain == ""] == [17]
+    assert "Erf" in ops and "Gelu" not in ops  # the decomposition is what is checked below
+    assert "Gelu" in {n.op_type for n in onnx.load(str(default_path)).graph.node}
+
     report = check_parity(policy, path, "Hopper-v5", steps=100)
-    assert report["max_abs_err"] <= 1e-5 + 1e-4
+    # The reported max error is the real maximum over the rollout: the same (deterministic)
+    # rollout passes with atol = that error and reports it again, and fails below it.
+    err = report["max_abs_err"]
+    assert err > 0, "bit-identical to torch: the tolerance checks below would be vacuous"
+    tight = check_parity(policy, path, "Hopper-v5", steps=100, rtol=0.0, atol=err)
+    assert tight["max_abs_err"] == err
+    with pytest.raises(ParityError, match="action mismatch"):
+        check_parity(policy, path, "Hopper-v5", steps=100, rtol=0.0, atol=err / 2)
 
 
 @pytest.mark.parametrize("state_dims", [[9], [12, 3, 7]])
@@ -158,12 +173,12 @@ def test_per_dimension_action_bounds(tmp_path):
 
 # ----- graph and metadata ----------------------------------------------------------------
 def test_metadata_and_node_count(exported):
-    for name, (policy, path) in exported.items():
+    for i, (name, (policy, path)) in enumerate(exported.items()):
         onnx_policy = OnnxPolicy(path)
         meta = onnx_policy.metadata
         print(f"{name}: {meta['num_nodes']} nodes, state dims {meta['layer_state_dims']}")
         assert meta["producer"] == "compressm-rl" and meta["format_version"] == "1"
-        assert meta["env_id"] == "Hopper-v5" and int(meta["training_steps"]) >= 1000
+        assert meta["env_id"] == "Hopper-v5" and meta["training_steps"] == str(1000 + i)
         assert (onnx_policy.obs_dim, onnx_policy.act_dim) == (11, 3)
         assert onnx_policy.state_size == policy.actor.state_size
         assert onnx_policy.layer_state_dims == list(policy.actor.state_dims)
@@ -295,7 +310,7 @@ def test_bench_cli_writes_json(exported, tmp_path):
     assert data["machine"]["onnxruntime"] and "| model |" in proc.stdout
 
 
-# ----- compressm_rl.deploy ----------------------------------------------------------------
+# ----- deployment commands -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_config):
     """A real (tiny) training run directory on Hopper-v5."""
@@ -306,54 +321,45 @@ def trained_run(tmp_path_factory, tiny_config):
     return run
 
 
-def _parse(argv):
-    from compressm_rl.deploy import add_bench_parser, add_export_parser
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_export_parser(sub)
-    add_bench_parser(sub)
-    return parser.parse_args(argv)
-
-
 def test_export_command_checks_parity_and_fails_loudly(trained_run, tmp_path, monkeypatch, capsys):
+    from compressm_rl.cli import main
+
     out = tmp_path / "good.onnx"
-    args = _parse(["export", str(trained_run), "--out", str(out), "--parity-steps", "100"])
-    assert args.func(args) == 0 and out.exists()
-    assert OnnxPolicy(out).metadata["training_steps"] == "128"
+    assert main(["export", str(trained_run), "--out", str(out), "--parity-steps", "100"]) == 0
+    assert out.exists() and OnnxPolicy(out).metadata["training_steps"] == "128"
     assert "parity ok" in capsys.readouterr().out
 
     # A graph that does not match its policy: exit status 1, the file is removed.
-    import export.onnx_export as onnx_export
+    import compressm_rl.deploy as deploy
 
     other = make_policy("Hopper-v5", seed=11, state_dims=[12, 12])
-    real = onnx_export.to_onnx
-    monkeypatch.setattr(onnx_export, "to_onnx", lambda p, *a, **k: real(other, *a, **k))
+    real = deploy.to_onnx
+    monkeypatch.setattr(deploy, "to_onnx", lambda p, *a, **k: real(other, *a, **k))
     bad = tmp_path / "bad.onnx"
-    args = _parse(["export", str(trained_run), "--out", str(bad), "--parity-steps", "50"])
-    assert args.func(args) == 1 and not bad.exists()
+    assert main(["export", str(trained_run), "--out", str(bad), "--parity-steps", "50"]) == 1
+    assert not bad.exists()
     assert "does not match torch" in capsys.readouterr().err
 
 
 def test_bench_command_with_torch_row(exported, trained_run, tmp_path):
+    from compressm_rl.cli import main
+
     _, path = exported["ssm_compressed"]
-    args = _parse(
-        ["bench", str(path), "--steps", "100", "--warmup", "10", "--run", str(trained_run)]
-        + ["--out-dir", str(tmp_path / "b")]
-    )
-    assert args.func(args) == 0
+    argv = ["bench", str(path), "--steps", "100", "--warmup", "10", "--run", str(trained_run)]
+    assert main([*argv, "--out-dir", str(tmp_path / "b")]) == 0
     table = (tmp_path / "b" / "latency.md").read_text()
     assert "torch eager" in table and "ssm_compressed.onnx" in table
     assert (tmp_path / "b" / "latency_hist.png").stat().st_size > 0
 
 
 def test_evaluate_onnx_returns_per_episode(exported):
-    from compressm_rl.deploy import evaluate_onnx
+    from compressm_rl.runs import evaluate, load_controller
 
     _, path = exported["mlp"]
-    first = evaluate_onnx(path, "Hopper-v5", episodes=3, seed=5)
-    again = evaluate_onnx(path, "Hopper-v5", episodes=3, seed=5)
-    assert first.shape == (3,) and np.all(np.isfinite(first))
+    controller, env_id = load_controller(path)
+    first = evaluate(controller, env_id, episodes=3, seed=5)
+    again = evaluate(controller, env_id, episodes=3, seed=5)
+    assert env_id == "Hopper-v5" and first.shape == (3,) and np.all(np.isfinite(first))
     np.testing.assert_array_equal(first, again)  # seeded resets: deterministic
 
 

@@ -7,16 +7,11 @@ import pytest
 import torch
 from conftest import make_tiny_config
 
-from compressm_rl import ppo
-from compressm_rl.runs import (
-    MetricsLog,
-    load_checkpoint,
-    load_config,
-    load_policy,
-)
-from compressm_rl.train import make_optimizer, train
-from envs import make_vec_env, preset_for
-from envs.tasks import with_overrides
+from compressm_rl.rl import SequenceBatch, iteration, make_optimizer, ppo, preset_for, start_carry
+from compressm_rl.rl.rollout import collect_rollout, critic_pass
+from compressm_rl.runs import MetricsLog, load_checkpoint, load_config, load_policy
+from compressm_rl.train import train
+from envs import make_vec_env
 from policies.actor_critic import ActorCritic
 from policies.normalizer import RunningNormalizer
 
@@ -39,23 +34,36 @@ def _setup(env_id="Hopper-v5", seed=0, policy_type="ssm", **env_kwargs):
     with torch.no_grad():
         policy.log_std.fill_(0.5)  # noisy actions: Hopper falls within a few dozen steps
     obs, _ = envs.reset(seed=seed)
-    return envs, policy, ppo.start_carry(policy, envs, obs)
+    return envs, policy, start_carry(policy, envs, obs)
 
 
 def _rollout(envs, policy, carry, steps=64, gamma=0.99):
-    return ppo.collect_rollout(policy, envs, carry, steps, RunningNormalizer(()), gamma)
+    return collect_rollout(policy, envs, carry, steps, RunningNormalizer(()), gamma)
+
+
+def _first_pass_log_probs(policy, rollout, seq_len):
+    """The rollout's log-probs and the ones the update's first forward pass computes."""
+    zeros = torch.zeros_like(rollout.log_probs)
+    critic_states = rollout.critic_state0[None].expand(rollout.obs.shape[0] // seq_len, -1, -1)
+    batch = SequenceBatch.from_rollout(rollout, zeros, zeros, zeros, critic_states, seq_len)
+    with torch.no_grad():
+        replayed, _ = policy.evaluate_actions(
+            batch.obs, batch.actor_state0, batch.reset, batch.actions
+        )
+    return batch.log_probs, replayed
 
 
 def test_replayed_log_probs_equal_rollout_across_resets():
+    torch.manual_seed(0)
     envs, policy, carry = _setup()
     _rollout(envs, policy, carry)  # episodes now in flight at the rollout start
     rollout = _rollout(envs, policy, carry)
     assert rollout.episode_start[1:].any(), "the test needs episode resets inside the rollout"
-    stored, replayed = ppo.first_pass_log_probs(policy, rollout, seq_len=16)
+    stored, replayed = _first_pass_log_probs(policy, rollout, seq_len=16)
     torch.testing.assert_close(replayed, stored, rtol=1e-4, atol=1e-4)
     # Dropping the reset mask breaks the replay: the check has teeth.
     rollout.episode_start[:] = False
-    _, wrong = ppo.first_pass_log_probs(policy, rollout, seq_len=16)
+    _, wrong = _first_pass_log_probs(policy, rollout, seq_len=16)
     assert (wrong - stored).abs().max() > 1e-3
 
 
@@ -65,10 +73,10 @@ def test_rewards_are_scaled_by_the_running_std_of_discounted_returns():
     gamma = 0.99
     envs, policy, carry = _setup()
     torch.manual_seed(3)
-    raw = ppo.collect_rollout(policy, envs, carry, 48, None, gamma)
+    raw = collect_rollout(policy, envs, carry, 48, None, gamma)
     envs, policy, carry = _setup()
     torch.manual_seed(3)
-    scaled = ppo.collect_rollout(policy, envs, carry, 48, RunningNormalizer(()), gamma)
+    scaled = collect_rollout(policy, envs, carry, 48, RunningNormalizer(()), gamma)
     assert torch.equal(scaled.actions, raw.actions) and raw.dones.any()
     reference, returns, expected = RunningNormalizer(()), np.zeros(2), []
     for reward, done in zip(raw.rewards.double().numpy(), raw.dones.numpy(), strict=True):
@@ -87,7 +95,8 @@ def test_truncation_is_bootstrapped_and_termination_is_not():
     rollout = _rollout(envs, policy, carry, steps=32, gamma=gamma)
     assert rollout.truncations, "expected truncated episodes"
     raw_rewards = rollout.rewards.clone()
-    values, *_ = ppo.critic_pass(policy, rollout, seq_len=16, gamma=gamma)
+    critic = critic_pass(policy, rollout, seq_len=16, gamma=gamma)
+    assert torch.equal(rollout.rewards, raw_rewards)  # the rollout itself is left alone
     t, i, final_obs = rollout.truncations[0]
     # Independent reference: the critic in step mode over that env's steps, then final_obs.
     with torch.no_grad():
@@ -98,17 +107,19 @@ def test_truncation_is_bootstrapped_and_termination_is_not():
             _, state = policy.critic.step(rollout.obs[s, i][None], state)
         feat, _ = policy.critic.step(final_obs[None], state)
         v_final = policy.critic_head(feat)[0, 0]
-    torch.testing.assert_close(rollout.rewards[t, i], raw_rewards[t, i] + gamma * v_final)
+    torch.testing.assert_close(critic.rewards[t, i], raw_rewards[t, i] + gamma * v_final)
     assert rollout.dones[t, i] == 1.0
+    bootstrapped = torch.zeros_like(raw_rewards, dtype=torch.bool)
+    for t, i, _ in rollout.truncations:
+        bootstrapped[t, i] = True
+    assert torch.equal(critic.rewards[~bootstrapped], raw_rewards[~bootstrapped])
     # Termination: a falling pole; no bootstrap is added anywhere.
     envs, policy, carry = _setup("InvertedPendulum-v5")
     with torch.no_grad():
         policy.log_std.fill_(1.0)
     rollout = _rollout(envs, policy, carry, steps=32)
     assert not rollout.truncations and rollout.dones.any()
-    before = rollout.rewards.clone()
-    ppo.critic_pass(policy, rollout, seq_len=16, gamma=0.99)
-    assert torch.equal(before, rollout.rewards)
+    assert torch.equal(critic_pass(policy, rollout, 16, 0.99).rewards, rollout.rewards)
 
 
 def test_gae_does_not_leak_across_episode_ends():
@@ -121,23 +132,48 @@ def test_gae_does_not_leak_across_episode_ends():
 
 
 @pytest.mark.parametrize("policy_type", ["ssm", "mlp"])
-def test_one_update_changes_policy_with_finite_losses(policy_type):
+def test_update_lowers_the_ppo_loss_on_its_batch_and_moves_every_part(policy_type):
+    """One iteration's update, then the loss on the same batch: lower than before, with
+    the update's statistics consistent with the batch it saw."""
+    torch.manual_seed(0)
     envs, policy, carry = _setup(policy_type=policy_type)
-    cfg = with_overrides(preset_for("Hopper-v5"), **TINY)
-    rollout = _rollout(envs, policy, carry, steps=32)
-    before = copy.deepcopy(policy.state_dict())
-    values, last_value, seg_states, _ = ppo.critic_pass(policy, rollout, 16, cfg.gamma)
-    adv, ret = ppo.compute_gae(rollout.rewards, values, rollout.dones, last_value, 0.99, 0.95)
-    stats = ppo.ppo_update(
-        policy, make_optimizer(policy, 3e-4), rollout, values, adv, ret, seg_states, cfg
+    cfg = preset_for("Hopper-v5").with_overrides(total_steps=64, **TINY)
+    before = copy.deepcopy(policy)
+    result = iteration(
+        policy, make_optimizer(policy, 1e-3), envs, carry, RunningNormalizer(()), cfg
     )
-    assert all(np.isfinite(v) for v in stats.values()), stats
-    changed = [k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])]
-    assert any(k.startswith("actor.") for k in changed)
-    assert any(k.startswith("critic.") for k in changed)
-    if policy_type == "ssm":
-        assert any(k.startswith("actor.blocks.0.lru") for k in changed)
-        assert any(k.startswith("critic.blocks.1.lru") for k in changed)
+    assert all(np.isfinite(v) for v in result.stats.values()), result.stats
+    assert carry.state.critic.shape == (2, policy.critic.state_size)
+    # (r - 1) - log r ≥ 0 for every ratio r: a sign or log-ratio slip shows up here.
+    assert result.stats["approx_kl"] >= 0.0 and 0.0 <= result.stats["clipfrac"] <= 1.0
+
+    rollout = result.rollout
+    critic = critic_pass(before, rollout, cfg.seq_len, cfg.gamma)
+    adv, ret = ppo.compute_gae(
+        critic.rewards, critic.values, rollout.dones, critic.last_value, cfg.gamma, cfg.gae_lambda
+    )
+    batch = SequenceBatch.from_rollout(
+        rollout, critic.values, adv, ret, critic.segment_states, cfg.seq_len
+    )
+
+    def surrogate(p):  # the clipped objective is ≥ the plain one at ratio 1; use the plain
+        with torch.no_grad():
+            log_prob, _ = p.evaluate_actions(
+                batch.obs, batch.actor_state0, batch.reset, batch.actions
+            )
+            values, _ = p.values(batch.obs, batch.critic_state0, batch.reset, return_state=False)
+        norm_adv = (batch.advantages - batch.advantages.mean()) / (batch.advantages.std() + 1e-8)
+        pg = -(norm_adv * (log_prob - batch.log_probs).exp()).mean()
+        return float(pg), float(0.5 * (values - batch.returns).square().mean())
+
+    pg_before, v_before = surrogate(before)
+    pg_after, v_after = surrogate(policy)
+    assert pg_after < pg_before and v_after < v_before, (pg_before, pg_after, v_before, v_after)
+    changed = [
+        k for k, v in policy.state_dict().items() if not torch.equal(v, before.state_dict()[k])
+    ]
+    for prefix in ("actor.", "critic.", "actor_head.", "critic_head.", "log_std"):
+        assert any(k.startswith(prefix) for k in changed), prefix
 
 
 def _tiny_config(total_steps=256, **kw):
@@ -149,10 +185,10 @@ def _tiny_config(total_steps=256, **kw):
 def test_resume_continues_from_saved_step(tmp_path):
     config = _tiny_config()
     train(config, tmp_path, progress=False, max_iterations=2)  # "killed" after 2 of 4
-    assert load_checkpoint(tmp_path)["global_step"] == 2 * 2 * 32
+    assert load_checkpoint(tmp_path).global_step == 2 * 2 * 32
     train(load_config(tmp_path), tmp_path, resume=True, progress=False)
     assert load_config(tmp_path) == config
-    rows = MetricsLog(tmp_path / "metrics.csv").read()
+    rows = MetricsLog(tmp_path).read()
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
     assert [int(r["global_step"]) for r in rows] == [64, 128, 192, 256]
     walls = [float(r["wall_time"]) for r in rows]
@@ -214,12 +250,13 @@ def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
         with pytest.raises(RunDirectoryBusy, match="another process"):
             train(config, tmp_path, resume=True, progress=False)
         assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
-    bad = _tiny_config(total_steps=128, seed=1)
-    bad.ppo = {**bad.ppo, "seq_len": 7}  # rollout_steps % seq_len != 0: train raises
-    with pytest.raises(ValueError) as failed:
-        train(bad, tmp_path / "other", progress=False)
-    # the failed call let its lock go, although its traceback is still alive here
-    train(config, tmp_path / "other", progress=False, max_iterations=1)
-    assert failed.value is not None
+        overwrite = ["train", "--env", "InvertedPendulum-v5", "--out", str(tmp_path)]
+        assert main([*overwrite, "--overwrite", "--no-progress"]) == 2
+        assert (tmp_path / "checkpoint.pt").exists()  # nothing deleted under the holder
+    # A call that fails inside the lock (the saved config differs) lets the lock go,
+    # although its traceback is still alive here.
+    with pytest.raises(ValueError, match="different config") as failed:
+        train(_tiny_config(total_steps=256), tmp_path, resume=True, progress=False)
     train(config, tmp_path, resume=True, progress=False)  # free again: the run finishes
-    assert load_checkpoint(tmp_path)["global_step"] == 128
+    assert failed.value is not None
+    assert load_checkpoint(tmp_path).global_step == 128

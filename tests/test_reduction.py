@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import scipy.linalg as sla
 import slycot
+import torch
 
-from compressm_rl import reduction as red
+from compressm_rl.compression import lti as red
+from policies.lru import LRU
+from policies.lti import MAX_RADIUS, lru_parameters, merged_step_matrices, real_form
 
 
 def random_layer(
@@ -58,7 +61,7 @@ LAYERS = [
 
 
 def hsv_ab09ad(lam, B, C):
-    A, Bx, Cx, _ = red.real_matrices(lam, B, C)
+    A, Bx, Cx, _ = real_form(lam, B, C)
     n, m, p = A.shape[0], Bx.shape[1], Cx.shape[0]
     *_, hsv = slycot.ab09ad("D", "B", "N", n, m, p, A.copy(), Bx.copy(), Cx.copy(), nr=n)
     return hsv
@@ -71,15 +74,15 @@ def hsv_ab09ad(lam, B, C):
 def test_real_form_and_responses_agree_with_the_recursion(layer):
     lam, B, C, D = layer
     steps = 40
-    G = red.lru_impulse_response(lam, B, C, D, steps)
-    A, Bx, Cx, Dx = red.real_matrices(lam, B, C, D)
+    G = red.impulse_response(lam, B, C, D, steps)
+    A, Bx, Cx, Dx = real_form(lam, B, C, D)
     np.testing.assert_allclose(red.real_impulse_response(A, Bx, Cx, Dx, steps), G, atol=1e-12)
     # Simulating the layer itself on a unit impulse in input i gives column i.
     H = B.shape[1]
     for i in range(H):
         u = np.zeros((steps, H))
         u[0, i] = 1.0
-        y, _ = red.simulate_lru(lam, B, C, D, u)
+        y, _ = red.simulate(lam, B, C, D, u)
         np.testing.assert_allclose(y, G[:, :, i], atol=1e-12)
 
 
@@ -95,7 +98,7 @@ def test_frequency_response_matches_control_and_dft(layer):
     Dm = np.diag(D)
     np.testing.assert_allclose(G, Dm + z[:, None, None] * (G_ss - Dm), atol=1e-9)
     if np.abs(lam).max() < 0.7:  # impulse response decays fast enough for a truncated DTFT
-        Gk = red.lru_impulse_response(lam, B, C, D, 200)
+        Gk = red.impulse_response(lam, B, C, D, 200)
         dtft = np.einsum("koi,wk->woi", Gk, np.exp(-1j * np.outer(omegas, np.arange(200))))
         np.testing.assert_allclose(G, dtft, atol=1e-10)
 
@@ -111,7 +114,7 @@ def test_closed_form_gramians_equal_control_gram(layer):
     np.testing.assert_allclose(P, Pk, atol=1e-10 * np.abs(Pk).max())
     np.testing.assert_allclose(Q, Qk, atol=1e-10 * np.abs(Qk).max())
     # And they solve the discrete Lyapunov equations of the real form.
-    A, Bx, Cx, _ = red.real_matrices(lam, B, C)
+    A, Bx, Cx, _ = real_form(lam, B, C)
     np.testing.assert_allclose(A @ P @ A.T + Bx @ Bx.T, P, atol=1e-10 * np.abs(P).max())
     np.testing.assert_allclose(A.T @ Q @ A + Cx.T @ Cx, Q, atol=1e-10 * np.abs(Q).max())
 
@@ -120,7 +123,7 @@ def test_closed_form_gramians_equal_control_gram(layer):
 def test_hsv_equal_slycot_and_scipy_references(layer):
     lam, B, C, _ = layer
     ref = hsv_ab09ad(lam, B, C)
-    A, Bx, Cx, _ = red.real_matrices(lam, B, C)
+    A, Bx, Cx, _ = real_form(lam, B, C)
     P = sla.solve_discrete_lyapunov(A, Bx @ Bx.T)
     Q = sla.solve_discrete_lyapunov(A.T, Cx.T @ Cx)
     ref_scipy = np.sqrt(np.clip(np.sort(np.linalg.eigvals(P @ Q).real)[::-1], 0.0, None))
@@ -165,8 +168,8 @@ def test_full_rank_reproduces_the_layer(layer):
     res = red.balanced_truncation(lam, B, C, D, rank=2 * lam.shape[0])
     assert res.rank == 2 * lam.shape[0] and res.bound == 0.0
     steps = 60
-    G = red.lru_impulse_response(lam, B, C, D, steps)
-    G_r = red.lru_impulse_response(res.lam, res.B, res.C, res.D, steps)
+    G = red.impulse_response(lam, B, C, D, steps)
+    G_r = red.impulse_response(res.lam, res.B, res.C, res.D, steps)
     np.testing.assert_allclose(G_r, G, atol=1e-8 * np.abs(G).max())
     # Same eigenvalues. A real λ with complex B̃, C is two real states (λ twice), so the
     # LRU form may list it twice: compare as sets.
@@ -184,7 +187,7 @@ def test_lru_form_equals_truncated_real_system(layer):
         assert np.all(res.B[res.lam.imag == 0].imag == 0)
         np.testing.assert_allclose(res.T_inv @ res.T, np.eye(rank), atol=1e-8)
         G_real = red.real_impulse_response(res.A_r, res.B_r, res.C_r, np.diag(D), 80)
-        G_lru = red.lru_impulse_response(res.lam, res.B, res.C, res.D, 80)
+        G_lru = red.impulse_response(res.lam, res.B, res.C, res.D, 80)
         np.testing.assert_allclose(G_lru, G_real, atol=1e-10 * np.abs(G_real).max())
 
 
@@ -247,8 +250,8 @@ def test_reducing_a_reduced_layer_handles_zero_hsvs():
     assert np.all(hsv[-n_real:] < 1e-12 * hsv[0])
     second = red.balanced_truncation(first.lam, first.B, first.C, first.D, rank=2 * first.state_dim)
     assert second.rank == 13  # the σ ≈ 0 directions are not kept
-    G1 = red.lru_impulse_response(first.lam, first.B, first.C, first.D, 60)
-    G2 = red.lru_impulse_response(second.lam, second.B, second.C, second.D, 60)
+    G1 = red.impulse_response(first.lam, first.B, first.C, first.D, 60)
+    G2 = red.impulse_response(second.lam, second.B, second.C, second.D, 60)
     np.testing.assert_allclose(G2, G1, atol=1e-8 * np.abs(G1).max())
 
 
@@ -261,13 +264,13 @@ def test_mapped_state_continues_the_trajectory():
     assert res.bound < 1e-3 * res.hsv[0]
     rng = np.random.default_rng(0)
     H = B.shape[1]
-    _, h0 = red.simulate_lru(lam, B, C, D, rng.standard_normal((100, H)))  # a carried state
+    _, h0 = red.simulate(lam, B, C, D, rng.standard_normal((100, H)))  # a carried state
     u = rng.standard_normal((150, H))
-    y_full, _ = red.simulate_lru(lam, B, C, D, u, h0)
+    y_full, _ = red.simulate(lam, B, C, D, u, h0)
     z0 = res.map_state(h0)
     assert z0.shape == (res.state_dim,)
-    y_mapped, _ = red.simulate_lru(res.lam, res.B, res.C, res.D, u, z0)
-    y_zero, _ = red.simulate_lru(res.lam, res.B, res.C, res.D, u)
+    y_mapped, _ = red.simulate(res.lam, res.B, res.C, res.D, u, z0)
+    y_zero, _ = red.simulate(res.lam, res.B, res.C, res.D, u)
     scale = np.linalg.norm(y_full - D * u)
     err_mapped = np.linalg.norm(y_mapped - y_full) / scale
     err_zero = np.linalg.norm(y_zero - y_full) / scale
@@ -282,10 +285,10 @@ def test_full_rank_state_map_is_exact():
     lam, B, C, D = random_layer(8, 2, 5, n_real=2)
     res = red.balanced_truncation(lam, B, C, D, rank=16)
     rng = np.random.default_rng(1)
-    _, h0 = red.simulate_lru(lam, B, C, D, rng.standard_normal((30, 2)))
+    _, h0 = red.simulate(lam, B, C, D, rng.standard_normal((30, 2)))
     u = rng.standard_normal((40, 2))
-    y_full, _ = red.simulate_lru(lam, B, C, D, u, h0)
-    y_red, _ = red.simulate_lru(res.lam, res.B, res.C, res.D, u, res.map_state(h0))
+    y_full, _ = red.simulate(lam, B, C, D, u, h0)
+    y_red, _ = red.simulate(res.lam, res.B, res.C, res.D, u, res.map_state(h0))
     np.testing.assert_allclose(y_red, y_full, atol=1e-9 * np.abs(y_full).max())
 
 
@@ -293,20 +296,45 @@ def test_full_rank_state_map_is_exact():
 
 
 def test_lru_parameters_round_trip_through_the_torch_layer():
-    torch = pytest.importorskip("torch")
-    from policies.lru import LRU
-
     lam, B, C, D = random_layer(8, 3, 6, n_real=2)
     res = red.balanced_truncation(lam, B, C, D, rank=11)
-    params = red.lru_parameters(res.lam, res.B)
-    layer = LRU(width=3, state_dim=res.state_dim)
-    with torch.no_grad():
-        for name, value in params.items():
-            getattr(layer, name).copy_(torch.from_numpy(value))
-    np.testing.assert_allclose(layer.eigenvalues().detach().numpy(), res.lam, atol=1e-6)
-    np.testing.assert_allclose(layer.input_matrix().detach().numpy(), res.B, atol=1e-5)
+    layer = LRU(width=3, state_dim=8)
+    replaced = layer.load_system(res.system)
+    assert layer.state_dim == res.state_dim and len(replaced) == 6  # ν, θ, B, C; D in place
+    lam_t, B_t, C_t, D_t = layer.system()
+    np.testing.assert_allclose(lam_t, res.lam, atol=1e-6)
+    np.testing.assert_allclose(B_t, res.B, atol=1e-5)
+    np.testing.assert_allclose(C_t, res.C, atol=1e-6)
+    np.testing.assert_allclose(D_t, D, atol=1e-6)
     with pytest.raises(ValueError, match="lam"):
-        red.lru_parameters(np.array([0.0 + 0.0j]), np.ones((1, 1)))
+        lru_parameters(np.array([0.0 + 0.0j]), np.ones((1, 1)))
+
+
+def test_radius_clamp_lives_in_the_parametrisation():
+    """A reduced eigenvalue beyond MAX_RADIUS is clamped by lru_parameters (phase kept),
+    and the layer's forward map never exceeds it either."""
+    lam = np.array([0.99999 * np.exp(0.3j), 0.5])
+    params = lru_parameters(lam, np.ones((2, 1)))
+    layer = LRU(width=1, state_dim=2)
+    layer.load_system((lam, np.ones((2, 1)), np.ones((1, 2)), np.zeros(1)))
+    radius = np.abs(layer.system().lam)
+    assert radius[0] == pytest.approx(MAX_RADIUS, abs=1e-7) and radius[1] == pytest.approx(0.5)
+    assert params["theta"][0] == pytest.approx(0.3)
+    with torch.no_grad():
+        layer.nu_log.fill_(-50.0)  # exp(ν) underflows: |λ| would be 1 without the floor
+    assert np.all(np.abs(layer.system().lam) <= MAX_RADIUS + 1e-7)
+
+
+def test_merged_step_matrices_equal_the_real_form_step():
+    lam, B, C, D = random_layer(6, 4, 8, n_real=1)
+    A, Bx, Cx, Dx = real_form(lam, B, C, D)
+    from_state, from_input = merged_step_matrices(lam, B, C, D)
+    rng = np.random.default_rng(2)
+    x, u = rng.standard_normal(12), rng.standard_normal(4)
+    x_next = A @ x + Bx @ u
+    np.testing.assert_allclose(
+        x @ from_state + u @ from_input, np.concatenate([x_next, Cx @ x_next + Dx @ u]), atol=1e-12
+    )
 
 
 def test_module_never_calls_balred_hsvd_or_passes_complex_to_control():
@@ -319,8 +347,8 @@ def test_module_never_calls_balred_hsvd_or_passes_complex_to_control():
     names = {getattr(node, "attr", getattr(node, "id", None)) for node in ast.walk(tree)}
     for banned in ("balred", "hsvd", "ab09ad", "minreal"):
         assert banned not in called and banned not in names, banned
-    # The only control.ss call is on real_matrices' float64 output.
-    A, Bx, Cx, Dx = red.real_matrices(*random_layer(3, 2, 0))
+    # The only control.ss call is on real_form's float64 output.
+    A, Bx, Cx, Dx = real_form(*random_layer(3, 2, 0))
     assert all(m.dtype == np.float64 for m in (A, Bx, Cx, Dx))
     sys = red.real_realization(*random_layer(3, 2, 0))
     assert isinstance(sys, control.StateSpace) and sys.dt is True

@@ -1,7 +1,7 @@
 """The triton scan equals the sequential reference, forward and backward.
 
-Runs on CPU tensors under ``TRITON_INTERPRET=1`` (as ``make test`` does) or on a GPU; the
-interpreter is slow, so shapes are small and ``BLOCK_T`` is shrunk to cross chunk borders.
+Runs on a GPU, or on CPU tensors under ``TRITON_INTERPRET=1`` (``tests/conftest.py`` sets it
+when there is no GPU, so a bare ``pytest`` runs these tests too); the interpreter is slow, so shapes are small and ``BLOCK_T`` is shrunk to cross chunk borders.
 """
 
 import os
@@ -16,7 +16,10 @@ from policies.scan import linear_scan  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET is set to something else than 1 and there is no GPU",
+        allow_module_level=True,
+    )
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 

@@ -1,21 +1,25 @@
-"""Run reports: a learning-curve PNG and a Markdown summary next to the run's files."""
+"""Run reports: PNG plots (learning curve, HSV spectra) and a Markdown summary next to
+the run's files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from compressm_rl.runs import METRICS, MetricsLog, load_config  # noqa: E402
+from compressm_rl.compression import ReductionEvent  # noqa: E402
+from compressm_rl.runs.config import load_config  # noqa: E402
+from compressm_rl.runs.events import EventLog  # noqa: E402
+from compressm_rl.runs.metrics import METRICS, MetricsLog  # noqa: E402
 
 
 def learning_curve(run_dir: Path, out: Path | None = None) -> Path:
     """Plot episode return against env steps (and the state size when it changes)."""
-    rows = [r for r in MetricsLog(Path(run_dir) / METRICS).read() if r["episode_return"]]
+    rows = [r for r in MetricsLog(run_dir).read() if r["episode_return"]]
     if not rows:
         raise ValueError(f"{run_dir} has no finished episodes in {METRICS} yet")
     steps = [int(r["global_step"]) for r in rows]
@@ -46,7 +50,7 @@ def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
     are in the run directory."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)
-    rows = MetricsLog(run_dir / METRICS).read()
+    rows = MetricsLog(run_dir).read()
     if not rows:
         raise ValueError(f"{run_dir} has no metrics yet: train first")
     last = rows[-1]
@@ -74,9 +78,8 @@ def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
             f"{onnx_returns.std():.1f} over {len(onnx_returns)} episodes (same seeds)"
         )
     lines += ["", f"![learning curve]({curve.name})", ""]
-    events_path = run_dir / "compression.json"
-    if events_path.exists():
-        events = json.loads(events_path.read_text())
+    events = EventLog(run_dir).read()
+    if events:
         lines += [
             "## Compression events",
             "",
@@ -84,10 +87,10 @@ def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
             "|---:|---|---:|---:|---:|---:|---|",
         ]
         for e in events:
-            error = f"{e['output_error']:.3f}" if "output_error" in e else "-"
+            error = "-" if e.output_error is None else f"{e.output_error:.3f}"
             lines.append(
-                f"| {e['step']} | {e['layer']} | {e['n_before']} | {e['n_after']} | "
-                f"{e['bound']:.3g} | {error} | {e['status']} |"
+                f"| {e.step} | {e.layer} | {e.n_before} | {e.n_after} | "
+                f"{e.bound:.3g} | {error} | {e.status} |"
             )
         plots = sorted(run_dir.glob("hsv_*.png"))
         lines += [""] + [f"![HSV spectra]({p.name})" for p in plots] + [""]
@@ -99,3 +102,23 @@ def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def plot_hsv(path: Path, events: list[ReductionEvent], title: str) -> None:
+    """HSV spectra (normalised to σ₁) of one reduction point, the cut marked per layer."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for e in events:
+        if not e.hsv:
+            continue
+        hsv = np.asarray(e.hsv)
+        line = ax.semilogy(np.arange(1, len(hsv) + 1), hsv / hsv[0], label=str(e.layer))[0]
+        if e.applied:
+            ax.axvline(2 * e.n_after, color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("index (real states; dotted: kept ≈ 2 n_after)")
+    ax.set_ylabel("σ_j / σ_1")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

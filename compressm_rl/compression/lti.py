@@ -1,30 +1,20 @@
-"""Balanced truncation of one LRU layer (DESIGN.md §5), on numpy float64 arrays.
+"""Balanced truncation of one diagonal LTI layer (docs/design.md §6), numpy float64 arrays.
 
-Conventions
------------
-One layer, input ``u_t`` real ``[H_in]``, complex state ``h_t`` ``[n]``, output real ``[H_out]``::
+Conventions are those of ``policies.lti`` (one realisation for the whole project)::
 
     h_t = diag(lam) h_{t-1} + B u_t,      y_t = Re(C h_t) + D ⊙ u_t
 
-``lam`` complex ``[n]`` (|lam| < 1), ``B`` complex ``[n, H_in]`` is the *effective* B̃ (γ
-included), ``C`` complex ``[H_out, n]``, ``D`` real ``[H_out]`` (so ``H_in == H_out``
-wherever ``D`` is used). Discrete time throughout.
-
-Real form: ``x = [Re h; Im h]`` (2n states) with::
-
-    A = [[diag a, -diag b], [diag b, diag a]]  (lam = a + i b)
-    B_x = [Re B; Im B],   C_x = [Re C, -Im C],   D_x = diag(D)
-
-This is exact for the layer's map. Note the timing: the layer reads its output from the
-*updated* state (``y_t = C x_t + D u_t`` with ``x_t = A x_{t-1} + B u_t``), whereas a
-``control.StateSpace`` means ``x_{t+1} = A x_t + B u_t, y_t = C x_t + D u_t``. Hence
+with the real form ``x = [Re h; Im h]``, ``(A, B_x, C_x, D_x) = real_form(lam, B, C, D)``.
+Note the timing: the layer reads its output from the *updated* state (``y_t = C x_t +
+D u_t`` with ``x_t = A x_{t-1} + B u_t``), whereas a ``control.StateSpace`` means
+``x_{t+1} = A x_t + B u_t, y_t = C x_t + D u_t``. Hence
 
     G_layer(z) = D + z (G_ss(z) - D).
 
-The Gramians, Hankel singular values (HSVs) and the truncation are those of ``(A, B, C)``
-(as DESIGN.md §5 prescribes). Because ``|z| = 1`` on the unit circle, the H∞ error of the
-reduced layer (read with the layer's timing) equals that of the truncated state-space
-system, so ``‖G − G_r‖_∞ ≤ 2 Σ_{j>r} σ_j`` holds for the layer as well.
+The Gramians, Hankel singular values (HSVs) and the truncation are those of ``(A, B_x,
+C_x)``. Because ``|z| = 1`` on the unit circle, the H∞ error of the reduced layer (read
+with the layer's timing) equals that of the truncated state-space system, so
+``‖G − G_r‖_∞ ≤ 2 Σ_{j>r} σ_j`` holds for the layer as well.
 
 Pitfalls (python-control 0.10.2), so this module never uses them:
 ``control.balred`` hard-codes continuous time (it keeps "unstable" modes of a stable
@@ -43,7 +33,8 @@ import control
 import numpy as np
 import scipy.linalg as sla
 
-MAX_RADIUS = 0.9999  # same clamp as policies.lru.MAX_RADIUS (γ → 0 blows up B = B̃/γ)
+from policies.lti import DiagonalSystem, check_system, real_form
+
 DEFAULT_MAX_COND = 1e3
 
 GramianMethod = Literal["closed_form", "control"]
@@ -69,46 +60,6 @@ class IllConditionedReduction(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def _check_layer(
-    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    lam = np.asarray(lam, dtype=np.complex128)
-    B = np.asarray(B, dtype=np.complex128)
-    C = np.asarray(C, dtype=np.complex128)
-    if lam.ndim != 1 or B.ndim != 2 or C.ndim != 2:
-        raise ValueError(
-            f"expected lam [n], B [n, H_in], C [H_out, n]; got {lam.shape}, {B.shape}, {C.shape}"
-        )
-    n = lam.shape[0]
-    if B.shape[0] != n or C.shape[1] != n:
-        raise ValueError(f"B {B.shape} and C {C.shape} do not match n = {n}")
-    if np.any(np.abs(lam) >= 1.0):
-        raise ValueError(f"the layer must be stable, got max |lam| = {np.abs(lam).max()}")
-    if D is not None:
-        D = np.asarray(D, dtype=np.float64)
-        if D.shape != (C.shape[0],) or B.shape[1] != C.shape[0]:
-            raise ValueError(
-                f"D must be [H] with H_in == H_out == H; got D {D.shape}, B {B.shape}, C {C.shape}"
-            )
-    return lam, B, C, D
-
-
-def real_matrices(
-    lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Real form ``(A [2n, 2n], B_x [2n, H_in], C_x [H_out, 2n], D_x [H_out, H_in])``, float64.
-
-    ``x = [Re h; Im h]``; see the module docstring. ``D=None`` gives a zero ``D_x``.
-    """
-    lam, B, C, D = _check_layer(lam, B, C, D)
-    a, b = np.diag(lam.real), np.diag(lam.imag)
-    A = np.block([[a, -b], [b, a]])
-    Bx = np.concatenate([B.real, B.imag], axis=0)
-    Cx = np.concatenate([C.real, -C.imag], axis=1)
-    Dx = np.zeros((C.shape[0], B.shape[1])) if D is None else np.diag(D)
-    return A, Bx, Cx, Dx
-
-
 def real_realization(
     lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray | None = None
 ) -> control.StateSpace:
@@ -117,7 +68,7 @@ def real_realization(
     python-control reads it as ``x_{t+1} = A x_t + B u_t``; the layer's own timing differs
     by a factor z on the strictly proper part (module docstring).
     """
-    return control.ss(*real_matrices(lam, B, C, D), dt=True)
+    return control.ss(*real_form(lam, B, C, D), dt=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -153,7 +104,7 @@ def gramians(
             n=128) or ``"control"`` (``control.gram`` on the discrete StateSpace, i.e.
             SLICOT sb03md; ~100 ms at n=128).
     """
-    lam, B, C, _ = _check_layer(lam, B, C)
+    lam, B, C, _ = check_system(lam, B, C)
     if method == "closed_form":
         P, Q = _closed_form_gramians(lam, B, C)
     elif method == "control":
@@ -208,11 +159,11 @@ def hankel_singular_values(
 
 @dataclass(frozen=True)
 class ReductionResult:
-    """A reduced LRU layer and how it was obtained.
+    """A reduced layer and how it was obtained.
 
     Attributes:
-        lam: complex ``[m]``, |lam| ≤ MAX_RADIUS; real modes have Im lam = 0 (θ ∈ {0, π}).
-        B: complex ``[m, H_in]``, the effective B̃ (divide by γ = sqrt(1−|lam|²) to store).
+        lam: complex ``[m]``, |lam| < 1; real modes have Im lam = 0 exactly.
+        B: complex ``[m, H_in]``.
         C: complex ``[H_out, m]``.
         D: real ``[H_out]``, unchanged.
         hsv: Hankel singular values of the full layer's real form, descending ``[2n]``.
@@ -223,7 +174,6 @@ class ReductionResult:
         A_r, B_r, C_r: the truncated balanced real system ``[r, r]``, ``[r, H_in]``,
             ``[H_out, r]`` (same timing as the layer).
         T, T_inv: balancing projections ``[2n, r]`` and ``[r, 2n]`` (``T_inv T = I_r``).
-        n_clamped: eigenvalues whose radius was clamped to MAX_RADIUS.
     """
 
     lam: np.ndarray
@@ -240,12 +190,16 @@ class ReductionResult:
     C_r: np.ndarray
     T: np.ndarray
     T_inv: np.ndarray
-    n_clamped: int
 
     @property
     def state_dim(self) -> int:
         """m, complex states of the reduced layer."""
         return int(self.lam.shape[0])
+
+    @property
+    def system(self) -> DiagonalSystem:
+        """The reduced layer ``(lam, B, C, D)``."""
+        return DiagonalSystem(self.lam, self.B, self.C, self.D)
 
     def map_state(self, h: np.ndarray) -> np.ndarray:
         """Carried full-layer state ``h`` complex ``[..., n]`` -> reduced ``z`` ``[..., m]``."""
@@ -280,7 +234,7 @@ def balanced_truncation(
     max_cond: float = DEFAULT_MAX_COND,
     hsv_rtol: float = 1e-12,
 ) -> ReductionResult:
-    """Balanced truncation of one LRU layer, returned in LRU diagonal form.
+    """Balanced truncation of one layer, returned in diagonal form.
 
     Args:
         lam, B, C, D: the layer (module docstring; ``B`` is B̃).
@@ -304,7 +258,7 @@ def balanced_truncation(
     """
     if (rank is None) == (tol is None):
         raise ValueError("give exactly one of rank= (real states kept) or tol= (HSV mass)")
-    lam, B, C, D = _check_layer(lam, B, C, D)
+    lam, B, C, D = check_system(lam, B, C, D)
     if D is None:
         raise ValueError("D is required")
     n2 = 2 * lam.shape[0]
@@ -313,7 +267,7 @@ def balanced_truncation(
     if not 1 <= min_rank <= n2:
         raise ValueError(f"min_rank must be in [1, 2n = {n2}], got {min_rank}")
 
-    A, Bx, Cx, _ = real_matrices(lam, B, C)
+    A, Bx, Cx, _ = real_form(lam, B, C)
     P, Q = gramians(lam, B, C, method)
     hsv, Lc, U, Vt, Lo = _balance(P, Q)
     if hsv[0] <= 0.0:
@@ -326,7 +280,7 @@ def balanced_truncation(
     T_inv = (U[:, :r].T @ Lo.T) * s_isqrt[:, None]  # [r, 2n]
     A_r, B_r, C_r = T_inv @ A @ T, T_inv @ Bx, Cx @ T
 
-    lam_r, B_red, C_red, Vinv, cond_V, n_clamped = _diagonalise(A_r, B_r, C_r, max_cond)
+    lam_r, B_red, C_red, Vinv, cond_V = _diagonalise(A_r, B_r, C_r, max_cond)
     return ReductionResult(
         lam=lam_r,
         B=B_red,
@@ -342,14 +296,13 @@ def balanced_truncation(
         C_r=C_r,
         T=T,
         T_inv=T_inv,
-        n_clamped=n_clamped,
     )
 
 
 def _diagonalise(
     A_r: np.ndarray, B_r: np.ndarray, C_r: np.ndarray, max_cond: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int]:
-    """Real ``(A_r, B_r, C_r)`` -> LRU form ``(lam, B̃, C, V⁻¹ rows kept, cond V, clamped)``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Real ``(A_r, B_r, C_r)`` -> diagonal form ``(lam, B, C, V⁻¹ rows kept, cond V)``."""
     mu, V = sla.eig(A_r)
     cond_V = float(np.linalg.cond(V))
     if not np.isfinite(cond_V) or cond_V > max_cond:
@@ -371,10 +324,7 @@ def _diagonalise(
     Bz[is_real] = Bz[is_real].real
     Cz[:, is_real] = Cz[:, is_real].real
     Wz[is_real] = Wz[is_real].real
-    radius = np.abs(lam)
-    clamp = radius > MAX_RADIUS
-    lam[clamp] *= MAX_RADIUS / radius[clamp]
-    return lam, Bz, Cz, Wz, cond_V, int(np.count_nonzero(clamp))
+    return lam, Bz, Cz, Wz, cond_V
 
 
 # --------------------------------------------------------------------------------------
@@ -382,14 +332,14 @@ def _diagonalise(
 # --------------------------------------------------------------------------------------
 
 
-def lru_impulse_response(
+def impulse_response(
     lam: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, steps: int
 ) -> np.ndarray:
     """Markov parameters of the layer, ``[steps, H_out, H_in]`` float64.
 
     ``G_0 = Re(C B) + diag D``, ``G_k = Re(C diag(lam)^k B)`` (layer timing).
     """
-    lam, B, C, D = _check_layer(lam, B, C, D)
+    lam, B, C, D = check_system(lam, B, C, D)
     powers = lam[None, :] ** np.arange(steps)[:, None]  # [steps, n]
     G = np.einsum("on,kn,ni->koi", C, powers, B).real
     G[0] += np.diag(D)
@@ -422,7 +372,7 @@ def frequency_response(
     (layer timing; ``control``'s reading of ``real_realization`` has ``1/(z−λ)`` instead,
     which differs only by the all-pass factor z on the strictly proper part).
     """
-    lam, B, C, D = _check_layer(lam, B, C, D)
+    lam, B, C, D = check_system(lam, B, C, D)
     z = np.exp(1j * np.asarray(omegas, dtype=np.float64))[:, None]  # [W, 1]
     g1 = z / (z - lam[None, :])  # [W, n]
     g2 = z / (z - lam.conj()[None, :])
@@ -432,7 +382,7 @@ def frequency_response(
     return G + np.diag(D)[None]
 
 
-def simulate_lru(
+def simulate(
     lam: np.ndarray,
     B: np.ndarray,
     C: np.ndarray,
@@ -444,7 +394,7 @@ def simulate_lru(
 
     Returns ``y`` ``[T, H_out]`` and the final state ``[n]``. A float64 reference, not fast.
     """
-    lam, B, C, D = _check_layer(lam, B, C, D)
+    lam, B, C, D = check_system(lam, B, C, D)
     h = np.zeros(lam.shape[0], np.complex128) if h0 is None else np.asarray(h0, np.complex128)
     bu = np.asarray(u, dtype=np.float64) @ B.T  # [T, n]
     y = np.empty((bu.shape[0], C.shape[0]))
@@ -452,26 +402,3 @@ def simulate_lru(
         h = lam * h + bu[t]
         y[t] = (C @ h).real + D * u[t]
     return y, h
-
-
-def lru_parameters(lam: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
-    """``policies.lru.LRU`` parameters for eigenvalues ``lam`` and effective ``B`` (= B̃).
-
-    Returns float64 ``nu_log [n]``, ``theta [n]`` (in (−π, π]), ``B_re, B_im [n, H]``
-    with ``B = B̃ / γ``. Needs ``0 < |lam| ≤ MAX_RADIUS`` (λ = 0 has ν = +∞).
-    """
-    lam = np.asarray(lam, dtype=np.complex128)
-    radius = np.abs(lam)
-    if np.any(radius <= 0.0) or np.any(radius > MAX_RADIUS * (1 + 1e-12)):
-        raise ValueError(
-            f"need 0 < |lam| <= {MAX_RADIUS}, got range [{radius.min()}, {radius.max()}]"
-        )
-    decay = -np.log(radius)
-    gamma = np.sqrt(-np.expm1(-2.0 * decay))
-    Bs = np.asarray(B, dtype=np.complex128) / gamma[:, None]
-    return {
-        "nu_log": np.log(decay),
-        "theta": np.angle(lam),
-        "B_re": Bs.real.copy(),
-        "B_im": Bs.imag.copy(),
-    }

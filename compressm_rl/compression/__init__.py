@@ -1,0 +1,12 @@
+"""Compression of LRU policies by balanced truncation: the LTI maths on arrays (``lti``)
+and the in-training pipeline over an actor-critic (``pipeline``)."""
+
+from compressm_rl.compression.pipeline import (
+    CompressionConfig,
+    LayerRef,
+    ReductionEvent,
+    compress_policy,
+    lru_layers,
+)
+
+__all__ = ["CompressionConfig", "LayerRef", "ReductionEvent", "compress_policy", "lru_layers"]

@@ -1,0 +1,403 @@
+"""In-training compression of an actor-critic (CompreSSM, docs/design.md §7).
+
+At each reduction point — between rollouts, never inside an update — ``compress_policy``
+walks every LRU layer of the chosen parts once:
+
+1. **read**: the layer as a diagonal LTI system (``LRU.system()``, float64), and the
+   inputs it saw on the latest rollout;
+2. **plan**: balanced truncation at the rank that keeps ``1 - tol`` of the Hankel
+   singular values (at least the floor); a layer is skipped unless the cut removes at
+   least 5% of its states, or when the re-diagonalisation is ill-conditioned;
+3. **guard**: the reduced layer's relative output error on the recorded inputs must stay
+   under ``max_output_error``; for the actor, KL(full ‖ reduced) of the action
+   distribution on the rollout must stay under ``max_kl``; above it the actor's cut is
+   made gentler (each layer sheds half as many states, re-truncated at the higher rank)
+   and tried again, up to ``MAX_KL_BACKOFFS`` times, before the actor's reductions of
+   this event are rolled back (CompreSSM's "pragmatic" mode);
+4. **apply**: every carried recurrent state is mapped into the new coordinates
+   (``z = W [Re h; Im h]``), the layer becomes the reduced system (``LRU.load_system``),
+   and the optimiser follows the new parameters (their Adam moments restart from zero,
+   the step count is kept: old modes do not map one to one onto new ones).
+
+Each layer's decision is one ``ReductionEvent`` (a record of ``compression.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from compressm_rl.compression.lti import (
+    IllConditionedReduction,
+    ReductionResult,
+    balanced_truncation,
+)
+from policies.actor_critic import ActorCritic, RecurrentState
+from policies.lru import LRU, LRUStack
+from policies.lti import DiagonalSystem
+
+MIN_REMOVED_FRACTION = 0.05
+MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
+PARTS = ("actor", "critic")
+
+
+@dataclass
+class CompressionConfig:
+    """When and how much to reduce. ``tol`` None disables compression.
+
+    Every value is checked when the config is built (``ValueError`` naming the field,
+    the value and the valid range).
+    """
+
+    tol: float | None = None  # fraction of Σ HSV dropped per layer, in (0, 1)
+    # Early: the action KL of a cut grows as the policy's σ shrinks (Hopper-v5, τ = 0.15:
+    # KL 0.04 at 6% of training, 0.2-0.3 at 15-20%), and the small model trains for longer.
+    at: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08])
+    min_state: int = 4  # floor on complex states per layer
+    max_output_error: float = 0.5  # relative, per layer, on recorded inputs
+    max_kl: float = 0.1  # KL(full ‖ reduced) of the actor, mean over the rollout
+    max_cond: float = 1e3  # cond(V) of the re-diagonalisation; above it the layer is skipped
+    # What to shrink: the actor is what gets deployed; the critic only speeds up training.
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value, valid: str) -> ValueError:
+            return ValueError(f"compression {name} = {value!r} is out of range: {valid}")
+
+        if self.tol is not None and not 0.0 < self.tol < 1.0:
+            raise bad("tol", self.tol, "a fraction of the HSV sum in (0, 1), e.g. 0.1")
+        if not self.at or any(not 0.0 <= f < 1.0 for f in self.at):
+            raise bad("at", self.at, "fractions of total steps in [0, 1), e.g. 0.02,0.04")
+        if self.min_state < 1:
+            raise bad("min_state", self.min_state, "at least 1 complex state per layer")
+        for name in ("max_output_error", "max_kl", "max_cond"):
+            if not getattr(self, name) > 0.0:
+                raise bad(name, getattr(self, name), "a positive number")
+        if not self.parts or not set(self.parts) <= set(PARTS):
+            raise bad("parts", self.parts, "'actor', 'critic' or both (actor,critic)")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionConfig:
+        unknown = set(data) - set(asdict(cls()))
+        if unknown:
+            raise ValueError(
+                f"unknown compression setting(s) {sorted(unknown)}; known: {sorted(asdict(cls()))}"
+            )
+        return cls(**data)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tol is not None
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One LRU layer of an actor-critic: ``part`` ("actor" or "critic"), block ``index``."""
+
+    part: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.part}.{self.index}"
+
+    def of(self, policy: ActorCritic) -> LRU:
+        """The layer in ``policy``."""
+        return getattr(policy, self.part).blocks[self.index].lru
+
+
+def lru_layers(policy: ActorCritic, parts: list[str] | tuple[str, ...] = PARTS) -> list[LayerRef]:
+    """Every LRU layer of the given parts, actor first (none for an MLP policy)."""
+    return [
+        LayerRef(part, index)
+        for part in parts
+        if isinstance(getattr(policy, part), LRUStack)
+        for index in range(len(getattr(policy, part).blocks))
+    ]
+
+
+@dataclass(frozen=True)
+class ReductionEvent:
+    """What happened to one layer at one reduction point (a ``compression.json`` record).
+
+    ``status`` starts with "applied", "skipped" or "rolled back" and says why.
+    ``output_error`` is None where no guard ran, ``kl`` None outside the actor's KL guard;
+    ``step`` and the returns around the event are filled in by the runner.
+    """
+
+    layer: LayerRef
+    n_before: int
+    n_after: int
+    status: str
+    hsv: tuple[float, ...] = ()
+    bound: float = 0.0
+    output_error: float | None = None
+    kl: float | None = None
+    step: int | None = None
+    return_before: float | None = None
+    return_after: float | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.status.startswith("applied")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layer": str(self.layer), "hsv": list(self.hsv)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReductionEvent:
+        part, index = data["layer"].split(".")
+        return cls(**{**data, "layer": LayerRef(part, int(index)), "hsv": tuple(data["hsv"])})
+
+
+@torch.no_grad()
+def compress_policy(
+    policy: ActorCritic,
+    optimizer: torch.optim.Optimizer | None,
+    config: CompressionConfig,
+    carried: RecurrentState | None = None,
+    obs: Tensor | None = None,
+    reset: Tensor | None = None,
+) -> tuple[RecurrentState | None, list[ReductionEvent]]:
+    """Reduce the LRU layers of ``config.parts`` in place; map the ``carried`` state.
+
+    Args:
+        optimizer: follows the replaced parameters (None: no optimiser to update).
+        carried: the envs' ongoing recurrent state (actor ``[B, S_actor]``, critic
+            ``[B, S_critic]``), mapped into the reduced coordinates.
+        obs, reset: the latest rollout as sequences ``[B, T, obs]`` (normalised) and
+            ``[B, T]``, for the guards; None skips them.
+
+    Returns:
+        The mapped state (None if none was given) and one event per layer.
+    """
+    plan = plan_reductions(policy, config, obs, reset)
+    events = {event.layer: event for event in plan.events}
+    actor = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
+    if actor and obs is not None:
+        fitted, kl, halvings, dropped = fit_actor_kl(policy, plan, actor, config, obs, reset)
+        for ref in actor:
+            event = replace(events[ref], kl=kl)
+            if ref in fitted:
+                result = fitted[ref]
+                event = replace(event, n_after=result.state_dim, bound=float(result.bound))
+                if halvings:  # the gentler cut's own error, not the planned one's
+                    error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
+                    status = f"applied: cut halved {halvings}x to fit KL {kl:.3f}"
+                    event = replace(event, output_error=error, status=status)
+                plan.accepted[ref] = result
+            else:
+                reason = f"KL {kl:.3f} > {config.max_kl} after {halvings} halvings"
+                status = "rolled back: " + dropped.get(ref, reason)
+                event = replace(event, n_after=event.n_before, status=status)
+                del plan.accepted[ref]
+            events[ref] = event
+
+    mapped = None if carried is None else map_carried_state(policy, carried, plan.accepted)
+    for ref, result in plan.accepted.items():
+        replaced = ref.of(policy).load_system(result.system)
+        if optimizer is not None:
+            follow_parameters(optimizer, replaced)
+    return mapped, list(events.values())
+
+
+@dataclass
+class ReductionPlan:
+    """The layers as read once, and the planned cuts (``plan_reductions``)."""
+
+    systems: dict[LayerRef, DiagonalSystem]
+    inputs: dict[LayerRef, Tensor]  # each layer's recorded inputs [B, T, H] (empty: no guard)
+    accepted: dict[LayerRef, ReductionResult]
+    events: list[ReductionEvent]
+
+
+def plan_reductions(
+    policy: ActorCritic, config: CompressionConfig, obs: Tensor | None, reset: Tensor | None
+) -> ReductionPlan:
+    """Read every layer of ``config.parts`` once and decide its cut (output-error guard
+    included, KL guard not), without changing the policy."""
+    refs = lru_layers(policy, config.parts)
+    plan = ReductionPlan(
+        systems={ref: ref.of(policy).system() for ref in refs},
+        inputs={} if obs is None else record_layer_inputs(policy, config.parts, obs, reset),
+        accepted={},
+        events=[],
+    )
+    for ref in refs:
+        n = ref.of(policy).state_dim
+        event = ReductionEvent(ref, n_before=n, n_after=n, status="applied")
+        try:
+            result = balanced_truncation(
+                *plan.systems[ref],
+                tol=config.tol,
+                min_rank=min(2 * config.min_state, 2 * n),
+                max_cond=config.max_cond,
+            )
+        except IllConditionedReduction as err:
+            plan.events.append(replace(event, status=f"skipped: {err}"))
+            continue
+        event = replace(event, hsv=tuple(result.hsv.tolist()), bound=float(result.bound))
+        if result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
+            plan.events.append(replace(event, status="skipped: removes < 5% of states"))
+            continue
+        if ref in plan.inputs:
+            error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
+            event = replace(event, output_error=error)
+            if error > config.max_output_error:
+                status = f"rolled back: output error {error:.3f} > {config.max_output_error}"
+                plan.events.append(replace(event, status=status))
+                continue
+        plan.accepted[ref] = result
+        plan.events.append(replace(event, n_after=result.state_dim))
+    return plan
+
+
+def fit_actor_kl(
+    policy: ActorCritic,
+    plan: ReductionPlan,
+    planned: dict[LayerRef, ReductionResult],
+    config: CompressionConfig,
+    obs: Tensor,
+    reset: Tensor,
+) -> tuple[dict[LayerRef, ReductionResult], float, int, dict[LayerRef, str]]:
+    """Back the actor's cut off until KL(full ‖ reduced) fits ``max_kl``.
+
+    Tries the planned cut, then, while the KL is over budget, cuts with half as many real
+    states removed from every actor layer (re-truncated at the higher rank from the
+    systems read by the plan; at most ``MAX_KL_BACKOFFS`` halvings). A layer whose gentler
+    cut would remove < 5% of its states, or cannot be re-diagonalised, drops out with a
+    reason. Every layer backs off alike, also one that adds no KL.
+
+    Returns:
+        The accepted reductions (empty if no candidate fits), the last KL measured, the
+        number of halvings, and the reason per dropped layer.
+    """
+    results = dict(planned)
+    dropped: dict[LayerRef, str] = {}
+    for halvings in range(MAX_KL_BACKOFFS + 1):
+        kl = action_kl(policy, trial_policy(policy, results), obs, reset)
+        if kl <= config.max_kl or halvings == MAX_KL_BACKOFFS:
+            break
+        gentler = {}
+        for ref, result in results.items():
+            n = plan.systems[ref].state_dim
+            rank = 2 * n - (2 * n - result.rank) // 2
+            try:
+                candidate = balanced_truncation(
+                    *plan.systems[ref], rank=rank, max_cond=config.max_cond
+                )
+            except IllConditionedReduction as err:
+                dropped[ref] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
+                continue
+            if candidate.state_dim <= (1 - MIN_REMOVED_FRACTION) * n:
+                gentler[ref] = candidate
+            else:
+                dropped[ref] = (
+                    f"KL {kl:.3f} > {config.max_kl}, and a gentler cut removes < 5% of states"
+                )
+        if not gentler:
+            break
+        results = gentler
+    if kl > config.max_kl:
+        return {}, kl, halvings, {}
+    return results, kl, halvings, dropped
+
+
+# ----- measurements on recorded data ---------------------------------------------------
+@torch.no_grad()
+def record_layer_inputs(
+    policy: ActorCritic, parts: list[str] | tuple[str, ...], obs: Tensor, reset: Tensor
+) -> dict[LayerRef, Tensor]:
+    """Inputs each LRU layer sees (after its LayerNorm) over sequences ``obs [B, T, obs]``."""
+    inputs: dict[LayerRef, Tensor] = {}
+    for part in parts:
+        stack = getattr(policy, part)
+        if not isinstance(stack, LRUStack):
+            continue
+        hooks = [
+            block.lru.register_forward_pre_hook(
+                lambda _m, args, ref=LayerRef(part, i): inputs.__setitem__(ref, args[0])
+            )
+            for i, block in enumerate(stack.blocks)
+        ]
+        try:
+            stack(obs, None, reset)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def reduced_output_error(lru: LRU, result: ReductionResult, u: Tensor, reset: Tensor) -> float:
+    """``‖y_reduced − y_full‖ / ‖y_full − D u‖`` of ``lru`` and its reduction ``result`` on
+    inputs ``u [B, T, H]`` (from zero state)."""
+    candidate = LRU(lru.width, lru.state_dim)
+    candidate.load_state_dict(lru.state_dict())
+    candidate.load_system(result.system)
+    y_full, _ = lru(u, None, reset)
+    y_red, _ = candidate(u, None, reset)
+    recurrent_part = y_full - lru.D * u
+    return float((y_red - y_full).norm() / recurrent_part.norm().clamp(min=1e-12))
+
+
+def trial_policy(policy: ActorCritic, results: dict[LayerRef, ReductionResult]) -> ActorCritic:
+    """A copy of ``policy`` with the given layers reduced (for the KL guard)."""
+    trial = copy.deepcopy(policy)
+    for ref, result in results.items():
+        ref.of(trial).load_system(result.system)
+    return trial
+
+
+@torch.no_grad()
+def action_kl(full: ActorCritic, reduced: ActorCritic, obs: Tensor, reset: Tensor) -> float:
+    """Mean KL(full ‖ reduced) of the Gaussian action distributions over ``obs [B, T, obs]``.
+
+    Both share the log-std, so the KL is ``Σ (μ_full − μ_red)² / (2σ²)``.
+    """
+    mean_full = full.actor_head(full.actor(obs, None, reset)[0])
+    mean_red = reduced.actor_head(reduced.actor(obs, None, reset)[0])
+    var = torch.exp(2 * full.log_std)
+    return float(((mean_full - mean_red).square() / (2 * var)).sum(-1).mean())
+
+
+# ----- surgery --------------------------------------------------------------------------
+@torch.no_grad()
+def map_carried_state(
+    policy: ActorCritic, carried: RecurrentState, accepted: dict[LayerRef, ReductionResult]
+) -> RecurrentState:
+    """``carried`` (flat ``[B, S]`` per part) in the reduced layers' coordinates; the
+    policy must still have its old sizes (call before ``load_system``)."""
+    mapped = {}
+    for part in PARTS:
+        state = getattr(carried, part)
+        maps = {ref.index: r for ref, r in accepted.items() if ref.part == part}
+        if maps:
+            stack = getattr(policy, part)
+            layers = stack.split_state(state)
+            for i, result in maps.items():
+                z = result.map_state(layers[i].to(torch.complex128).numpy())
+                layers[i] = torch.as_tensor(z, dtype=torch.complex64)
+            state = LRUStack.join_state(layers)
+        mapped[part] = state
+    return RecurrentState(**mapped)
+
+
+def follow_parameters(
+    optimizer: torch.optim.Optimizer, replaced: dict[torch.nn.Parameter, torch.nn.Parameter]
+) -> None:
+    """Put each new parameter in its old one's place in ``optimizer``: same param group,
+    Adam moments restarted at zero (the old modes do not map onto the new ones), other
+    per-parameter state (the step count) kept."""
+    for old, new in replaced.items():
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        old_state = optimizer.state.pop(old, {})
+        new_state = {}
+        for key, value in old_state.items():
+            fresh_moment = torch.is_tensor(value) and value.shape == old.shape and key != "step"
+            new_state[key] = torch.zeros_like(new) if fresh_moment else value
+        if new_state:
+            optimizer.state[new] = new_state

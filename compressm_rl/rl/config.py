@@ -1,0 +1,121 @@
+"""PPO settings: one typed, validated ``PPOConfig``, and per-task presets kept as data.
+
+The presets live in ``presets.yaml`` next to this file (RL Zoo's ``hyperparams/ppo.yml``
+idea): a task's settings are ``PPOConfig``'s defaults with that file's values on top,
+and a run's own overrides on top of those (``preset_for(env_id).with_overrides(...)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from envs.tasks import split_env_id
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Recurrent PPO settings. Times are env steps summed over all envs.
+
+    Every value is checked when the config is built: a ``ValueError`` names the field,
+    the value and the valid range.
+    """
+
+    total_steps: int = 1_000_000
+    num_envs: int = 8
+    rollout_steps: int = 256  # per env and iteration
+    seq_len: int = 64  # steps per replayed sequence (divides rollout_steps)
+    epochs: int = 10
+    minibatches: int = 4
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = None
+    norm_reward: bool = True
+    init_log_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_envs": (self.num_envs >= 1, "at least 1"),
+            "rollout_steps": (self.rollout_steps >= 1, "at least 1"),
+            "seq_len": (
+                1 <= self.seq_len <= self.rollout_steps and self.rollout_steps % self.seq_len == 0,
+                f"a divisor of rollout_steps = {self.rollout_steps}",
+            ),
+            "total_steps": (
+                self.total_steps >= self.steps_per_iteration,
+                f"at least one iteration, num_envs × rollout_steps = {self.steps_per_iteration}",
+            ),
+            "epochs": (self.epochs >= 1, "at least 1"),
+            "minibatches": (
+                1 <= self.minibatches <= self.sequences_per_iteration,
+                f"between 1 and the {self.sequences_per_iteration} sequences of an iteration",
+            ),
+            "lr": (self.lr > 0 and math.isfinite(self.lr), "a positive number"),
+            "gamma": (0 < self.gamma <= 1, "in (0, 1]"),
+            "gae_lambda": (0 <= self.gae_lambda <= 1, "in [0, 1]"),
+            "clip_coef": (self.clip_coef > 0, "a positive number"),
+            "ent_coef": (self.ent_coef >= 0, "0 or more"),
+            "vf_coef": (self.vf_coef >= 0, "0 or more"),
+            "max_grad_norm": (self.max_grad_norm > 0, "a positive number"),
+            "target_kl": (self.target_kl is None or self.target_kl > 0, "None or positive"),
+            "init_log_std": (math.isfinite(self.init_log_std), "a finite number"),
+        }
+        for name, (ok, valid) in checks.items():
+            if not ok:
+                raise ValueError(f"ppo {name} = {getattr(self, name)!r} is out of range: {valid}")
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Env steps of one rollout, all envs together."""
+        return self.num_envs * self.rollout_steps
+
+    @property
+    def sequences_per_iteration(self) -> int:
+        """Sequences of ``seq_len`` steps the update replays each epoch."""
+        return self.num_envs * (self.rollout_steps // max(1, self.seq_len))
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_steps // self.steps_per_iteration
+
+    def with_overrides(self, **overrides) -> PPOConfig:
+        """A copy with the non-None ``overrides`` applied (an unknown key is an error)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown PPO setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@cache
+def _preset_table() -> dict[str, dict]:
+    table = yaml.safe_load(PRESETS_FILE.read_text()) or {}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"{PRESETS_FILE} must map task ids to mappings of PPO settings")
+    return table
+
+
+def preset_tasks() -> list[str]:
+    """Task ids with a preset (their POMDP variants share it)."""
+    return list(_preset_table())
+
+
+def preset_for(env_id: str) -> PPOConfig:
+    """The task's PPO settings (POMDP variants use their base task's; defaults otherwise)."""
+    base, _ = split_env_id(env_id)
+    return PPOConfig().with_overrides(**_preset_table().get(base, {}))

@@ -1,0 +1,163 @@
+"""The PPO update for recurrent policies (docs/design.md §5), read top to bottom.
+
+``compute_gae`` turns a rollout's rewards into advantages; ``SequenceBatch`` cuts the
+rollout into env-major sequences that start from their stored actor and critic states;
+``ppo_update`` replays whole sequences with the episode-start mask (one scan per layer,
+no Python loop over time) and takes clipped-surrogate steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from compressm_rl.rl.config import PPOConfig
+from compressm_rl.rl.rollout import Rollout
+from policies.actor_critic import ActorCritic
+
+
+def make_optimizer(policy: ActorCritic, lr: float) -> torch.optim.Adam:
+    """Adam as CleanRL's PPO sets it (eps 1e-5)."""
+    # fused: one kernel for all tensors instead of ~10 ops per tensor (2.9 -> 0.7 ms a step)
+    return torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5, fused=True)
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over ``[T, N]``; ``dones[t]`` cuts the bootstrap
+    after step t (truncations were already bootstrapped into the reward).
+
+    Returns advantages and returns (advantages + values), both ``[T, N]``. The loop runs
+    on numpy views (5x cheaper per step than on tiny torch tensors).
+    """
+    r, v, d = rewards.numpy(), values.numpy(), dones.numpy()
+    adv = np.zeros_like(r)
+    running = np.zeros_like(r[0])
+    for t in reversed(range(len(r))):
+        next_value = last_value.numpy() if t == len(r) - 1 else v[t + 1]
+        not_done = 1.0 - d[t]
+        delta = r[t] + gamma * next_value * not_done - v[t]
+        running = delta + gamma * lam * not_done * running
+        adv[t] = running
+    advantages = torch.from_numpy(adv)
+    return advantages, advantages + values
+
+
+def to_sequences(x: Tensor, seq_len: int) -> Tensor:
+    """``[T, N, ...]`` -> ``[N * T/seq_len, seq_len, ...]`` (env-major segments)."""
+    steps, n = x.shape[:2]
+    x = x.transpose(0, 1).reshape(n, steps // seq_len, seq_len, *x.shape[2:])
+    return x.reshape(n * (steps // seq_len), seq_len, *x.shape[3:])
+
+
+@dataclass
+class SequenceBatch:
+    """A rollout as ``M`` sequences of ``L`` steps (``M = N·T/L``, env-major), each with
+    the recurrent states it started from. ``batch[idx]`` selects sequences."""
+
+    obs: Tensor  # [M, L, obs_dim] normalised
+    actions: Tensor  # [M, L, act_dim]
+    log_probs: Tensor  # [M, L] of the actions when sampled
+    reset: Tensor  # [M, L] bool, episode starts
+    values: Tensor  # [M, L] critic values when sampled
+    advantages: Tensor  # [M, L]
+    returns: Tensor  # [M, L]
+    actor_state0: Tensor  # [M, S_actor] before each sequence's first step
+    critic_state0: Tensor  # [M, S_critic]
+
+    @classmethod
+    def from_rollout(
+        cls,
+        rollout: Rollout,
+        values: Tensor,
+        advantages: Tensor,
+        returns: Tensor,
+        critic_segment_states: Tensor,
+        seq_len: int,
+    ) -> SequenceBatch:
+        """Cut ``[T, N]`` rollout tensors into sequences; ``critic_segment_states``
+        ``[K, N, S_critic]`` are the critic states at each segment start (``critic_pass``)."""
+        n_segments, n_envs, critic_size = critic_segment_states.shape
+        return cls(
+            obs=to_sequences(rollout.obs, seq_len),
+            actions=to_sequences(rollout.actions, seq_len),
+            log_probs=to_sequences(rollout.log_probs, seq_len),
+            reset=to_sequences(rollout.episode_start, seq_len),
+            values=to_sequences(values, seq_len),
+            advantages=to_sequences(advantages, seq_len),
+            returns=to_sequences(returns, seq_len),
+            actor_state0=to_sequences(rollout.actor_states, seq_len)[:, 0],
+            critic_state0=critic_segment_states.transpose(0, 1).reshape(
+                n_envs * n_segments, critic_size
+            ),
+        )
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+    def __getitem__(self, idx: Tensor) -> SequenceBatch:
+        return SequenceBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def ppo_update(
+    policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: SequenceBatch, cfg: PPOConfig
+) -> dict[str, float]:
+    """``cfg.epochs`` passes of clipped-surrogate PPO over minibatches of sequences.
+
+    Each sequence is replayed from its stored actor and critic states with the
+    episode-start mask, so the first forward pass reproduces the rollout's log-probs
+    exactly. Returns the mean losses, entropy, approximate KL and clip fraction.
+    """
+    params = list(policy.parameters())  # walked once, not at every clipping
+    n_seq = len(batch)
+    mb_size = max(1, n_seq // cfg.minibatches)
+    stats: dict[str, list[float]] = {
+        k: [] for k in ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
+    }
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n_seq)
+        for begin in range(0, n_seq, mb_size):
+            mb = batch[order[begin : begin + mb_size]]
+            log_prob, entropy = policy.evaluate_actions(
+                mb.obs, mb.actor_state0, mb.reset, mb.actions
+            )
+            new_values, _ = policy.values(mb.obs, mb.critic_state0, mb.reset, return_state=False)
+
+            log_ratio = log_prob - mb.log_probs
+            ratio = log_ratio.exp()
+            adv = (mb.advantages - mb.advantages.mean()) / (mb.advantages.std() + 1e-8)
+            pg_loss = torch.max(
+                -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
+            ).mean()
+            # Clipped value loss, as in CleanRL and the PPO reference implementation.
+            old_v, ret = mb.values, mb.returns
+            v_clipped = old_v + (new_values - old_v).clamp(-cfg.clip_coef, cfg.clip_coef)
+            v_loss = 0.5 * torch.max((new_values - ret).square(), (v_clipped - ret).square()).mean()
+            entropy_mean = entropy.mean()
+            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_mean
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+
+            with torch.no_grad():
+                stats["pg_loss"].append(pg_loss.item())
+                stats["v_loss"].append(v_loss.item())
+                stats["entropy"].append(entropy_mean.item())
+                stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
+                stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
+        per_epoch = -(-n_seq // mb_size)
+        if cfg.target_kl is not None and np.mean(stats["approx_kl"][-per_epoch:]) > cfg.target_kl:
+            break
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def explained_variance(values: Tensor, returns: Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] (1 is perfect, <= 0 useless)."""
+    var = returns.var()
+    return float("nan") if var == 0 else float(1 - (returns - values).var() / var)

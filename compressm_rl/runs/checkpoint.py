@@ -1,0 +1,142 @@
+"""``checkpoint.pt``: the state of a training run. ``save_checkpoint`` and
+``load_checkpoint`` are the one place that knows its layout.
+
+Written to a temporary file in the same directory and renamed over the old one, so a
+run killed mid-write keeps its previous checkpoint. Loaded with
+``torch.load(..., weights_only=True)``: plain tensors, numbers, strings, lists, dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressm_rl.rl.ppo import make_optimizer
+from compressm_rl.runs.config import TrainConfig
+from compressm_rl.runs.files import atomic_write
+from policies.actor_critic import ActorCritic
+from policies.normalizer import RunningNormalizer
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue where it stopped.
+
+    ``reduction_steps`` is the compression schedule in env steps, fixed when the run
+    starts (a resumed run follows it even if the defaults changed since);
+    ``next_reduction`` indexes the next one due. ``wall_time`` is training seconds so
+    far; ``rng`` the global torch/numpy RNG states when saved (``rng_state``).
+    """
+
+    config: TrainConfig
+    policy: ActorCritic
+    optimizer: torch.optim.Optimizer
+    reward_norm: RunningNormalizer | None
+    global_step: int = 0
+    iteration: int = 0
+    next_reduction: int = 0
+    reduction_steps: list[int] = field(default_factory=list)
+    wall_time: float = 0.0
+    rng: dict | None = None
+
+
+def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
+    """Write ``state`` to ``run_dir/checkpoint.pt`` atomically; returns the path."""
+    policy = state.policy
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "env_id": state.config.env_id,
+        "global_step": state.global_step,
+        "iteration": state.iteration,
+        "next_reduction": state.next_reduction,
+        "reduction_steps": list(state.reduction_steps),
+        "wall_time": state.wall_time,
+        "architecture": policy.architecture(),
+        "action_low": policy.action_low,
+        "action_high": policy.action_high,
+        "policy": policy.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "reward_norm": state.reward_norm.state_dict() if state.reward_norm is not None else {},
+        "rng": state.rng if state.rng is not None else rng_state(),
+        "config": state.config.to_dict(),
+    }
+    path = Path(run_dir) / CHECKPOINT
+    atomic_write(path, lambda f: torch.save(payload, f))
+    return path
+
+
+def load_checkpoint(path: Path) -> TrainingState:
+    """A checkpoint file, or a run directory's latest, rebuilt into live objects.
+
+    Raises FileNotFoundError if there is none, ValueError if it is corrupt or not ours.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: the run has not saved one yet")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/garbled files
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a compressm-rl checkpoint ({type(err).__name__}: "
+            f"{err}). Delete it to restart the run, or restore it from a copy."
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a compressm-rl checkpoint (format {FORMAT_VERSION})")
+    config = TrainConfig.from_dict(payload["config"])
+    policy = ActorCritic.from_architecture(
+        payload["architecture"], payload["action_low"], payload["action_high"]
+    )
+    policy.load_state_dict(payload["policy"])
+    optimizer = make_optimizer(policy, config.ppo.lr)
+    if payload["optimizer"]:
+        optimizer.load_state_dict(payload["optimizer"])
+    reward_norm = None
+    if config.ppo.norm_reward:
+        reward_norm = RunningNormalizer(())
+        reward_norm.load_state_dict(payload["reward_norm"])
+    return TrainingState(
+        config=config,
+        policy=policy,
+        optimizer=optimizer,
+        reward_norm=reward_norm,
+        global_step=int(payload["global_step"]),
+        iteration=int(payload["iteration"]),
+        next_reduction=int(payload.get("next_reduction", 0)),
+        reduction_steps=[int(x) for x in payload.get("reduction_steps", [])],
+        wall_time=float(payload.get("wall_time", 0.0)),
+        rng=payload["rng"],
+    )
+
+
+def load_policy(run_dir: Path) -> tuple[ActorCritic, dict]:
+    """The trained policy of a run directory, and ``{"env_id", "global_step"}``."""
+    state = load_checkpoint(run_dir)
+    state.policy.eval()
+    return state.policy, {"env_id": state.config.env_id, "global_step": state.global_step}
+
+
+def rng_state() -> dict:
+    """Torch and numpy global RNG states as tensors (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.as_tensor(keys.astype(np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_gauss": [int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], int(has_gauss), cached))

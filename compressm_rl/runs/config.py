@@ -1,0 +1,124 @@
+"""``TrainConfig``: everything a training run depends on, typed and checked when built.
+
+Saved as ``config.yaml`` in the run directory with every PPO and compression setting
+resolved (the task preset, then the run's overrides), so a run can be read and
+reproduced without knowing which defaults were in force when it started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from compressm_rl.compression import CompressionConfig
+from compressm_rl.rl.config import PPOConfig, preset_for
+from compressm_rl.runs.files import atomic_write_text
+from envs import check_env_id
+
+CONFIG = "config.yaml"
+POLICY_TYPES = ("ssm", "mlp")
+
+
+@dataclass
+class TrainConfig:
+    """A training run's settings. Build from a mapping with ``from_dict`` (YAML, CLI),
+    which applies the run's PPO overrides on top of the task preset.
+
+    Every value is checked here, before anything is created: a bad one raises a
+    ``ValueError`` naming the field, the value and the valid range.
+    """
+
+    env_id: str
+    seed: int = 0
+    policy: str = "ssm"  # "ssm" (LRU stacks) or "mlp"
+    state_dim: int = 128  # n, complex states per LRU layer
+    state_dims: list[int] | None = None  # per-layer n; overrides state_dim and layers
+    width: int = 64  # H, features per layer
+    layers: int = 2
+    num_workers: int = 0  # > 0: envs in subprocesses (AsyncVectorEnv)
+    torch_threads: int = 1
+    checkpoint_every: int = 10  # PPO iterations
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+    def __post_init__(self) -> None:
+        check_env_id(self.env_id)
+        checks = {
+            "seed": (self.seed >= 0, "0 or more"),
+            "policy": (self.policy in POLICY_TYPES, f"one of {', '.join(POLICY_TYPES)}"),
+            "state_dim": (self.state_dim >= 1, "at least 1"),
+            "state_dims": (
+                self.state_dims is None or (self.state_dims and min(self.state_dims) >= 1),
+                "None or a non-empty list of sizes >= 1",
+            ),
+            "width": (self.width >= 1, "at least 1"),
+            "layers": (self.layers >= 1, "at least 1"),
+            "num_workers": (self.num_workers >= 0, "0 (envs in this process) or more"),
+            "torch_threads": (self.torch_threads >= 1, "at least 1"),
+            "checkpoint_every": (self.checkpoint_every >= 1, "at least 1 iteration"),
+        }
+        for name, (ok, valid) in checks.items():
+            if not ok:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is out of range: {valid}")
+        if self.compression.enabled and self.policy != "ssm":
+            raise ValueError(
+                "compression tol is set but policy = 'mlp' has no recurrent state to "
+                "compress; use policy 'ssm' or drop the compression settings"
+            )
+        if self.compression.enabled and self.compression.min_state > max(self.initial_state_dims):
+            raise ValueError(
+                f"compression min_state = {self.compression.min_state} is out of range: at "
+                f"most the largest layer's n = {max(self.initial_state_dims)}"
+            )
+
+    @property
+    def initial_state_dims(self) -> list[int]:
+        """n per LRU layer when training starts."""
+        return list(self.state_dims) if self.state_dims else [self.state_dim] * self.layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """From a mapping of settings: ``ppo`` holds overrides of the task's preset,
+        ``compression`` of ``CompressionConfig``'s defaults; a top-level ``total_steps``
+        is the ``ppo`` one (what ``--total-steps`` sets)."""
+        data = dict(data)
+        known = {f.name for f in fields(cls)} | {"total_steps"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "env_id" not in data:
+            raise ValueError("config needs env_id (the Gymnasium task id, e.g. Hopper-v5)")
+        for key in ("ppo", "compression"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise ValueError(f"config key {key!r} must be a mapping of settings")
+        ppo = dict(data.pop("ppo", None) or {})
+        if data.get("total_steps") is not None:
+            ppo["total_steps"] = data["total_steps"]
+        data.pop("total_steps", None)
+        check_env_id(data["env_id"])  # before the preset lookup: the clear message first
+        data["ppo"] = preset_for(data["env_id"]).with_overrides(**ppo)
+        data["compression"] = CompressionConfig.from_dict(data.pop("compression", None) or {})
+        return cls(**data)
+
+
+def save_config(run_dir: Path, config: TrainConfig) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_config(run_dir: Path) -> TrainConfig:
+    """The ``config.yaml`` of a run directory; clear errors if missing or malformed."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a compressm-rl run directory?")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,75 @@
+"""Deterministic evaluation of any controller: a trained run's torch policy or an
+exported ``.onnx`` file, through one stepping interface (``Controller``).
+
+Convention: one env, episode k starts with ``env.reset(seed=seed + k)`` and the
+controller's ``reset()``, actions are the deterministic (clipped mean) ones, and the
+return is the sum of raw rewards until the episode terminates or is truncated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from envs import make_env
+from policies.actor_critic import ActorCritic, RecurrentState
+
+
+class Controller(Protocol):
+    """What a control loop needs: ``reset()`` at an episode start, then ``act(obs)``
+    (raw observation ``[obs_dim]`` -> bounded action ``[act_dim]``) every step.
+    ``export.runtime.OnnxPolicy`` is one; ``TorchController`` wraps an ``ActorCritic``."""
+
+    def reset(self) -> None: ...
+
+    def act(self, obs: np.ndarray) -> np.ndarray: ...
+
+
+class TorchController:
+    """An ``ActorCritic`` behind the ``Controller`` interface: deterministic actions, the
+    recurrent state carried between calls (``ActorCritic.predict``)."""
+
+    def __init__(self, policy: ActorCritic) -> None:
+        self.policy = policy
+        self.state: RecurrentState | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action, self.state = self.policy.predict(obs, self.state, deterministic=True)
+        return action
+
+
+def load_controller(target: Path) -> tuple[Controller, str]:
+    """The controller in ``target`` (a run directory or an ``.onnx`` file) and its env id."""
+    target = Path(target)
+    if target.suffix == ".onnx":
+        from export.runtime import OnnxPolicy
+
+        policy = OnnxPolicy(target)
+        return policy, policy.env_id
+    from compressm_rl.runs.checkpoint import load_policy
+
+    policy, meta = load_policy(target)
+    return TorchController(policy), meta["env_id"]
+
+
+def evaluate(controller: Controller, env_id: str, episodes: int = 10, seed: int = 0) -> np.ndarray:
+    """Undiscounted returns of ``episodes`` deterministic episodes, ``[episodes]`` float64."""
+    env = make_env(env_id)
+    returns = np.zeros(episodes)
+    try:
+        for k in range(episodes):
+            obs, _ = env.reset(seed=seed + k)
+            controller.reset()
+            done = False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(controller.act(obs))
+                returns[k] += float(reward)
+                done = terminated or truncated
+    finally:
+        env.close()
+    return returns
