@@ -90,6 +90,8 @@ def train(
 def _train(
     config: TrainConfig, run_dir: Path, resume: bool, progress: bool, max_iterations: int | None
 ) -> ActorCritic:
+    # Longer than most functions here on purpose: the iteration loop reads top to bottom
+    # in one place (CleanRL's style); each step it takes is one call.
     cfg = config.ppo
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)

@@ -13,11 +13,11 @@ concatenated over layers. An MLP policy has no recurrent state (``S = 0``); its 
 (``export.runtime.OnnxPolicy`` hides the difference).
 
 The graph is written node by node with ``onnx.helper`` rather than exported with
-``torch.onnx.export(dynamo=True)`` (DESIGN.md §7): tracing the torch step of a 2-layer
+``torch.onnx.export(dynamo=True)`` (docs/design.md §8): tracing the torch step of a 2-layer
 n=128 policy gives 131 nodes (complex ops decomposed into Gather/Slice/Concat/Unsqueeze),
 this builder 23 (18 once the state is small, e.g. after compression), and every constant
 and node is under our control. ONNX Runtime costs ~0.3-0.5 µs per node at batch 1
-(DESIGN.md §7-8), so the graph avoids small nodes. Per LRU layer the complex recurrence is
+(docs/design.md §8, §10), so the graph avoids small nodes. Per LRU layer the complex recurrence is
 written in the real form of ``policies.lti`` (rows, ``x = [Re h, Im h]``, the layer's slice
 of ``state``)::
 
@@ -320,25 +320,32 @@ def build_model(
     )
     # The oldest IR version that can hold this opset: loadable by the oldest ORT that can run it.
     model.ir_version = helper.find_min_ir_version_for(opsets)
-    meta = {
+    meta = _metadata(policy, env_id, training_steps, opset, num_nodes=len(g.nodes))
+    helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _metadata(
+    policy: ActorCritic, env_id: str, training_steps: int, opset: int, num_nodes: int
+) -> dict:
+    """The model's metadata props, read back by ``export.runtime.OnnxPolicy``."""
+    return {
         "producer": PRODUCER,
         "format_version": FORMAT_VERSION,
         "env_id": env_id,
         "policy_type": policy.policy_type,
-        "obs_dim": obs_dim,
-        "act_dim": act_dim,
-        "state_size": state_size,
+        "obs_dim": policy.obs_dim,
+        "act_dim": policy.act_dim,
+        "state_size": int(policy.actor.state_size),
         "layer_state_dims": json.dumps([int(n) for n in policy.actor.state_dims]),
         "width": int(policy.actor.width),
         "training_steps": int(training_steps),
-        "num_nodes": len(g.nodes),
+        "num_nodes": num_nodes,
         "opset": opset,
         "action_low": json.dumps(_f64(policy.action_low).tolist()),
         "action_high": json.dumps(_f64(policy.action_high).tolist()),
     }
-    helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def to_onnx(

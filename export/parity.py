@@ -97,15 +97,9 @@ def check_parity(
             err = np.abs(got.astype(np.float64) - ref)
             bad = err > atol + rtol * np.abs(ref)
             if bad.any():
-                k, j = (int(i) for i in np.argwhere(bad)[0])
-                raise ParityError(
-                    f"{env_id}: action mismatch at step {t}, env {k}, action dim {j}: onnx "
-                    f"{got[k, j]:.8g} vs torch {ref[k, j]:.8g} (abs err {err[k, j]:.3g}, "
-                    f"max abs err this step {err.max():.3g}, tolerance atol {atol} + rtol "
-                    f"{rtol}·|torch|); {int(bad.sum())} of {bad.size} elements out of "
-                    f"tolerance; max state abs err so far {max_state:.3g}"
-                    + _drift_hint(policy, max_state)
-                )
+                where = f"{env_id}: action mismatch at step {t}"
+                message = _mismatch(where, got, ref, err, bad, atol, rtol, max_state)
+                raise ParityError(message + _drift_hint(policy, max_state))
             max_abs = max(max_abs, float(err.max()))
             max_rel = max(max_rel, float((err / (np.abs(ref) + atol)).max()))
             if onnx_policy.recurrent:
@@ -134,6 +128,26 @@ def check_parity(
         "rtol": rtol,
         "atol": atol,
     }
+
+
+def _mismatch(
+    where: str,
+    got: np.ndarray,
+    ref: np.ndarray,
+    err: np.ndarray,
+    bad: np.ndarray,
+    atol: float,
+    rtol: float,
+    max_state: float,
+) -> str:
+    """What the first out-of-tolerance element of one step is, and how many there are."""
+    k, j = (int(i) for i in np.argwhere(bad)[0])
+    return (
+        f"{where}, env {k}, action dim {j}: onnx {got[k, j]:.8g} vs torch {ref[k, j]:.8g} "
+        f"(abs err {err[k, j]:.3g}, max abs err this step {err.max():.3g}, tolerance atol "
+        f"{atol} + rtol {rtol}·|torch|); {int(bad.sum())} of {bad.size} elements out of "
+        f"tolerance; max state abs err so far {max_state:.3g}"
+    )
 
 
 def _drift_hint(policy: ActorCritic, max_state_err: float) -> str:

@@ -1,6 +1,6 @@
 """Policy networks: LRU layers, the reset-aware linear scan, actor-critics, normaliser.
 
-Imports nothing else of this project (see DESIGN.md §1).
+Imports nothing else of this project (docs/design.md §1).
 """
 
 from policies.lru import LRU, LRUBlock, LRUStack

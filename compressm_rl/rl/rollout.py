@@ -82,6 +82,9 @@ def collect_rollout(
     Observation statistics stay frozen during the rollout (so the update replays exactly
     what the actor saw) and are updated from the raw observations afterwards.
     """
+    # One loop on purpose (CleanRL's style): the SAME_STEP bookkeeping of an env step —
+    # which flags, returns and final observations belong to which episode — reads in
+    # one place; helpers per step would also cost ~1 µs each at 2,048 steps.
     raw_obs, obs, actions, log_probs, rewards, dones, starts, states = ([] for _ in range(8))
     discounted: list[np.ndarray] = []
     truncations: list[tuple[int, int, Tensor]] = []

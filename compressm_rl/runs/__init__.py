@@ -10,7 +10,12 @@
 One module per file kind; ``files`` has the atomic write and the lock they share.
 """
 
-from compressm_rl.runs.checkpoint import TrainingState, load_checkpoint, load_policy, save_checkpoint
+from compressm_rl.runs.checkpoint import (
+    TrainingState,
+    load_checkpoint,
+    load_policy,
+    save_checkpoint,
+)
 from compressm_rl.runs.config import TrainConfig, load_config, save_config
 from compressm_rl.runs.evaluate import Controller, TorchController, evaluate, load_controller
 from compressm_rl.runs.events import EventLog
