@@ -260,3 +260,14 @@ def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
     train(config, tmp_path, resume=True, progress=False)  # free again: the run finishes
     assert failed.value is not None
     assert load_checkpoint(tmp_path).global_step == 128
+
+
+def test_every_preset_is_a_registered_task_and_builds():
+    from compressm_rl.rl.config import preset_tasks
+    from envs import TASKS
+
+    assert set(preset_tasks()) == set(TASKS)
+    for task in TASKS:
+        cfg = preset_for(task + "-P")  # POMDP variants share their base task's preset
+        assert cfg == preset_for(task) and cfg.num_iterations >= 1
+    assert preset_for("InvertedPendulum-v5").init_log_std == -0.5  # the file is read

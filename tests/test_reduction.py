@@ -16,6 +16,7 @@ import pytest
 import scipy.linalg as sla
 import slycot
 import torch
+from lti_responses import frequency_response, impulse_response, real_impulse_response, simulate
 
 from compressm_rl.compression import lti as red
 from policies.lru import LRU
@@ -74,15 +75,15 @@ def hsv_ab09ad(lam, B, C):
 def test_real_form_and_responses_agree_with_the_recursion(layer):
     lam, B, C, D = layer
     steps = 40
-    G = red.impulse_response(lam, B, C, D, steps)
+    G = impulse_response(lam, B, C, D, steps)
     A, Bx, Cx, Dx = real_form(lam, B, C, D)
-    np.testing.assert_allclose(red.real_impulse_response(A, Bx, Cx, Dx, steps), G, atol=1e-12)
+    np.testing.assert_allclose(real_impulse_response(A, Bx, Cx, Dx, steps), G, atol=1e-12)
     # Simulating the layer itself on a unit impulse in input i gives column i.
     H = B.shape[1]
     for i in range(H):
         u = np.zeros((steps, H))
         u[0, i] = 1.0
-        y, _ = red.simulate(lam, B, C, D, u)
+        y, _ = simulate(lam, B, C, D, u)
         np.testing.assert_allclose(y, G[:, :, i], atol=1e-12)
 
 
@@ -90,7 +91,7 @@ def test_real_form_and_responses_agree_with_the_recursion(layer):
 def test_frequency_response_matches_control_and_dft(layer):
     lam, B, C, D = layer
     omegas = np.linspace(0.0, np.pi, 64)
-    G = red.frequency_response(lam, B, C, D, omegas)
+    G = frequency_response(lam, B, C, D, omegas)
     sys = red.real_realization(lam, B, C, D)
     assert sys.isdtime(strict=True) and sys.nstates == 2 * lam.shape[0]
     z = np.exp(1j * omegas)
@@ -98,7 +99,7 @@ def test_frequency_response_matches_control_and_dft(layer):
     Dm = np.diag(D)
     np.testing.assert_allclose(G, Dm + z[:, None, None] * (G_ss - Dm), atol=1e-9)
     if np.abs(lam).max() < 0.7:  # impulse response decays fast enough for a truncated DTFT
-        Gk = red.impulse_response(lam, B, C, D, 200)
+        Gk = impulse_response(lam, B, C, D, 200)
         dtft = np.einsum("koi,wk->woi", Gk, np.exp(-1j * np.outer(omegas, np.arange(200))))
         np.testing.assert_allclose(G, dtft, atol=1e-10)
 
@@ -149,7 +150,7 @@ def test_bad_gramian_method_and_unstable_layer_raise():
 def test_reduced_layer_is_stable_and_within_the_hinf_bound(layer):
     lam, B, C, D = layer
     omegas = np.linspace(0.0, np.pi, 512)
-    G = red.frequency_response(lam, B, C, D, omegas)
+    G = frequency_response(lam, B, C, D, omegas)
     n2 = 2 * lam.shape[0]
     for rank in sorted({1, 2, 3, n2 // 4, n2 // 2 + 1, n2 - 1}):
         res = red.balanced_truncation(lam, B, C, D, rank=rank)
@@ -157,7 +158,7 @@ def test_reduced_layer_is_stable_and_within_the_hinf_bound(layer):
         assert np.all(np.abs(res.lam) < 1.0)
         np.testing.assert_allclose(res.bound, 2.0 * res.hsv[rank:].sum())
         err = np.linalg.norm(
-            G - red.frequency_response(res.lam, res.B, res.C, res.D, omegas), 2, axis=(1, 2)
+            G - frequency_response(res.lam, res.B, res.C, res.D, omegas), 2, axis=(1, 2)
         )
         assert err.max() <= res.bound * (1 + 1e-6) + 1e-9, (rank, err.max(), res.bound)
 
@@ -168,8 +169,8 @@ def test_full_rank_reproduces_the_layer(layer):
     res = red.balanced_truncation(lam, B, C, D, rank=2 * lam.shape[0])
     assert res.rank == 2 * lam.shape[0] and res.bound == 0.0
     steps = 60
-    G = red.impulse_response(lam, B, C, D, steps)
-    G_r = red.impulse_response(res.lam, res.B, res.C, res.D, steps)
+    G = impulse_response(lam, B, C, D, steps)
+    G_r = impulse_response(res.lam, res.B, res.C, res.D, steps)
     np.testing.assert_allclose(G_r, G, atol=1e-8 * np.abs(G).max())
     # Same eigenvalues. A real λ with complex B̃, C is two real states (λ twice), so the
     # LRU form may list it twice: compare as sets.
@@ -186,8 +187,8 @@ def test_lru_form_equals_truncated_real_system(layer):
         assert 2 * res.state_dim - n_real == res.rank  # pairs count twice, real modes once
         assert np.all(res.B[res.lam.imag == 0].imag == 0)
         np.testing.assert_allclose(res.T_inv @ res.T, np.eye(rank), atol=1e-8)
-        G_real = red.real_impulse_response(res.A_r, res.B_r, res.C_r, np.diag(D), 80)
-        G_lru = red.impulse_response(res.lam, res.B, res.C, res.D, 80)
+        G_real = real_impulse_response(res.A_r, res.B_r, res.C_r, np.diag(D), 80)
+        G_lru = impulse_response(res.lam, res.B, res.C, res.D, 80)
         np.testing.assert_allclose(G_lru, G_real, atol=1e-10 * np.abs(G_real).max())
 
 
@@ -250,8 +251,8 @@ def test_reducing_a_reduced_layer_handles_zero_hsvs():
     assert np.all(hsv[-n_real:] < 1e-12 * hsv[0])
     second = red.balanced_truncation(first.lam, first.B, first.C, first.D, rank=2 * first.state_dim)
     assert second.rank == 13  # the σ ≈ 0 directions are not kept
-    G1 = red.impulse_response(first.lam, first.B, first.C, first.D, 60)
-    G2 = red.impulse_response(second.lam, second.B, second.C, second.D, 60)
+    G1 = impulse_response(first.lam, first.B, first.C, first.D, 60)
+    G2 = impulse_response(second.lam, second.B, second.C, second.D, 60)
     np.testing.assert_allclose(G2, G1, atol=1e-8 * np.abs(G1).max())
 
 
@@ -264,13 +265,13 @@ def test_mapped_state_continues_the_trajectory():
     assert res.bound < 1e-3 * res.hsv[0]
     rng = np.random.default_rng(0)
     H = B.shape[1]
-    _, h0 = red.simulate(lam, B, C, D, rng.standard_normal((100, H)))  # a carried state
+    _, h0 = simulate(lam, B, C, D, rng.standard_normal((100, H)))  # a carried state
     u = rng.standard_normal((150, H))
-    y_full, _ = red.simulate(lam, B, C, D, u, h0)
+    y_full, _ = simulate(lam, B, C, D, u, h0)
     z0 = res.map_state(h0)
     assert z0.shape == (res.state_dim,)
-    y_mapped, _ = red.simulate(res.lam, res.B, res.C, res.D, u, z0)
-    y_zero, _ = red.simulate(res.lam, res.B, res.C, res.D, u)
+    y_mapped, _ = simulate(res.lam, res.B, res.C, res.D, u, z0)
+    y_zero, _ = simulate(res.lam, res.B, res.C, res.D, u)
     scale = np.linalg.norm(y_full - D * u)
     err_mapped = np.linalg.norm(y_mapped - y_full) / scale
     err_zero = np.linalg.norm(y_zero - y_full) / scale
@@ -285,10 +286,10 @@ def test_full_rank_state_map_is_exact():
     lam, B, C, D = random_layer(8, 2, 5, n_real=2)
     res = red.balanced_truncation(lam, B, C, D, rank=16)
     rng = np.random.default_rng(1)
-    _, h0 = red.simulate(lam, B, C, D, rng.standard_normal((30, 2)))
+    _, h0 = simulate(lam, B, C, D, rng.standard_normal((30, 2)))
     u = rng.standard_normal((40, 2))
-    y_full, _ = red.simulate(lam, B, C, D, u, h0)
-    y_red, _ = red.simulate(res.lam, res.B, res.C, res.D, u, res.map_state(h0))
+    y_full, _ = simulate(lam, B, C, D, u, h0)
+    y_red, _ = simulate(res.lam, res.B, res.C, res.D, u, res.map_state(h0))
     np.testing.assert_allclose(y_red, y_full, atol=1e-9 * np.abs(y_full).max())
 
 
