@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 from compressm_rl.compression import ReductionEvent, lru_layers
-from compressm_rl.compression.lti import IllConditionedReduction, balanced_truncation
+from compressm_rl.compression.lti import UnreducibleLayer, balanced_truncation
 from compressm_rl.rl import make_optimizer
 from compressm_rl.runs import EventLog, load_checkpoint, save_checkpoint
 from compressm_rl.runs.config import CONFIG
 from compressm_rl.runs.metrics import METRICS
+from policies.lti import MAX_RADIUS
 
 
 def compress_run(
@@ -47,8 +48,8 @@ def compress_run(
         n = lru.state_dim
         rank = None if tol is not None else min(2 * state_dims[ref.index], 2 * n)
         try:
-            result = balanced_truncation(*lru.system(), tol=tol, rank=rank)
-        except IllConditionedReduction as err:
+            result = balanced_truncation(*lru.system(), tol=tol, rank=rank, max_radius=MAX_RADIUS)
+        except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             events.append(ReductionEvent(ref, n, n, f"skipped: {err}", step=state.global_step))
             continue
         events.append(
@@ -59,6 +60,8 @@ def compress_run(
                 status="applied (post-training)",
                 hsv=tuple(result.hsv.tolist()),
                 bound=float(result.bound),
+                cond_v=result.cond_V,
+                n_clamped=result.n_clamped,
                 step=state.global_step,
             )
         )

@@ -28,7 +28,7 @@ The LRU parametrisation (``policies.lru.LRU``) maps free parameters to the syste
     lam = exp(-exp(ν) + i θ),   γ = sqrt(1 - |lam|²),   B = diag(γ) (B_re + i B_im)
 
 with |lam| clamped to ``MAX_RADIUS`` (γ → 0 would blow up B_re = Re B / γ).
-``lru_parameters`` is the inverse, clamp included.
+``lru_parameters`` is the inverse.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 
 MAX_RADIUS = 0.9999
 MIN_DECAY = -math.log(MAX_RADIUS)  # exp(ν) floor that keeps |lam| ≤ MAX_RADIUS
+MIN_RADIUS = 1e-30  # lam = 0 has no ν; float32 holds 1e-30 · h as 0 beside any b_t
 
 
 class DiagonalSystem(NamedTuple):
@@ -127,19 +128,18 @@ def lru_parameters(lam: np.ndarray, B: np.ndarray) -> dict[str, np.ndarray]:
     """LRU parameters for eigenvalues ``lam`` ``[n]`` and effective input matrix ``B``.
 
     Returns float64 ``nu_log [n]``, ``theta [n]`` (in (−π, π]), ``B_re, B_im [n, H]``
-    with ``B_re + i B_im = B / γ``. Radii above ``MAX_RADIUS`` are clamped to it (the
-    one place this happens, besides the forward map's floor on exp(ν)); ``lam = 0``
-    (ν = +∞) and ``|lam| ≥ 1`` are errors.
+    with ``B_re + i B_im = B / γ``. Needs ``|lam| ≤ MAX_RADIUS`` (a reduction keeps to it:
+    ``balanced_truncation(..., max_radius=MAX_RADIUS)``). ``lam = 0`` (ν = +∞) is held as
+    ``|lam| = MIN_RADIUS``, which float32 cannot tell from 0 in any state it adds to.
     """
     lam = np.asarray(lam, dtype=np.complex128)
     radius = np.abs(lam)
-    if np.any(radius <= 0.0) or np.any(radius >= 1.0):
+    if np.any(radius > MAX_RADIUS * (1 + 1e-12)):
         raise ValueError(
-            f"need 0 < |lam| < 1, got radii in [{radius.min()}, {radius.max()}]; "
-            f"|lam| = 0 has no LRU parameters (nu_log = +inf)"
+            f"need |lam| <= MAX_RADIUS = {MAX_RADIUS}, got {radius.max()}; reduce with "
+            f"max_radius=MAX_RADIUS (it clamps with the mode's gain kept)"
         )
-    clamped = radius > MAX_RADIUS
-    lam = np.where(clamped, lam * (MAX_RADIUS / radius), lam)
+    lam = np.where(radius < MIN_RADIUS, MIN_RADIUS, lam)
     decay = -np.log(np.abs(lam))
     gamma = np.sqrt(-np.expm1(-2.0 * decay))
     Bs = np.asarray(B, dtype=np.complex128) / gamma[:, None]

@@ -127,6 +127,22 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     assert policy.actor.state_dims == [fitted[LayerRef("actor", i)].state_dim for i in range(2)]
 
 
+def test_a_layer_with_a_zero_map_is_skipped_with_its_reason_not_fatal():
+    policy = _policy_with_weak_modes()
+    with torch.no_grad():
+        policy.actor.blocks[1].lru.C_re.zero_()
+        policy.actor.blocks[1].lru.C_im.zero_()
+    obs, reset = torch.randn(2, 16, 6), torch.zeros(2, 16, dtype=torch.bool)
+    config = CompressionConfig(tol=1e-3, min_state=1, max_output_error=1e9, max_kl=1e9)
+    _, events = compress_policy(policy, None, config, None, obs, reset)
+    by_layer = {str(e.layer): e for e in events}
+    zero = by_layer["actor.1"]
+    assert zero.status.startswith("skipped") and "zero" in zero.status, zero
+    assert zero.n_after == zero.n_before == policy.actor.state_dims[1] == 24
+    assert by_layer["actor.0"].applied and policy.actor.state_dims[0] < 24
+    assert by_layer["actor.0"].cond_v >= 1.0 and by_layer["actor.0"].n_clamped == 0
+
+
 def test_actor_only_compression_leaves_the_critic_and_its_state_alone():
     policy = _policy_with_weak_modes()
     critic_before = {k: v.clone() for k, v in policy.critic.state_dict().items()}

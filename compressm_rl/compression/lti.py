@@ -40,7 +40,15 @@ DEFAULT_MAX_COND = 1e3
 GramianMethod = Literal["closed_form", "control"]
 
 
-class IllConditionedReduction(RuntimeError):
+class UnreducibleLayer(RuntimeError):
+    """This layer cannot be reduced; the caller should skip it (the message says why)."""
+
+
+class ZeroMap(UnreducibleLayer):
+    """The layer's input-output map is zero (every Hankel singular value vanishes)."""
+
+
+class IllConditionedReduction(UnreducibleLayer):
     """The reduced system's eigenvector matrix V is too ill-conditioned to re-diagonalise.
 
     The caller should skip (not reduce) this layer. ``cond`` holds cond₂(V).
@@ -168,12 +176,14 @@ class ReductionResult:
         D: real ``[H_out]``, unchanged.
         hsv: Hankel singular values of the full layer's real form, descending ``[2n]``.
         rank: real states kept, r (= 2 · complex pairs + real modes, so ``r ≤ 2m``).
-        bound: ``2 Σ_{j>r} σ_j``, the H∞ error bound on the unit circle.
+        bound: the H∞ error bound on the unit circle of the returned system: ``2 Σ_{j>r}
+            σ_j``, plus the clamp's own error bound where ``max_radius`` moved a mode.
         W: complex ``[m, 2n]`` state map: ``z = W [Re h; Im h]`` (``map_state``).
         cond_V: cond₂ of the reduced system's eigenvector matrix.
         A_r, B_r, C_r: the truncated balanced real system ``[r, r]``, ``[r, H_in]``,
             ``[H_out, r]`` (same timing as the layer).
         T, T_inv: balancing projections ``[2n, r]`` and ``[r, 2n]`` (``T_inv T = I_r``).
+        n_clamped: modes whose radius ``max_radius`` clamped (``_clamp_radius``).
     """
 
     lam: np.ndarray
@@ -190,6 +200,7 @@ class ReductionResult:
     C_r: np.ndarray
     T: np.ndarray
     T_inv: np.ndarray
+    n_clamped: int = 0
 
     @property
     def state_dim(self) -> int:
@@ -233,6 +244,7 @@ def balanced_truncation(
     method: GramianMethod = "closed_form",
     max_cond: float = DEFAULT_MAX_COND,
     hsv_rtol: float = 1e-12,
+    max_radius: float | None = None,
 ) -> ReductionResult:
     """Balanced truncation of one layer, returned in diagonal form.
 
@@ -246,6 +258,9 @@ def balanced_truncation(
         hsv_rtol: states with ``σ_j ≤ hsv_rtol · σ_1`` are never kept (a non-minimal layer,
             e.g. one reduced before, has σ ≈ 0 directions that Σ^{-1/2} cannot invert);
             r may therefore come out below ``rank``.
+        max_radius: largest eigenvalue radius the caller can represent (an LRU's
+            ``MAX_RADIUS``); modes beyond it are clamped with their peak gain kept, and the
+            clamp's error is added to ``bound`` (``_clamp_radius``). None: no clamp.
 
     Returns:
         ReductionResult. A conjugate eigenvalue pair (μ, μ̄) of A_r becomes one complex
@@ -255,6 +270,7 @@ def balanced_truncation(
 
     Raises:
         ValueError: bad arguments. IllConditionedReduction: cond(V) > max_cond.
+        ZeroMap: nothing to reduce (B̃ or C is zero).
     """
     if (rank is None) == (tol is None):
         raise ValueError("give exactly one of rank= (real states kept) or tol= (HSV mass)")
@@ -271,7 +287,7 @@ def balanced_truncation(
     P, Q = gramians(lam, B, C, method)
     hsv, Lc, U, Vt, Lo = _balance(P, Q)
     if hsv[0] <= 0.0:
-        raise ValueError("the layer's input-output map is zero (all HSVs vanish)")
+        raise ZeroMap("the layer's input-output map is zero (all HSVs vanish)")
     r = rank if rank is not None else select_rank(hsv, tol, min_rank)
     r = min(r, max(1, int(np.count_nonzero(hsv > hsv_rtol * hsv[0]))))
 
@@ -281,6 +297,9 @@ def balanced_truncation(
     A_r, B_r, C_r = T_inv @ A @ T, T_inv @ Bx, Cx @ T
 
     lam_r, B_red, C_red, Vinv, cond_V = _diagonalise(A_r, B_r, C_r, max_cond)
+    n_clamped, clamp_bound = 0, 0.0
+    if max_radius is not None:
+        lam_r, B_red, n_clamped, clamp_bound = _clamp_radius(lam_r, B_red, C_red, max_radius)
     return ReductionResult(
         lam=lam_r,
         B=B_red,
@@ -288,7 +307,7 @@ def balanced_truncation(
         D=D.copy(),
         hsv=hsv,
         rank=r,
-        bound=float(2.0 * hsv[r:].sum()),
+        bound=float(2.0 * hsv[r:].sum() + clamp_bound),
         W=Vinv @ T_inv,
         cond_V=cond_V,
         A_r=A_r,
@@ -296,6 +315,7 @@ def balanced_truncation(
         C_r=C_r,
         T=T,
         T_inv=T_inv,
+        n_clamped=n_clamped,
     )
 
 
@@ -325,3 +345,39 @@ def _diagonalise(
     Cz[:, is_real] = Cz[:, is_real].real
     Wz[is_real] = Wz[is_real].real
     return lam, Bz, Cz, Wz, cond_V
+
+
+def _clamp_radius(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, max_radius: float
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Bring every radius above ``max_radius`` down to it, keeping each moved mode's peak gain.
+
+    A reduced mode can land a hair outside the radius its holder can represent (balanced
+    truncation keeps stability, not the largest radius: 4e-8 beyond 0.9999 here). At
+    |λ| ≈ 0.9999 the mode's gain |b c| / (1 − |λ|) is ~1e4 |b c|, so moving λ alone by
+    7.5e-9 changed the layer by 2.9× the truncation's bound. Scaling the mode's input row
+    by k = (1 − r') / (1 − r) keeps its response at its own frequency (z = e^{iθ}) exact;
+    what is left, ``|c| |b| sup_ω |z/(z−λ) − k z/(z−λ')|`` per mode, is measured on a grid
+    dense around θ and returned as the clamp's error bound (a 4x smaller error than the
+    plain clamp's on layers with several modes at 0.9999).
+
+    Returns ``(lam, B, modes clamped, error bound)``; ``C`` is unchanged.
+    """
+    radius = np.abs(lam)
+    over = np.flatnonzero(radius > max_radius)
+    if over.size == 0:
+        return lam, B, 0, 0.0
+    lam, B = lam.copy(), B.copy()
+    bound = 0.0
+    for j in over:
+        old, new = lam[j], lam[j] * (max_radius / radius[j])
+        k = (1.0 - max_radius) / (1.0 - radius[j])
+        width = 1.0 - max_radius  # the resonance's half-width in ω
+        omega = np.concatenate(
+            [np.angle(old) + width * np.linspace(-200, 200, 4001), np.linspace(-np.pi, np.pi, 1025)]
+        )
+        z = np.exp(1j * omega)
+        gap = np.abs(z / (z - old) - k * z / (z - new)).max()
+        bound += float(np.linalg.norm(C[:, j]) * np.linalg.norm(B[j]) * gap)
+        lam[j], B[j] = new, k * B[j]
+    return lam, B, int(over.size), bound

@@ -33,11 +33,12 @@ from torch import Tensor
 from compressm_rl.compression.lti import (
     IllConditionedReduction,
     ReductionResult,
+    UnreducibleLayer,
     balanced_truncation,
 )
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
-from policies.lti import DiagonalSystem
+from policies.lti import MAX_RADIUS, DiagonalSystem
 
 MIN_REMOVED_FRACTION = 0.05
 MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
@@ -123,8 +124,11 @@ class ReductionEvent:
     """What happened to one layer at one reduction point (a ``compression.json`` record).
 
     ``status`` starts with "applied", "skipped" or "rolled back" and says why.
-    ``output_error`` is None where no guard ran, ``kl`` None outside the actor's KL guard;
-    ``step`` and the returns around the event are filled in by the runner.
+    ``bound`` is the H∞ error bound of the cut (``ReductionResult.bound``), ``cond_v`` the
+    condition number of its re-diagonalisation and ``n_clamped`` the modes moved to the
+    largest radius an LRU holds (None where no cut was computed). ``output_error`` is None
+    where no guard ran, ``kl`` None outside the actor's KL guard; ``step`` and the returns
+    around the event are filled in by the runner.
     """
 
     layer: LayerRef
@@ -133,6 +137,8 @@ class ReductionEvent:
     status: str
     hsv: tuple[float, ...] = ()
     bound: float = 0.0
+    cond_v: float | None = None
+    n_clamped: int | None = None
     output_error: float | None = None
     kl: float | None = None
     step: int | None = None
@@ -182,7 +188,13 @@ def compress_policy(
             event = replace(events[ref], kl=kl)
             if ref in fitted:
                 result = fitted[ref]
-                event = replace(event, n_after=result.state_dim, bound=float(result.bound))
+                event = replace(
+                    event,
+                    n_after=result.state_dim,
+                    bound=float(result.bound),
+                    cond_v=result.cond_V,
+                    n_clamped=result.n_clamped,
+                )
                 if halvings:  # the gentler cut's own error, not the planned one's
                     error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
                     status = f"applied: cut halved {halvings}x to fit KL {kl:.3f}"
@@ -234,11 +246,18 @@ def plan_reductions(
                 tol=config.tol,
                 min_rank=min(2 * config.min_state, 2 * n),
                 max_cond=config.max_cond,
+                max_radius=MAX_RADIUS,
             )
-        except IllConditionedReduction as err:
+        except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             plan.events.append(replace(event, status=f"skipped: {err}"))
             continue
-        event = replace(event, hsv=tuple(result.hsv.tolist()), bound=float(result.bound))
+        event = replace(
+            event,
+            hsv=tuple(result.hsv.tolist()),
+            bound=float(result.bound),
+            cond_v=result.cond_V,
+            n_clamped=result.n_clamped,
+        )
         if result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
             plan.events.append(replace(event, status="skipped: removes < 5% of states"))
             continue
@@ -286,7 +305,7 @@ def fit_actor_kl(
             rank = 2 * n - (2 * n - result.rank) // 2
             try:
                 candidate = balanced_truncation(
-                    *plan.systems[ref], rank=rank, max_cond=config.max_cond
+                    *plan.systems[ref], rank=rank, max_cond=config.max_cond, max_radius=MAX_RADIUS
                 )
             except IllConditionedReduction as err:
                 dropped[ref] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
