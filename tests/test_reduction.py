@@ -357,6 +357,42 @@ def test_radius_clamp_keeps_the_reduced_layer_within_its_bound():
     assert clamped_cases >= 5, clamped_cases
 
 
+def test_real_modes_share_a_state_within_budget_and_escape_the_saddle():
+    """Two real modes held in one state (Re h, Im h): fewer states, error within the
+    bound (which grows by at most the budget), the carried state's output unchanged, and
+    gradients on θ, Im B, Im C that a lone real mode does not get."""
+    lam, B, C, D = random_layer(16, 3, 3, n_real=6)
+    exact = red.balanced_truncation(lam, B, C, D, rank=10)
+    paired = red.balanced_truncation(lam, B, C, D, rank=10, pair_real=1.0)
+    assert paired.n_paired >= 1 and paired.state_dim == exact.state_dim - paired.n_paired
+    assert exact.bound < paired.bound <= 2 * exact.bound * (1 + 1e-12)
+    omegas = np.linspace(0.0, np.pi, 2049)
+    err = np.linalg.norm(
+        frequency_response(lam, B, C, D, omegas)
+        - frequency_response(paired.lam, paired.B, paired.C, D, omegas),
+        2,
+        axis=(1, 2),
+    )
+    assert err.max() <= paired.bound
+    _, h0 = simulate(lam, B, C, D, np.random.default_rng(0).standard_normal((50, 3)))
+    read = (exact.C @ exact.map_state(h0)).real  # what the reduced layer reads from h0
+    np.testing.assert_allclose((paired.C @ paired.map_state(h0)).real, read, atol=1e-10)
+
+    def theta_grads(result):
+        layer = LRU(width=3, state_dim=16)
+        layer.load_system(result.system)
+        y, _ = layer(torch.randn(4, 40, 3, generator=torch.Generator().manual_seed(1)))
+        y.square().sum().backward()
+        real = result.lam.imag == 0
+        return layer.theta.grad.abs().numpy(), real
+
+    grads, real = theta_grads(exact)
+    lone = grads[real].max() / grads[~real].mean()
+    grads, real = theta_grads(paired)
+    slots = grads[real].max() / grads[~real].mean()  # paired slots have a real λ too
+    assert lone < 1e-4 < 1e-2 < slots, (lone, slots)
+
+
 def test_merged_step_matrices_equal_the_real_form_step():
     lam, B, C, D = random_layer(6, 4, 8, n_real=1)
     A, Bx, Cx, Dx = real_form(lam, B, C, D)

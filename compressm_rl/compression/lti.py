@@ -184,6 +184,7 @@ class ReductionResult:
             ``[H_out, r]`` (same timing as the layer).
         T, T_inv: balancing projections ``[2n, r]`` and ``[r, 2n]`` (``T_inv T = I_r``).
         n_clamped: modes whose radius ``max_radius`` clamped (``_clamp_radius``).
+        n_paired: slots that hold two real modes (``_pair_real_modes``).
     """
 
     lam: np.ndarray
@@ -201,6 +202,7 @@ class ReductionResult:
     T: np.ndarray
     T_inv: np.ndarray
     n_clamped: int = 0
+    n_paired: int = 0
 
     @property
     def state_dim(self) -> int:
@@ -245,6 +247,7 @@ def balanced_truncation(
     max_cond: float = DEFAULT_MAX_COND,
     hsv_rtol: float = 1e-12,
     max_radius: float | None = None,
+    pair_real: float = 0.0,
 ) -> ReductionResult:
     """Balanced truncation of one layer, returned in diagonal form.
 
@@ -261,6 +264,9 @@ def balanced_truncation(
         max_radius: largest eigenvalue radius the caller can represent (an LRU's
             ``MAX_RADIUS``); modes beyond it are clamped with their peak gain kept, and the
             clamp's error is added to ``bound`` (``_clamp_radius``). None: no clamp.
+        pair_real: budget for holding two real modes in one state (``_pair_real_modes``),
+            as a fraction of the truncation's bound ``2 Σ_{j>r} σ_j``; 0: never (the
+            result is then exactly the truncated balanced system).
 
     Returns:
         ReductionResult. A conjugate eigenvalue pair (μ, μ̄) of A_r becomes one complex
@@ -297,6 +303,10 @@ def balanced_truncation(
     A_r, B_r, C_r = T_inv @ A @ T, T_inv @ Bx, Cx @ T
 
     lam_r, B_red, C_red, Vinv, cond_V = _diagonalise(A_r, B_r, C_r, max_cond)
+    truncation_bound = float(2.0 * hsv[r:].sum())
+    lam_r, B_red, C_red, W, n_paired, pair_bound = _pair_real_modes(
+        lam_r, B_red, C_red, Vinv @ T_inv, pair_real * truncation_bound
+    )
     n_clamped, clamp_bound = 0, 0.0
     if max_radius is not None:
         lam_r, B_red, n_clamped, clamp_bound = _clamp_radius(lam_r, B_red, C_red, max_radius)
@@ -307,8 +317,8 @@ def balanced_truncation(
         D=D.copy(),
         hsv=hsv,
         rank=r,
-        bound=float(2.0 * hsv[r:].sum() + clamp_bound),
-        W=Vinv @ T_inv,
+        bound=truncation_bound + pair_bound + clamp_bound,
+        W=W,
         cond_V=cond_V,
         A_r=A_r,
         B_r=B_r,
@@ -316,6 +326,7 @@ def balanced_truncation(
         T=T,
         T_inv=T_inv,
         n_clamped=n_clamped,
+        n_paired=n_paired,
     )
 
 
@@ -381,3 +392,54 @@ def _clamp_radius(
         bound += float(np.linalg.norm(C[:, j]) * np.linalg.norm(B[j]) * gap)
         lam[j], B[j] = new, k * B[j]
     return lam, B, int(over.size), bound
+
+
+def _pair_real_modes(
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, W: np.ndarray, budget: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """Hold pairs of real modes in one complex state each, while their error fits ``budget``.
+
+    A real mode (λ real, B row and C column real) uses half of its state: Im h is neither
+    driven nor read, and θ, Im B, Im C sit at a saddle with zero gradient (1e-8 against
+    1e-1 for the other modes), so training leaves it real and the half-state wasted. Two
+    real modes μ₁ ≤ μ₂ (neighbours in value) fit one state at λ = (μ₁ + μ₂)/2 with
+    ``B = b₁ + i b₂``, ``C = c₁ − i c₂``: Re h carries the first, Im h the second, and
+    ``Re(C h) = c₁ x₁ + c₂ x₂``. The state map is exact (``W = W₁ + i W₂``); only the
+    shared eigenvalue costs, ``|c||b| sup_ω |z/(z−μ) − z/(z−λ)|`` per mode. Neighbours
+    are paired cheapest first while the summed cost stays within ``budget``.
+
+    Returns ``(lam, B, C, W, pairs made, their error bound)``.
+    """
+    real = np.flatnonzero(lam.imag == 0)
+    if budget <= 0 or real.size < 2:
+        return lam, B, C, W, 0, 0.0
+    real = real[np.argsort(lam[real].real)]
+    z = np.exp(1j * np.linspace(0.0, np.pi, 1025))
+
+    def cost(j: int, target: float) -> float:
+        gap = np.abs(z / (z - lam[j]) - z / (z - target)).max()
+        return float(np.linalg.norm(C[:, j]) * np.linalg.norm(B[j]) * gap)
+
+    candidates = []
+    for first, second in zip(real[:-1], real[1:], strict=True):
+        mid = 0.5 * (lam[first].real + lam[second].real)
+        candidates.append((cost(first, mid) + cost(second, mid), first, second, mid))
+    used: set[int] = set()
+    spent, merged = 0.0, []
+    for c, first, second, mid in sorted(candidates):
+        if first in used or second in used or spent + c > budget:
+            continue
+        used |= {first, second}
+        spent += c
+        merged.append((first, second, mid))
+    if not merged:
+        return lam, B, C, W, 0, 0.0
+    lam, B, C, W = lam.copy(), B.copy(), C.copy(), W.copy()
+    for first, second, mid in merged:
+        lam[first] = mid
+        B[first] = B[first].real + 1j * B[second].real
+        C[:, first] = C[:, first].real - 1j * C[:, second].real
+        W[first] = W[first].real + 1j * W[second].real
+    drop = [second for _, second, _ in merged]
+    keep = np.setdiff1d(np.arange(lam.shape[0]), drop)
+    return lam[keep], B[keep], C[:, keep], W[keep], len(merged), spent

@@ -61,6 +61,9 @@ class CompressionConfig:
     max_output_error: float = 0.5  # relative, per layer, on recorded inputs
     max_kl: float = 0.1  # KL(full ‖ reduced) of the actor, mean over the rollout
     max_cond: float = 1e3  # cond(V) of the re-diagonalisation; above it the layer is skipped
+    # Real modes held two to a state (they would sit at a zero-gradient saddle, half their
+    # state unused), within this fraction of the cut's bound (compression.lti: pair_real).
+    pair_real: float = 0.25
     # What to shrink: the actor is what gets deployed; the critic only speeds up training.
     parts: list[str] = field(default_factory=lambda: list(PARTS))
 
@@ -77,6 +80,8 @@ class CompressionConfig:
         for name in ("max_output_error", "max_kl", "max_cond"):
             if not getattr(self, name) > 0.0:
                 raise bad(name, getattr(self, name), "a positive number")
+        if not self.pair_real >= 0.0:
+            raise bad("pair_real", self.pair_real, "0 (never pair real modes) or more")
         if not self.parts or not set(self.parts) <= set(PARTS):
             raise bad("parts", self.parts, "'actor', 'critic' or both (actor,critic)")
 
@@ -125,8 +130,9 @@ class ReductionEvent:
 
     ``status`` starts with "applied", "skipped" or "rolled back" and says why.
     ``bound`` is the H∞ error bound of the cut (``ReductionResult.bound``), ``cond_v`` the
-    condition number of its re-diagonalisation and ``n_clamped`` the modes moved to the
-    largest radius an LRU holds (None where no cut was computed). ``output_error`` is None
+    condition number of its re-diagonalisation, ``n_clamped`` the modes moved to the
+    largest radius an LRU holds and ``n_paired`` the states holding two real modes (None
+    where no cut was computed). ``output_error`` is None
     where no guard ran, ``kl`` None outside the actor's KL guard; ``step`` and the returns
     around the event are filled in by the runner.
     """
@@ -139,6 +145,7 @@ class ReductionEvent:
     bound: float = 0.0
     cond_v: float | None = None
     n_clamped: int | None = None
+    n_paired: int | None = None
     output_error: float | None = None
     kl: float | None = None
     step: int | None = None
@@ -194,6 +201,7 @@ def compress_policy(
                     bound=float(result.bound),
                     cond_v=result.cond_V,
                     n_clamped=result.n_clamped,
+                    n_paired=result.n_paired,
                 )
                 if halvings:  # the gentler cut's own error, not the planned one's
                     error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
@@ -247,6 +255,7 @@ def plan_reductions(
                 min_rank=min(2 * config.min_state, 2 * n),
                 max_cond=config.max_cond,
                 max_radius=MAX_RADIUS,
+                pair_real=config.pair_real,
             )
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             plan.events.append(replace(event, status=f"skipped: {err}"))
@@ -257,6 +266,7 @@ def plan_reductions(
             bound=float(result.bound),
             cond_v=result.cond_V,
             n_clamped=result.n_clamped,
+            n_paired=result.n_paired,
         )
         if result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
             plan.events.append(replace(event, status="skipped: removes < 5% of states"))
@@ -305,7 +315,11 @@ def fit_actor_kl(
             rank = 2 * n - (2 * n - result.rank) // 2
             try:
                 candidate = balanced_truncation(
-                    *plan.systems[ref], rank=rank, max_cond=config.max_cond, max_radius=MAX_RADIUS
+                    *plan.systems[ref],
+                    rank=rank,
+                    max_cond=config.max_cond,
+                    max_radius=MAX_RADIUS,
+                    pair_real=config.pair_real,
                 )
             except IllConditionedReduction as err:
                 dropped[ref] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
