@@ -3,7 +3,8 @@
 One convention: ``_add_NAME(subparsers)`` declares a command and sets its ``handler``;
 ``_NAME(args)`` does the work through the library and returns the exit status.
 ``ValueError`` and ``OSError`` (bad input, a missing file, a busy run directory) print
-one ``error:`` line and exit 2, before anything is written. Heavy imports (torch,
+one ``error:`` line and exit 2, before anything is written. A training run stopped by
+SIGINT or SIGTERM saves its last completed iteration and exits 130 / 143. Heavy imports (torch,
 gymnasium, onnx) happen inside the handlers so that ``--help`` stays fast.
 """
 
@@ -31,14 +32,16 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a policy with recurrent PPO")
     p.add_argument("--env", help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P (not with --resume)")
     p.add_argument("--total-steps", type=int, help="env steps (default: the task preset)")
-    p.add_argument("--seed", type=int, default=0)
+    # No argparse defaults here: an unset flag leaves the --config file's value, else
+    # TrainConfig's default (given in the help).
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="run directory (default runs/ENV-sSEED)")
-    p.add_argument("--policy", choices=["ssm", "mlp"], default="ssm")
-    p.add_argument("--state-dim", type=int, default=128, help="n, complex states per LRU layer")
-    p.add_argument("--width", type=int, default=64, help="H, features per layer")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--policy", choices=["ssm", "mlp"], help="default ssm")
+    p.add_argument("--state-dim", type=int, help="n, complex states per LRU layer (default 128)")
+    p.add_argument("--width", type=int, help="H, features per layer (default 64)")
+    p.add_argument("--layers", type=int, help="default 2")
     p.add_argument("--num-envs", type=int, help="parallel envs (default: preset)")
-    p.add_argument("--num-workers", type=int, default=0, help="subprocess envs (AsyncVectorEnv)")
+    p.add_argument("--num-workers", type=int, help="subprocess envs, AsyncVectorEnv (default 0)")
     p.add_argument(
         "--compress-tol", type=float, help="compress in training: drop this fraction of Σ HSV"
     )
@@ -62,10 +65,19 @@ def _add_train(sub) -> None:
 
 def _train(args) -> int:
     from compressm_rl.runs import TrainConfig, load_config
+    from compressm_rl.runs.checkpoint import CHECKPOINT
     from compressm_rl.train import train
 
     if args.resume:
-        train(load_config(args.resume), args.resume, resume=True, progress=not args.no_progress)
+        config = load_config(args.resume)
+        if not (args.resume / CHECKPOINT).exists():
+            print(
+                f"{args.resume} has no checkpoint yet (stopped before its first): training "
+                "it from step 0 with its saved config",
+                file=sys.stderr,
+            )
+        train(config, args.resume, resume=True, progress=not args.no_progress)
+        print(f"run saved in {args.resume}")
         return 0
     if args.env is None:
         raise ValueError("--env is required to start a run (or pass --resume DIR to continue one)")
@@ -98,7 +110,7 @@ def _train(args) -> int:
     compression = {k: v for k, v in compression.items() if v is not None}
     data["compression"] = {**(data.get("compression") or {}), **compression}
     config = TrainConfig.from_dict(data)  # every setting checked before anything is created
-    out = args.out or Path("runs") / f"{args.env}-s{args.seed}"
+    out = args.out or Path("runs") / f"{args.env}-s{config.seed}"
     if (out / "config.yaml").exists() and not args.overwrite:
         raise ValueError(
             f"{out} already holds a run; pass --resume {out} to continue it "
@@ -275,6 +287,7 @@ def _add_bench(sub) -> None:
 
 
 def _bench(args) -> int:
+    from compressm_rl.runs.files import atomic_write, atomic_write_text
     from export.bench import machine_info, markdown_table, run_benchmarks, save_histogram, to_json
 
     results = run_benchmarks(args.models, args.steps, args.warmup, args.provider)
@@ -290,13 +303,17 @@ def _bench(args) -> int:
     table = markdown_table(results, machine)
     print(table)
     if args.json:
-        Path(args.json).write_text(to_json(results, machine))
+        atomic_write_text(Path(args.json), to_json(results, machine))
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "latency.md").write_text(table + "\n")
-        (args.out_dir / "latency.json").write_text(to_json(results, machine))
-        if not save_histogram(results, args.out_dir / "latency_hist.png"):
+        atomic_write_text(args.out_dir / "latency.md", table + "\n")
+        atomic_write_text(args.out_dir / "latency.json", to_json(results, machine))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
             print("matplotlib is not installed: no histogram written", file=sys.stderr)
+        else:
+            atomic_write(args.out_dir / "latency_hist.png", lambda f: save_histogram(results, f))
     return 0
 
 
@@ -322,11 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from compressm_rl.stopping import TrainingStopped
+
     try:
         return args.handler(args)
     except (ValueError, OSError) as err:  # bad input, missing file, run directory busy
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:  # SIGINT / SIGTERM: the last iteration is saved
+        print(stopped, file=sys.stderr)
+        return stopped.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print("stopped at once (Ctrl-C); files on disk are as last written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

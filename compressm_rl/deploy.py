@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from compressm_rl.runs import TorchController, load_policy
+from compressm_rl.runs.files import atomic_write_bytes
 from envs import make_env
 from export.bench import bench_callable
-from export.onnx_export import DEFAULT_OPSET, to_onnx
+from export.onnx_export import DEFAULT_OPSET, build_model
 from export.parity import ParityError, check_parity
 from policies.actor_critic import ActorCritic
 
@@ -36,7 +37,9 @@ def export_run(
     checked export).
     """
     policy, meta = load_policy(run_dir)
-    to_onnx(policy, out, env_id=meta["env_id"], training_steps=meta["global_step"], opset=opset)
+    model = build_model(policy, meta["env_id"], meta["global_step"], opset=opset)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(out), model.SerializeToString())  # a killed export leaves none
     if parity_steps <= 0:
         return policy, meta, None
     try:

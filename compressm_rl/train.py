@@ -16,9 +16,9 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from compressm_rl.compression import ReductionEvent, compress_policy
+from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
 from compressm_rl.rl.ppo import explained_variance
 from compressm_rl.runs import (
@@ -29,12 +29,18 @@ from compressm_rl.runs import (
     load_checkpoint,
     load_config,
     locked_run_dir,
-    save_checkpoint,
     save_config,
 )
-from compressm_rl.runs.checkpoint import rng_state, set_rng_state
-from compressm_rl.runs.files import clear_run_dir
+from compressm_rl.runs.checkpoint import (
+    CHECKPOINT,
+    checkpoint_payload,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from compressm_rl.runs.files import clear_run_dir, remove_stale_temporaries
 from compressm_rl.runs.report import plot_hsv
+from compressm_rl.stopping import StopOnSignals, TrainingStopped
 from envs import make_vec_env
 from policies.actor_critic import ActorCritic
 from policies.normalizer import RunningNormalizer
@@ -76,12 +82,17 @@ def train(
         overwrite: empty ``run_dir`` first (once its lock is held, so a run that another
             process is training is never deleted under it).
 
+    A run without a checkpoint yet (stopped before its first) resumes from step 0.
+
     Raises:
         RunDirectoryBusy: another process is training in ``run_dir``.
+        TrainingStopped: SIGINT or SIGTERM arrived; the last completed iteration is saved
+            (``compressm_rl.stopping``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with locked_run_dir(run_dir):
+        remove_stale_temporaries(run_dir)  # from a process killed mid-write
         if overwrite and not resume:
             clear_run_dir(run_dir)
         return _train(config, run_dir, resume, progress, max_iterations)
@@ -97,7 +108,7 @@ def _train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)
-    state = _resume(config, run_dir) if resume else _start(config, run_dir, envs)
+    state = _resume(config, run_dir, envs) if resume else _start(config, run_dir, envs)
     metrics, events = MetricsLog(run_dir), EventLog(run_dir)
 
     num_iterations = cfg.num_iterations
@@ -105,57 +116,66 @@ def _train(
     obs, _ = envs.reset(seed=config.seed + state.iteration)
     carry = start_carry(state.policy, envs, obs)
     recent_returns: deque[float] = deque(maxlen=20)
-    bar = tqdm(
-        total=num_iterations * cfg.steps_per_iteration,
-        initial=state.global_step,
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = progress_display(num_iterations * cfg.steps_per_iteration, state.global_step, progress)
     start_time, start_step, wall_before = time.perf_counter(), state.global_step, state.wall_time
     result: IterationResult | None = None  # the last iteration of this call
     iterations_done = 0
 
-    def checkpoint() -> None:
+    def completed() -> dict:  # what a stop saves: the state after the last full iteration
         state.wall_time = wall_before + time.perf_counter() - start_time
         state.rng = rng_state()
-        save_checkpoint(run_dir, state)
+        return checkpoint_payload(state)
 
-    while state.iteration < num_iterations:
-        if max_iterations is not None and iterations_done >= max_iterations:
-            break
-        if cfg.anneal_lr:
-            for group in state.optimizer.param_groups:
-                group["lr"] = cfg.lr * (1.0 - state.iteration / num_iterations)
-        new_events = []
-        if result is not None and _reduction_due(state):  # guards need a rollout of this call
-            new_events = _compress(state, carry, result, recent_returns, run_dir)
+    last, saved_step = completed(), None
+    with StopOnSignals() as stop:
+        while state.iteration < num_iterations and stop.signum is None:
+            if max_iterations is not None and iterations_done >= max_iterations:
+                break
+            try:
+                with stop.interruptible():  # a stop abandons this part; `last` is kept
+                    if cfg.anneal_lr:
+                        for group in state.optimizer.param_groups:
+                            group["lr"] = cfg.lr * (1.0 - state.iteration / num_iterations)
+                    new_events = []
+                    if result is not None and _reduction_due(state):  # guards need a rollout
+                        new_events = _compress(state, carry, result, recent_returns, run_dir)
+                    iter_start = time.perf_counter()
+                    result = iteration(
+                        state.policy, state.optimizer, envs, carry, state.reward_norm, cfg
+                    )
+            except Exception:
+                if stop.signum is None:  # a real error (a worker env killed by the signal
+                    raise  # is not one)
+                break
+            state.iteration += 1
+            state.global_step += cfg.steps_per_iteration
+            iterations_done += 1
 
-        iter_start = time.perf_counter()
-        result = iteration(state.policy, state.optimizer, envs, carry, state.reward_norm, cfg)
-        state.iteration += 1
-        state.global_step += cfg.steps_per_iteration
-        iterations_done += 1
-
-        finished = result.rollout.finished_returns
-        recent_returns.extend(finished)
-        if new_events:  # the return right after a reduction, for compression.json
-            events.append([replace(e, return_after=_mean_or_none(finished)) for e in new_events])
-        elapsed = time.perf_counter() - start_time
-        metrics.append(
-            _metrics_row(state, result, wall_before + elapsed, time.perf_counter() - iter_start)
-        )
-        bar.update(cfg.steps_per_iteration)
-        bar.set_postfix(
-            sps=f"{(state.global_step - start_step) / elapsed:.0f}",
-            ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "-",
-        )
-        if state.iteration % config.checkpoint_every == 0 or state.iteration == num_iterations:
-            checkpoint()
-    bar.close()
-    if iterations_done and state.iteration % config.checkpoint_every != 0:
-        checkpoint()  # the last iterations of an interrupted call are kept too
-    envs.close()
+            finished = result.rollout.finished_returns
+            recent_returns.extend(finished)
+            if new_events:  # the return right after a reduction, for compression.json
+                after = _mean_or_none(finished)
+                events.append([replace(e, return_after=after) for e in new_events])
+            elapsed = time.perf_counter() - start_time
+            metrics.append(
+                _metrics_row(state, result, wall_before + elapsed, time.perf_counter() - iter_start)
+            )
+            bar.update(cfg.steps_per_iteration)
+            bar.set_postfix(
+                sps=f"{(state.global_step - start_step) / elapsed:.0f}",
+                ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "-",
+                n=",".join(str(n) for n in state.policy.actor.state_dims) or "0",
+            )
+            last = completed()
+            if state.iteration % config.checkpoint_every == 0 or state.iteration == num_iterations:
+                write_checkpoint(run_dir, last)
+                saved_step = state.global_step
+        bar.close()
+        envs.close()
+        if last["global_step"] != saved_step and (iterations_done or stop.signum is not None):
+            write_checkpoint(run_dir, last)  # the iterations since the last checkpoint, kept
+        if stop.signum is not None:
+            raise TrainingStopped(stop.signum, last["global_step"], run_dir)
     return state.policy
 
 
@@ -176,13 +196,16 @@ def _start(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> Tr
     return state
 
 
-def _resume(config: TrainConfig, run_dir: Path) -> TrainingState:
-    """The run's checkpoint, RNG restored, logs cut back to the checkpoint's step."""
+def _resume(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> TrainingState:
+    """The run's checkpoint, RNG restored, logs cut back to the checkpoint's step; a run
+    stopped before its first checkpoint starts again from step 0."""
     if load_config(run_dir) != config:
         raise ValueError(
             f"{run_dir} was trained with a different config; resume it with its own "
             f"config.yaml (compressm-rl train --resume {run_dir})"
         )
+    if not (run_dir / CHECKPOINT).exists():
+        return _start(config, run_dir, envs)
     state = load_checkpoint(run_dir)
     if not state.reduction_steps:  # checkpoints from before the schedule was saved
         at = sorted(config.compression.at)

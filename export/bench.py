@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -224,8 +225,9 @@ def to_json(results: list[dict], machine: dict) -> str:
     return json.dumps({"machine": machine, "results": clean}, indent=2)
 
 
-def save_histogram(results: list[dict], path: str | os.PathLike) -> bool:
-    """Latency histograms (log-x) of every row into one PNG; False if matplotlib is absent."""
+def save_histogram(results: list[dict], path: str | os.PathLike | BinaryIO) -> bool:
+    """Latency histograms (log-x) of every row into one PNG (a path or a binary file);
+    False if matplotlib is absent."""
     try:
         import matplotlib
 
@@ -248,7 +250,7 @@ def save_histogram(results: list[dict], path: str | os.PathLike) -> bool:
     ax.set_ylabel("steps")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return True
 

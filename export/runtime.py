@@ -169,6 +169,8 @@ class OnnxPolicy:
             self._obs[0] = obs  # casts float64 -> float32 on the way
         else:
             self._obs[...] = obs
+        if self.validate:  # after the cast: 1e300 is finite in float64, inf in float32
+            self._check_finite(self._obs)
         if self._bindings is not None:
             self.session.run_with_iobinding(self._bindings[self._current])
             if self._recurrent:
@@ -245,17 +247,23 @@ class OnnxPolicy:
                 f"batch_size={self.batch_size}), got {shape}; pass the env's raw "
                 f"observation, or create OnnxPolicy(..., batch_size=B) for B envs"
             )
+        return obs, single
+
+    @staticmethod
+    def _check_finite(obs: np.ndarray) -> None:
+        """ValueError if the float32 ``obs`` holds NaN or inf (the graph's normalising
+        Gemm would turn an inf into NaN: inf · 0 off the diagonal)."""
         # x·x is finite iff every x is finite, barring overflow past ~1e19, which the exact
         # test below then sorts out; one dot product is 3x cheaper than isfinite().all().
-        if self.validate and not math.isfinite(float(np.dot(obs.ravel(), obs.ravel()))):
-            bad = ~np.isfinite(np.atleast_2d(obs))
+        if not math.isfinite(float(np.dot(obs.ravel(), obs.ravel()))):
+            bad = ~np.isfinite(obs)
             if bad.any():
                 rows = np.unique(np.nonzero(bad)[0]).tolist()
                 raise ValueError(
-                    f"obs contains NaN or inf (rows {rows}); the policy state would be "
-                    f"corrupted. Check the environment, or reset() the affected episodes"
+                    f"obs contains NaN or inf, or values beyond float32's range (rows {rows}); "
+                    f"the policy state would be corrupted. Check the environment, or reset() "
+                    f"the affected episodes"
                 )
-        return obs, single
 
     @staticmethod
     def _as_float32(x: np.ndarray, name: str) -> np.ndarray:

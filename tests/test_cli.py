@@ -87,3 +87,17 @@ def test_bad_ppo_values_in_a_config_file_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ppo seq_len = 7 is out of range: a divisor of rollout_steps = 256" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
+    from compressm_rl.runs import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "state_dim: 12\nwidth: 8\nseed: 3\nppo: {num_envs: 2, rollout_steps: 32, seq_len: 16, epochs: 1}\n"
+    )
+    out = tmp_path / "r"
+    argv = ["train", "--env", "InvertedPendulum-v5", "--config", str(cfg), "--out", str(out)]
+    assert main([*argv, "--total-steps", "64", "--width", "16", "--no-progress"]) == 0
+    config = load_config(out)
+    assert (config.state_dim, config.width, config.seed) == (12, 16, 3)  # the flag wins

@@ -333,8 +333,8 @@ def test_export_command_checks_parity_and_fails_loudly(trained_run, tmp_path, mo
     import compressm_rl.deploy as deploy
 
     other = make_policy("Hopper-v5", seed=11, state_dims=[12, 12])
-    real = deploy.to_onnx
-    monkeypatch.setattr(deploy, "to_onnx", lambda p, *a, **k: real(other, *a, **k))
+    real = deploy.build_model
+    monkeypatch.setattr(deploy, "build_model", lambda p, *a, **k: real(other, *a, **k))
     bad = tmp_path / "bad.onnx"
     assert main(["export", str(trained_run), "--out", str(bad), "--parity-steps", "50"]) == 1
     assert not bad.exists()

@@ -27,13 +27,15 @@ written here. ``slycot.ab09ad('D', ...)`` is the independent reference used in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import control
 import numpy as np
 import scipy.linalg as sla
 
 from policies.lti import DiagonalSystem, check_system, real_form
+
+if TYPE_CHECKING:
+    import control
 
 DEFAULT_MAX_COND = 1e3
 
@@ -76,6 +78,8 @@ def real_realization(
     python-control reads it as ``x_{t+1} = A x_t + B u_t``; the layer's own timing differs
     by a factor z on the strictly proper part (module docstring).
     """
+    import control  # 1.8 s to import (scipy.signal): only the reference path needs it
+
     return control.ss(*real_form(lam, B, C, D), dt=True)
 
 
@@ -116,6 +120,8 @@ def gramians(
     if method == "closed_form":
         P, Q = _closed_form_gramians(lam, B, C)
     elif method == "control":
+        import control
+
         sys = real_realization(lam, B, C)
         P, Q = control.gram(sys, "c"), control.gram(sys, "o")
     else:

@@ -36,6 +36,7 @@ from compressm_rl.compression.lti import (
     UnreducibleLayer,
     balanced_truncation,
 )
+from compressm_rl.settings import check_types
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
 from policies.lti import MAX_RADIUS, DiagonalSystem
@@ -68,6 +69,8 @@ class CompressionConfig:
     parts: list[str] = field(default_factory=lambda: list(PARTS))
 
     def __post_init__(self) -> None:
+        check_types(self, "compression ")
+
         def bad(name: str, value, valid: str) -> ValueError:
             return ValueError(f"compression {name} = {value!r} is out of range: {valid}")
 

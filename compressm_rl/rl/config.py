@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from compressm_rl.settings import check_types
 from envs.tasks import split_env_id
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -46,6 +47,7 @@ class PPOConfig:
     init_log_std: float = 0.0
 
     def __post_init__(self) -> None:
+        check_types(self, "ppo ")
         checks = {
             "num_envs": (self.num_envs >= 1, "at least 1"),
             "rollout_steps": (self.rollout_steps >= 1, "at least 1"),

@@ -8,6 +8,7 @@ run killed mid-write keeps its previous checkpoint. Loaded with
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,13 @@ class TrainingState:
 
 def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
     """Write ``state`` to ``run_dir/checkpoint.pt`` atomically; returns the path."""
+    return write_checkpoint(run_dir, checkpoint_payload(state))
+
+
+def checkpoint_payload(state: TrainingState) -> dict:
+    """The checkpoint's contents, copied off the live objects: it stays the state of this
+    moment while training goes on (the runner keeps the last completed iteration's, to
+    save when a run is stopped mid-iteration)."""
     policy = state.policy
     payload = {
         "format_version": FORMAT_VERSION,
@@ -66,6 +74,11 @@ def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
         "rng": state.rng if state.rng is not None else rng_state(),
         "config": state.config.to_dict(),
     }
+    return copy.deepcopy(payload)
+
+
+def write_checkpoint(run_dir: Path, payload: dict) -> Path:
+    """Write a ``checkpoint_payload`` to ``run_dir/checkpoint.pt`` atomically."""
     path = Path(run_dir) / CHECKPOINT
     atomic_write(path, lambda f: torch.save(payload, f))
     return path

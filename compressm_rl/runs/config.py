@@ -15,6 +15,7 @@ import yaml
 from compressm_rl.compression import CompressionConfig
 from compressm_rl.rl.config import PPOConfig, preset_for
 from compressm_rl.runs.files import atomic_write_text
+from compressm_rl.settings import check_types
 from envs import check_env_id
 
 CONFIG = "config.yaml"
@@ -44,6 +45,7 @@ class TrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "")
         check_env_id(self.env_id)
         checks = {
             "seed": (self.seed >= 0, "0 or more"),

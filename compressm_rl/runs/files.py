@@ -36,6 +36,13 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
         yield
 
 
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of writes a killed process left half done (``atomic_write``
+    names them ``.NAME.*.tmp``); call while holding the lock, so no write is in flight."""
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def clear_run_dir(run_dir: Path) -> None:
     """Delete everything in ``run_dir`` but its lock (call while holding the lock)."""
     for child in Path(run_dir).iterdir():
@@ -63,5 +70,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, written atomically (a killed run leaves no 0-byte plot)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from compressm_rl.runs.files import atomic_write_text
@@ -25,10 +26,14 @@ class MetricsLog:
             writer.writerow(row)
 
     def read(self) -> list[dict]:
+        """The complete rows; a torn last line (a process killed mid-append) is left out."""
         if not self.path.exists():
             return []
-        with self.path.open() as f:
-            return list(csv.DictReader(f))
+        text = self.path.read_text()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+        rows = list(csv.DictReader(io.StringIO(text)))
+        return [r for r in rows if None not in r.values() and None not in r]
 
     def truncate_after(self, global_step: int) -> None:
         """Drop rows logged after the checkpoint a resumed run restarts from."""

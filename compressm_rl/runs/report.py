@@ -5,16 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from compressm_rl.compression import ReductionEvent
+from compressm_rl.runs.config import load_config
+from compressm_rl.runs.events import EventLog
+from compressm_rl.runs.files import atomic_write_text, save_figure
+from compressm_rl.runs.metrics import METRICS, MetricsLog
 
-from compressm_rl.compression import ReductionEvent  # noqa: E402
-from compressm_rl.runs.config import load_config  # noqa: E402
-from compressm_rl.runs.events import EventLog  # noqa: E402
-from compressm_rl.runs.metrics import METRICS, MetricsLog  # noqa: E402
+
+def _pyplot():
+    """matplotlib on its file backend, imported when a plot is drawn (0.5 s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def learning_curve(run_dir: Path, out: Path | None = None) -> Path:
@@ -24,6 +31,7 @@ def learning_curve(run_dir: Path, out: Path | None = None) -> Path:
         raise ValueError(f"{run_dir} has no finished episodes in {METRICS} yet")
     steps = [int(r["global_step"]) for r in rows]
     returns = [float(r["episode_return"]) for r in rows]
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, returns, color="tab:blue", label="episode return (training, stochastic)")
     ax.set_xlabel("env steps")
@@ -39,7 +47,7 @@ def learning_curve(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(load_config(run_dir).env_id)
     out = Path(out or Path(run_dir) / "learning_curve.png")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -100,12 +108,13 @@ def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
         if (run_dir / "latency_hist.png").exists():
             lines += ["![latency histogram](latency_hist.png)", ""]
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 
 def plot_hsv(path: Path, events: list[ReductionEvent], title: str) -> None:
     """HSV spectra (normalised to σ₁) of one reduction point, the cut marked per layer."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for e in events:
         if not e.hsv:
@@ -120,5 +129,5 @@ def plot_hsv(path: Path, events: list[ReductionEvent], title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
