@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policies.lru import LRUStack
+from policies.lru import LRUStack, grouped_forward
 from policies.normalizer import RunningNormalizer
 
 
@@ -252,10 +252,36 @@ class ActorCritic(nn.Module):
         replaying the actor over ``obs_norm`` ``[B, T, obs_dim]`` from ``actor_state``
         ``[B, S_actor]`` with ``reset`` bool ``[B, T]`` marking episode starts."""
         features, _ = self.actor(obs_norm, actor_state, reset, return_state=False)
+        return self._action_log_prob(features, actions)
+
+    def _action_log_prob(self, features: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         mean = self.actor_head(features)
         log_prob = gaussian_log_prob(actions, mean, self.log_std)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(log_prob.shape)
         return log_prob, entropy
+
+    def evaluate(
+        self,
+        obs_norm: Tensor,
+        actor_state: Tensor,
+        critic_state: Tensor,
+        reset: Tensor,
+        actions: Tensor,
+        grouped: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``evaluate_actions`` and ``values`` at once (a PPO gradient step needs both):
+        log-probs, entropy and values, each ``[B, T]``. With ``grouped`` (and two LRU
+        stacks) actor and critic run as one batched pass (``policies.lru.grouped_forward``);
+        ``grouped=False`` is the reference path, one stack after the other."""
+        if grouped and isinstance(self.actor, LRUStack) and isinstance(self.critic, LRUStack):
+            actor_features, critic_features = grouped_forward(
+                [self.actor, self.critic], obs_norm, [actor_state, critic_state], reset
+            )
+            log_prob, entropy = self._action_log_prob(actor_features, actions)
+            return log_prob, entropy, self.critic_head(critic_features).squeeze(-1)
+        log_prob, entropy = self.evaluate_actions(obs_norm, actor_state, reset, actions)
+        values, _ = self.values(obs_norm, critic_state, reset, return_state=False)
+        return log_prob, entropy, values
 
     def values(
         self, obs_norm: Tensor, critic_state: Tensor, reset: Tensor, return_state: bool = True

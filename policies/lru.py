@@ -317,3 +317,81 @@ class LRUStack(nn.Module):
             u, h = block.step(u, h)
             new.append(h)
         return u, self.join_state(new)
+
+
+def grouped_forward(
+    stacks: list[LRUStack], x: Tensor, states: list[Tensor], reset: Tensor | None = None
+) -> Tensor:
+    """Sequence-mode features of G stacks over the same inputs, in one pass.
+
+    The stacks must share depth and width (an actor and its critic do); each starts from
+    its own flat state. Every op runs once for all G stacks — batched matmuls, one scan
+    per layer over ``G·B`` rows — instead of once per stack: at PPO sizes the update pays
+    per op, not per number (two stacks' forward and backward at n = 25: 8.2 ms, one stack
+    on twice the batch 5.5 ms). Layers of different n are padded with exact-zero states
+    (λ = 0, B̃ = 0, C = 0): they stay zero and add nothing, to the output or the gradient.
+
+    Args:
+        stacks: G ``LRUStack``s of equal depth and width H.
+        x: inputs ``[B, T, in_dim]``.
+        states: G flat states ``[B, S_g]`` before the first step.
+        reset: bool ``[B, T]``, True where step t starts a new episode.
+
+    Returns:
+        Features ``[G, B, T, H]`` (the stacks' ``forward`` outputs, stacked).
+    """
+    groups, (batch, steps, _), width = len(stacks), x.shape, stacks[0].width
+    if len({len(s.blocks) for s in stacks}) != 1 or any(s.width != width for s in stacks):
+        raise ValueError("grouped stacks must share their depth and width")
+    weight = torch.stack([s.encoder.weight for s in stacks])  # [G, H, in]
+    bias = torch.stack([s.encoder.bias for s in stacks])
+    u = torch.baddbmm(
+        bias[:, None],
+        x.reshape(1, batch * steps, -1).expand(groups, -1, -1),
+        weight.transpose(1, 2),
+    )  # [G, B·T, H]
+    starts = [s.split_state(state) for s, state in zip(stacks, states, strict=True)]
+    resets = None if reset is None else reset.repeat(groups, 1)
+    for depth in range(len(stacks[0].blocks)):
+        blocks = [s.blocks[depth] for s in stacks]
+        lrus = [block.lru for block in blocks]
+        n = max(lru.state_dim for lru in lrus)
+
+        def padded(name: str, dim: int, lrus=lrus, n=n) -> Tensor:  # [G, ...], `dim` to n
+            return torch.stack([_pad(getattr(lru, name), n, dim, _PAD[name]) for lru in lrus])
+
+        norm_w = torch.stack([b.norm.weight for b in blocks])[:, None]
+        norm_b = torch.stack([b.norm.bias for b in blocks])[:, None]
+        z = torch.addcmul(norm_b, F.layer_norm(u, (width,), eps=blocks[0].norm.eps), norm_w)
+        decay = torch.exp(padded("nu_log", 0)).clamp(min=MIN_DECAY)  # [G, n]
+        lam = torch.polar(torch.exp(-decay), padded("theta", 0))
+        gamma = torch.sqrt(-torch.expm1(-2.0 * decay))[..., None, None]
+        b_parts = torch.stack([padded("B_re", 0), padded("B_im", 0)], dim=2)  # [G, n, 2, H]
+        w_in = (b_parts * gamma).reshape(groups, 2 * n, width)
+        w_out = torch.stack([padded("C_re", 1), -padded("C_im", 1)], dim=-1).reshape(
+            groups, width, 2 * n
+        )
+        bu = torch.bmm(z, w_in.transpose(1, 2)).view(groups * batch, steps, n, 2)
+        h0 = torch.cat([_pad(start[depth], n, 1, fill=0.0) for start in starts])
+        a = lam[:, None, :].expand(groups, batch, n).reshape(groups * batch, 1, n)
+        h = linear_scan(a, torch.view_as_complex(bu), h0=h0, reset=resets)
+        y = torch.bmm(
+            torch.view_as_real(h).reshape(groups, batch * steps, 2 * n), w_out.transpose(1, 2)
+        )
+        d = torch.stack([lru.D for lru in lrus])[:, None]
+        u = u + F.gelu(torch.addcmul(y, d, z))
+    return u.reshape(groups, batch, steps, width)
+
+
+# Padding values of a layer's parameters: ν = 10 makes λ = exp(-e^10) = 0 in float32.
+_PAD = {"nu_log": 10.0, "theta": 0.0, "B_re": 0.0, "B_im": 0.0, "C_re": 0.0, "C_im": 0.0}
+
+
+def _pad(t: Tensor, size: int, dim: int, fill: float) -> Tensor:
+    """``t`` with dimension ``dim`` extended to ``size`` by ``fill``."""
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)

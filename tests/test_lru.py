@@ -142,3 +142,30 @@ def test_normalizer_frozen_equals_forward_and_scalar_updates_match_the_data():
     per_step = features.update_each(batches)
     assert per_step.shape == (5, 3)
     np.testing.assert_allclose(per_step[-1], batches.reshape(-1, 3).var(0), rtol=1e-3)
+
+
+def test_grouped_forward_equals_each_stack_alone_with_padding_resets_and_states():
+    """Actor and critic in one pass: the same features and gradients (float64) as each
+    stack on its own, also when compression has given their layers different n (the
+    smaller layers are padded with exact-zero states)."""
+    from policies.lru import grouped_forward
+
+    torch.manual_seed(0)
+    actor, critic = LRUStack(11, 16, [7, 5]).double(), LRUStack(11, 16, [4, 9]).double()
+    x = torch.randn(3, 20, 11, dtype=torch.float64)
+    reset = torch.rand(3, 20, generator=torch.Generator().manual_seed(1)) < 0.15
+    assert reset.any()
+    states = [torch.randn(3, s.state_size, dtype=torch.float64) for s in (actor, critic)]
+    reference = torch.stack(
+        [s(x, h, reset)[0] for s, h in zip((actor, critic), states, strict=True)]
+    )
+    grouped = grouped_forward([actor, critic], x, states, reset)
+    torch.testing.assert_close(grouped, reference, rtol=0, atol=1e-12)
+    weights = torch.randn_like(reference)
+    params = [*actor.parameters(), *critic.parameters()]
+    expected = torch.autograd.grad((reference * weights).sum(), params)
+    got = torch.autograd.grad((grouped * weights).sum(), params)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="depth and width"):
+        grouped_forward([actor, LRUStack(11, 16, [3])], x, states, reset)

@@ -271,3 +271,21 @@ def test_every_preset_is_a_registered_task_and_builds():
         cfg = preset_for(task + "-P")  # POMDP variants share their base task's preset
         assert cfg == preset_for(task) and cfg.num_iterations >= 1
     assert preset_for("InvertedPendulum-v5").init_log_std == -0.5  # the file is read
+
+
+def test_the_grouped_update_equals_the_reference_path():
+    """ppo_update's one-pass actor-critic gives the same losses as the two-pass reference."""
+    torch.manual_seed(0)
+    envs, policy, carry = _setup()
+    rollout = _rollout(envs, policy, carry, steps=32)
+    critic = critic_pass(policy, rollout, 16, 0.99)
+    adv, ret = ppo.compute_gae(
+        critic.rewards, critic.values, rollout.dones, critic.last_value, 0.99, 0.95
+    )
+    batch = SequenceBatch.from_rollout(rollout, critic.values, adv, ret, critic.segment_states, 16)
+    with torch.no_grad():
+        args = (batch.obs, batch.actor_state0, batch.critic_state0, batch.reset, batch.actions)
+        for got, want in zip(
+            policy.evaluate(*args), policy.evaluate(*args, grouped=False), strict=True
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

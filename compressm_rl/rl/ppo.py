@@ -122,10 +122,9 @@ def ppo_update(
         order = torch.randperm(n_seq)
         for begin in range(0, n_seq, mb_size):
             mb = batch[order[begin : begin + mb_size]]
-            log_prob, entropy = policy.evaluate_actions(
-                mb.obs, mb.actor_state0, mb.reset, mb.actions
+            log_prob, entropy, new_values = policy.evaluate(
+                mb.obs, mb.actor_state0, mb.critic_state0, mb.reset, mb.actions
             )
-            new_values, _ = policy.values(mb.obs, mb.critic_state0, mb.reset, return_state=False)
 
             log_ratio = log_prob - mb.log_probs
             ratio = log_ratio.exp()
