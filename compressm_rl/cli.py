@@ -85,7 +85,10 @@ def _train(args) -> int:
     if args.config:
         import yaml
 
-        data = yaml.safe_load(args.config.read_text()) or {}
+        try:
+            data = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{args.config} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(f"{args.config} must hold a mapping of TrainConfig keys")
     flags = {
@@ -221,8 +224,8 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--keep-failed",
         action="store_true",
-        help="keep the .onnx file when parity fails (it is deleted by default so that a "
-        "file at --out always means a checked export)",
+        help="write the .onnx file to --out even when parity fails (by default --out is "
+        "left as it was, so a file there always means a checked export)",
     )
     p.set_defaults(handler=_export)
 
@@ -247,7 +250,7 @@ def _export(args) -> int:
             keep_failed=args.keep_failed,
         )
     except ParityError as err:
-        kept = f"kept {out}" if args.keep_failed else f"deleted {out}"
+        kept = f"written to {out} anyway" if args.keep_failed else f"{out} left as it was"
         print(f"error: ONNX export does not match torch: {err} ({kept})", file=sys.stderr)
         return 1
     onnx_policy = OnnxPolicy(out)

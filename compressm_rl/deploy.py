@@ -3,12 +3,13 @@ torch latency row that ``compressm-rl bench --run`` sets beside the ONNX rows.""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from compressm_rl.runs import TorchController, load_policy
-from compressm_rl.runs.files import atomic_write_bytes
 from envs import make_env
 from export.bench import bench_callable
 from export.onnx_export import DEFAULT_OPSET, build_model
@@ -33,31 +34,40 @@ def export_run(
 
     Returns the policy, the run's metadata and the parity report (None when
     ``parity_steps`` is 0). Raises ``ParityError`` when ONNX Runtime and torch disagree;
-    the file is then deleted unless ``keep_failed`` (so a file at ``out`` always means a
-    checked export).
+    ``out`` is then left as it was, unless ``keep_failed`` puts the failed file there.
     """
     policy, meta = load_policy(run_dir)
     model = build_model(policy, meta["env_id"], meta["global_step"], opset=opset)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(out), model.SerializeToString())  # a killed export leaves none
-    if parity_steps <= 0:
-        return policy, meta, None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Checked under a temporary name, renamed into place once it passed: a file at `out`
+    # is always a checked export, and a failed re-export leaves the previous one.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
-        report = check_parity(
-            policy,
-            out,
-            meta["env_id"],
-            steps=parity_steps,
-            batch=parity_batch,
-            seed=seed,
-            rtol=rtol,
-            atol=atol,
-            make_env=make_env,
-        )
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        report = None
+        if parity_steps > 0:
+            report = check_parity(
+                policy,
+                tmp,
+                meta["env_id"],
+                steps=parity_steps,
+                batch=parity_batch,
+                seed=seed,
+                rtol=rtol,
+                atol=atol,
+                make_env=make_env,
+            )
+        os.replace(tmp, out)
     except ParityError:
-        if not keep_failed:
-            Path(out).unlink(missing_ok=True)
+        if keep_failed:
+            os.replace(tmp, out)
         raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return policy, meta, report
 
 

@@ -50,7 +50,10 @@ def compress_run(
         try:
             result = balanced_truncation(*lru.system(), tol=tol, rank=rank, max_radius=MAX_RADIUS)
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
-            events.append(ReductionEvent(ref, n, n, f"skipped: {err}", step=state.global_step))
+            status = f"skipped: {err}"
+            events.append(
+                ReductionEvent(ref, n, n, status, step=state.global_step, post_training=True)
+            )
             continue
         events.append(
             ReductionEvent(
@@ -59,10 +62,12 @@ def compress_run(
                 n_after=result.state_dim,
                 status="applied (post-training)",
                 hsv=tuple(result.hsv.tolist()),
+                rank=result.rank,
                 bound=float(result.bound),
                 cond_v=result.cond_V,
                 n_clamped=result.n_clamped,
                 step=state.global_step,
+                post_training=True,
             )
         )
         lru.load_system(result.system)

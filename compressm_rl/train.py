@@ -38,6 +38,7 @@ from compressm_rl.runs.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from compressm_rl.runs.config import CONFIG
 from compressm_rl.runs.files import clear_run_dir, remove_stale_temporaries
 from compressm_rl.runs.report import plot_hsv
 from compressm_rl.stopping import StopOnSignals, TrainingStopped
@@ -79,8 +80,9 @@ def train(
         progress: show a progress bar with env steps/s and the recent return.
         max_iterations: stop after this many iterations in this call (for tests and
             for simulating an interrupted run); the run stays resumable.
-        overwrite: empty ``run_dir`` first (once its lock is held, so a run that another
-            process is training is never deleted under it).
+        overwrite: empty ``run_dir`` first if it holds a run (``config.yaml``), once its
+            lock is held, so a run that another process is training is never deleted
+            under it; a directory that holds no run is never emptied.
 
     A run without a checkpoint yet (stopped before its first) resumes from step 0.
 
@@ -93,8 +95,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     with locked_run_dir(run_dir):
         remove_stale_temporaries(run_dir)  # from a process killed mid-write
-        if overwrite and not resume:
-            clear_run_dir(run_dir)
+        if overwrite and not resume and (run_dir / CONFIG).exists():
+            clear_run_dir(run_dir)  # a run's directory, never any other
         return _train(config, run_dir, resume, progress, max_iterations)
 
 
@@ -171,9 +173,13 @@ def _train(
                 write_checkpoint(run_dir, last)
                 saved_step = state.global_step
         bar.close()
-        envs.close()
         if last["global_step"] != saved_step and (iterations_done or stop.signum is not None):
             write_checkpoint(run_dir, last)  # the iterations since the last checkpoint, kept
+        try:
+            envs.close()
+        except Exception:
+            if stop.signum is None:  # worker envs the signal reached die with broken pipes
+                raise
         if stop.signum is not None:
             raise TrainingStopped(stop.signum, last["global_step"], run_dir)
     return state.policy
@@ -207,6 +213,7 @@ def _resume(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> T
     if not (run_dir / CHECKPOINT).exists():
         return _start(config, run_dir, envs)
     state = load_checkpoint(run_dir)
+    state.config = config  # config.yaml is the run's one source of settings
     if not state.reduction_steps:  # checkpoints from before the schedule was saved
         at = sorted(config.compression.at)
         state.reduction_steps = [int(f * config.ppo.total_steps) for f in at]

@@ -273,7 +273,7 @@ class ActorCritic(nn.Module):
         log-probs, entropy and values, each ``[B, T]``. With ``grouped`` (and two LRU
         stacks) actor and critic run as one batched pass (``policies.lru.grouped_forward``);
         ``grouped=False`` is the reference path, one stack after the other."""
-        if grouped and isinstance(self.actor, LRUStack) and isinstance(self.critic, LRUStack):
+        if grouped and _groupable(self.actor, self.critic):
             actor_features, critic_features = grouped_forward(
                 [self.actor, self.critic], obs_norm, [actor_state, critic_state], reset
             )
@@ -290,6 +290,16 @@ class ActorCritic(nn.Module):
         (None with ``return_state=False``)."""
         features, critic_state = self.critic(obs_norm, critic_state, reset, return_state)
         return self.critic_head(features).squeeze(-1), critic_state
+
+
+def _groupable(actor: nn.Module, critic: nn.Module) -> bool:
+    """Whether ``grouped_forward`` can run the two bodies in one pass."""
+    return (
+        isinstance(actor, LRUStack)
+        and isinstance(critic, LRUStack)
+        and len(actor.blocks) == len(critic.blocks)
+        and actor.width == critic.width
+    )
 
 
 def gaussian_log_prob(action: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:

@@ -101,3 +101,26 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     assert main([*argv, "--total-steps", "64", "--width", "16", "--no-progress"]) == 0
     config = load_config(out)
     assert (config.state_dim, config.width, config.seed) == (12, 16, 3)  # the flag wins
+
+
+def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
+    out = tmp_path / "precious"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo: {num_envs: 2, rollout_steps: 32, seq_len: 16, epochs: 1}\n")
+    argv = ["train", "--env", "InvertedPendulum-v5", "--config", str(cfg), "--out", str(out)]
+    assert main([*argv, "--total-steps", "64", "--state-dim", "4", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub").is_dir()
+    assert main([*argv, "--total-steps", "64", "--state-dim", "4", "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists()  # now it held a run: replaced whole
+
+
+def test_a_malformed_config_file_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo: {lr: [\n")
+    assert (
+        main(["train", "--env", "Hopper-v5", "--config", str(cfg), "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "not valid YAML" in capsys.readouterr().err

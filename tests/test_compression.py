@@ -286,3 +286,17 @@ def test_resume_after_a_crash_records_each_reduction_once(tmp_path, tiny_config)
     keys = [(e.step, e.layer) for e in EventLog(tmp_path).read()]
     assert {step for step, _ in keys} == {128, 192}
     assert len(keys) == len(set(keys)) == 2 * len(lru_layers(load_policy(tmp_path)[0]))
+
+
+def test_resuming_a_post_training_compressed_run_keeps_its_events(tmp_path, tiny_config):
+    from compressm_rl.cli import main
+    from compressm_rl.runs import load_config
+
+    run, small = tmp_path / "run", tmp_path / "small"
+    train(tiny_config(total_steps=128), run, progress=False, max_iterations=1)
+    assert main(["compress", str(run), "--out", str(small), "--state-dims", "5,3"]) == 0
+    before = EventLog(small).read()
+    assert before and all(e.post_training and e.step == 64 for e in before)
+    train(load_config(small), small, resume=True, progress=False)  # fine-tune it
+    assert EventLog(small).read() == before
+    assert load_checkpoint(small).global_step == 128

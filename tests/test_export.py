@@ -339,6 +339,10 @@ def test_export_command_checks_parity_and_fails_loudly(trained_run, tmp_path, mo
     assert main(["export", str(trained_run), "--out", str(bad), "--parity-steps", "50"]) == 1
     assert not bad.exists()
     assert "does not match torch" in capsys.readouterr().err
+    # A failed re-export leaves the previous, checked file as it was.
+    checked = out.read_bytes()
+    assert main(["export", str(trained_run), "--out", str(out), "--parity-steps", "50"]) == 1
+    assert out.read_bytes() == checked and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_bench_command_with_torch_row(exported, trained_run, tmp_path):

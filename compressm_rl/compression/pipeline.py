@@ -145,6 +145,7 @@ class ReductionEvent:
     n_after: int
     status: str
     hsv: tuple[float, ...] = ()
+    rank: int | None = None  # real states the cut keeps (2·n_after less real modes)
     bound: float = 0.0
     cond_v: float | None = None
     n_clamped: int | None = None
@@ -154,6 +155,7 @@ class ReductionEvent:
     step: int | None = None
     return_before: float | None = None
     return_after: float | None = None
+    post_training: bool = False  # a finished run's (``compressm_rl.posthoc``)
 
     @property
     def applied(self) -> bool:
@@ -201,6 +203,7 @@ def compress_policy(
                 event = replace(
                     event,
                     n_after=result.state_dim,
+                    rank=result.rank,
                     bound=float(result.bound),
                     cond_v=result.cond_V,
                     n_clamped=result.n_clamped,
@@ -266,6 +269,7 @@ def plan_reductions(
         event = replace(
             event,
             hsv=tuple(result.hsv.tolist()),
+            rank=result.rank,
             bound=float(result.bound),
             cond_v=result.cond_V,
             n_clamped=result.n_clamped,

@@ -41,12 +41,14 @@ class TrainConfig:
     num_workers: int = 0  # > 0: envs in subprocesses (AsyncVectorEnv)
     torch_threads: int = 1
     checkpoint_every: int = 10  # PPO iterations
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: PPOConfig | None = None  # None: the task's preset (rl/presets.yaml)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         check_types(self, "")
         check_env_id(self.env_id)
+        if self.ppo is None:
+            self.ppo = preset_for(self.env_id)
         checks = {
             "seed": (self.seed >= 0, "0 or more"),
             "policy": (self.policy in POLICY_TYPES, f"one of {', '.join(POLICY_TYPES)}"),

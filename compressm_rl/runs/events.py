@@ -33,10 +33,12 @@ class EventLog:
         self._write(self.read() + list(events))
 
     def drop_from(self, step: int) -> None:
-        """Forget the events at ``step`` or later: a run resumed from a checkpoint at
-        ``step`` redoes those reductions and records them again."""
+        """Forget the in-training events at ``step`` or later: a run resumed from a
+        checkpoint at ``step`` redoes those reductions and records them again (a reduction
+        at step S runs after the checkpoint at S). Post-training events describe the
+        checkpoint itself and stay."""
         if self.path.exists():
-            self._write([e for e in self.read() if e.step < step])
+            self._write([e for e in self.read() if e.step < step or e.post_training])
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

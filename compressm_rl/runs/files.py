@@ -36,11 +36,17 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
         yield
 
 
+# What a training process writes into its run directory (the lock holder's files only:
+# `export` and `report` write there without the lock).
+TRAINER_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "compression.json", "hsv_*.png")
+
+
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete the temporary files of writes a killed process left half done (``atomic_write``
-    names them ``.NAME.*.tmp``); call while holding the lock, so no write is in flight."""
-    for tmp in Path(run_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the temporary files of a trainer's writes that a killed process left half
+    done (``atomic_write`` names them ``.NAME.*.tmp``); call while holding the lock."""
+    for name in TRAINER_FILES:
+        for tmp in Path(run_dir).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -122,8 +122,9 @@ def plot_hsv(path: Path, events: list[ReductionEvent], title: str) -> None:
         hsv = np.asarray(e.hsv)
         line = ax.semilogy(np.arange(1, len(hsv) + 1), hsv / hsv[0], label=str(e.layer))[0]
         if e.applied:
-            ax.axvline(2 * e.n_after, color=line.get_color(), ls=":", lw=1)
-    ax.set_xlabel("index (real states; dotted: kept ≈ 2 n_after)")
+            kept = e.rank if e.rank is not None else 2 * e.n_after  # older event logs
+            ax.axvline(kept, color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("index (real states; dotted: the rank kept)")
     ax.set_ylabel("σ_j / σ_1")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
