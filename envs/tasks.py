@@ -11,6 +11,7 @@ import difflib
 import gymnasium as gym
 
 from envs.pomdp import KeepPartObservation
+from envs.vector import SameStepSyncVectorEnv
 
 POMDP_SUFFIXES = {"-P": "positions", "-V": "velocities"}
 
@@ -64,15 +65,15 @@ def make_vec_env(
 
     SAME_STEP: the step that ends an episode returns the next episode's first observation
     and puts the last one in ``info["final_obs"]`` (for bootstrapping truncations).
-    ``num_workers > 0`` runs the envs in subprocesses (``AsyncVectorEnv``); ``env_kwargs``
-    go to ``gymnasium.make`` (e.g. ``max_episode_steps``).
+    ``num_workers > 0`` runs the envs in subprocesses (``AsyncVectorEnv``), else in this
+    process (``envs.vector.SameStepSyncVectorEnv``: ``info`` holds only ``final_obs``);
+    ``env_kwargs`` go to ``gymnasium.make`` (e.g. ``max_episode_steps``).
     """
     check_env_id(env_id)
     fns = [lambda: make_env(env_id, **env_kwargs) for _ in range(num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
     if num_workers > 0:
-        envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
+        envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     else:
-        envs = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        envs = SameStepSyncVectorEnv(fns)
     envs.action_space.seed(seed)
     return envs

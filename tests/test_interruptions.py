@@ -190,7 +190,9 @@ FIELDS = (
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(field=st.sampled_from(FIELDS), value=BAD_VALUES)
 def test_any_setting_value_is_accepted_or_named_in_a_value_error(field, value):
     section, name = field
@@ -233,7 +235,7 @@ OBSERVATIONS = st.one_of(
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 1e300 -> inf; 1e20² in the check
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(obs=OBSERVATIONS)
 def test_any_observation_gives_a_finite_action_or_a_value_error(onnx_policy, obs):
     try:

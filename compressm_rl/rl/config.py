@@ -49,8 +49,8 @@ class PPOConfig:
     def __post_init__(self) -> None:
         check_types(self, "ppo ")
         checks = {
-            "num_envs": (self.num_envs >= 1, "at least 1"),
-            "rollout_steps": (self.rollout_steps >= 1, "at least 1"),
+            "num_envs": (1 <= self.num_envs <= 4096, "1 to 4096"),
+            "rollout_steps": (1 <= self.rollout_steps <= 100_000, "1 to 100000"),
             "seq_len": (
                 1 <= self.seq_len <= self.rollout_steps and self.rollout_steps % self.seq_len == 0,
                 f"a divisor of rollout_steps = {self.rollout_steps}",
@@ -59,7 +59,7 @@ class PPOConfig:
                 self.total_steps >= self.steps_per_iteration,
                 f"at least one iteration, num_envs × rollout_steps = {self.steps_per_iteration}",
             ),
-            "epochs": (self.epochs >= 1, "at least 1"),
+            "epochs": (1 <= self.epochs <= 1000, "1 to 1000"),
             "minibatches": (
                 1 <= self.minibatches <= self.sequences_per_iteration,
                 f"between 1 and the {self.sequences_per_iteration} sequences of an iteration",

@@ -20,6 +20,8 @@ from envs import check_env_id
 
 CONFIG = "config.yaml"
 POLICY_TYPES = ("ssm", "mlp")
+MAX_SIZE = 4096  # states or features per layer
+MAX_LAYERS = 64
 
 
 @dataclass
@@ -49,18 +51,23 @@ class TrainConfig:
         check_env_id(self.env_id)
         if self.ppo is None:
             self.ppo = preset_for(self.env_id)
+        # Upper bounds keep a typo from allocating a policy the machine cannot hold.
         checks = {
             "seed": (self.seed >= 0, "0 or more"),
             "policy": (self.policy in POLICY_TYPES, f"one of {', '.join(POLICY_TYPES)}"),
-            "state_dim": (self.state_dim >= 1, "at least 1"),
+            "state_dim": (1 <= self.state_dim <= MAX_SIZE, f"1 to {MAX_SIZE}"),
             "state_dims": (
-                self.state_dims is None or (self.state_dims and min(self.state_dims) >= 1),
-                "None or a non-empty list of sizes >= 1",
+                self.state_dims is None
+                or (
+                    0 < len(self.state_dims) <= MAX_LAYERS
+                    and all(1 <= n <= MAX_SIZE for n in self.state_dims)
+                ),
+                f"None or 1 to {MAX_LAYERS} sizes, each 1 to {MAX_SIZE}",
             ),
-            "width": (self.width >= 1, "at least 1"),
-            "layers": (self.layers >= 1, "at least 1"),
-            "num_workers": (self.num_workers >= 0, "0 (envs in this process) or more"),
-            "torch_threads": (self.torch_threads >= 1, "at least 1"),
+            "width": (1 <= self.width <= MAX_SIZE, f"1 to {MAX_SIZE}"),
+            "layers": (1 <= self.layers <= MAX_LAYERS, f"1 to {MAX_LAYERS}"),
+            "num_workers": (0 <= self.num_workers <= 256, "0 (envs in this process) to 256"),
+            "torch_threads": (1 <= self.torch_threads <= 1024, "1 to 1024"),
             "checkpoint_every": (self.checkpoint_every >= 1, "at least 1 iteration"),
         }
         for name, (ok, valid) in checks.items():
@@ -74,7 +81,8 @@ class TrainConfig:
         if self.compression.enabled and self.compression.min_state > max(self.initial_state_dims):
             raise ValueError(
                 f"compression min_state = {self.compression.min_state} is out of range: at "
-                f"most the largest layer's n = {max(self.initial_state_dims)}"
+                f"most the largest layer's n = {max(self.initial_state_dims)} "
+                f"(state_dim / state_dims)"
             )
 
     @property

@@ -1,0 +1,51 @@
+"""A leaner ``SyncVectorEnv`` for the rollout: SAME_STEP autoreset, Box spaces, and an
+``info`` that carries only what the rollout reads (``final_obs``)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+
+class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
+    """``SyncVectorEnv`` in SAME_STEP autoreset mode with a cheaper ``step``.
+
+    Same observations, rewards, terminations, truncations and ``info["final_obs"]`` /
+    ``info["_final_obs"]`` as ``SyncVectorEnv(..., autoreset_mode=SAME_STEP)`` (tested
+    step for step); the per-env infos are not merged into ``info`` (Gymnasium's
+    ``_add_info`` and ``iterate`` were ~10% of a Hopper-v5 vector step: 1.42 against
+    1.58 ms for 8 envs on the EPYC VM). Reset, spaces, seeding and close are
+    ``SyncVectorEnv``'s. Observations and actions must be ``Box`` spaces.
+    """
+
+    def __init__(self, env_fns, **kwargs) -> None:
+        super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs)
+        spaces = (self.single_observation_space, self.single_action_space)
+        if not all(isinstance(s, gym.spaces.Box) for s in spaces):
+            raise ValueError("SameStepSyncVectorEnv needs Box observation and action spaces")
+
+    def step(self, actions: np.ndarray):
+        final_obs, ended = None, np.zeros(self.num_envs, dtype=bool)
+        for i, env in enumerate(self.envs):
+            obs, reward, terminated, truncated, _ = env.step(actions[i])
+            self._rewards[i], self._terminations[i], self._truncations[i] = (
+                reward,
+                terminated,
+                truncated,
+            )
+            if terminated or truncated:
+                if final_obs is None:
+                    final_obs = np.full(self.num_envs, None, dtype=object)
+                final_obs[i], ended[i] = obs, True
+                obs, _ = env.reset()
+            self._env_obs[i] = obs
+        info = {}
+        if final_obs is not None:
+            info = {"final_obs": final_obs, "_final_obs": ended}
+        return (
+            np.stack(self._env_obs),
+            self._rewards.copy(),
+            self._terminations.copy(),
+            self._truncations.copy(),
+            info,
+        )
