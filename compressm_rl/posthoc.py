@@ -55,21 +55,9 @@ def compress_run(
                 ReductionEvent(ref, n, n, status, step=state.global_step, post_training=True)
             )
             continue
-        events.append(
-            ReductionEvent(
-                ref,
-                n_before=lru.state_dim,
-                n_after=result.state_dim,
-                status="applied (post-training)",
-                hsv=tuple(result.hsv.tolist()),
-                rank=result.rank,
-                bound=float(result.bound),
-                cond_v=result.cond_V,
-                n_clamped=result.n_clamped,
-                step=state.global_step,
-                post_training=True,
-            )
-        )
+        status = "applied (post-training)"
+        event = ReductionEvent(ref, n, n, status, step=state.global_step, post_training=True)
+        events.append(event.with_cut(result))
         lru.load_system(result.system)
 
     out_dir.mkdir(parents=True, exist_ok=True)

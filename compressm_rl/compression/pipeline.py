@@ -161,6 +161,19 @@ class ReductionEvent:
     def applied(self) -> bool:
         return self.status.startswith("applied")
 
+    def with_cut(self, result: ReductionResult, applied: bool = True) -> ReductionEvent:
+        """This event with ``result``'s cut described (``n_after`` its size if ``applied``)."""
+        return replace(
+            self,
+            n_after=result.state_dim if applied else self.n_before,
+            hsv=tuple(result.hsv.tolist()),
+            rank=result.rank,
+            bound=float(result.bound),
+            cond_v=result.cond_V,
+            n_clamped=result.n_clamped,
+            n_paired=result.n_paired,
+        )
+
     def to_dict(self) -> dict:
         return {**asdict(self), "layer": str(self.layer), "hsv": list(self.hsv)}
 
@@ -200,15 +213,7 @@ def compress_policy(
             event = replace(events[ref], kl=kl)
             if ref in fitted:
                 result = fitted[ref]
-                event = replace(
-                    event,
-                    n_after=result.state_dim,
-                    rank=result.rank,
-                    bound=float(result.bound),
-                    cond_v=result.cond_V,
-                    n_clamped=result.n_clamped,
-                    n_paired=result.n_paired,
-                )
+                event = event.with_cut(result)
                 if halvings:  # the gentler cut's own error, not the planned one's
                     error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
                     status = f"applied: cut halved {halvings}x to fit KL {kl:.3f}"
@@ -266,15 +271,7 @@ def plan_reductions(
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             plan.events.append(replace(event, status=f"skipped: {err}"))
             continue
-        event = replace(
-            event,
-            hsv=tuple(result.hsv.tolist()),
-            rank=result.rank,
-            bound=float(result.bound),
-            cond_v=result.cond_V,
-            n_clamped=result.n_clamped,
-            n_paired=result.n_paired,
-        )
+        event = event.with_cut(result, applied=False)
         if result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
             plan.events.append(replace(event, status="skipped: removes < 5% of states"))
             continue
