@@ -371,8 +371,7 @@ def record_layer_inputs(
 def reduced_output_error(lru: LRU, result: ReductionResult, u: Tensor, reset: Tensor) -> float:
     """``‖y_reduced − y_full‖ / ‖y_full − D u‖`` of ``lru`` and its reduction ``result`` on
     inputs ``u [B, T, H]`` (from zero state)."""
-    candidate = LRU(lru.width, lru.state_dim)
-    candidate.load_state_dict(lru.state_dict())
+    candidate = copy.deepcopy(lru)  # not LRU(...): that would draw from the training RNG
     candidate.load_system(result.system)
     y_full, _ = lru(u, None, reset)
     y_red, _ = candidate(u, None, reset)
