@@ -51,6 +51,12 @@ class TrainConfig:
         check_env_id(self.env_id)
         if self.ppo is None:
             self.ppo = preset_for(self.env_id)
+        for name, kind in (("ppo", PPOConfig), ("compression", CompressionConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(
+                    f"{name} must be a {kind.__name__}; build a config from a mapping of "
+                    f"settings with TrainConfig.from_dict"
+                )
         # Upper bounds keep a typo from allocating a policy the machine cannot hold.
         checks = {
             "seed": (self.seed >= 0, "0 or more"),
