@@ -215,7 +215,7 @@ def compress_policy(
                 result = fitted[ref]
                 event = event.with_cut(result)
                 if halvings:  # the gentler cut's own error, not the planned one's
-                    error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
+                    error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
                     status = f"applied: cut halved {halvings}x to fit KL {kl:.3f}"
                     event = replace(event, output_error=error, status=status)
                 plan.accepted[ref] = result
@@ -239,7 +239,7 @@ class ReductionPlan:
     """The layers as read once, and the planned cuts (``plan_reductions``)."""
 
     systems: dict[LayerRef, DiagonalSystem]
-    inputs: dict[LayerRef, Tensor]  # each layer's recorded inputs [B, T, H] (empty: no guard)
+    recorded: dict[LayerRef, tuple[Tensor, Tensor]]  # input, output [B, T, H] (empty: no guard)
     accepted: dict[LayerRef, ReductionResult]
     events: list[ReductionEvent]
 
@@ -252,7 +252,7 @@ def plan_reductions(
     refs = lru_layers(policy, config.parts)
     plan = ReductionPlan(
         systems={ref: ref.of(policy).system() for ref in refs},
-        inputs={} if obs is None else record_layer_inputs(policy, config.parts, obs, reset),
+        recorded={} if obs is None else record_layers(policy, config.parts, obs, reset),
         accepted={},
         events=[],
     )
@@ -275,8 +275,8 @@ def plan_reductions(
         if result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
             plan.events.append(replace(event, status="skipped: removes < 5% of states"))
             continue
-        if ref in plan.inputs:
-            error = reduced_output_error(ref.of(policy), result, plan.inputs[ref], reset)
+        if ref in plan.recorded:
+            error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
             event = replace(event, output_error=error)
             if error > config.max_output_error:
                 status = f"rolled back: output error {error:.3f} > {config.max_output_error}"
@@ -344,18 +344,21 @@ def fit_actor_kl(
 
 # ----- measurements on recorded data ---------------------------------------------------
 @torch.no_grad()
-def record_layer_inputs(
+def record_layers(
     policy: ActorCritic, parts: list[str] | tuple[str, ...], obs: Tensor, reset: Tensor
-) -> dict[LayerRef, Tensor]:
-    """Inputs each LRU layer sees (after its LayerNorm) over sequences ``obs [B, T, obs]``."""
-    inputs: dict[LayerRef, Tensor] = {}
+) -> dict[LayerRef, tuple[Tensor, Tensor]]:
+    """What each LRU layer sees and says over sequences ``obs [B, T, obs]`` from zero
+    state: its input (after its LayerNorm) and its output, each ``[B, T, H]``."""
+    recorded: dict[LayerRef, tuple[Tensor, Tensor]] = {}
     for part in parts:
         stack = getattr(policy, part)
         if not isinstance(stack, LRUStack):
             continue
         hooks = [
-            block.lru.register_forward_pre_hook(
-                lambda _m, args, ref=LayerRef(part, i): inputs.__setitem__(ref, args[0])
+            block.lru.register_forward_hook(
+                lambda _m, args, out, ref=LayerRef(part, i): recorded.__setitem__(
+                    ref, (args[0], out[0])
+                )
             )
             for i, block in enumerate(stack.blocks)
         ]
@@ -364,16 +367,18 @@ def record_layer_inputs(
         finally:
             for hook in hooks:
                 hook.remove()
-    return inputs
+    return recorded
 
 
 @torch.no_grad()
-def reduced_output_error(lru: LRU, result: ReductionResult, u: Tensor, reset: Tensor) -> float:
-    """``‖y_reduced − y_full‖ / ‖y_full − D u‖`` of ``lru`` and its reduction ``result`` on
-    inputs ``u [B, T, H]`` (from zero state)."""
+def reduced_output_error(
+    lru: LRU, result: ReductionResult, recorded: tuple[Tensor, Tensor], reset: Tensor
+) -> float:
+    """``‖y_reduced − y_full‖ / ‖y_full − D u‖`` of ``lru`` reduced by ``result``, on the
+    layer's recorded input ``u`` and output ``y_full`` (``record_layers``)."""
+    u, y_full = recorded
     candidate = copy.deepcopy(lru)  # not LRU(...): that would draw from the training RNG
     candidate.load_system(result.system)
-    y_full, _ = lru(u, None, reset)
     y_red, _ = candidate(u, None, reset)
     recurrent_part = y_full - lru.D * u
     return float((y_red - y_full).norm() / recurrent_part.norm().clamp(min=1e-12))
