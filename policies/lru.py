@@ -36,6 +36,34 @@ from policies.scan import linear_scan
 __all__ = ["LRU", "LRUBlock", "LRUStack", "MAX_RADIUS"]
 
 
+# The parametrisation's forward map, on parameter tensors with any leading dimensions
+# (one layer's, or several layers' stacked by ``grouped_forward``).
+def decay_of(nu_log: Tensor) -> Tensor:
+    """exp(ν) ``[..., n]``, floored so that |λ| = exp(-decay) ≤ MAX_RADIUS."""
+    return torch.exp(nu_log).clamp(min=MIN_DECAY)
+
+
+def eigenvalues_of(decay: Tensor, theta: Tensor) -> Tensor:
+    """λ = exp(-decay + iθ), complex ``[..., n]``."""
+    return torch.polar(torch.exp(-decay), theta)
+
+
+def gamma_of(decay: Tensor) -> Tensor:
+    """γ = sqrt(1 - |λ|²) ``[..., n]``, from the decay (precise near |λ| = 1)."""
+    return torch.sqrt(-torch.expm1(-2.0 * decay))
+
+
+def input_weight_of(b_re: Tensor, b_im: Tensor, gamma: Tensor) -> Tensor:
+    """``[..., n, H]`` parts and γ ``[..., n]`` -> B̃ ``[..., 2n, H]``, rows interleaved."""
+    stacked = torch.stack([b_re, b_im], dim=-2) * gamma[..., None, None]  # [..., n, 2, H]
+    return stacked.reshape(*b_re.shape[:-2], -1, b_re.shape[-1])
+
+
+def output_weight_of(c_re: Tensor, c_im: Tensor) -> Tensor:
+    """``[..., H, n]`` parts -> ``[..., H, 2n]``, columns interleaved (Re C, -Im C)."""
+    return torch.stack([c_re, -c_im], dim=-1).reshape(*c_re.shape[:-1], -1)
+
+
 class LRU(nn.Module):
     """Diagonal complex linear recurrence (one LRU layer, no nonlinearity).
 
@@ -70,18 +98,16 @@ class LRU(nn.Module):
 
     def decay(self) -> Tensor:
         """exp(ν), real ``[n]``, floored so that |λ| = exp(-decay) ≤ MAX_RADIUS."""
-        return torch.exp(self.nu_log).clamp(min=MIN_DECAY)
+        return decay_of(self.nu_log)
 
     # ``decay`` may be passed in so that one training step computes it once for λ and γ.
     def eigenvalues(self, decay: Tensor | None = None) -> Tensor:
         """λ, complex ``[n]``, |λ| ≤ MAX_RADIUS < 1."""
-        decay = self.decay() if decay is None else decay
-        return torch.polar(torch.exp(-decay), self.theta)
+        return eigenvalues_of(self.decay() if decay is None else decay, self.theta)
 
     def gamma(self, decay: Tensor | None = None) -> Tensor:
         """γ = sqrt(1 - |λ|²), real ``[n]``."""
-        decay = self.decay() if decay is None else decay
-        return torch.sqrt(-torch.expm1(-2.0 * decay))
+        return gamma_of(self.decay() if decay is None else decay)
 
     def input_matrix(self) -> Tensor:
         """Effective B̃ = diag(γ) B, complex ``[n, H]``."""
@@ -94,12 +120,11 @@ class LRU(nn.Module):
     def input_weight(self, decay: Tensor | None = None) -> Tensor:
         """B̃ as one real matrix ``[2n, H]`` with rows interleaved (Re B̃_1, Im B̃_1, ...),
         so ``u @ W.T`` viewed as complex is ``B̃ u`` from a single real GEMM."""
-        gamma = self.gamma(decay)[:, None, None]
-        return (torch.stack([self.B_re, self.B_im], dim=1) * gamma).reshape(-1, self.width)
+        return input_weight_of(self.B_re, self.B_im, self.gamma(decay))
 
     def output_weight(self) -> Tensor:
         """``[H, 2n]`` real with columns interleaved (Re C, -Im C): Re(C h) = W · view_as_real(h)."""
-        return torch.stack([self.C_re, -self.C_im], dim=-1).reshape(self.width, -1)
+        return output_weight_of(self.C_re, self.C_im)
 
     @torch.no_grad()
     def system(self) -> DiagonalSystem:
@@ -357,22 +382,21 @@ def grouped_forward(
         lrus = [block.lru for block in blocks]
         n = max(lru.state_dim for lru in lrus)
 
-        def padded(name: str, dim: int, lrus=lrus, n=n) -> Tensor:  # [G, ...], `dim` to n
-            return torch.stack([_pad(getattr(lru, name), n, dim, _PAD[name]) for lru in lrus])
-
         norm_w = torch.stack([b.norm.weight for b in blocks])[:, None]
         norm_b = torch.stack([b.norm.bias for b in blocks])[:, None]
         z = torch.addcmul(norm_b, F.layer_norm(u, (width,), eps=blocks[0].norm.eps), norm_w)
-        decay = torch.exp(padded("nu_log", 0)).clamp(min=MIN_DECAY)  # [G, n]
-        lam = torch.polar(torch.exp(-decay), padded("theta", 0))
-        gamma = torch.sqrt(-torch.expm1(-2.0 * decay))[..., None, None]
-        b_parts = torch.stack([padded("B_re", 0), padded("B_im", 0)], dim=2)  # [G, n, 2, H]
-        w_in = (b_parts * gamma).reshape(groups, 2 * n, width)
-        w_out = torch.stack([padded("C_re", 1), -padded("C_im", 1)], dim=-1).reshape(
-            groups, width, 2 * n
-        )
+
+        # The layers' parameters, padded to n states and stacked [G, ...], then one
+        # forward map for all (padding: ν = 10 gives λ = exp(-e^10) = 0, and B = C = 0).
+        def stacked(name: str, dim: int, fill: float = 0.0, lrus=lrus, n=n) -> Tensor:
+            return torch.stack([_pad(getattr(lru, name), n, dim, fill) for lru in lrus])
+
+        decay = decay_of(stacked("nu_log", 0, fill=10.0))
+        lam = eigenvalues_of(decay, stacked("theta", 0))
+        w_in = input_weight_of(stacked("B_re", 0), stacked("B_im", 0), gamma_of(decay))
+        w_out = output_weight_of(stacked("C_re", 1), stacked("C_im", 1))
         bu = torch.bmm(z, w_in.transpose(1, 2)).view(groups * batch, steps, n, 2)
-        h0 = torch.cat([_pad(start[depth], n, 1, fill=0.0) for start in starts])
+        h0 = torch.cat([_pad(start[depth], n, 1) for start in starts])
         a = lam[:, None, :].expand(groups, batch, n).reshape(groups * batch, 1, n)
         h = linear_scan(a, torch.view_as_complex(bu), h0=h0, reset=resets)
         y = torch.bmm(
@@ -383,15 +407,11 @@ def grouped_forward(
     return u.reshape(groups, batch, steps, width)
 
 
-# Padding values of a layer's parameters: ν = 10 makes λ = exp(-e^10) = 0 in float32.
-_PAD = {"nu_log": 10.0, "theta": 0.0, "B_re": 0.0, "B_im": 0.0, "C_re": 0.0, "C_im": 0.0}
-
-
-def _pad(t: Tensor, size: int, dim: int, fill: float) -> Tensor:
+def _pad(t: Tensor, size: int, dim: int, fill: float = 0.0) -> Tensor:
     """``t`` with dimension ``dim`` extended to ``size`` by ``fill``."""
     missing = size - t.shape[dim]
     if missing == 0:
         return t
     shape = list(t.shape)
     shape[dim] = missing
-    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
+    return torch.cat([t, t.new_full(shape, fill)], dim=dim)
