@@ -3,13 +3,12 @@ torch latency row that ``compressm-rl bench --run`` sets beside the ONNX rows.""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from compressm_rl.runs import TorchController, load_policy
+from compressm_rl.runs.files import atomic_write
 from envs import make_env
 from export.bench import bench_callable
 from export.onnx_export import DEFAULT_OPSET, build_model
@@ -40,34 +39,35 @@ def export_run(
     model = build_model(policy, meta["env_id"], meta["global_step"], opset=opset)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Checked under a temporary name, renamed into place once it passed: a file at `out`
-    # is always a checked export, and a failed re-export leaves the previous one.
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        report = None
-        if parity_steps > 0:
-            report = check_parity(
-                policy,
-                tmp,
-                meta["env_id"],
-                steps=parity_steps,
-                batch=parity_batch,
-                seed=seed,
-                rtol=rtol,
-                atol=atol,
-                make_env=make_env,
+    reports: list[dict] = []
+    failed: list[ParityError] = []
+
+    def check(tmp: Path) -> None:  # on the complete file, before it takes out's place
+        try:
+            reports.append(
+                check_parity(
+                    policy,
+                    tmp,
+                    meta["env_id"],
+                    steps=parity_steps,
+                    batch=parity_batch,
+                    seed=seed,
+                    rtol=rtol,
+                    atol=atol,
+                    make_env=make_env,
+                )
             )
-        os.replace(tmp, out)
-    except ParityError:
-        if keep_failed:
-            os.replace(tmp, out)
-        raise
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        except ParityError as err:
+            if not keep_failed:
+                raise  # out is left as it was
+            failed.append(err)
+
+    # A file at `out` is always a checked export; a failed re-export keeps the previous one.
+    verify = check if parity_steps > 0 else None
+    atomic_write(out, lambda f: f.write(model.SerializeToString()), verify)
+    if failed:
+        raise failed[0]
+    report = reports[0] if reports else None
     return policy, meta, report
 
 

@@ -60,9 +60,15 @@ def clear_run_dir(run_dir: Path) -> None:
             child.unlink()
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(
+    path: Path,
+    write: Callable[[BinaryIO], object],
+    verify: Callable[[Path], object] | None = None,
+) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file in the same directory,
-    then rename it over ``path``: a process killed mid-write leaves the old file intact."""
+    then rename it over ``path``: a process killed mid-write leaves the old file intact.
+    ``verify(temporary path)``, if given, runs on the complete file before the rename; if
+    it raises, ``path`` is left as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -70,18 +76,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
