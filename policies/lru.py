@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policies.lru_fused import FusedLRUBlock
 from policies.lti import MAX_RADIUS, MIN_DECAY, DiagonalSystem, lru_parameters, merged_step_matrices
 from policies.scan import linear_scan
 
@@ -345,7 +346,11 @@ class LRUStack(nn.Module):
 
 
 def grouped_forward(
-    stacks: list[LRUStack], x: Tensor, states: list[Tensor], reset: Tensor | None = None
+    stacks: list[LRUStack],
+    x: Tensor,
+    states: list[Tensor],
+    reset: Tensor | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """Sequence-mode features of G stacks over the same inputs, in one pass.
 
@@ -361,6 +366,8 @@ def grouped_forward(
         x: inputs ``[B, T, in_dim]``.
         states: G flat states ``[B, S_g]`` before the first step.
         reset: bool ``[B, T]``, True where step t starts a new episode.
+        fused: run each block as one autograd node (``policies.lru_fused``, CPU only);
+            None picks it on CPU. False is the reference: the same maths in autograd ops.
 
     Returns:
         Features ``[G, B, T, H]`` (the stacks' ``forward`` outputs, stacked).
@@ -377,14 +384,15 @@ def grouped_forward(
     )  # [G, B·T, H]
     starts = [s.split_state(state) for s, state in zip(stacks, states, strict=True)]
     resets = None if reset is None else reset.repeat(groups, 1)
+    if fused is None:
+        fused = not x.is_cuda
     for depth in range(len(stacks[0].blocks)):
         blocks = [s.blocks[depth] for s in stacks]
         lrus = [block.lru for block in blocks]
         n = max(lru.state_dim for lru in lrus)
 
-        norm_w = torch.stack([b.norm.weight for b in blocks])[:, None]
-        norm_b = torch.stack([b.norm.bias for b in blocks])[:, None]
-        z = torch.addcmul(norm_b, F.layer_norm(u, (width,), eps=blocks[0].norm.eps), norm_w)
+        norm_w = torch.stack([b.norm.weight for b in blocks])
+        norm_b = torch.stack([b.norm.bias for b in blocks])
 
         # The layers' parameters, padded to n states and stacked [G, ...], then one
         # forward map for all (padding: ν = 10 gives λ = exp(-e^10) = 0, and B = C = 0).
@@ -395,15 +403,23 @@ def grouped_forward(
         lam = eigenvalues_of(decay, stacked("theta", 0))
         w_in = input_weight_of(stacked("B_re", 0), stacked("B_im", 0), gamma_of(decay))
         w_out = output_weight_of(stacked("C_re", 1), stacked("C_im", 1))
-        bu = torch.bmm(z, w_in.transpose(1, 2)).view(groups * batch, steps, n, 2)
+        d = torch.stack([lru.D for lru in lrus])
         h0 = torch.cat([_pad(start[depth], n, 1) for start in starts])
+        eps = blocks[0].norm.eps
+        if fused:
+            no_reset = torch.zeros(batch, steps, dtype=torch.bool) if reset is None else reset
+            u = FusedLRUBlock.apply(
+                u, norm_w, norm_b, lam, w_in, w_out, d, h0.view(groups, batch, n), no_reset, eps
+            )
+            continue
+        z = torch.addcmul(norm_b[:, None], F.layer_norm(u, (width,), eps=eps), norm_w[:, None])
+        bu = torch.bmm(z, w_in.transpose(1, 2)).view(groups * batch, steps, n, 2)
         a = lam[:, None, :].expand(groups, batch, n).reshape(groups * batch, 1, n)
         h = linear_scan(a, torch.view_as_complex(bu), h0=h0, reset=resets)
         y = torch.bmm(
             torch.view_as_real(h).reshape(groups, batch * steps, 2 * n), w_out.transpose(1, 2)
         )
-        d = torch.stack([lru.D for lru in lrus])[:, None]
-        u = u + F.gelu(torch.addcmul(y, d, z))
+        u = u + F.gelu(torch.addcmul(y, d[:, None], z))
     return u.reshape(groups, batch, steps, width)
 
 

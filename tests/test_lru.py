@@ -144,10 +144,12 @@ def test_normalizer_frozen_equals_forward_and_scalar_updates_match_the_data():
     np.testing.assert_allclose(per_step[-1], batches.reshape(-1, 3).var(0), rtol=1e-3)
 
 
-def test_grouped_forward_equals_each_stack_alone_with_padding_resets_and_states():
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
+def test_grouped_forward_equals_each_stack_alone_with_padding_resets_and_states(fused):
     """Actor and critic in one pass: the same features and gradients (float64) as each
     stack on its own, also when compression has given their layers different n (the
-    smaller layers are padded with exact-zero states)."""
+    smaller layers are padded with exact-zero states); with the blocks in autograd ops
+    and as fused kernels (``policies.lru_fused``)."""
     from policies.lru import grouped_forward
 
     torch.manual_seed(0)
@@ -159,7 +161,7 @@ def test_grouped_forward_equals_each_stack_alone_with_padding_resets_and_states(
     reference = torch.stack(
         [s(x, h, reset)[0] for s, h in zip((actor, critic), states, strict=True)]
     )
-    grouped = grouped_forward([actor, critic], x, states, reset)
+    grouped = grouped_forward([actor, critic], x, states, reset, fused=fused)
     torch.testing.assert_close(grouped, reference, rtol=0, atol=1e-12)
     weights = torch.randn_like(reference)
     params = [*actor.parameters(), *critic.parameters()]
