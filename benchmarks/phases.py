@@ -19,6 +19,7 @@ import torch
 
 from compressm_rl.rl import iteration, make_optimizer, preset_for, start_carry
 from compressm_rl.rl.iteration import PHASES
+from compressm_rl.rl.process import configure_process
 from compressm_rl.runs import TrainConfig
 from compressm_rl.train import make_policy
 from envs import make_vec_env
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed iterations per policy")
     parser.add_argument("--env", default="Hopper-v5")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    configure_process(1)
     cfg = preset_for(args.env)
     variants = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
     if args.mlp:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from compressm_rl.rl.process import configure_process
 from export.bench import cpu_model
 
 ENV = "Hopper-v5"
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4, help="timed PPO iterations each")
     parser.add_argument("--lstm-iterations", type=int, default=1, help="RecurrentPPO is slow")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    configure_process(1)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
     rows = {
         "compressm-rl SSM (2 LRU layers, n=128, H=64)": ours("ssm", args.iterations),

@@ -21,6 +21,7 @@ from compressm_rl.compression import ReductionEvent, compress_policy
 from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
 from compressm_rl.rl.ppo import explained_variance
+from compressm_rl.rl.process import configure_process
 from compressm_rl.runs import (
     EventLog,
     MetricsLog,
@@ -106,7 +107,7 @@ def _train(
     # Longer than most functions here on purpose: the iteration loop reads top to bottom
     # in one place (CleanRL's style); each step it takes is one call.
     cfg = config.ppo
-    torch.set_num_threads(config.torch_threads)
+    configure_process(config.torch_threads)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)

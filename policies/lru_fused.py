@@ -43,6 +43,7 @@ import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 _SQRT_HALF = 0.7071067811865476
@@ -310,6 +311,22 @@ def _interleaved(x: np.ndarray, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(split, axis, axis + 1)).reshape(shape)
 
 
+_blas_threads: int | None = None
+
+
+def _match_blas_threads() -> None:
+    """Hold the BLAS behind the kernels' ``np.dot`` (scipy's OpenBLAS, threaded by
+    default) to torch's thread count, so that one torch thread means one core: its
+    spinning helper threads otherwise took a second core from the env steps."""
+    global _blas_threads
+    threads = torch.get_num_threads()
+    if threads != _blas_threads:
+        import scipy.linalg  # noqa: F401 - loads that BLAS, so that it can be found
+
+        threadpool_limits(threads, user_api="blas")
+        _blas_threads = threads
+
+
 class FusedLRUBlock(torch.autograd.Function):
     """``out = u + GELU(LRU(LayerNorm(u)))`` for G groups; see the module docstring.
 
@@ -329,6 +346,7 @@ class FusedLRUBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, norm_w, norm_b, lam, w_in, w_out, d, h0, reset, eps):
+        _match_blas_threads()
         groups, rows, width = u.shape
         batch, n = h0.shape[1:]
         real = np.float64 if u.dtype == torch.float64 else np.float32
