@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies.lru_fused import FusedLRUBlock
+from policies.lru_fused import fused_grouped_forward
 from policies.lti import MAX_RADIUS, MIN_DECAY, DiagonalSystem, lru_parameters, merged_step_matrices
 from policies.scan import linear_scan
 
@@ -255,17 +255,22 @@ class LRUStack(nn.Module):
         """Zero flat state ``[batch, S]`` float32 (an episode start)."""
         return torch.zeros(batch, self.state_size, device=device)
 
-    def split_state(self, state: Tensor) -> list[Tensor]:
-        """Flat real ``[B, S]`` -> per-layer complex ``[B, n_l]``."""
+    def check_state(self, state: Tensor) -> None:
+        """Raise ValueError unless ``state`` is a flat ``[B, S]`` state of this stack."""
         if state.dim() != 2 or state.shape[1] != self.state_size:
             raise ValueError(
                 f"state must be [B, {self.state_size}] (Σ 2n over layers {self.state_dims}), "
                 f"got {tuple(state.shape)}"
             )
+
+    def split_state(self, state: Tensor) -> list[Tensor]:
+        """Flat real ``[B, S]`` -> per-layer complex ``[B, n_l]``."""
+        self.check_state(state)
+        real = torch.promote_types(state.dtype, torch.float32)  # float64 stays float64
         parts, offset = [], 0
         for n in self.state_dims:
             re, im = state[:, offset : offset + n], state[:, offset + n : offset + 2 * n]
-            parts.append(torch.complex(re.float(), im.float()))
+            parts.append(torch.complex(re.to(real), im.to(real)))
             offset += 2 * n
         return parts
 
@@ -366,8 +371,9 @@ def grouped_forward(
         x: inputs ``[B, T, in_dim]``.
         states: G flat states ``[B, S_g]`` before the first step.
         reset: bool ``[B, T]``, True where step t starts a new episode.
-        fused: run each block as one autograd node (``policies.lru_fused``, CPU only);
-            None picks it on CPU. False is the reference: the same maths in autograd ops.
+        fused: run the whole pass as one autograd node over compiled kernels
+            (``policies.lru_fused``, CPU only); None picks it on CPU. False is the
+            reference: the same maths in autograd ops.
 
     Returns:
         Features ``[G, B, T, H]`` (the stacks' ``forward`` outputs, stacked).
@@ -375,6 +381,12 @@ def grouped_forward(
     groups, (batch, steps, _), width = len(stacks), x.shape, stacks[0].width
     if len({len(s.blocks) for s in stacks}) != 1 or any(s.width != width for s in stacks):
         raise ValueError("grouped stacks must share their depth and width")
+    for stack, state in zip(stacks, states, strict=True):
+        stack.check_state(state)
+    if fused is None:
+        fused = not x.is_cuda
+    if fused:
+        return fused_grouped_forward(stacks, x, states, reset)
     weight = torch.stack([s.encoder.weight for s in stacks])  # [G, H, in]
     bias = torch.stack([s.encoder.bias for s in stacks])
     u = torch.baddbmm(
@@ -384,8 +396,6 @@ def grouped_forward(
     )  # [G, B·T, H]
     starts = [s.split_state(state) for s, state in zip(stacks, states, strict=True)]
     resets = None if reset is None else reset.repeat(groups, 1)
-    if fused is None:
-        fused = not x.is_cuda
     for depth in range(len(stacks[0].blocks)):
         blocks = [s.blocks[depth] for s in stacks]
         lrus = [block.lru for block in blocks]
@@ -406,12 +416,6 @@ def grouped_forward(
         d = torch.stack([lru.D for lru in lrus])
         h0 = torch.cat([_pad(start[depth], n, 1) for start in starts])
         eps = blocks[0].norm.eps
-        if fused:
-            no_reset = torch.zeros(batch, steps, dtype=torch.bool) if reset is None else reset
-            u = FusedLRUBlock.apply(
-                u, norm_w, norm_b, lam, w_in, w_out, d, h0.view(groups, batch, n), no_reset, eps
-            )
-            continue
         z = torch.addcmul(norm_b[:, None], F.layer_norm(u, (width,), eps=eps), norm_w[:, None])
         bu = torch.bmm(z, w_in.transpose(1, 2)).view(groups * batch, steps, n, 2)
         a = lam[:, None, :].expand(groups, batch, n).reshape(groups * batch, 1, n)

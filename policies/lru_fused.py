@@ -46,6 +46,8 @@ from numba.extending import intrinsic, overload
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from policies.lti import MIN_DECAY
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -327,81 +329,212 @@ def _match_blas_threads() -> None:
         _blas_threads = threads
 
 
-class FusedLRUBlock(torch.autograd.Function):
-    """``out = u + GELU(LRU(LayerNorm(u)))`` for G groups; see the module docstring.
+# A block's parameters in the order ``FusedStacks`` takes them (per stack, per layer).
+BLOCK_PARAMETERS = ("weight", "bias", "nu_log", "theta", "B_re", "B_im", "C_re", "C_im", "D")
+
+
+def _block_parameters(block) -> list[Tensor]:
+    """``BLOCK_PARAMETERS`` of one ``LRUBlock``: its LayerNorm's affine, then its LRU's."""
+    norm, lru = block.norm, block.lru
+    return [norm.weight, norm.bias] + [getattr(lru, name) for name in BLOCK_PARAMETERS[2:]]
+
+
+def fused_grouped_forward(stacks, x: Tensor, states: list[Tensor], reset: Tensor | None) -> Tensor:
+    """``policies.lru.grouped_forward`` as one autograd node (CPU): same arguments, same
+    features ``[G, B, T, H]``; see ``FusedStacks``."""
+    batch, steps, _ = x.shape
+    if reset is None:
+        reset = torch.zeros(batch, steps, dtype=torch.bool)
+    layout = (
+        [s.state_dims for s in stacks],
+        stacks[0].blocks[0].norm.eps,
+    )
+    tensors = list(states)
+    for stack in stacks:
+        tensors += [stack.encoder.weight, stack.encoder.bias]
+        for block in stack.blocks:
+            tensors += _block_parameters(block)
+    return FusedStacks.apply(x, reset, layout, *tensors)
+
+
+class FusedStacks(torch.autograd.Function):
+    """The sequence-mode features of G LRU stacks of equal depth and width (an actor and
+    its critic) over the same inputs, as one autograd node.
+
+    Everything between the observations and the features runs in numpy and the compiled
+    kernels: each stack's encoder, the parametrisation of every layer (λ, γ, B̃, C from
+    ν, θ, B, C; ``policies.lru``'s forward map, in the parameters' dtype), the layers
+    padded to a common n with exact zeros, and the blocks (``_forward_kernel``). The
+    backward runs the same chain in reverse (``_backward_kernel``, then the
+    parametrisation's derivatives below) and returns each parameter's gradient; autograd
+    sees one node instead of ~40 per layer, whose bookkeeping cost more than the maths.
+
+    With g_λ = ∂L/∂Re λ + i ∂L/∂Im λ from the kernel, d = max(e^ν, MIN_DECAY), λ = e^{-d+iθ},
+    γ = sqrt(1 - e^{-2d}), B̃ = γ B, and C's columns stored as (Re C, -Im C)::
+
+        g_θ = Re(conj(g_λ) iλ),   g_γ = Σ_H Re(conj(g_B̃) B),   g_B = γ g_B̃
+        g_d = -Re(conj(g_λ) λ) + g_γ e^{-2d} / γ,   g_ν = g_d e^ν where e^ν ≥ MIN_DECAY
 
     Args (to ``apply``):
-        u: ``[G, B·T, H]`` real inputs, rows sequence-major (B sequences of T steps).
-        norm_w, norm_b: LayerNorm affine ``[G, H]``.
-        lam: eigenvalues, complex ``[G, n]``.
-        w_in: B̃ as real ``[G, 2n, H]``, rows interleaved (``policies.lru.input_weight_of``).
-        w_out: C as real ``[G, H, 2n]``, columns interleaved (``output_weight_of``).
-        d: skip ``[G, H]``.
-        h0: complex ``[G, B, n]``, the state before each sequence's first step.
-        reset: bool ``[B, T]``, episode starts (the same for every group).
-        eps: LayerNorm's epsilon.
-
-    Returns ``out`` ``[G, B·T, H]``.
+        x: inputs ``[B, T, in_dim]``; reset: bool ``[B, T]``;
+        layout: ``(state_dims per stack, LayerNorm eps)``;
+        tensors: the G flat states ``[B, S_g]``, then per stack its encoder's weight and
+            bias and per layer ``BLOCK_PARAMETERS`` (``fused_grouped_forward`` lists them).
     """
 
     @staticmethod
-    def forward(ctx, u, norm_w, norm_b, lam, w_in, w_out, d, h0, reset, eps):
+    def forward(ctx, x, reset, layout, *tensors):
         _match_blas_threads()
-        groups, rows, width = u.shape
-        batch, n = h0.shape[1:]
-        real = np.float64 if u.dtype == torch.float64 else np.float32
-        # The kernels hold states planar, [Re h_1..n, Im h_1..n]: contiguous loads.
-        arrays = (
-            _np(norm_w),
-            _np(norm_b),
-            _planar(_np(torch.view_as_real(lam)).reshape(groups, 2 * n), 1).reshape(groups, 2, n),
-            _planar(_np(w_in), 1),
-            _planar(_np(w_out), 2),
-            _np(d),
-            _planar(_np(torch.view_as_real(h0)).reshape(groups, batch, 2 * n), 2).astype(real),
-            _np(reset),
-        )
-        out, normed, v = (torch.empty_like(u) for _ in range(3))
-        rstd = torch.empty(groups, rows, dtype=u.dtype)
-        h = torch.empty(groups, rows, 2 * n, dtype=u.dtype)
-        nw, nb, lam_, w_in_, w_out_, d_, h0_, reset_ = arrays
-        _forward_kernel(
-            _np(u), nw, nb, eps, lam_, w_in_, w_out_, d_, h0_, reset_,
-            out.numpy(), normed.numpy(), rstd.numpy(), h.numpy(), v.numpy(),
-        )  # fmt: skip
-        ctx.save_for_backward(normed, rstd, h, v)
-        ctx.arrays, ctx.lam_dtype = arrays, lam.dtype
-        return out
+        dims, eps = layout
+        groups, depth = len(dims), len(dims[0])
+        states, params = tensors[:groups], tensors[groups:]
+        per_stack = 2 + depth * len(BLOCK_PARAMETERS)
+        arrays = [
+            [_np(t) for t in params[g * per_stack : (g + 1) * per_stack]] for g in range(groups)
+        ]
+        batch, steps, in_dim = x.shape
+        rows = batch * steps
+        real = arrays[0][0].dtype
+        inputs = _np(x).reshape(rows, in_dim).astype(real, copy=False)
+        width = arrays[0][0].shape[0]
+        u = np.empty((groups, rows, width), real)
+        for g in range(groups):
+            np.dot(inputs, arrays[g][0].T, out=u[g])
+            u[g] += arrays[g][1]
+        flat_states = [_np(state).astype(real, copy=False) for state in states]
+        offsets = np.zeros(groups, np.int64)
+        layers = []
+        reset_np = _np(reset)
+        for layer in range(depth):
+            blocks = [
+                a[2 + layer * len(BLOCK_PARAMETERS) : 2 + (layer + 1) * len(BLOCK_PARAMETERS)]
+                for a in arrays
+            ]
+            sizes = [d[layer] for d in dims]
+            weights = _layer_weights(blocks, sizes, real)
+            n = weights["lam"].shape[2]
+            h0 = np.zeros((groups, batch, 2 * n), real)
+            for g, size in enumerate(sizes):
+                start = offsets[g]
+                h0[g, :, :size] = flat_states[g][:, start : start + size]
+                h0[g, :, n : n + size] = flat_states[g][:, start + size : start + 2 * size]
+                offsets[g] += 2 * size
+            out, normed, v = (np.empty_like(u) for _ in range(3))
+            rstd, h = np.empty((groups, rows), real), np.empty((groups, rows, 2 * n), real)
+            _forward_kernel(
+                u, weights["norm_w"], weights["norm_b"], eps, weights["lam"], weights["w_in"],
+                weights["w_out"], weights["d"], h0, reset_np, out, normed, rstd, h, v,
+            )  # fmt: skip
+            layers.append((blocks, sizes, weights, h0, normed, rstd, h, v))
+            u = out
+        ctx.saved = (inputs, arrays, layers, reset_np, [s.dtype for s in states])
+        ctx.x_dtype = x.dtype
+        return torch.from_numpy(u).view(groups, batch, steps, width)
 
     @staticmethod
     def backward(ctx, grad):
-        normed, rstd, h, v = ctx.saved_tensors
-        nw, nb, lam, w_in, w_out, d, h0, reset = ctx.arrays
-        groups, _, n = lam.shape
-        real = h0.dtype
-        grad_u = torch.empty_like(grad)
-        grad_norm_w, grad_norm_b, grad_d = (np.zeros(nw.shape, real) for _ in range(3))
-        grad_lam = np.zeros(lam.shape, np.float64)
-        grad_w_in, grad_w_out = np.zeros(w_in.shape, real), np.zeros(w_out.shape, real)
-        grad_h0 = np.empty(h0.shape, real)
-        _backward_kernel(
-            _np(grad), normed.numpy(), rstd.numpy(), nw, nb, lam, w_in, w_out, d, h0, reset,
-            h.numpy(), v.numpy(), grad_u.numpy(), grad_norm_w, grad_norm_b, grad_lam,
-            grad_w_in, grad_w_out, grad_d, grad_h0,
-        )  # fmt: skip
-        complex_lam = _interleaved(grad_lam.reshape(groups, 2 * n), 1).view(np.complex128)
-        complex_h0 = _interleaved(grad_h0, 2).view(
-            np.complex128 if real == np.float64 else np.complex64
-        )
+        inputs, arrays, layers, reset, state_dtypes = ctx.saved
+        groups, batch, steps, width = grad.shape
+        real = inputs.dtype
+        grad_u = _np(grad).reshape(groups, batch * steps, width).astype(real, copy=False)
+        param_grads = [[None] * len(a) for a in arrays]
+        state_grads = [[] for _ in range(groups)]
+        for layer in range(len(layers) - 1, -1, -1):
+            blocks, sizes, weights, h0, normed, rstd, h, v = layers[layer]
+            n = weights["lam"].shape[2]
+            grad_in = np.empty_like(grad_u)
+            g_norm_w, g_norm_b, g_d = (np.zeros((groups, width), real) for _ in range(3))
+            g_lam = np.zeros((groups, 2, n), np.float64)
+            g_w_in = np.zeros((groups, 2 * n, width), real)
+            g_w_out = np.zeros((groups, width, 2 * n), real)
+            g_h0 = np.empty_like(h0)
+            _backward_kernel(
+                grad_u, normed, rstd, weights["norm_w"], weights["norm_b"], weights["lam"],
+                weights["w_in"], weights["w_out"], weights["d"], h0, reset, h, v,
+                grad_in, g_norm_w, g_norm_b, g_lam, g_w_in, g_w_out, g_d, g_h0,
+            )  # fmt: skip
+            first = 2 + layer * len(BLOCK_PARAMETERS)
+            for g, size in enumerate(sizes):
+                grads = _parameter_grads(
+                    blocks[g], weights, g, size, g_norm_w, g_norm_b, g_lam, g_w_in, g_w_out, g_d
+                )
+                param_grads[g][first : first + len(BLOCK_PARAMETERS)] = grads
+                state_grads[g].insert(
+                    0, np.concatenate([g_h0[g, :, :size], g_h0[g, :, n : n + size]], axis=1)
+                )
+            grad_u = grad_in
+        grad_x = np.zeros_like(inputs) if ctx.needs_input_grad[0] else None
+        for g in range(groups):
+            param_grads[g][0] = grad_u[g].T @ inputs
+            param_grads[g][1] = grad_u[g].sum(0)
+            if grad_x is not None:
+                grad_x += grad_u[g] @ arrays[g][0]
+        to_torch = torch.from_numpy
         return (
-            grad_u,
-            torch.from_numpy(grad_norm_w),
-            torch.from_numpy(grad_norm_b),
-            torch.from_numpy(complex_lam).to(ctx.lam_dtype),
-            torch.from_numpy(_interleaved(grad_w_in, 1)),
-            torch.from_numpy(_interleaved(grad_w_out, 2)),
-            torch.from_numpy(grad_d),
-            torch.from_numpy(complex_h0),
+            None if grad_x is None else to_torch(grad_x).view(batch, steps, -1).to(ctx.x_dtype),
             None,
             None,
+            *[
+                to_torch(np.concatenate(parts, axis=1)).to(dtype)
+                if ctx.needs_input_grad[3 + g]
+                else None
+                for g, (parts, dtype) in enumerate(zip(state_grads, state_dtypes, strict=True))
+            ],
+            *[to_torch(np.ascontiguousarray(t)) for grads in param_grads for t in grads],
         )
+
+
+def _layer_weights(blocks: list[list[np.ndarray]], sizes: list[int], real) -> dict:
+    """One layer of every stack as the kernels' planar arrays, padded to n = max size with
+    exact zeros (λ = 0, B̃ = 0, C = 0: a padded state stays 0 and adds nothing)."""
+    groups, n = len(blocks), max(sizes)
+    width = blocks[0][0].shape[0]
+    out = {
+        "norm_w": np.stack([b[0] for b in blocks]),
+        "norm_b": np.stack([b[1] for b in blocks]),
+        "d": np.stack([b[8] for b in blocks]),
+        "lam": np.zeros((groups, 2, n), real),
+        "w_in": np.zeros((groups, 2 * n, width), real),
+        "w_out": np.zeros((groups, width, 2 * n), real),
+        "gamma": np.zeros((groups, n), real),
+        "radius": np.zeros((groups, n), real),
+        "exp_nu": np.zeros((groups, n), real),
+    }
+    for g, (block, m) in enumerate(zip(blocks, sizes, strict=True)):
+        nu_log, theta, b_re, b_im, c_re, c_im = block[2:8]
+        exp_nu = np.exp(nu_log)
+        decay = np.maximum(exp_nu, MIN_DECAY)
+        radius = np.exp(-decay)
+        gamma = np.sqrt(-np.expm1(-2 * decay))
+        out["lam"][g, 0, :m], out["lam"][g, 1, :m] = radius * np.cos(theta), radius * np.sin(theta)
+        out["w_in"][g, :m], out["w_in"][g, n : n + m] = gamma[:, None] * b_re, gamma[:, None] * b_im
+        out["w_out"][g, :, :m], out["w_out"][g, :, n : n + m] = c_re, -c_im
+        out["gamma"][g, :m], out["radius"][g, :m], out["exp_nu"][g, :m] = gamma, radius, exp_nu
+    return out
+
+
+def _parameter_grads(block, weights, g, m, g_norm_w, g_norm_b, g_lam, g_w_in, g_w_out, g_d):
+    """One stack's layer gradients, in ``BLOCK_PARAMETERS`` order, from the kernel's
+    gradients of the planar arrays (the chain rule in ``FusedStacks``' docstring)."""
+    n = weights["lam"].shape[2]
+    real = g_w_in.dtype
+    b_re, b_im = block[4], block[5]
+    gamma, radius, exp_nu = (weights[k][g, :m] for k in ("gamma", "radius", "exp_nu"))
+    lam_re, lam_im = weights["lam"][g, 0, :m], weights["lam"][g, 1, :m]
+    gl_re, gl_im = g_lam[g, 0, :m], g_lam[g, 1, :m]
+    gw_re, gw_im = g_w_in[g, :m], g_w_in[g, n : n + m]
+    g_gamma = (gw_re * b_re + gw_im * b_im).sum(1)
+    g_theta = gl_im * lam_re - gl_re * lam_im
+    g_decay = -(gl_re * lam_re + gl_im * lam_im) + g_gamma * radius * radius / gamma
+    g_nu = np.where(exp_nu >= MIN_DECAY, g_decay * exp_nu, 0)
+    return [
+        g_norm_w[g],
+        g_norm_b[g],
+        g_nu.astype(real),
+        g_theta.astype(real),
+        gamma[:, None] * gw_re,
+        gamma[:, None] * gw_im,
+        g_w_out[g, :, :m],
+        -g_w_out[g, :, n : n + m],
+        g_d[g],
+    ]

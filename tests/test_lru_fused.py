@@ -1,7 +1,9 @@
-"""The fused LRU block (``policies.lru_fused``) against autograd and finite differences."""
+"""The fused actor-critic pass (``policies.lru_fused``) against autograd and finite
+differences: features, and the gradients of the inputs, the states and every parameter."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,100 +11,97 @@ import pytest
 import torch
 
 from policies.lru import LRUStack, grouped_forward
-from policies.lru_fused import TILE_ROWS, FusedLRUBlock, erf, exp
+from policies.lru_fused import TILE_ROWS, erf, exp, fused_grouped_forward
+from policies.lti import MIN_DECAY
 
 
-def _block_inputs(groups: int, batch: int, steps: int, width: int, n: int, seed: int):
-    """Random float64 inputs of one grouped block, |λ| < 1, resets at t = 0 and inside."""
+def _stacks(dims: list[list[int]], in_dim: int, width: int, seed: int) -> list[LRUStack]:
+    torch.manual_seed(seed)
+    stacks = [LRUStack(in_dim, width, d).double() for d in dims]
+    with torch.no_grad():  # a mode at the |λ| clamp: its ν gets no gradient there
+        stacks[0].blocks[0].lru.nu_log[0] = math.log(MIN_DECAY) - 1.0
+        for stack in stacks:
+            for block in stack.blocks:  # LayerNorm away from its (1, 0) initialisation
+                block.norm.weight.add_(0.1 * torch.randn_like(block.norm.weight))
+                block.norm.bias.add_(0.1 * torch.randn_like(block.norm.bias))
+    return stacks
+
+
+def _inputs(stacks, batch: int, steps: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, dtype=torch.float64):
-        return torch.randn(*shape, generator=gen, dtype=dtype)
-
-    lam = torch.polar(
-        0.3 + 0.65 * torch.rand(groups, n, generator=gen, dtype=torch.float64),
-        math.pi * torch.rand(groups, n, generator=gen, dtype=torch.float64),
-    )
+    x = torch.randn(batch, steps, stacks[0].encoder.in_features, generator=gen, dtype=torch.float64)
+    states = [torch.randn(batch, s.state_size, generator=gen, dtype=torch.float64) for s in stacks]
     reset = torch.rand(batch, steps, generator=gen) < 0.1
-    reset[0, 0], reset[-1, steps // 2] = True, True
-    return (
-        randn(groups, batch * steps, width),
-        1 + 0.1 * randn(groups, width),
-        0.1 * randn(groups, width),
-        lam,
-        randn(groups, 2 * n, width) / math.sqrt(width),
-        randn(groups, width, 2 * n) / math.sqrt(n),
-        randn(groups, width),
-        randn(groups, batch, n, dtype=torch.complex128),
-        reset,
-    )
+    reset[0, 0], reset[-1, steps // 2] = True, True  # a reset at the first step, one inside
+    return x, states, reset
 
 
-def _reference(u, norm_w, norm_b, lam, w_in, w_out, d, h0, reset, eps=1e-5):
-    """The block in plain autograd ops with a Python loop over time (no scan kernel)."""
-    groups, rows, width = u.shape
-    batch, n = h0.shape[1:]
-    steps = rows // batch
-    z = torch.nn.functional.layer_norm(u, (width,), eps=eps) * norm_w[:, None] + norm_b[:, None]
-    bu = torch.view_as_complex((z @ w_in.transpose(1, 2)).view(groups, batch, steps, n, 2))
-    h, states = h0, []
-    for t in range(steps):
-        h = torch.where(reset[None, :, t, None], 0, lam[:, None] * h) + bu[:, :, t]
-        states.append(h)
-    h_real = torch.view_as_real(torch.stack(states, dim=2)).reshape(groups, rows, 2 * n)
-    v = h_real @ w_out.transpose(1, 2) + d[:, None] * z
-    return u + torch.nn.functional.gelu(v)
+def _features_and_grads(stacks, x, states, reset, fused: bool):
+    x = x.clone().requires_grad_()
+    states = [s.clone().requires_grad_() for s in states]
+    out = grouped_forward(stacks, x, states, reset, fused=fused)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    params = [p for s in stacks for p in s.parameters()]
+    grads = torch.autograd.grad((out * weights).sum(), [x, *states, *params])
+    return [out, *grads]
 
 
 @pytest.mark.parametrize(
-    "groups, batch, steps, n",
-    [(2, 3, 7, 4), (1, 5, 64, 3), (2, 2, TILE_ROWS + 9, 2)],
-    ids=["small", "tiles-of-4-sequences-and-a-rest", "sequence-longer-than-a-tile"],
+    "dims, batch, steps",
+    [
+        ([[4, 3], [2, 5]], 3, 7),
+        ([[3]], 5, 64),
+        ([[2, 2], [2, 2]], 2, TILE_ROWS + 9),
+    ],
+    ids=["padded-layers", "one-stack-tiles-and-a-rest", "sequence-longer-than-a-tile"],
 )
-def test_fused_block_matches_autograd_reference_in_float64(groups, batch, steps, n):
-    """Output and every gradient (u, LayerNorm affine, λ, B̃, C, D, h0) equal to 1e-10."""
-    inputs = _block_inputs(groups, batch, steps, 6, n, seed=groups + steps)
-    leaves = [x.clone().requires_grad_(x.dtype != torch.bool) for x in inputs]
-    out = FusedLRUBlock.apply(*leaves, 1e-5)
-    want = _reference(*[x.detach().clone().requires_grad_(x.dtype != torch.bool) for x in inputs])
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-
-    weights = torch.randn_like(out)
-    ref_leaves = [x.detach().clone().requires_grad_(x.dtype != torch.bool) for x in inputs]
-    ref_out = _reference(*ref_leaves)
-    got = torch.autograd.grad((out * weights).sum(), leaves[:-1])
-    expected = torch.autograd.grad((ref_out * weights).sum(), ref_leaves[:-1])
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+def test_fused_pass_matches_the_autograd_path_in_float64(dims, batch, steps):
+    """Features and every gradient (inputs, states, each parameter) equal to 1e-10,
+    with layers of different n padded, resets, start states, several tiles, a clamped |λ|."""
+    stacks = _stacks(dims, in_dim=5, width=6, seed=len(dims) + steps)
+    x, states, reset = _inputs(stacks, batch, steps, seed=steps)
+    fused = _features_and_grads(stacks, x, states, reset, fused=True)
+    reference = _features_and_grads(stacks, x, states, reset, fused=False)
+    for got, want in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert fused[-1].abs().sum() > 0  # the last parameter's gradient is not trivially zero
 
 
-def test_fused_block_passes_gradcheck():
-    """Finite differences, independently of any hand-derived formula."""
-    inputs = _block_inputs(2, 2, 5, 3, 2, seed=7)
-    leaves = [x.requires_grad_(x.dtype != torch.bool) for x in inputs]
-    assert torch.autograd.gradcheck(lambda *xs: FusedLRUBlock.apply(*xs, 1e-5), leaves)
+def test_fused_pass_passes_gradcheck():
+    """Finite differences, independently of any hand-derived formula: the gradients of
+    the inputs, the states and every parameter of two small stacks."""
+    stacks = _stacks([[2, 3], [3, 1]], in_dim=3, width=4, seed=1)
+    x, states, reset = _inputs(stacks, 2, 5, seed=2)
+    names = [(i, name) for i, s in enumerate(stacks) for name, _ in s.named_parameters()]
+
+    def fused(x, *leaves):
+        states, values = leaves[: len(stacks)], leaves[len(stacks) :]
+        stacks_of = [copy.deepcopy(s) for s in stacks]
+        for (i, name), value in zip(names, values, strict=True):
+            *path, attr = name.split(".")
+            module = stacks_of[i].get_submodule(".".join(path))
+            delattr(module, attr)  # a plain tensor in the Parameter's place
+            setattr(module, attr, value)
+        return fused_grouped_forward(stacks_of, x, list(states), reset)
+
+    params = [p.detach().clone() for s in stacks for p in s.parameters()]
+    leaves = [t.requires_grad_() for t in (x, *states, *params)]
+    assert torch.autograd.gradcheck(fused, leaves)
 
 
-def test_float32_block_is_the_float64_block_to_float32_precision():
+def test_float32_pass_is_the_float64_pass_to_float32_precision():
     """The float32 kernels (approximate erf and exp inside GELU) stay within 1e-5 of the
-    float64 block, output and gradients, at a PPO minibatch's size."""
-    inputs = _block_inputs(2, 8, 64, 64, 25, seed=3)
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        cast = [
-            x.to(torch.complex64 if x.is_complex() else dtype)
-            if dtype == torch.float32 and x.dtype != torch.bool
-            else x
-            for x in inputs
-        ]
-        leaves = [x.clone().requires_grad_(x.dtype != torch.bool) for x in cast]
-        out = FusedLRUBlock.apply(*leaves, 1e-5)
-        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
-        grads = torch.autograd.grad((out * weights).sum(), leaves[:-1])
-        results.append([out, *grads])
-    for wide, narrow in zip(*results, strict=True):
-        scale = wide.abs().max()
-        err = (narrow.to(wide.dtype) - wide).abs().max() / scale
+    float64 pass, features and gradients, at a PPO minibatch's size (8 × 64, H = 64)."""
+    stacks = _stacks([[25, 25], [25, 20]], in_dim=11, width=64, seed=3)
+    x, states, reset = _inputs(stacks, 8, 64, seed=4)
+    wide = _features_and_grads(stacks, x, states, reset, fused=True)
+    narrow_stacks = [copy.deepcopy(s).float() for s in stacks]
+    narrow = _features_and_grads(
+        narrow_stacks, x.float(), [s.float() for s in states], reset, fused=True
+    )
+    for w, n in zip(wide, narrow, strict=True):
+        assert n.dtype == torch.float32
+        err = (n.double() - w).abs().max() / w.abs().max()
         assert err < 1e-5, err
 
 
@@ -116,8 +115,8 @@ def test_kernel_erf_and_exp_approximations():
     assert (np.abs(exp(y) - want) / want).max() < 1e-6
 
 
-def test_grouped_forward_picks_the_fused_blocks_on_cpu():
-    """``fused=None`` is the fused path on CPU: same numbers as ``fused=True`` bit for bit."""
+def test_grouped_forward_picks_the_fused_pass_on_cpu():
+    """``fused=None`` is the fused pass on CPU: bit for bit ``fused=True``."""
     torch.manual_seed(0)
     stacks = [LRUStack(5, 8, [3, 4]), LRUStack(5, 8, [2, 4])]
     x = torch.randn(2, 6, 5)
@@ -125,3 +124,5 @@ def test_grouped_forward_picks_the_fused_blocks_on_cpu():
     auto = grouped_forward(stacks, x, states)
     assert torch.equal(auto, grouped_forward(stacks, x, states, fused=True))
     assert not torch.equal(auto, grouped_forward(stacks, x, states, fused=False))
+    with pytest.raises(ValueError, match="state must be"):
+        grouped_forward(stacks, x, [states[1], states[0]])
