@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies.lru_fused import fused_grouped_forward
+from policies import lru_fused
 from policies.lti import MAX_RADIUS, MIN_DECAY, DiagonalSystem, lru_parameters, merged_step_matrices
 from policies.scan import linear_scan
 
@@ -300,18 +300,26 @@ class LRUStack(nn.Module):
         return u, self.join_state(finals) if return_state else None
 
     @torch.no_grad()
-    def frozen_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """``step`` with every weight read once, in real form, for a rollout (where the
-        weights are fixed): same inputs, outputs and state layout, six torch ops per
-        layer instead of ~30, no autograd. Stale after a parameter update: ask for a new one.
+    def frozen_step(
+        self, fused: bool | None = None
+    ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``step`` with every weight read once, for a rollout (where the weights are
+        fixed): same inputs, outputs and state layout, no autograd. Stale after a
+        parameter update: ask for a new one.
 
-        Per layer, with its slice ``x = [Re h, Im h]`` of the flat state and
+        ``fused`` (None: where it can run, ``lru_fused.usable``): one compiled kernel call
+        a step (``policies.lru_fused.frozen_step``). Otherwise six torch ops per layer:
+        per layer, with its slice ``x = [Re h, Im h]`` of the flat state and
         z = LayerNorm(u), one product gives the new state and the layer's output,
         ``[x' | y] = x @ from_state + z @ from_input`` (``policies.lti.merged_step_matrices``,
         formed in float64; the ONNX graph's merged path). The dense 2n × 2n Aᵀ costs more
         multiply-adds than the elementwise form, but at rollout sizes a matrix product is
         cheaper than the five small ops it replaces.
         """
+        if fused is None:
+            fused = lru_fused.enabled and lru_fused.usable([self])
+        if fused:
+            return lru_fused.frozen_step(self)
         enc_w, enc_b = self.encoder.weight.T.clone(), self.encoder.bias.clone()
         layers = []
         for block in self.blocks:
@@ -372,8 +380,8 @@ def grouped_forward(
         states: G flat states ``[B, S_g]`` before the first step.
         reset: bool ``[B, T]``, True where step t starts a new episode.
         fused: run the whole pass as one autograd node over compiled kernels
-            (``policies.lru_fused``, CPU only); None picks it on CPU. False is the
-            reference: the same maths in autograd ops.
+            (``policies.lru_fused``, CPU only); None picks it where it can run
+            (``lru_fused.usable``). False is the reference: the same maths in autograd ops.
 
     Returns:
         Features ``[G, B, T, H]`` (the stacks' ``forward`` outputs, stacked).
@@ -384,9 +392,9 @@ def grouped_forward(
     for stack, state in zip(stacks, states, strict=True):
         stack.check_state(state)
     if fused is None:
-        fused = not x.is_cuda
+        fused = lru_fused.enabled and lru_fused.usable(stacks, x)
     if fused:
-        return fused_grouped_forward(stacks, x, states, reset)
+        return lru_fused.fused_grouped_forward(stacks, x, states, reset)
     weight = torch.stack([s.encoder.weight for s in stacks])  # [G, H, in]
     bias = torch.stack([s.encoder.bias for s in stacks])
     u = torch.baddbmm(

@@ -36,6 +36,7 @@ Tested against the autograd path in float64 (``tests/test_lru_fused.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -293,6 +294,83 @@ def _backward_kernel(  # pragma: no cover - compiled
                     )
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _step_kernel(  # pragma: no cover - compiled
+    x, state, enc_w, enc_b, norm_w, norm_b, eps, lam, w_in, w_out, d, sizes, features, new_state
+):
+    """One step of a stack for a batch. x ``[B, in]``; state, new_state ``[B, S]`` (the
+    flat layout: per layer ``[Re h (n_l), Im h (n_l)]``); enc_w ``[H, in]``, enc_b ``[H]``;
+    per layer l, padded to N states as ``_layer_weights`` makes them: norm_w, norm_b, d
+    ``[L, H]``, lam ``[L, 2, N]``, w_in ``[L, 2N, H]``, w_out ``[L, H, 2N]``; sizes
+    ``[L]`` the true n_l. Writes features ``[B, H]`` and new_state."""
+    batch, width = x.shape[0], enc_b.shape[0]
+    dtype = x.dtype
+    half, sqrt_half = dtype.type(0.5), dtype.type(_SQRT_HALF)
+    padded = lam.shape[2]
+    u = np.dot(x, enc_w.T)
+    for b in range(batch):
+        for k in range(width):
+            u[b, k] += enc_b[k]
+    z = np.empty((batch, width), dtype)
+    offset = 0
+    for layer in range(sizes.shape[0]):
+        n = sizes[layer]
+        for b in range(batch):
+            mean = 0.0
+            for k in range(width):
+                mean += u[b, k]
+            mean /= width
+            var = 0.0
+            for k in range(width):
+                var += (u[b, k] - mean) * (u[b, k] - mean)
+            inv = 1.0 / math.sqrt(var / width + eps)
+            for k in range(width):
+                x_k = dtype.type((u[b, k] - mean) * inv)
+                z[b, k] = x_k * norm_w[layer, k] + norm_b[layer, k]
+        h = np.dot(z, w_in[layer].T)  # B̃ z, [B, 2N]; the padded states stay 0
+        for b in range(batch):
+            for j in range(n):
+                re, im = state[b, offset + j], state[b, offset + n + j]
+                h[b, j] += lam[layer, 0, j] * re - lam[layer, 1, j] * im
+                h[b, padded + j] += lam[layer, 0, j] * im + lam[layer, 1, j] * re
+                new_state[b, offset + j] = h[b, j]
+                new_state[b, offset + n + j] = h[b, padded + j]
+        y = np.dot(h, w_out[layer].T)
+        for b in range(batch):
+            for k in range(width):
+                v = y[b, k] + d[layer, k] * z[b, k]
+                u[b, k] += half * v * (1 + _erf(v * sqrt_half))
+        offset += 2 * n
+    features[:] = u
+
+
+def frozen_step(stack) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``LRUStack.frozen_step`` on CPU: the stack's weights read once (copied) into the
+    kernels' planar arrays, each step one ``_step_kernel`` call (~25 torch ops before)."""
+    _match_blas_threads()
+    blocks = [[_np(t).copy() for t in _block_parameters(block)] for block in stack.blocks]
+    sizes = np.array(stack.state_dims, np.int64)
+    real = blocks[0][0].dtype.type
+    weights = _layer_weights(blocks, list(sizes), real)
+    enc_w, enc_b = _np(stack.encoder.weight).copy(), _np(stack.encoder.bias).copy()
+    eps = stack.blocks[0].norm.eps
+    norm_w, norm_b, lam, w_in, w_out, d = (
+        weights[k] for k in ("norm_w", "norm_b", "lam", "w_in", "w_out", "d")
+    )
+
+    def step(x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        stack.check_state(state)
+        features = torch.empty(x.shape[0], enc_b.shape[0], dtype=x.dtype)
+        new_state = torch.empty_like(state)
+        _step_kernel(
+            _np(x), _np(state), enc_w, enc_b, norm_w, norm_b, eps, lam, w_in, w_out, d,
+            sizes, features.numpy(), new_state.numpy(),
+        )  # fmt: skip
+        return features, new_state
+
+    return step
+
+
 def _np(t: Tensor) -> np.ndarray:
     """The numpy view of a CPU tensor (copied only if not contiguous)."""
     t = t.detach()
@@ -339,16 +417,27 @@ def _block_parameters(block) -> list[Tensor]:
     return [norm.weight, norm.bias] + [getattr(lru, name) for name in BLOCK_PARAMETERS[2:]]
 
 
+# What ``grouped_forward(fused=None)`` picks on CPU (a switch, as torch.backends' flags,
+# for A/B measurements: ``benchmarks/fused.py``).
+enabled = True
+
+
+def usable(stacks, x: Tensor | None = None) -> bool:
+    """Whether the kernels can run these stacks (on ``x``): CPU, float32 or float64."""
+    weight = stacks[0].encoder.weight
+    on_cpu = weight.device.type == "cpu" and (x is None or x.device.type == "cpu")
+    return on_cpu and weight.dtype in (torch.float32, torch.float64)
+
+
 def fused_grouped_forward(stacks, x: Tensor, states: list[Tensor], reset: Tensor | None) -> Tensor:
     """``policies.lru.grouped_forward`` as one autograd node (CPU): same arguments, same
     features ``[G, B, T, H]``; see ``FusedStacks``."""
+    if not usable(stacks, x):
+        raise ValueError("the fused pass runs float32 or float64 stacks on CPU tensors")
     batch, steps, _ = x.shape
     if reset is None:
         reset = torch.zeros(batch, steps, dtype=torch.bool)
-    layout = (
-        [s.state_dims for s in stacks],
-        stacks[0].blocks[0].norm.eps,
-    )
+    layout = ([s.state_dims for s in stacks], stacks[0].blocks[0].norm.eps)
     tensors = list(states)
     for stack in stacks:
         tensors += [stack.encoder.weight, stack.encoder.bias]

@@ -50,12 +50,13 @@ def test_step_mode_equals_sequence_mode_with_resets_and_mixed_state_sizes():
     assert no_state is None and torch.equal(y_only, y_seq)
 
 
-def test_frozen_step_equals_step_and_goes_stale_after_an_update():
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "kernel"])
+def test_frozen_step_equals_step_and_goes_stale_after_an_update(fused):
     torch.manual_seed(2)
     stack = LRUStack(in_dim=5, width=16, state_dims=[12, 3])
     with torch.no_grad():
         stack.blocks[1].lru.theta[0] = 0.0  # a real eigenvalue, as after a reduction
-    frozen = stack.frozen_step()
+    frozen = stack.frozen_step(fused=fused)
     x = torch.randn(4, 5)
     state = state_ref = torch.randn(4, stack.state_size)
     for _ in range(30):

@@ -126,3 +126,20 @@ def test_grouped_forward_picks_the_fused_pass_on_cpu():
     assert not torch.equal(auto, grouped_forward(stacks, x, states, fused=False))
     with pytest.raises(ValueError, match="state must be"):
         grouped_forward(stacks, x, [states[1], states[0]])
+    half = [s.to(torch.bfloat16) for s in stacks]  # the kernels take float32 and float64
+    with pytest.raises(ValueError, match="float32 or float64"):
+        grouped_forward(half, x.bfloat16(), [s.bfloat16() for s in states], fused=True)
+
+
+def test_frozen_step_kernel_equals_step_in_float64():
+    """The rollout's one-call step (``lru_fused.frozen_step``) is ``LRUStack.step``: in
+    float64 to 1e-12 over 20 steps, with layers of different n and a clamped |λ|."""
+    stack = _stacks([[6, 2]], in_dim=5, width=8, seed=5)[0]
+    step = stack.frozen_step(fused=True)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    state = want = torch.randn(3, stack.state_size, dtype=torch.float64)
+    for _ in range(20):
+        y, state = step(x, state)
+        y_want, want = stack.step(x, want)
+        torch.testing.assert_close(y, y_want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state, want, rtol=1e-12, atol=1e-12)

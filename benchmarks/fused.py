@@ -1,0 +1,99 @@
+"""What the fused actor-critic pass and the allocator setting buy, A/B in one process.
+
+    python benchmarks/fused.py [--sizes 128,25] [--reps 5] [--env Hopper-v5]
+
+Per policy (n per LRU layer, two layers, H = 64; and the 64-64 MLP), whole PPO
+iterations (``compressm_rl.rl.iteration``) with the variants taken in turn, every
+repetition, so that all see the same machine load:
+
+- ``autograd``: the update's actor-critic pass in autograd ops (``grouped_forward``
+  with the fused pass switched off), glibc's allocator at its static defaults;
+- ``fused``: the fused pass (``policies.lru_fused``), allocator at its defaults;
+- ``fused + keep``: and freed memory kept for reuse (``keep_freed_memory``), what
+  ``compressm-rl train`` runs.
+
+"Defaults" means mmap and trim thresholds of 128 KiB set with ``mallopt`` (once set,
+glibc stops adapting them, so both arms are fixed settings). Prints the median per phase
+over ``--reps`` (after one warm-up), one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+
+import numpy as np
+import torch
+
+from compressm_rl.rl import iteration, make_optimizer, preset_for, start_carry
+from compressm_rl.rl.iteration import PHASES
+from compressm_rl.rl.process import configure_process
+from compressm_rl.runs import TrainConfig
+from compressm_rl.train import make_policy
+from envs import make_vec_env
+from export.bench import cpu_model
+from policies import lru_fused
+from policies.normalizer import RunningNormalizer
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def set_allocator(keep: bool) -> None:
+    """glibc thresholds: 32 MiB / 1 GiB (``keep_freed_memory``) or 128 KiB / 128 KiB."""
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, (32 << 20) if keep else (128 << 10))
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, (1 << 30) if keep else (128 << 10))
+
+
+VARIANTS = {"autograd": (False, False), "fused": (True, False), "fused + keep": (True, True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="128,25", help="n per LRU layer, one per policy")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--env", default="Hopper-v5")
+    args = parser.parse_args()
+    configure_process(1)
+    cfg = preset_for(args.env)
+    policies = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
+    policies["MLP 64-64"] = ("mlp", None)
+
+    setups = {}
+    for name, (kind, dims) in policies.items():
+        torch.manual_seed(0)
+        envs = make_vec_env(args.env, cfg.num_envs, seed=0)
+        obs, _ = envs.reset(seed=0)
+        config = TrainConfig.from_dict(dict(env_id=args.env, policy=kind, state_dims=dims))
+        policy = make_policy(config, envs)
+        carry = start_carry(policy, envs, obs)
+        setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
+
+    times = {(p, v): {phase: [] for phase in PHASES} for p in setups for v in VARIANTS}
+    for rep in range(args.reps + 1):  # rep 0 warms up
+        for name, (envs, policy, optimizer, carry, reward_norm) in setups.items():
+            for variant, (fused, keep) in VARIANTS.items():
+                if name.startswith("MLP") and variant == "autograd":
+                    continue  # the MLP has no LRU pass: "fused" is its baseline
+                lru_fused.enabled = fused
+                set_allocator(keep)
+                result = iteration(policy, optimizer, envs, carry, reward_norm, cfg)
+                if rep:
+                    for phase, seconds in result.seconds.items():
+                        times[(name, variant)][phase].append(seconds)
+    lru_fused.enabled = True
+
+    print(f"machine: {cpu_model()}, {args.env}, 1 torch thread, median of {args.reps}")
+    print("\n| policy | variant | " + " | ".join(PHASES) + " | total ms |")
+    print("|---|---|" + "---:|" * (len(PHASES) + 1))
+    for (name, variant), phases in times.items():
+        if not phases["update"]:
+            continue
+        medians = [1000 * np.median(phases[p]) for p in PHASES]
+        cells = " | ".join(f"{m:.0f}" for m in medians)
+        print(f"| {name} | {variant} | {cells} | {sum(medians):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
