@@ -2,12 +2,13 @@
 stable-baselines3 PPO (MLP) and sb3-contrib RecurrentPPO (LSTM).
 
     pip install -c constraints.txt -e ".[bench]"
-    python benchmarks/train.py [--iterations 4]
+    python benchmarks/train.py [--iterations 4] [--rounds 3]
 
 Same set-up for all: Hopper-v5, 8 envs (SyncVectorEnv / DummyVecEnv), 256-step
 rollouts (2048 env steps per iteration), 10 epochs, 4 minibatches per epoch (SB3's
 batch_size = 512), one torch thread. Figures are env steps/s over whole iterations
-(rollout + update) after one warm-up iteration. sb3 is a benchmark-only extra.
+(rollout + update) after one warm-up iteration, the median over ``--rounds`` rounds
+that each time every trainer in turn. sb3 is a benchmark-only extra.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from compressm_rl.rl.process import configure_process
@@ -71,15 +73,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4, help="timed PPO iterations each")
     parser.add_argument("--lstm-iterations", type=int, default=1, help="RecurrentPPO is slow")
+    parser.add_argument("--rounds", type=int, default=3, help="median over rounds")
     args = parser.parse_args()
     configure_process(1)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
-    rows = {
-        "compressm-rl SSM (2 LRU layers, n=128, H=64)": ours("ssm", args.iterations),
-        "compressm-rl MLP (64-64)": ours("mlp", args.iterations),
-        "SB3 PPO MLP (64-64)": sb3(False, args.iterations),
-        "sb3-contrib RecurrentPPO (LSTM 256)": sb3(True, args.lstm_iterations),
+    trainers = {
+        "compressm-rl SSM (2 LRU layers, n=128, H=64)": lambda: ours("ssm", args.iterations),
+        "compressm-rl MLP (64-64)": lambda: ours("mlp", args.iterations),
+        "SB3 PPO MLP (64-64)": lambda: sb3(False, args.iterations),
+        "sb3-contrib RecurrentPPO (LSTM 256)": lambda: sb3(True, args.lstm_iterations),
     }
+    # Rounds, each timing every trainer in turn: this VM's speed drifts by tens of
+    # percent over minutes, so one pass per trainer compares different machines.
+    runs: dict[str, list[float]] = {name: [] for name in trainers}
+    for round_ in range(args.rounds):
+        for name, run in trainers.items():
+            runs[name].append(run())
+        print(f"round {round_ + 1}: " + ", ".join(f"{v[-1]:,.0f}" for v in runs.values()))
+    rows = {name: float(np.median(values)) for name, values in runs.items()}
     ref = rows["SB3 PPO MLP (64-64)"]
     lstm = rows["sb3-contrib RecurrentPPO (LSTM 256)"]
     print("\n| trainer | env steps/s | vs SB3 PPO MLP | vs RecurrentPPO |")
