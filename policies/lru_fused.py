@@ -1,7 +1,8 @@
-"""The LRU block's sequence pass as one compiled kernel per direction (CPU, numba).
+"""The LRU stacks' CPU fast paths: the update's actor-critic pass and the rollout step
+as compiled kernels (numba), tested equal to the autograd path (docs/design.md §5).
 
 One block of G stacks side by side (``policies.lru.grouped_forward``), on inputs
-``u`` ``[G, B, T, H]`` (B sequences of T steps)::
+``u`` ``[G, B·T, H]`` (B sequences of T steps)::
 
     z = LayerNorm(u) · w + b                      each group's affine w, b  [G, H]
     h_t = λ h_{t-1} + B̃ z_t  (h_{-1} = h0; h_{t-1} ignored where step t resets)
@@ -10,17 +11,17 @@ One block of G stacks side by side (``policies.lru.grouped_forward``), on inputs
 
 Under autograd this is ~40 recorded ops, each a pass over a ``[G, B·T, H]`` tensor that
 no longer sits in cache: on the EPYC VM such a pass costs 60-150 µs against 10-15 µs
-warm, and the block spent more time moving activations than multiplying. Here one
-kernel call walks the G·B sequences one at a time; each sequence's activations
-(``T × 2n`` floats at most) stay in L1/L2 from the LayerNorm to the residual, and its
-four products are small GEMMs (``np.dot``, BLAS). The backward is a second kernel, the
-same walk in reverse order of operations. The parametrisation (λ, B̃, C from ν, θ, B, C)
-stays in autograd outside, written once in ``policies.lru``.
+warm, and the block spent more time moving activations than multiplying.
+``_forward_kernel`` walks tiles of whole sequences (``TILE_ROWS``); a tile's activations
+stay in L1/L2 from the LayerNorm to the residual, and its two products are small GEMMs
+(``np.dot``, BLAS). ``_backward_kernel`` is the same walk in reverse order of operations.
+``FusedStacks`` strings the encoders, the parametrisation and the blocks of all stacks
+into one autograd node; ``frozen_step`` is the rollout's step as one ``_step_kernel`` call.
 
-States are real here, ``[Re h_1, Im h_1, Re h_2, ...]`` (the layout of ``B̃``'s rows and
-``C``'s columns in ``input_weight_of``/``output_weight_of``), so complex products are
-written out. Gradients follow torch's convention for complex tensors
-(grad = ∂L/∂Re + i ∂L/∂Im), with δ = ∂L/∂h and g = ∂L/∂out:
+States are planar inside the kernels, ``[Re h_1..n, Im h_1..n]`` (the flat stack state's
+layout per layer), so complex products are written out. Gradients follow torch's
+convention for complex tensors (grad = ∂L/∂Re + i ∂L/∂Im), with δ = ∂L/∂h and
+g = ∂L/∂out:
 
     g_v = g ⊙ GELU'(v),  g_D = Σ g_v ⊙ z,  g_C = g_vᵀ h,  ∂L/∂h (direct) = g_v C
     δ_t = ∂L/∂h_t + conj(λ) δ_{t+1}  (no carry into a reset step t + 1)
@@ -28,9 +29,9 @@ written out. Gradients follow torch's convention for complex tensors
     g_B̃ = δᵀ z,  g_z = g_v ⊙ D + δ B̃,  g_w = Σ g_z ⊙ ẑ,  g_b = Σ g_z
     g_u = g + LayerNorm'(g_z ⊙ w)
 
-GELU is the exact erf form; in float32 erf is Eigen's rational approximation (|error|
-< 1e-6 against the float64 erf, vectorisable, no exp), in float64 ``math.erf``.
-Tested against the autograd path in float64 (``tests/test_lru_fused.py``).
+GELU is the exact erf form; in float32 erf is Eigen's rational approximation and exp
+Cephes' (both < 1e-6 off, vectorisable), in float64 ``math.erf`` and ``math.exp``.
+Tested in ``tests/test_lru_fused.py``.
 """
 
 from __future__ import annotations
@@ -375,20 +376,6 @@ def _np(t: Tensor) -> np.ndarray:
     """The numpy view of a CPU tensor (copied only if not contiguous)."""
     t = t.detach()
     return (t if t.is_contiguous() else t.contiguous()).numpy()
-
-
-# Interleaved [Re 1, Im 1, Re 2, ...] <-> planar [Re 1..n, Im 1..n] along one axis, in
-# numpy (a few µs; the same in torch ops costs ~10 µs an op, which adds up at PPO sizes).
-def _planar(x: np.ndarray, axis: int) -> np.ndarray:
-    shape = x.shape
-    split = x.reshape(*shape[:axis], shape[axis] // 2, 2, *shape[axis + 1 :])
-    return np.ascontiguousarray(np.swapaxes(split, axis, axis + 1)).reshape(shape)
-
-
-def _interleaved(x: np.ndarray, axis: int) -> np.ndarray:
-    shape = x.shape
-    split = x.reshape(*shape[:axis], 2, shape[axis] // 2, *shape[axis + 1 :])
-    return np.ascontiguousarray(np.swapaxes(split, axis, axis + 1)).reshape(shape)
 
 
 _blas_threads: int | None = None
