@@ -25,10 +25,9 @@ def keep_freed_memory() -> bool:
 
     A PPO step allocates and frees the same few hundred tensors of 0.1-1 MB every time.
     By default glibc serves each one with a fresh ``mmap`` and unmaps it on free, so
-    every step page-faults all of its activations in again: ~100-600 minor faults a
-    fused-block step here, and 30% of the block's time (EPYC VM: a grouped LRU block's
-    forward and backward 2.1 ms -> 1.5 ms at n = 25; ``benchmarks/RESULTS.md``). The
-    heap then holds the process's peak use instead of returning it, which a training
+    every step page-faults its activations in again: 100-600 minor faults a gradient
+    step here, 3-15 with this setting, and the update 2% (n = 128) to 11% (n = 25, MLP)
+    faster, A/B in one process (``benchmarks/fused.py``, EPYC VM). The heap then holds the process's peak use instead of returning it, which a training
     process reaches every step anyway. Returns False where this is not glibc (nothing
     changed there).
     """
