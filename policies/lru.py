@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies import lru_fused
 from policies.lti import MAX_RADIUS, MIN_DECAY, DiagonalSystem, lru_parameters, merged_step_matrices
 from policies.scan import linear_scan
 
@@ -316,6 +315,8 @@ class LRUStack(nn.Module):
         multiply-adds than the elementwise form, but at rollout sizes a matrix product is
         cheaper than the five small ops it replaces.
         """
+        from policies import lru_fused  # numba: imported when first needed
+
         if fused is None:
             fused = lru_fused.enabled and lru_fused.usable([self])
         if fused:
@@ -391,6 +392,8 @@ def grouped_forward(
         raise ValueError("grouped stacks must share their depth and width")
     for stack, state in zip(stacks, states, strict=True):
         stack.check_state(state)
+    from policies import lru_fused  # numba: imported when first needed
+
     if fused is None:
         fused = lru_fused.enabled and lru_fused.usable(stacks, x)
     if fused:
