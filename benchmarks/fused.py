@@ -20,30 +20,23 @@ over ``--reps`` (after one warm-up), one torch thread.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 
 import numpy as np
-import torch
+from phases import make_setups  # benchmarks/ is on sys.path when run as a script
 
-from compressm_rl.rl import iteration, make_optimizer, preset_for, start_carry
+from compressm_rl.rl import iteration, preset_for
 from compressm_rl.rl.iteration import PHASES
-from compressm_rl.rl.process import configure_process
-from compressm_rl.runs import TrainConfig
-from compressm_rl.train import make_policy
-from envs import make_vec_env
+from compressm_rl.rl.process import configure_process, keep_freed_memory, set_malloc_thresholds
 from export.bench import cpu_model
 from policies import lru_fused
-from policies.normalizer import RunningNormalizer
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def set_allocator(keep: bool) -> None:
     """glibc thresholds: 32 MiB / 1 GiB (``keep_freed_memory``) or 128 KiB / 128 KiB."""
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, (32 << 20) if keep else (128 << 10))
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, (1 << 30) if keep else (128 << 10))
+    if keep:
+        keep_freed_memory()
+    else:
+        set_malloc_thresholds(128 << 10, 128 << 10)
 
 
 VARIANTS = {"autograd": (False, False), "fused": (True, False), "fused + keep": (True, True)}
@@ -60,15 +53,7 @@ def main() -> None:
     policies = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
     policies["MLP 64-64"] = ("mlp", None)
 
-    setups = {}
-    for name, (kind, dims) in policies.items():
-        torch.manual_seed(0)
-        envs = make_vec_env(args.env, cfg.num_envs, seed=0)
-        obs, _ = envs.reset(seed=0)
-        config = TrainConfig.from_dict(dict(env_id=args.env, policy=kind, state_dims=dims))
-        policy = make_policy(config, envs)
-        carry = start_carry(policy, envs, obs)
-        setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
+    setups = make_setups(args.env, policies, cfg)
 
     times = {(p, v): {phase: [] for phase in PHASES} for p in setups for v in VARIANTS}
     for rep in range(args.reps + 1):  # rep 0 warms up

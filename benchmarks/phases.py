@@ -27,6 +27,21 @@ from export.bench import cpu_model
 from policies.normalizer import RunningNormalizer
 
 
+def make_setups(env_id: str, variants: dict, cfg) -> dict:
+    """Per name, ``(envs, policy, optimizer, carry, reward_norm)`` ready for ``iteration``:
+    ``variants`` maps a name to ``(policy kind, state_dims)``; every one seeded alike."""
+    setups = {}
+    for name, (kind, dims) in variants.items():
+        torch.manual_seed(0)
+        envs = make_vec_env(env_id, cfg.num_envs, seed=0)
+        obs, _ = envs.reset(seed=0)
+        config = TrainConfig.from_dict(dict(env_id=env_id, policy=kind, state_dims=dims))
+        policy = make_policy(config, envs)
+        carry = start_carry(policy, envs, obs)
+        setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
+    return setups
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128,67,25", help="n per LRU layer, one per policy")
@@ -40,15 +55,7 @@ def main() -> None:
     if args.mlp:
         variants["MLP 64-64"] = ("mlp", None)
 
-    setups = {}
-    for name, (kind, dims) in variants.items():
-        torch.manual_seed(0)
-        envs = make_vec_env(args.env, cfg.num_envs, seed=0)
-        obs, _ = envs.reset(seed=0)
-        config = TrainConfig.from_dict(dict(env_id=args.env, policy=kind, state_dims=dims))
-        policy = make_policy(config, envs)
-        carry = start_carry(policy, envs, obs)
-        setups[name] = (envs, policy, make_optimizer(policy, cfg.lr), carry, RunningNormalizer(()))
+    setups = make_setups(args.env, variants, cfg)
 
     times = {name: {phase: [] for phase in PHASES} for name in setups}
     for rep in range(args.reps + 1):  # rep 0 warms up

@@ -134,8 +134,9 @@ def erf(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# Rows per tile: whole sequences, ~256 rows (BLAS reaches ~100 GFLOP/s on [256, 64] @
-# [64, 50] here, ~50 on [64, 64] @ [64, 50]; at 512 rows the tile spills out of L2).
+# Rows per tile: whole sequences, ~256 rows. One BLAS thread runs [R, 64] @ [64, 50] at
+# 38 / 47 / 51 GFLOP/s for R = 64 / 256 / 512 here (a one-sequence tile wastes a fifth);
+# the kernels' time with 128-, 256- and 512-row tiles was within this VM's noise.
 TILE_ROWS = 256
 
 

@@ -27,10 +27,16 @@ def keep_freed_memory() -> bool:
     By default glibc serves each one with a fresh ``mmap`` and unmaps it on free, so
     every step page-faults its activations in again: 100-600 minor faults a gradient
     step here, 3-15 with this setting, and the update 2% (n = 128) to 11% (n = 25, MLP)
-    faster, A/B in one process (``benchmarks/fused.py``, EPYC VM). The heap then holds the process's peak use instead of returning it, which a training
-    process reaches every step anyway. Returns False where this is not glibc (nothing
-    changed there).
+    faster, A/B in one process (``benchmarks/fused.py``, EPYC VM). The heap then holds
+    the process's peak use instead of returning it, which a training process reaches
+    every step anyway. Returns False where this is not glibc.
     """
+    return set_malloc_thresholds(_MMAP_THRESHOLD_MAX, _TRIM_THRESHOLD)
+
+
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (once set, glibc stops adapting
+    them). Returns False where this is not glibc (nothing changed there)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -38,7 +44,4 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-        and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    )
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes) and mallopt(_M_TRIM_THRESHOLD, trim_bytes))
