@@ -1,36 +1,43 @@
-"""Per-step inference latency at batch 1: ONNX Runtime vs torch eager, side by side.
+"""Per-step inference latency at batch 1: generated C, ONNX Runtime and torch eager, side by
+side in one process, and the C step's size on a Cortex-M4.
 
     python benchmarks/latency.py [--steps 5000] [--sweep 4,8,16,32,64,128]
         [--out-dir benchmarks/out/latency]
 
 Hopper-v5 sizes (obs 11, act 3), width H = 64. Policies carry random weights: latency
 depends on the shapes only, not on training (a "compressed" policy here is one built at the
-compressed sizes, n = [32, 32], not one reduced by balanced truncation).
+compressed sizes, n = [25, 25], not one reduced by balanced truncation).
 
 - ``ssm n=[128,128]``: the uncompressed 2-layer LRU policy.
-- ``ssm n=[32,32]``: the same after compression to a quarter of the states.
+- ``ssm n=[25,25]``: the same after compression to about a fifth of the states.
 - ``mlp 64-64``: the feed-forward baseline.
 
-Rows: ONNX Runtime's identity-graph floor; each policy through ``OnnxPolicy.act``
-(IOBinding, the default) and through ``session.run`` (``io_binding=False``); each policy
-in torch eager (``ActorCritic.predict`` under no_grad, one torch thread). Then a sweep
-of ORT p50 over the per-layer state size n (2 layers, ``--sweep``), which separates the
-cost that shrinks with n from the fixed per-call cost that compression cannot remove.
-Writes the ONNX files (reusable with ``python -m export.bench`` on a target device),
-``latency.md``, ``latency.json``, ``latency_hist.png`` and ``latency_vs_n.png`` to
-``--out-dir``.
+Rows: the floors (ONNX Runtime's identity graph; the C timer's clock_gettime pair); each
+policy as generated C (``compressm-rl export --format c``: the elementwise graph, built
+with ``export.c_build.HOST_FLAGS``, timed inside C); the compressed policy through
+emmtrix's general ONNX-to-C compiler ``emx-onnx-cgen`` (same graph, same flags, same
+harness: why the C export has its own emitter); each policy through ``OnnxPolicy.act``
+(IOBinding) and ``session.run``; each policy in torch eager. Then a sweep of p50 over the
+per-layer state size n (2 layers), ORT and C, which separates the cost that shrinks with n
+from the fixed per-call cost. Writes ``latency.md``, ``latency.json``, ``latency_hist.png``,
+``latency_vs_n.png``, the ``.onnx`` files and the C directories to ``--out-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gymnasium as gym
+import onnx
 import torch
 
 from compressm_rl.deploy import bench_torch
 from export.bench import (
+    bench_c_export,
     bench_identity,
     bench_session,
     machine_info,
@@ -38,13 +45,15 @@ from export.bench import (
     save_histogram,
     to_json,
 )
-from export.onnx_export import to_onnx
+from export.c_build import HOST_FLAGS, METADATA_TAG, ToolchainError, cortex_m4_size
+from export.c_codegen import generate
+from export.onnx_export import build_model
 from policies.actor_critic import ActorCritic
 
 ENV_ID = "Hopper-v5"
 POLICIES = {
     "ssm n=[128,128]": dict(policy="ssm", state_dims=[128, 128]),
-    "ssm n=[32,32]": dict(policy="ssm", state_dims=[32, 32]),
+    "ssm n=[25,25]": dict(policy="ssm", state_dims=[25, 25]),
     "mlp 64-64": dict(policy="mlp", mlp_layers=2),
 }
 
@@ -60,49 +69,136 @@ def build_policies(policies: dict[str, dict]) -> dict[str, ActorCritic]:
     }
 
 
+def file_stem(name: str) -> str:
+    return name.replace(" ", "_").replace("=", "").strip("[]").replace("[", "").replace("]", "")
+
+
+def write_exports(policy: ActorCritic, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """The ONNX file ORT runs (``build_model``'s choice) and the C directory (the export's
+    elementwise graph, as ``compressm-rl export --format c`` writes it)."""
+    onnx_path = out_dir / f"{stem}.onnx"
+    onnx.save(build_model(policy, ENV_ID), str(onnx_path))
+    c_model = build_model(policy, ENV_ID, merged=False if policy.policy_type == "ssm" else None)
+    c_dir = out_dir / f"{stem}_c"
+    c_dir.mkdir(exist_ok=True)
+    sources = generate(c_model)
+    (c_dir / "policy.c").write_text(sources.source)
+    (c_dir / "policy.h").write_text(sources.header)
+    onnx.save(c_model, str(c_dir / "policy.onnx"))
+    return onnx_path, c_dir
+
+
+def emx_export(c_dir: Path, out_dir: Path) -> Path | None:
+    """``c_dir/policy.onnx`` through ``emx-onnx-cgen`` (no heap, weights inline), behind a
+    ``policy_step`` wrapper so the same timing harness runs it; None if it is not installed."""
+    emx = shutil.which("emx-onnx-cgen") or str(Path(sys.executable).parent / "emx-onnx-cgen")
+    if not Path(emx).exists():
+        return None
+    out_dir.mkdir(exist_ok=True)
+    flags = ["--input-dim", "batch=1", "--large-temp-threshold", "0"]
+    flags += ["--large-weight-threshold", "0", "--model-name", "emx_step"]
+    command = [emx, "compile", *flags, str(c_dir / "policy.onnx"), str(out_dir / "emx.c")]
+    subprocess.run(command, check=True, capture_output=True)
+    header = (c_dir / "policy.h").read_text()
+    source = (c_dir / "policy.c").read_text()
+    meta_line = next(line for line in source.splitlines() if METADATA_TAG in line)
+    (out_dir / "policy.h").write_text(header)
+    wrapper = (
+        f'{meta_line}\n#include "emx.c"\n#include "policy.h"\n'
+        "void policy_step(const float *obs, const float *state, float *action, float *state_out)\n"
+        "{\n    emx_step((const void *)obs, (const void *)state, (void *)action, (void *)state_out);\n}\n"
+    )
+    (out_dir / "policy.c").write_text(wrapper)
+    return out_dir
+
+
 def state_size_sweep(sizes: list[int], out_dir: Path, steps: int, warmup: int) -> list[dict]:
-    """ORT p50 of 2-layer SSM policies with n states per layer, for each n in ``sizes``."""
+    """ORT and C p50 of 2-layer SSM policies with n states per layer, for each n."""
     policies = build_policies(
-        {f"sweep ssm n=[{n},{n}]": dict(policy="ssm", state_dims=[n, n]) for n in sizes}
+        {f"ssm n=[{n},{n}]": dict(policy="ssm", state_dims=[n, n]) for n in sizes}
     )
     rows = []
     for (name, policy), n in zip(policies.items(), sizes, strict=True):
-        path = to_onnx(policy, out_dir / f"sweep_n{n}.onnx", ENV_ID)
-        rows.append({**bench_session(path, steps, warmup, name=f"ORT {name}"), "n": n})
+        onnx_path, c_dir = write_exports(policy, out_dir, f"sweep_n{n}")
+        rows.append({**bench_session(onnx_path, steps, warmup, name=f"ORT {name}"), "n": n})
+        rows.append({**bench_c_export(c_dir, steps, warmup, name=f"C {name}")[0], "n": n})
     return rows
 
 
-def plot_sweep(rows: list[dict], floor: dict, mlp: dict, path: Path) -> None:
+def plot_sweep(rows: list[dict], floors: dict[str, dict], mlp: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    n = [r["n"] for r in rows]
-    ax.plot(n, [r["p50_us"] for r in rows], "o-", label="ORT SSM, 2 layers, H = 64 (p50)")
-    for r in rows:
-        ax.annotate(
-            f"{r['nodes']} nodes",
-            (r["n"], r["p50_us"]),
-            fontsize=7,
-            textcoords="offset points",
-            xytext=(0, 6),
-            ha="center",
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind, colour in (("onnx", "tab:blue"), ("c", "tab:orange")):
+        part = [r for r in rows if r["kind"] == kind]
+        label = {"onnx": "ONNX Runtime", "c": "generated C"}[kind]
+        ax.plot(
+            [r["n"] for r in part],
+            [r["p50_us"] for r in part],
+            "o-",
+            color=colour,
+            label=f"{label}, SSM 2 layers, H = 64 (p50)",
         )
-    ax.axhline(mlp["p50_us"], color="tab:green", ls="--", label=f"MLP 64-64 ({mlp['p50_us']:.1f})")
+        ax.axhline(
+            mlp[kind]["p50_us"],
+            color=colour,
+            ls="--",
+            lw=1,
+            label=f"{label}, MLP 64-64 ({mlp[kind]['p50_us']:.2f})",
+        )
     ax.axhline(
-        floor["p50_us"], color="grey", ls=":", label=f"identity floor ({floor['p50_us']:.1f})"
+        floors["onnx"]["p50_us"],
+        color="grey",
+        ls=":",
+        label=f"ORT identity floor ({floors['onnx']['p50_us']:.1f})",
     )
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("complex states per layer n (18 nodes: merged graph path, 23: elementwise)")
-    ax.set_ylabel("µs per step (batch 1)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("complex states per layer n")
+    ax.set_ylabel("µs per step (batch 1, log scale)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def size_table(c_dirs: dict[str, Path]) -> str:
+    """Cortex-M4 bytes of each C export (needs arm-none-eabi-gcc)."""
+    lines = [
+        "| policy | code B | weights B | RAM B | stack B | needs at link |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, c_dir in c_dirs.items():
+        size = cortex_m4_size(c_dir)
+        needs = ", ".join(size["undefined"]) or "-"
+        lines.append(
+            f"| {name} | {size['code']:,} | {size['weights']:,} | {size['ram']} | "
+            f"{size['stack']:,} | {needs} |"
+        )
+    return "\n".join(lines) + f"\n\nFlags: `arm-none-eabi-gcc {size['flags']} -c policy.c`."
+
+
+def ratio_lines(results: list[dict]) -> str:
+    p50 = {r["name"]: r["p50_us"] for r in results}
+
+    def ratio(a: str, b: str) -> str:
+        return f"{p50[a] / p50[b]:.2f}" if a in p50 and b in p50 else "n/a"
+
+    small, full, mlp = "ssm n=[25,25]", "ssm n=[128,128]", "mlp 64-64"
+    return "\n".join(
+        [
+            f"- C n=25 / C n=128: {ratio(f'C {small}', f'C {full}')}",
+            f"- ORT / C, n=25: {ratio(f'ORT {small}', f'C {small}')}; n=128: "
+            f"{ratio(f'ORT {full}', f'C {full}')}",
+            f"- ORT n=25 / ORT MLP: {ratio(f'ORT {small}', f'ORT {mlp}')}; C n=25 / C MLP: "
+            f"{ratio(f'C {small}', f'C {mlp}')}",
+            f"- emx-onnx-cgen / ours, n=25: {ratio(f'emx-onnx-cgen {small}', f'C {small}')}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,43 +209,65 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/out/latency"))
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    steps, warmup = args.steps, args.warmup
 
     policies = build_policies(POLICIES)
-    paths = {}
-    for name, policy in policies.items():
-        file = name.replace(" ", "_").replace("=", "").replace("[", "").replace("]", "")
-        paths[name] = to_onnx(policy, args.out_dir / f"{file.replace(',', '-')}.onnx", ENV_ID)
-
-    steps, warmup = args.steps, args.warmup
+    exports = {
+        name: write_exports(p, args.out_dir, file_stem(name)) for name, p in policies.items()
+    }
     results = [bench_identity(steps, warmup), bench_identity(steps, warmup, io_binding=False)]
-    for name, path in paths.items():
-        results.append(bench_session(path, steps, warmup, name=f"ORT {name}"))
-    for name, path in paths.items():
-        row = bench_session(path, steps, warmup, io_binding=False, name=f"ORT {name} (run)")
+    c_floor = None
+    for name, (_, c_dir) in exports.items():
+        row, c_floor = bench_c_export(c_dir, steps, warmup, name=f"C {name}")
+        results.append(row)
+    results.insert(2, c_floor)
+    emx_dir = emx_export(exports["ssm n=[25,25]"][1], args.out_dir / "ssm_n25-25_emx")
+    if emx_dir is not None:
+        results.append(
+            bench_c_export(emx_dir, steps, warmup, name="emx-onnx-cgen ssm n=[25,25]")[0]
+        )
+    for name, (onnx_path, _) in exports.items():
+        results.append(bench_session(onnx_path, steps, warmup, name=f"ORT {name}"))
+    for name, (onnx_path, _) in exports.items():
+        row = bench_session(onnx_path, steps, warmup, io_binding=False, name=f"ORT {name} (run)")
         results.append(row)
     for name, policy in policies.items():
         results.append(bench_torch(policy, f"torch {name}", steps, warmup))
 
     machine = machine_info()
     machine["torch"] = torch.__version__
+    machine["c_flags"] = " ".join(HOST_FLAGS)
     table = markdown_table(results, machine)
+    table += f"\n\nC built with `gcc {' '.join(HOST_FLAGS)}`, timed inside C.\n\n"
+    table += ratio_lines(results)
     save_histogram(results, args.out_dir / "latency_hist.png")
     if args.sweep:
         sweep = state_size_sweep(
             [int(n) for n in args.sweep.split(",")], args.out_dir, steps, warmup
         )
-        mlp = next(r for r in results if r["name"] == "ORT mlp 64-64")
-        plot_sweep(sweep, results[0], mlp, args.out_dir / "latency_vs_n.png")
-        table += "\n\nState-size sweep (ORT, IOBinding, 2 layers, H = 64):\n\n"
-        table += "| n per layer | nodes | p50 µs | p99 µs |\n|---:|---:|---:|---:|\n"
-        table += "\n".join(
-            f"| {r['n']} | {r['nodes']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} |" for r in sweep
+        by_name = {r["name"]: r for r in results}
+        floors = {"onnx": results[0], "c": c_floor}
+        mlp = {"onnx": by_name["ORT mlp 64-64"], "c": by_name["C mlp 64-64"]}
+        plot_sweep(sweep, floors, mlp, args.out_dir / "latency_vs_n.png")
+        table += (
+            "\n\nState-size sweep (2 layers, H = 64; ORT with IOBinding, C timed inside C):\n\n"
         )
+        table += "| n per layer | ORT nodes | ORT p50 µs | C p50 µs | ORT / C |\n|---:|---:|---:|---:|---:|\n"
+        for onnx_row, c_row in zip(sweep[::2], sweep[1::2], strict=True):
+            table += (
+                f"| {onnx_row['n']} | {onnx_row['nodes']} | {onnx_row['p50_us']:.2f} | "
+                f"{c_row['p50_us']:.2f} | {onnx_row['p50_us'] / c_row['p50_us']:.1f} |\n"
+            )
         results += sweep
+    try:
+        c_dirs = {name: c_dir for name, (_, c_dir) in exports.items()}
+        table += "\n\nCortex-M4 (object file of policy.c):\n\n" + size_table(c_dirs)
+    except ToolchainError as err:
+        table += f"\n\nCortex-M4 size: not measured ({err})"
     print(table)
     (args.out_dir / "latency.md").write_text(table + "\n")
     (args.out_dir / "latency.json").write_text(to_json(results, machine))
-    print(f"\nwrote {args.out_dir}/latency.md, latency.json, the PNGs and the .onnx files")
+    print(f"\nwrote {args.out_dir}/latency.md, latency.json, the PNGs, .onnx files and C dirs")
 
 
 if __name__ == "__main__":

@@ -126,8 +126,12 @@ def _train(args) -> int:
 
 # ----- eval, report, compress -----------------------------------------------------------
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a run directory or an .onnx file deterministically")
-    p.add_argument("target", type=Path, help="run directory or exported .onnx file")
+    p = sub.add_parser(
+        "eval", help="evaluate a run directory, an .onnx file or a C export deterministically"
+    )
+    p.add_argument(
+        "target", type=Path, help="run directory, .onnx file, or C export (directory or policy.c)"
+    )
     p.add_argument("--env", help="env id (default: the run's)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=10_000, help="episode k uses reset(seed=seed+k)")
@@ -203,13 +207,21 @@ def _compress(args) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="export a run's policy to one ONNX step graph and check it against torch",
+        help="export a run's policy to one ONNX step graph (or C sources), checked",
         description="Export the actor of a trained run to ONNX (obs normalisation and action "
-        "bounds baked in), then run closed-loop MuJoCo rollouts with episode resets comparing "
-        "ONNX Runtime's actions with torch's. Exits with status 1 if they differ.",
+        "bounds baked in), or with --format c to dependency-free C99 generated from that "
+        "graph (policy.c, policy.h, README.md and the policy.onnx it came from, in one "
+        "directory). Then run closed-loop MuJoCo rollouts with episode resets, judging every "
+        "step against a float64 reference. Exits with status 1 on a mismatch.",
     )
     p.add_argument("run_dir", type=Path, help="run directory (as written by `compressm-rl train`)")
-    p.add_argument("--out", type=Path, help="output .onnx file (default: RUN_DIR/policy.onnx)")
+    p.add_argument("--format", choices=("onnx", "c"), default="onnx", help="what to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output .onnx file, or directory for --format c (default: RUN_DIR/policy.onnx, "
+        "RUN_DIR/policy_c)",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     p.add_argument(
         "--parity-steps",
@@ -225,39 +237,46 @@ def _add_export(sub) -> None:
         "--keep-failed",
         action="store_true",
         help="write the .onnx file to --out even when parity fails (by default --out is "
-        "left as it was, so a file there always means a checked export)",
+        "left as it was, so a file there always means a checked export; ONNX only)",
     )
     p.set_defaults(handler=_export)
 
 
 def _export(args) -> int:
-    from compressm_rl.deploy import export_run
+    from compressm_rl.deploy import export_c_run, export_run
     from export.onnx_export import DEFAULT_OPSET
     from export.parity import ParityError
-    from export.runtime import OnnxPolicy
 
-    out = args.out or args.run_dir / "policy.onnx"
+    if args.format == "c" and (args.opset is not None or args.keep_failed):
+        raise ValueError("--opset and --keep-failed apply to --format onnx only")
+    checks = dict(
+        parity_steps=args.parity_steps,
+        parity_batch=args.parity_batch,
+        seed=args.seed,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    default = "policy_c" if args.format == "c" else "policy.onnx"
+    out = args.out or args.run_dir / default
     try:
-        policy, meta, report = export_run(
-            args.run_dir,
-            out,
-            opset=args.opset or DEFAULT_OPSET,
-            parity_steps=args.parity_steps,
-            parity_batch=args.parity_batch,
-            seed=args.seed,
-            rtol=args.rtol,
-            atol=args.atol,
-            keep_failed=args.keep_failed,
-        )
+        if args.format == "c":
+            policy, meta, report = export_c_run(args.run_dir, out, **checks)
+        else:
+            opset = args.opset or DEFAULT_OPSET
+            policy, meta, report = export_run(
+                args.run_dir, out, opset=opset, keep_failed=args.keep_failed, **checks
+            )
     except ParityError as err:
         kept = f"written to {out} anyway" if args.keep_failed else f"{out} left as it was"
-        print(f"error: ONNX export does not match torch: {err} ({kept})", file=sys.stderr)
+        print(f"error: the export does not match its reference: {err} ({kept})", file=sys.stderr)
         return 1
-    onnx_policy = OnnxPolicy(out)
+    if args.format == "c":
+        what = f"{out}/policy.c, policy.h, README.md, policy.onnx"
+    else:
+        what = f"{out} ({out.stat().st_size / 1024:.1f} KiB)"
     print(
-        f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB): {meta['env_id']}, "
-        f"{policy.policy_type}, state dims {onnx_policy.layer_state_dims}, "
-        f"{onnx_policy.metadata['num_nodes']} nodes, trained {meta['global_step']} steps"
+        f"wrote {what}: {meta['env_id']}, {policy.policy_type}, state dims "
+        f"{list(policy.actor.state_dims)}, trained {meta['global_step']} steps"
     )
     if report is None:
         print("parity check skipped (--parity-steps 0)", file=sys.stderr)
@@ -273,11 +292,12 @@ def _export(args) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="per-step latency of exported policies in ONNX Runtime (batch 1)",
-        description="Time OnnxPolicy.act at batch 1 for each file side by side, with ONNX "
-        "Runtime's identity-graph floor and optionally the torch policy of a run.",
+        help="per-step latency of exported policies, ONNX Runtime and C (batch 1)",
+        description="Time OnnxPolicy.act at batch 1 for each .onnx file, and each C export's "
+        "policy_step inside C (a generated timing harness built with gcc), side by side, with "
+        "ONNX Runtime's identity-graph floor and optionally the torch policy of a run.",
     )
-    p.add_argument("models", nargs="+", help=".onnx files")
+    p.add_argument("models", nargs="+", help=".onnx files or C export directories")
     p.add_argument("--steps", type=int, default=5000, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--provider", default="CPUExecutionProvider")

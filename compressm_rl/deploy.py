@@ -1,5 +1,5 @@
-"""Deployment of a trained run: export to ONNX with a closed-loop parity check, and the
-torch latency row that ``compressm-rl bench --run`` sets beside the ONNX rows."""
+"""Deployment of a trained run: export to ONNX or to C, each with a closed-loop parity
+check, and the torch latency row that ``compressm-rl bench --run`` sets beside the others."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from compressm_rl.runs import TorchController, load_policy
-from compressm_rl.runs.files import atomic_write
+from compressm_rl.runs.files import atomic_write, atomic_write_dir
 from envs import make_env
 from export.bench import bench_callable
 from export.onnx_export import DEFAULT_OPSET, build_model
@@ -69,6 +69,63 @@ def export_run(
         raise failed[0]
     report = reports[0] if reports else None
     return policy, meta, report
+
+
+def export_c_run(
+    run_dir: Path,
+    out: Path,
+    parity_steps: int = DEFAULT_PARITY_STEPS,
+    parity_batch: int = 1,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> tuple[ActorCritic, dict, dict | None]:
+    """Export ``run_dir``'s actor as C sources into the directory ``out``, checked.
+
+    The ONNX step graph is built on its elementwise path (fewest multiply-adds: the
+    fastest in C, docs/design.md §8) and written beside the C as ``policy.onnx``, the file
+    the C was generated from. The C is compiled (``-Wall -Wextra -Werror``) and checked in
+    closed loop against the float64 reference like an ONNX export. ``out`` is replaced only
+    by a checked export, and only if it is absent or a previous C export.
+
+    Returns the policy, the run's metadata and the parity report (None when
+    ``parity_steps`` is 0). Raises ``ParityError`` on a mismatch.
+    """
+    from export.c_build import SOURCE_NAME
+    from export.c_codegen import generate
+    from export.c_runtime import CPolicy
+
+    out = Path(out)
+    policy, meta = load_policy(run_dir)
+    model = build_model(policy, meta["env_id"], meta["global_step"], merged=False)
+    sources = generate(model, onnx_name="policy.onnx", dir_name=str(out))
+    files = {
+        "policy.c": sources.source.encode(),
+        "policy.h": sources.header.encode(),
+        "README.md": sources.readme.encode(),
+        "policy.onnx": model.SerializeToString(),
+    }
+    reports: list[dict] = []
+
+    def check(tmp: Path) -> None:
+        controller = CPolicy(tmp, batch_size=parity_batch)  # compiling is itself a check
+        if parity_steps > 0:
+            reports.append(
+                check_parity(
+                    policy,
+                    controller,
+                    meta["env_id"],
+                    steps=parity_steps,
+                    batch=parity_batch,
+                    seed=seed,
+                    rtol=rtol,
+                    atol=atol,
+                    make_env=make_env,
+                )
+            )
+
+    atomic_write_dir(out, files, check, owned=lambda path: (path / SOURCE_NAME).is_file())
+    return policy, meta, reports[0] if reports else None
 
 
 def bench_torch(

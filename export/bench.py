@@ -1,13 +1,16 @@
-"""Per-step latency of exported policies in onnxruntime, side by side in one run.
+"""Per-step latency of exported policies (ONNX Runtime and generated C), side by side.
 
-    python -m export.bench a.onnx b.onnx [--steps 5000] [--provider P] [--json OUT] [--hist PNG]
+    python -m export.bench a.onnx c_dir/ [--steps 5000] [--provider P] [--json OUT] [--hist PNG]
 
-Needs only numpy and onnxruntime (no torch, gymnasium or mujoco: it runs on the target
-device). Each model is timed through ``OnnxPolicy.act`` at batch 1 on random observations,
-one call at a time, as a controller would call it: p50/p90/p99/max in µs and steps/s. Two
-floor rows time an Identity graph, the least ORT can do per call (through IOBinding, the
-path ``OnnxPolicy`` uses, and through ``session.run``). The identity model is embedded as
-serialised bytes so the ``onnx`` package is not needed.
+Needs only numpy and onnxruntime, and gcc for C exports (no torch, gymnasium or mujoco: it
+runs on the target device). Each ``.onnx`` model is timed through ``OnnxPolicy.act`` at
+batch 1 on random observations, one call at a time, as a controller would call it:
+p50/p90/p99/max in µs and steps/s. Two floor rows time an Identity graph, the least ORT can
+do per call (through IOBinding, the path ``OnnxPolicy`` uses, and through ``session.run``).
+A C export (its directory or ``policy.c``) is compiled with a generated timing harness and
+timed inside C (``export.c_build.bench_c``), on the same observations, with the clock's own
+floor as a row. The identity model is embedded as serialised bytes so the ``onnx`` package
+is not needed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import BinaryIO
 import numpy as np
 import onnxruntime as ort
 
+from export.c_build import bench_c, is_c_export, read_header_dims, read_metadata, source_dir
 from export.runtime import OnnxPolicy, make_session
 
 # Identity graph, x [batch, n] float32 -> y, opset 13, IR 7 (written once with onnx.helper).
@@ -255,6 +259,31 @@ def save_histogram(results: list[dict], path: str | os.PathLike | BinaryIO) -> b
     return True
 
 
+def bench_c_export(
+    path: str | os.PathLike,
+    steps: int = DEFAULT_STEPS,
+    warmup: int = DEFAULT_WARMUP,
+    seed: int = 0,
+    name: str | None = None,
+) -> tuple[dict, dict]:
+    """Latency of a C export's ``policy_step`` timed inside C, and the timer's floor row
+    (two ``clock_gettime`` calls with nothing between)."""
+    sources = source_dir(path)
+    meta = read_metadata(sources)
+    result = bench_c(sources, steps, warmup, seed)
+    row = latency_stats(
+        name or f"C {sources.name}",
+        result.times_ns,
+        kind="c",
+        policy_type=meta.get("policy_type", ""),
+        state_dims=json.loads(meta.get("layer_state_dims", "[]")),
+        nodes=int(meta["num_nodes"]) if "num_nodes" in meta else None,
+        obs_dim=read_header_dims(sources)[0],
+    )
+    floor = latency_stats("C clock floor (clock_gettime pair)", result.floor_ns, kind="floor")
+    return row, floor
+
+
 def run_benchmarks(
     paths: list[str | os.PathLike],
     steps: int = DEFAULT_STEPS,
@@ -262,12 +291,20 @@ def run_benchmarks(
     provider: str = "CPUExecutionProvider",
     io_binding: bool = True,
 ) -> list[dict]:
-    """Identity floors first, then each model, all in this process."""
+    """Identity floors first, then each model (ONNX or C export), all in this process."""
     results = [
         bench_identity(steps, warmup, provider, io_binding=True),
         bench_identity(steps, warmup, provider, io_binding=False),
     ]
-    results += [bench_session(p, steps, warmup, provider, io_binding) for p in paths]
+    c_floor = None
+    for path in paths:
+        if is_c_export(path):
+            row, c_floor = bench_c_export(path, steps, warmup)
+            results.append(row)
+        else:
+            results.append(bench_session(path, steps, warmup, provider, io_binding))
+    if c_floor is not None:
+        results.insert(2, c_floor)
     return results
 
 
@@ -275,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m export.bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("models", nargs="+", help="exported .onnx policies")
+    parser.add_argument("models", nargs="+", help="exported .onnx files or C export directories")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed first steps")
     parser.add_argument("--provider", default="CPUExecutionProvider")

@@ -15,23 +15,45 @@ concatenated over layers. An MLP policy has no recurrent state (``S = 0``); its 
 The graph is written node by node with ``onnx.helper`` rather than exported with
 ``torch.onnx.export(dynamo=True)`` (docs/design.md §8): tracing the torch step of a 2-layer
 n=128 policy gives 131 nodes (complex ops decomposed into Gather/Slice/Concat/Unsqueeze),
-this builder 23 (18 once the state is small, e.g. after compression), and every constant
-and node is under our control. ONNX Runtime costs ~0.3-0.5 µs per node at batch 1
-(docs/design.md §8, §10), so the graph avoids small nodes. Per LRU layer the complex recurrence is
-written in the real form of ``policies.lti`` (rows, ``x = [Re h, Im h]``, the layer's slice
-of ``state``)::
+this builder 21 (16 once the state is small, e.g. after compression), and every constant
+and node is under our control. ONNX Runtime's ``ORT_ENABLE_ALL`` fuses nothing in these
+graphs (only Gemm + Tanh in the MLP's), and at batch 1 a node costs ~0.5-1 µs beside
+~0.1 µs per 1,000 multiply-adds (one AMD EPYC core, ORT 1.32), so the graph trades
+multiply-adds for nodes where that measured faster. Per LRU layer the complex recurrence
+is written in the real form of ``policies.lti`` (rows, ``x = [Re h, Im h]``, the layer's
+slice of ``state``)::
 
     A x = x ⊙ [a, a] + swap(x) ⊙ [-b, b],  λ = a + i b, swap exchanges Re and Im halves
     h' = Gemm(z, B_xᵀ, A x)                 z = LayerNorm(u)
     y  = Gemm(h', C_xᵀ, D ⊙ z)
     u' = u + GELU(y)
 
+(the elementwise path), or with ``[h' | y]`` from one Gemm on ``z`` plus a product of the
+state with ``[Aᵀ | Aᵀ C_xᵀ]`` (the merged path, ``_lru_merged``). Rewrites (``FOLDS``), each
+the same function up to float32 rounding:
+
+- ``skip_d``: the LayerNorm's affine times D gives ``D ⊙ z`` itself, the bias of ``y``;
+  ``h'`` reads it through ``diag(1/D) B_xᵀ`` (no Mul).
+- ``dense_a``: ``A x`` as one MatMul with the block-diagonal ``Aᵀ`` (for Gather, Mul,
+  Mul, Add; S² multiply-adds).
+- ``chain``: the whole state runs through the layers' Gemm biases with zero weights
+  outside each layer's columns, the last one writing ``state_out`` (no Split, no Concat).
+- ``ln_affine`` (merged path): the LayerNorm's scale and bias folded into the Gemm.
+
+``build_model``'s default is ONNX Runtime's graph: the elementwise path with ``skip_d``,
+plus ``dense_a`` and ``chain`` while the state is small enough for them to pay
+(``ort_folds``): 16 nodes for n = [25, 25] (18 before these rewrites, on the merged path),
+21 for [128, 128] (23). ``merged=False`` is the elementwise path with ``skip_d`` only, the
+fewest multiply-adds (the C export's graph); ``merged=True`` the merged path, which at the
+same node count always has L·(L+1)/2·H² more multiply-adds than the automatic graph.
+Measured (``python benchmarks/onnx_graph.py --rounds 40``, one AMD EPYC core, ORT 1.32,
+batch 1, two runs): the n = [25, 25] step p50 is 0.84-0.86× the graph before and 1.9× the
+MLP 64-64's (2.2× before); n = [128, 128] 0.90-0.97× the graph before.
+
 The layer is read once as ``LRU.system()``: the float32 numbers torch computes with
 (λ's rounding is the error that compounds over time: with |λ| = 0.9999 over 600
 HalfCheetah steps a float64-rounded λ left 6e-6 state drift against torch, torch's own λ
-8e-7); products are formed in float64 and cast once to float32. ``A x`` is computed for
-all layers at once (elementwise), or, when the whole state is small, merged with each
-layer's output map into one block-diagonal MatMul (``_lru_stack``), then split per layer.
+8e-7); products are formed in float64 and cast once to float32.
 """
 
 from __future__ import annotations
@@ -52,19 +74,40 @@ FORMAT_VERSION = "1"
 PRODUCER = "compressm-rl"
 DEFAULT_OPSET = 20  # native Gelu (ORT >= 1.17); 17-19 emit the erf form that ORT re-fuses
 MIN_OPSET = 17  # LayerNormalization
-# The merged path (see ``_lru_stack``) is 5 nodes shorter for 2 layers but multiplies the
-# whole state by a dense [S, S + L·H] matrix and uses [H, 2n + H] per-layer Gemms: extra
-# multiply-adds ≈ S (S + L·H) + L·H². It wins up to about this many (ORT 1.32, one Xeon
-# core, batch 1, H = 64, 2 layers, p50 medians of 5 interleaved runs: S=90 13.2 vs
-# 14.4 µs, S=192 14.7 vs 16.3, S=256 16.9 vs 16.7, S=512 34 vs 19.5 for merged vs
-# elementwise). 70k is S ≈ 190 at H = 64, L = 2.
-MERGED_PATH_MAX_EXTRA_MACS = 70_000
+# The graph rewrites (docs/design.md §8), each exact up to float32 rounding:
+#   "skip_d"    elementwise path: the LayerNorm's affine scaled by D yields D ⊙ z itself
+#               (no Mul node; where every |D| is in [1e-12, 1e12]).
+#   "ln_affine" merged path: the LayerNorm's scale and bias folded into the Gemm after it.
+#   "dense_a"   elementwise path: A x as one MatMul with the block-diagonal Aᵀ (1 node
+#               for Gather, Mul, Mul, Add; S² multiply-adds instead of O(S)).
+#   "chain"     the whole state runs through the layers' Gemm biases, zero weights outside
+#               each layer's columns (no Split of it, no Concat of the new states).
+FOLDS = ("chain", "ln_affine", "skip_d", "dense_a")
+# On an explicitly chosen path (``merged`` True or False) the folds that add no work:
+# merged=False is the C export's graph (fewest multiply-adds, export.c_codegen).
+DEFAULT_FOLDS = ("ln_affine", "skip_d")
+# The automatic graph (``merged=None``) is ORT's: each fold where the nodes it removes cost
+# more than the multiply-adds it adds. p50 with the fold ÷ without (ORT 1.32, one AMD
+# EPYC core, batch 1, H = 64, 2 layers, medians over 25-30 interleaved rounds,
+# docs/design.md §8): dense_a 0.91 at S = 128, 1.00 at 160, 1.03 at 256; chain 0.92 at
+# S = 128, 0.90 at 192, 0.99 at 224, 1.01 at 256.
+DENSE_A_MAX_MACS = 25_000  # S² up to this: S ≤ 158
+CHAIN_MAX_EXTRA_MACS = 25_000  # 2·H·S·(L - 1) up to this: S ≤ 195 at H = 64, L = 2
 
 
-def uses_merged_path(state_dims: list[int], width: int) -> bool:
-    """Whether ``build_model`` writes an LRU stack with these sizes on the merged path."""
+def ort_folds(state_dims: list[int], width: int) -> tuple[str, ...]:
+    """The folds of the automatic (ONNX Runtime) graph of an LRU stack with these sizes.
+
+    Always on the elementwise path (the merged path has the same node count as the
+    elementwise path with "dense_a" and "chain", and L·(L+1)/2 · H² more multiply-adds).
+    """
     state, layers = 2 * sum(state_dims), len(state_dims)
-    return state * (state + layers * width) + layers * width**2 <= MERGED_PATH_MAX_EXTRA_MACS
+    folds = ["skip_d"]
+    if state * state <= DENSE_A_MAX_MACS:
+        folds.append("dense_a")
+    if layers > 1 and 2 * width * state * (layers - 1) <= CHAIN_MAX_EXTRA_MACS:
+        folds.append("chain")
+    return tuple(f for f in FOLDS if f in folds)
 
 
 class _GraphBuilder:
@@ -133,7 +176,11 @@ def _f64(t: torch.Tensor) -> np.ndarray:
 
 
 def _obs_normalisation(g: _GraphBuilder, policy: ActorCritic, obs: str) -> str:
-    """``clip((obs - mean) / sqrt(var + eps), ±clip)`` as Gemm(diag(1/std), -mean/std) + Clip."""
+    """``clip((obs - mean) / sqrt(var + eps), ±clip)`` as Gemm(diag(1/std), -mean/std) + Clip.
+
+    (Folding it into the first layer needs per-dimension raw bounds, Max + Min: measured
+    slower, docs/design.md §8.)
+    """
     norm = policy.obs_norm
     std = np.sqrt(_f64(norm.var) + norm.eps)
     # One Gemm with a diagonal matrix instead of Sub + Div: one node less, same numbers
@@ -148,8 +195,7 @@ def _obs_normalisation(g: _GraphBuilder, policy: ActorCritic, obs: str) -> str:
 def _state_transition(g: _GraphBuilder, state: str, systems: list[DiagonalSystem]) -> str:
     """``A x`` for every layer at once: ``[B, S] -> [B, S]`` (block-diagonal A, layout kept).
 
-    Elementwise complex multiply in real form: O(S), for states too large for the dense
-    merged path of ``_lru_stack``.
+    Elementwise complex multiply in real form: O(S), for states too large for ``dense_a``.
     """
     swap, coef_self, coef_swap = [], [], []
     offset = 0
@@ -168,74 +214,201 @@ def _state_transition(g: _GraphBuilder, state: str, systems: list[DiagonalSystem
     return g.op("Add", [t1, t2], "state_transition")
 
 
-def _split(g: _GraphBuilder, x: str, sizes: list[int], name: str) -> list[str]:
+def _split(
+    g: _GraphBuilder, x: str, sizes: list[int], name: str, names: list[str] | None = None
+) -> list[str]:
     if len(sizes) == 1:
         return [x]
     splits = g.const(f"{name}_sizes", sizes, np.int64)
-    return g.op("Split", [x, splits], name, n_out=len(sizes), axis=1)
+    return g.op("Split", [x, splits], name, n_out=len(sizes), axis=1, names=names)
 
 
-def _lru_stack(g: _GraphBuilder, stack, x: str, state: str, opset: int, merged: bool) -> str:
-    """Encoder + residual LRU blocks; returns features ``[B, H]`` and writes ``state_out``.
+def _layer_norm(
+    g: _GraphBuilder, u: str, norm: torch.nn.LayerNorm, i: int, scale=None, bias=None
+) -> str:
+    """LayerNorm over the features; ``scale``/``bias`` replace the module's affine (a
+    ``bias`` of False writes none)."""
+    scale = _f64(norm.weight) if scale is None else scale
+    bias = _f64(norm.bias) if bias is None else bias
+    inputs = [u, g.const(f"ln{i}.w", scale)]
+    if bias is not False:
+        inputs.append(g.const(f"ln{i}.b", bias))
+    return g.op("LayerNormalization", inputs, f"ln{i}", axis=-1, epsilon=float(norm.eps))
 
-    Small states (``uses_merged_path``) take the merged path: per layer, one Gemm gives the
-    new state and the output together, because both are linear in ``(x, z)``::
+
+def _merged_layout(sizes: list[int], width: int, chain: bool) -> tuple[list[int], list[int], int]:
+    """Column of each layer's new state and output in the merged path's carried vector,
+    and its width ``S + L·H``.
+
+    ``chain``: ``[y_0 | ... | y_{L-2} | h_0 | ... | h_{L-1} | y_{L-1}]``, so that layer l
+    reads the columns from ``l·H`` on and splits its ``y_l`` off the front; otherwise one
+    ``[h_l | y_l]`` block per layer.
+    """
+    layers, total = len(sizes), sum(sizes) + len(sizes) * width
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    if chain:
+        state_col = [(layers - 1) * width + o for o in offsets]
+        out_col = [i * width for i in range(layers - 1)] + [total - width]
+    else:
+        block = np.concatenate([[0], np.cumsum([n2 + width for n2 in sizes])[:-1]])
+        state_col = block.astype(int).tolist()
+        out_col = [c + n2 for c, n2 in zip(state_col, sizes, strict=True)]
+    return state_col, out_col, total
+
+
+def _lru_merged(
+    g: _GraphBuilder, stack, u: str, state: str, chain: bool, ln_affine: bool, opset: int
+) -> str:
+    """The LRU blocks on the merged path; returns the features ``[B, H]``.
+
+    Per layer one Gemm gives the new state and the output together, as both are linear
+    in ``(x, z)``::
 
         [h' | y] = z @ [W_in | W_in W_out + diag D]  +  x @ [Aᵀ | Aᵀ W_out]
 
-    and the ``x`` term of every layer comes from one block-diagonal MatMul on ``state``
-    before the first layer. Per layer that is LayerNorm, Gemm, Split, Gelu, Add (5 nodes);
-    the large-state path keeps ``A x`` elementwise and needs a Mul and a second Gemm.
+    The ``x`` terms of every layer come from one product with the whole state before the
+    first layer (its "carried" vector, ``_merged_layout``). ``chain``: layer l's Gemm adds
+    its ``z`` term to everything still carried (zero weights elsewhere) and splits its
+    output ``y_l`` off the front; the rest, the finished states included, is the next
+    layer's Gemm bias, and the last layer's split yields ``state_out`` whole (no Split of
+    the carried vector, no Concat). ``ln_affine``: the LayerNorm's scale and bias folded
+    into the Gemm (``z W = n (diag(w) W) + b W``, the constant ``b W`` into the carry's
+    bias); the LayerNorm is written with scale 1 and no bias.
     """
-    u = g.gemm(x, _f64(stack.encoder.weight).T, _f64(stack.encoder.bias), "encoder")
     systems = [block.lru.system() for block in stack.blocks]
-    width = int(stack.width)
+    width, layers = int(stack.width), len(systems)
     sizes = [2 * system.state_dim for system in systems]
-    if merged:
-        steps = [merged_step_matrices(*system) for system in systems]
-        # x @ from_state per layer, block-diagonal over layers: [B, S] -> [B, Σ(2n+H)].
-        carry_t = np.zeros((sum(sizes), sum(sizes) + width * len(systems)))
-        row = col = 0
-        for (from_state, _), n2 in zip(steps, sizes, strict=True):
-            carry_t[row : row + n2, col : col + n2 + width] = from_state
-            row, col = row + n2, col + n2 + width
-        carried = g.op("MatMul", [state, g.const("carry_T", carry_t)], "state_carry")
-        carried = _split(g, carried, [n2 + width for n2 in sizes], "carry_split")
+    state_col, out_col, total = _merged_layout(sizes, width, chain)
+    carry_t = np.zeros((sum(sizes), total))
+    carry_bias = np.zeros(total)
+    weights = []
+    row = 0
+    for i, (system, block, n2) in enumerate(zip(systems, stack.blocks, sizes, strict=True)):
+        from_state, from_input = merged_step_matrices(*system)
+        carry_t[row : row + n2, state_col[i] : state_col[i] + n2] = from_state[:, :n2]
+        carry_t[row : row + n2, out_col[i] : out_col[i] + width] = from_state[:, n2:]
+        row += n2
+        # Layer i's input weight over the columns it reads: from ``i·H`` on when chained,
+        # its own block otherwise.
+        first = i * width if chain else state_col[i]
+        span = total - first if chain else n2 + width
+        w = np.zeros((width, span))
+        w[:, state_col[i] - first : state_col[i] - first + n2] = from_input[:, :n2]
+        w[:, out_col[i] - first : out_col[i] - first + width] = from_input[:, n2:]
+        if ln_affine:
+            carry_bias[first : first + span] += _f64(block.norm.bias) @ w
+            w = _f64(block.norm.weight)[:, None] * w
+        weights.append(w)
+    carry_inputs = [state, g.const("carry_T", carry_t)]
+    if ln_affine:
+        carried = g.op("Gemm", [*carry_inputs, g.const("carry_b", carry_bias)], "state_carry")
     else:
-        carried = _split(g, _state_transition(g, state, systems), sizes, "ax_split")
-    single = len(systems) == 1  # then the layer's new state is the graph's state_out
+        carried = g.op("MatMul", carry_inputs, "state_carry")
+    if not chain:
+        carried = _split(g, carried, [n2 + width for n2 in sizes], "carry_split")
     new_states = []
-    for i, (block, system, carry_l) in enumerate(zip(stack.blocks, systems, carried, strict=True)):
-        z = g.op(
-            "LayerNormalization",
-            [
-                u,
-                g.const(f"ln{i}.w", _f64(block.norm.weight)),
-                g.const(f"ln{i}.b", _f64(block.norm.bias)),
-            ],
-            f"ln{i}",
-            axis=-1,
-            epsilon=float(block.norm.eps),
-        )
-        h_name = "state_out" if single else f"lru{i}_state"
-        if merged:
-            hy = g.gemm(z, steps[i][1], carry_l, f"lru{i}")
-            h, y = g.op(
-                "Split",
-                [hy, g.const(f"lru{i}_sizes", [sizes[i], width], np.int64)],
+    for i, block in enumerate(stack.blocks):
+        last = i == layers - 1
+        if ln_affine:
+            z = _layer_norm(g, u, block.norm, i, scale=np.ones(width), bias=False)
+        else:
+            z = _layer_norm(g, u, block.norm, i)
+        bias = carried if chain else carried[i]
+        hy = g.gemm(z, weights[i], bias, f"lru{i}")
+        if chain and not last:
+            y, carried = _split(
+                g,
+                hy,
+                [width, total - (i + 1) * width],
                 f"lru{i}_split",
-                n_out=2,
-                axis=1,
-                names=[h_name, f"lru{i}_out"],
+                [f"lru{i}_out", f"lru{i}_carry"],
             )
         else:
-            _, b_x, c_x, _ = real_form(*system)
-            h = g.gemm(z, b_x.T, carry_l, h_name)
-            dz = g.op("Mul", [z, g.const(f"lru{i}.D", system.D)], f"lru{i}_skip")
-            y = g.gemm(h, c_x.T, dz, f"lru{i}_out")
+            h_name = "state_out" if chain or layers == 1 else f"lru{i}_state"
+            h, y = _split(
+                g,
+                hy,
+                [sizes[i] if not chain else sum(sizes), width],
+                f"lru{i}_split",
+                [h_name, f"lru{i}_out"],
+            )
+            new_states.append(h)
+        u = g.op("Add", [u, g.gelu(y, opset, f"gelu{i}")], f"residual{i}")
+    if len(new_states) > 1:
+        g.op("Concat", new_states, "state_out", axis=1)
+    return u
+
+
+def _skip_d_foldable(d: np.ndarray) -> bool:
+    """Whether ``D`` can move into the LayerNorm's affine: every |D| large enough that
+    ``1/D`` and ``w·D`` stay normal float32 numbers with room to spare."""
+    return bool(np.all(np.abs(d) >= 1e-12) and np.all(np.abs(d) <= 1e12))
+
+
+def _lru_elementwise(
+    g: _GraphBuilder,
+    stack,
+    u: str,
+    state: str,
+    skip_d: bool,
+    dense_a: bool,
+    chain: bool,
+    opset: int,
+) -> str:
+    """The LRU blocks on the elementwise path; returns the features ``[B, H]``.
+
+    ``A x`` for all layers by ``_state_transition`` (or ``dense_a``), then per layer ``h' = Gemm(z, B_xᵀ, A x)``, ``y = Gemm(h', C_xᵀ, D ⊙ z)``. ``skip_d`` (where
+    ``_skip_d_foldable``): the LayerNorm's affine is scaled by D, so it yields ``D ⊙ z``
+    itself, the Gemm bias of ``y``; ``h'`` reads it with ``diag(1/D) B_xᵀ`` (no Mul node;
+    each term ``(D z) (B/D)`` rounds like ``z B``). ``dense_a``: ``A x`` as one MatMul
+    with the block-diagonal ``Aᵀ`` (S² multiply-adds, one node instead of four).
+    ``chain``: the whole state vector runs through the layers' ``h'`` Gemms as their bias
+    (zero weights outside the layer's columns), ``y`` reads its layer's rows of it, and the
+    last ``h'`` Gemm writes ``state_out`` (no Split, no Concat; 2·H·S·(L-1) more
+    multiply-adds).
+    """
+    systems = [block.lru.system() for block in stack.blocks]
+    layers = len(systems)
+    sizes = [2 * system.state_dim for system in systems]
+    total = sum(sizes)
+    if dense_a:
+        a_t = np.zeros((total, total))
+        row = 0
+        for system, n2 in zip(systems, sizes, strict=True):
+            a_t[row : row + n2, row : row + n2] = real_form(*system)[0].T
+            row += n2
+        ax = g.op("MatMul", [state, g.const("A_T", a_t)], "state_transition")
+    else:
+        ax = _state_transition(g, state, systems)
+    chain = chain and layers > 1
+    carried = ax if chain else _split(g, ax, sizes, "ax_split")
+    new_states = []
+    offset = 0
+    for i, (block, system) in enumerate(zip(stack.blocks, systems, strict=True)):
+        _, b_x, c_x, _ = real_form(*system)
+        n2 = sizes[i]
+        if chain:  # the layer's matrices placed at its columns (B) and rows (C) of the state
+            b_full, c_full = np.zeros((total, b_x.shape[1])), np.zeros((c_x.shape[0], total))
+            b_full[offset : offset + n2], c_full[:, offset : offset + n2] = b_x, c_x
+            b_x, c_x = b_full, c_full
+        offset += n2
+        last = i == layers - 1
+        h_name = "state_out" if layers == 1 or (chain and last) else f"lru{i}_state"
+        bias = carried if chain else carried[i]
+        d = system.D
+        if skip_d:
+            w, b = _f64(block.norm.weight), _f64(block.norm.bias)
+            dz = _layer_norm(g, u, block.norm, i, scale=w * d, bias=b * d)
+            h = g.gemm(dz, b_x.T / d[:, None], bias, h_name)
+        else:
+            z = _layer_norm(g, u, block.norm, i)
+            h = g.gemm(z, b_x.T, bias, h_name)
+            dz = g.op("Mul", [z, g.const(f"lru{i}.D", d)], f"lru{i}_skip")
+        y = g.gemm(h, c_x.T, dz, f"lru{i}_out")
         u = g.op("Add", [u, g.gelu(y, opset, f"gelu{i}")], f"residual{i}")
         new_states.append(h)
-    if not single:
+        carried = h if chain else carried
+    if layers > 1 and not chain:
         g.op("Concat", new_states, "state_out", axis=1)
     return u
 
@@ -271,11 +444,17 @@ def build_model(
     training_steps: int = 0,
     opset: int = DEFAULT_OPSET,
     merged: bool | None = None,
+    folds: tuple[str, ...] | list[str] | None = None,
 ) -> onnx.ModelProto:
     """The actor's step graph as an ``onnx.ModelProto`` (see the module docstring).
 
-    ``merged`` forces the LRU stack's merged (True) or elementwise (False) path; None
-    picks by size (``uses_merged_path``). Both compute the same function.
+    ``merged``: None (the default) writes ONNX Runtime's fastest graph for the sizes, the
+    elementwise path with ``ort_folds``; True the merged path, False the elementwise path
+    (the C export's graph), each with ``DEFAULT_FOLDS`` (the rewrites that add no work).
+    ``folds`` overrides the rewrites: a subset of ``FOLDS`` (``()``: the plain graph); a
+    fold that does not apply to the path is skipped. Every choice computes the same
+    function up to float32 rounding. The metadata records the path (``graph_variant``:
+    "merged", "elementwise" or "mlp") and the folds applied (``graph_folds``).
     """
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(
@@ -290,10 +469,30 @@ def build_model(
 
     x = _obs_normalisation(g, policy, "obs")
     if recurrent:
-        if merged is None:
-            merged = uses_merged_path(policy.actor.state_dims, policy.actor.width)
-        features = _lru_stack(g, policy.actor, x, "state", opset, merged)
+        stack = policy.actor
+        if folds is None:
+            folds = (
+                DEFAULT_FOLDS if merged is not None else ort_folds(stack.state_dims, stack.width)
+            )
+        folds = _check_folds(folds)
+        u = g.gemm(x, _f64(stack.encoder.weight).T, _f64(stack.encoder.bias), "encoder")
+        layers = len(stack.blocks)
+        if merged:
+            variant = "merged"
+            chain, ln_affine = "chain" in folds and layers > 1, "ln_affine" in folds
+            applied = {"chain": chain, "ln_affine": ln_affine}
+            features = _lru_merged(g, stack, u, "state", chain, ln_affine, opset)
+        else:
+            variant = "elementwise"
+            skip_d = "skip_d" in folds and all(
+                _skip_d_foldable(_f64(block.lru.D)) for block in stack.blocks
+            )
+            dense_a, chain = "dense_a" in folds, "chain" in folds and layers > 1
+            applied = {"chain": chain, "skip_d": skip_d, "dense_a": dense_a}
+            features = _lru_elementwise(g, stack, u, "state", skip_d, dense_a, chain, opset)
     else:
+        _check_folds(() if folds is None else folds)
+        variant, applied = "mlp", {}
         features = _mlp_body(g, policy.actor, x)
     action = _action_head(g, policy, features)
     assert action == "action" and (not recurrent or "state_out" in g._names)
@@ -321,9 +520,18 @@ def build_model(
     # The oldest IR version that can hold this opset: loadable by the oldest ORT that can run it.
     model.ir_version = helper.find_min_ir_version_for(opsets)
     meta = _metadata(policy, env_id, training_steps, opset, num_nodes=len(g.nodes))
+    meta["graph_variant"] = variant
+    meta["graph_folds"] = ",".join(f for f in FOLDS if applied.get(f))
     helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _check_folds(folds) -> set[str]:
+    folds = {folds} if isinstance(folds, str) else set(folds)
+    if not folds <= set(FOLDS):
+        raise ValueError(f"unknown folds {sorted(folds - set(FOLDS))}; known: {list(FOLDS)}")
+    return folds
 
 
 def _metadata(

@@ -13,8 +13,12 @@ and dict handling: ~4 µs of ~18 µs for a 2-layer n=128 LRU on one Xeon core).
 
 Input convention for ``act``: float32 is used as is; other floating dtypes (float64 from
 gymnasium, float16) are cast to float32 silently; integer, bool, complex and object arrays
-are rejected with a ValueError, as are wrong shapes and NaN/inf (``validate=False`` skips
-the finiteness check for the last microsecond).
+are rejected with a ValueError, as are wrong shapes and NaN/inf, checked after the cast
+(float64 1e300 is inf in float32); ``run`` checks its ``state`` the same way
+(``validate=False`` skips the finiteness checks for the last microsecond).
+
+``StepPolicy`` holds what does not depend on the runtime (state, checks, interface);
+``export.c_runtime.CPolicy`` is the same interface over the generated C step.
 """
 
 from __future__ import annotations
@@ -72,33 +76,19 @@ def make_session(
         ) from err
 
 
-class OnnxPolicy:
-    """An exported compressm-rl policy running in onnxruntime, holding its recurrent state.
+class StepPolicy:
+    """What every compiled policy step shares: its metadata, the held recurrent state
+    ``[batch_size, S]``, the input checks and the ``act``/``run``/``reset`` interface.
 
-    Args:
-        path: the ``.onnx`` file written by ``export.onnx_export.to_onnx``.
-        provider: ORT execution provider (``"CPUExecutionProvider"``).
-        batch_size: rows per ``act`` call (envs stepped together); fixed per instance.
-        io_binding: bind preallocated buffers (faster); False uses ``session.run``.
-        validate: check every ``act`` input for NaN/inf (shape and dtype are always checked).
-        threads: ORT intra-op threads (1 is fastest at these sizes).
+    Subclasses (``OnnxPolicy``, ``export.c_runtime.CPolicy``) implement ``_compute`` on
+    float32 buffers; ``OnnxPolicy`` also overrides ``_advance`` (IOBinding).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        provider: str = "CPUExecutionProvider",
-        batch_size: int = 1,
-        io_binding: bool = True,
-        validate: bool = True,
-        threads: int = 1,
-    ) -> None:
+    def __init__(self, meta: dict[str, str], batch_size: int, validate: bool, name: str) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.path = Path(path)
-        self.session = make_session(self.path, provider, threads)
-        self.provider = provider
-        self._meta = _read_metadata(self.session, self.path)
+        self._meta = meta
+        self._name = name
         self.batch_size = int(batch_size)
         self.validate = validate
         self.obs_dim = int(self._meta["obs_dim"])
@@ -114,7 +104,21 @@ class OnnxPolicy:
         # Two state buffers used in turn: step k reads one and writes the other.
         self._states = [np.zeros((b, self.state_size), np.float32) for _ in range(2)]
         self._current = 0
-        self._bindings = self._make_bindings() if io_binding else None
+
+    def _compute(
+        self, obs: np.ndarray, state: np.ndarray, action: np.ndarray, state_out: np.ndarray
+    ) -> None:
+        """One step on float32 C-contiguous buffers ``[B, obs_dim]``, ``[B, S]`` (read) and
+        ``[B, act_dim]``, ``[B, S]`` (written)."""
+        raise NotImplementedError
+
+    def _advance(self) -> None:
+        """Step the held buffers: ``_obs`` and the current state in, ``_action`` and the
+        other state buffer out, which then becomes the current one."""
+        state = self._states[self._current]
+        self._compute(self._obs, state, self._action, self._states[self._current ^ 1])
+        if self._recurrent:
+            self._current ^= 1
 
     # ----- properties --------------------------------------------------------------
     @property
@@ -171,31 +175,29 @@ class OnnxPolicy:
             self._obs[...] = obs
         if self.validate:  # after the cast: 1e300 is finite in float64, inf in float32
             self._check_finite(self._obs)
-        if self._bindings is not None:
-            self.session.run_with_iobinding(self._bindings[self._current])
-            if self._recurrent:
-                self._current ^= 1  # the buffer written this step is read by the next
-        else:
-            feeds = {"obs": self._obs}
-            if self._recurrent:
-                feeds["state"] = self._states[self._current]
-                action, self._states[self._current] = self.session.run(None, feeds)
-            else:
-                (action,) = self.session.run(None, feeds)
-            self._action[:] = action
+        self._advance()
         return self._action[0].copy() if single else self._action.copy()
 
     def run(
         self, obs: np.ndarray, state: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Stateless step for any batch: ``obs`` ``[B, obs_dim]``, ``state`` ``[B, S]`` (zeros
-        if None) -> ``(action [B, act_dim], state_out [B, S])``; the held state is untouched."""
+        if None) -> ``(action [B, act_dim], state_out [B, S])``; the held state is untouched.
+
+        Float inputs are cast to float32, then (unless ``validate=False``) checked for NaN
+        and inf, as in ``act``: a float64 1e300 becomes inf in float32 and is rejected.
+        """
         obs = self._as_float32(obs, "obs")
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"obs must be [B, {self.obs_dim}], got {obs.shape}")
+        if self.validate:
+            self._check_finite(obs)
         batch = obs.shape[0]
+        action = np.zeros((batch, self.act_dim), np.float32)
+        state_out = np.zeros((batch, self.state_size), np.float32)
         if not self.recurrent:
-            return self.session.run(None, {"obs": obs})[0], np.zeros((batch, 0), np.float32)
+            self._compute(obs, state_out, action, state_out)
+            return action, state_out
         state = np.zeros((batch, self.state_size), np.float32) if state is None else state
         state = self._as_float32(state, "state")
         if state.shape != (batch, self.state_size):
@@ -203,27 +205,12 @@ class OnnxPolicy:
                 f"state must be [{batch}, {self.state_size}] "
                 f"(Σ 2n over layers {self.layer_state_dims}), got {state.shape}"
             )
-        action, state_out = self.session.run(None, {"obs": obs, "state": state})
+        if self.validate:
+            self._check_finite(state, "state")
+        self._compute(obs, state, action, state_out)
         return action, state_out
 
     # ----- internals ---------------------------------------------------------------
-    def _make_bindings(self) -> list:
-        """One IOBinding per state buffer parity (the two swap roles every step)."""
-        obs_v = ort.OrtValue.ortvalue_from_numpy(self._obs)  # CPU buffers are shared, not copied
-        act_v = ort.OrtValue.ortvalue_from_numpy(self._action)
-        state_v = [ort.OrtValue.ortvalue_from_numpy(s) for s in self._states]
-        bindings = []
-        for k in range(2 if self._recurrent else 1):
-            binding = self.session.io_binding()
-            binding.bind_ortvalue_input("obs", obs_v)
-            binding.bind_ortvalue_output("action", act_v)
-            if self._recurrent:
-                binding.bind_ortvalue_input("state", state_v[k])
-                binding.bind_ortvalue_output("state_out", state_v[1 - k])
-            bindings.append(binding)
-        self._ortvalues = (obs_v, act_v, state_v)  # keep the buffers' OrtValues alive
-        return bindings
-
     def _check_obs(self, obs: np.ndarray) -> tuple[np.ndarray, bool]:
         """Validate ``obs`` for ``act``; returns it as an array and whether it is one 1-D row.
 
@@ -245,24 +232,29 @@ class OnnxPolicy:
             raise ValueError(
                 f"obs must have shape {want} for this policy (env {self.env_id or '?'}, "
                 f"batch_size={self.batch_size}), got {shape}; pass the env's raw "
-                f"observation, or create OnnxPolicy(..., batch_size=B) for B envs"
+                f"observation, or create {type(self).__name__}(..., batch_size=B) for B envs"
             )
         return obs, single
 
     @staticmethod
-    def _check_finite(obs: np.ndarray) -> None:
-        """ValueError if the float32 ``obs`` holds NaN or inf (the graph's normalising
-        Gemm would turn an inf into NaN: inf · 0 off the diagonal)."""
+    def _check_finite(x: np.ndarray, name: str = "obs") -> None:
+        """ValueError if the float32 ``x`` (``obs`` or ``state``) holds NaN or inf (the
+        graph's normalising Gemm would turn an inf into NaN: inf · 0 off the diagonal)."""
         # x·x is finite iff every x is finite, barring overflow past ~1e19, which the exact
         # test below then sorts out; one dot product is 3x cheaper than isfinite().all().
-        if not math.isfinite(float(np.dot(obs.ravel(), obs.ravel()))):
-            bad = ~np.isfinite(obs)
+        if not math.isfinite(float(np.dot(x.ravel(), x.ravel()))):
+            bad = ~np.isfinite(x)
             if bad.any():
                 rows = np.unique(np.nonzero(bad)[0]).tolist()
+                fix = (
+                    "the policy state would be corrupted. Check the environment, or reset() "
+                    "the affected episodes"
+                    if name == "obs"
+                    else "pass the state_out of the previous step, or zeros at an episode start"
+                )
                 raise ValueError(
-                    f"obs contains NaN or inf, or values beyond float32's range (rows {rows}); "
-                    f"the policy state would be corrupted. Check the environment, or reset() "
-                    f"the affected episodes"
+                    f"{name} contains NaN or inf, or values beyond float32's range (rows "
+                    f"{rows}); {fix}"
                 )
 
     @staticmethod
@@ -271,6 +263,71 @@ class OnnxPolicy:
         if x.dtype.kind != "f":
             raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class OnnxPolicy(StepPolicy):
+    """An exported compressm-rl policy running in onnxruntime, holding its recurrent state.
+
+    Args:
+        path: the ``.onnx`` file written by ``export.onnx_export.to_onnx``.
+        provider: ORT execution provider (``"CPUExecutionProvider"``).
+        batch_size: rows per ``act`` call (envs stepped together); fixed per instance.
+        io_binding: bind preallocated buffers (faster); False uses ``session.run``.
+        validate: check every ``act``/``run`` input for NaN/inf after the float32 cast (shape
+            and dtype are always checked).
+        threads: ORT intra-op threads (1 is fastest at these sizes).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        provider: str = "CPUExecutionProvider",
+        batch_size: int = 1,
+        io_binding: bool = True,
+        validate: bool = True,
+        threads: int = 1,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(path)
+        self.session = make_session(self.path, provider, threads)
+        self.provider = provider
+        super().__init__(_read_metadata(self.session, self.path), batch_size, validate, str(path))
+        self._bindings = self._make_bindings() if io_binding else None
+
+    def _compute(
+        self, obs: np.ndarray, state: np.ndarray, action: np.ndarray, state_out: np.ndarray
+    ) -> None:
+        feeds = {"obs": obs, **({"state": state} if self._recurrent else {})}
+        outputs = self.session.run(None, feeds)
+        action[...] = outputs[0]
+        if self._recurrent:
+            state_out[...] = outputs[1]
+
+    def _advance(self) -> None:
+        if self._bindings is None:
+            super()._advance()
+            return
+        self.session.run_with_iobinding(self._bindings[self._current])
+        if self._recurrent:
+            self._current ^= 1  # the buffer written this step is read by the next
+
+    def _make_bindings(self) -> list:
+        """One IOBinding per state buffer parity (the two swap roles every step)."""
+        obs_v = ort.OrtValue.ortvalue_from_numpy(self._obs)  # CPU buffers are shared, not copied
+        act_v = ort.OrtValue.ortvalue_from_numpy(self._action)
+        state_v = [ort.OrtValue.ortvalue_from_numpy(s) for s in self._states]
+        bindings = []
+        for k in range(2 if self._recurrent else 1):
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input("obs", obs_v)
+            binding.bind_ortvalue_output("action", act_v)
+            if self._recurrent:
+                binding.bind_ortvalue_input("state", state_v[k])
+                binding.bind_ortvalue_output("state_out", state_v[1 - k])
+            bindings.append(binding)
+        self._ortvalues = (obs_v, act_v, state_v)  # keep the buffers' OrtValues alive
+        return bindings
 
     def __repr__(self) -> str:
         return (

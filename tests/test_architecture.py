@@ -21,11 +21,12 @@ ALLOWED = {
     "export": {"policies"},
     "compressm_rl": {"envs", "policies", "export"},
 }
-# export.runtime and export.bench run on devices with numpy and onnxruntime only. The
-# subprocess test in test_export.py checks what importing them loads; this one also sees
-# imports inside functions, in them and in every project module they reach.
-DEVICE_MODULES = ["export.runtime", "export.bench"]
-DEVICE_FORBIDDEN = {"torch", "gymnasium", "mujoco"}
+# export.runtime, export.bench and the C runtime run on devices with numpy and
+# onnxruntime (and a C compiler) only. The subprocess test in test_export.py checks what
+# importing them loads; this one also sees imports inside functions, in them and in every
+# project module they reach.
+DEVICE_MODULES = ["export.runtime", "export.bench", "export.c_build", "export.c_runtime"]
+DEVICE_FORBIDDEN = {"torch", "gymnasium", "mujoco", "onnx"}
 
 
 def module_name(path: Path) -> str:

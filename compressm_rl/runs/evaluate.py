@@ -1,5 +1,5 @@
-"""Deterministic evaluation of any controller: a trained run's torch policy or an
-exported ``.onnx`` file, through one stepping interface (``Controller``).
+"""Deterministic evaluation of any controller: a trained run's torch policy, an exported
+``.onnx`` file or a C export, through one stepping interface (``Controller``).
 
 Convention: one env, episode k starts with ``env.reset(seed=seed + k)`` and the
 controller's ``reset()``, actions are the deterministic (clipped mean) ones, and the
@@ -20,7 +20,8 @@ from policies.actor_critic import ActorCritic, RecurrentState
 class Controller(Protocol):
     """What a control loop needs: ``reset()`` at an episode start, then ``act(obs)``
     (raw observation ``[obs_dim]`` -> bounded action ``[act_dim]``) every step.
-    ``export.runtime.OnnxPolicy`` is one; ``TorchController`` wraps an ``ActorCritic``."""
+    ``export.runtime.OnnxPolicy`` and ``export.c_runtime.CPolicy`` implement it;
+    ``TorchController`` wraps an ``ActorCritic``."""
 
     def reset(self) -> None: ...
 
@@ -44,12 +45,18 @@ class TorchController:
 
 
 def load_controller(target: Path) -> tuple[Controller, str]:
-    """The controller in ``target`` (a run directory or an ``.onnx`` file) and its env id."""
+    """The controller in ``target`` and its env id: a run directory, an ``.onnx`` file, or
+    a C export (its directory, its ``policy.c``, or a shared library built from it)."""
     target = Path(target)
     if target.suffix == ".onnx":
         from export.runtime import OnnxPolicy
 
         policy = OnnxPolicy(target)
+        return policy, policy.env_id
+    if target.suffix in (".c", ".so") or (target / "policy.c").is_file():
+        from export.c_runtime import CPolicy
+
+        policy = CPolicy(target)  # compiles policy.c with the host's gcc
         return policy, policy.env_id
     from compressm_rl.runs.checkpoint import load_policy
 

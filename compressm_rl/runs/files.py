@@ -84,6 +84,44 @@ def atomic_write(
         raise
 
 
+def atomic_write_dir(
+    path: Path,
+    files: dict[str, bytes],
+    verify: Callable[[Path], object] | None = None,
+    owned: Callable[[Path], bool] = lambda existing: False,
+) -> None:
+    """Write ``files`` (name -> bytes) as the directory ``path``, all or nothing.
+
+    The files go into a temporary sibling directory; ``verify(that directory)`` runs on
+    the complete set; then it takes ``path``'s place (the previous directory is removed
+    only after the new one is in place). A ``path`` that exists must satisfy
+    ``owned(path)`` (e.g. hold a previous export), so unrelated data is never replaced.
+    """
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and owned(path)):
+        raise FileExistsError(
+            f"{path} exists and is not a previous export of this kind; choose another --out "
+            f"or remove it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = tmp.with_suffix(".old")
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if verify is not None:
+            verify(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -1,0 +1,580 @@
+"""The ONNX step graph as dependency-free C99: ``policy.c``, ``policy.h`` and a README.
+
+The C is generated from the ``.onnx`` model (the one artefact of truth), node by node in
+the graph's order, at batch 1. The header is the whole interface::
+
+    #define POLICY_OBS_DIM    11
+    #define POLICY_ACTION_DIM 3
+    #define POLICY_STATE_DIM  100      /* 0 for an MLP policy */
+    void policy_step(const float *obs, const float *state, float *action, float *state_out);
+
+``state`` all zeros is an episode start; raw observations in, bounded actions out, exactly
+the ONNX graph's function. ``state`` and ``state_out`` may be the same array (every read of
+``state`` happens before ``state_out`` is written). No heap, no writable globals (weights
+are ``static const``, temporaries live on the stack), no libraries beyond ``<math.h>``'s
+``sqrtf``.
+
+Why our own emitter instead of a general ONNX-to-C compiler (docs/design.md §8): the
+graphs hold ~12 kinds of node at batch 1, where the work is matrix-vector products and
+GELU/tanh. emmtrix's ``emx-onnx-cgen`` (1.4.0) writes each Gemm as a dot product per
+output over a strided weight column and calls libm's ``erff``/``tanhf``; gcc -O3
+vectorises neither, and the C step of a compressed Hopper policy took 4.5 µs (n = 25 per
+layer) and an MLP 3.3 µs (AMD EPYC, ``-O3 -march=native``). Here a product is written as
+``y += x[k] · W[k, :]`` (contiguous rows, the same summation order as the dot product, so
+gcc vectorises it without ``-ffast-math``) and erf/exp are branch-free rational and
+polynomial approximations (Eigen's erf, Cephes' exp; < 2e-7 absolute error) that vectorise
+too. ``emx-onnx-cgen`` stays in the tests as an independent reference
+(``tests/test_c_export.py``) and in ``benchmarks/latency.py`` as a row.
+
+Only the ops this project's exporter writes are supported; any other op, attribute or
+shape raises ``UnsupportedGraphError`` naming the node.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.c_build import METADATA_TAG
+
+BLOCK = 64  # outputs of a matrix-vector product held in registers at once
+
+
+class UnsupportedGraphError(ValueError):
+    """The ONNX graph holds an op, attribute or shape the C emitter does not handle."""
+
+
+@dataclass(frozen=True)
+class CSources:
+    """The generated files' text and the step's dimensions."""
+
+    source: str
+    header: str
+    readme: str
+    obs_dim: int
+    action_dim: int
+    state_dim: int
+    metadata: dict[str, str]
+
+
+# ----- the C text that does not depend on the graph -----------------------------------
+_PRELUDE = r"""#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "policy.h"
+
+/* e^x for x <= 0 (Cephes' expf): e^x = 2^k e^f, |f| <= ln2/2, e^f by a degree-7
+ * polynomial, 2^k written into the exponent bits. Branch-free, so loops vectorise. */
+static inline float cm_exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    /* k = floor(x log2(e) + 1/2) as a truncation of a positive number (no libm floorf,
+     * vectorisable); within rounding of an integer it may be one more, which leaves |f|
+     * a hair above ln2/2, where the polynomial is still accurate. */
+    const int32_t ki = (int32_t)(x * 1.44269504088896341f + 128.5f) - 128;
+    const float k = (float)ki;
+    const float f = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.0f;
+    const int32_t bits = (ki + 127) * 8388608; /* (k + 127) << 23 */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* erf (Eigen's generic_fast_erf_float): x P(x^2) / Q(x^2) on [-4, 4], +-1 beyond. */
+static inline float cm_erf(float x)
+{
+    x = x < -4.0f ? -4.0f : x;
+    x = x > 4.0f ? 4.0f : x;
+    const float x2 = x * x;
+    float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+    p = x2 * p + -2.10102402082508e-06f;
+    p = x2 * p + -5.69250639462346e-05f;
+    p = x2 * p + -7.34990630326855e-04f;
+    p = x2 * p + -2.95459980854025e-03f;
+    p = x2 * p + -1.60960333262415e-02f;
+    float q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+    q = x2 * q + -1.68282697438203e-03f;
+    q = x2 * q + -7.37332916720468e-03f;
+    q = x2 * q + -1.42647390514189e-02f;
+    return x * p / q;
+}
+
+/* tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}). */
+static inline float cm_tanh(float x)
+{
+    const float t = cm_exp_nonpositive(-2.0f * fabsf(x));
+    return copysignf((1.0f - t) / (1.0f + t), x);
+}
+
+/* Exact (erf) GELU, as torch.nn.functional.gelu's default. */
+static inline float cm_gelu(float x)
+{
+    return 0.5f * x * (1.0f + cm_erf(x * 0.70710678118654752f));
+}
+"""
+
+_HEADER = """\
+/* {title}
+ * Generated by compressm-rl from {onnx_name}; see README.md. */
+#ifndef COMPRESSM_POLICY_H
+#define COMPRESSM_POLICY_H
+
+#define POLICY_OBS_DIM {obs_dim}
+#define POLICY_ACTION_DIM {action_dim}
+#define POLICY_STATE_DIM {state_dim}
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+/* One control step at batch 1.
+ *   obs       [POLICY_OBS_DIM]     raw observation (normalised inside)
+ *   state     [POLICY_STATE_DIM]   recurrent state; all zeros at an episode start
+ *   action    [POLICY_ACTION_DIM]  deterministic action, within the action bounds
+ *   state_out [POLICY_STATE_DIM]   the state to pass as `state` next step
+ * state and state_out may be the same array. With POLICY_STATE_DIM 0 (an MLP policy)
+ * state and state_out are not touched and may be NULL. Reentrant: no globals written. */
+void policy_step(const float *obs, const float *state, float *action, float *state_out);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* COMPRESSM_POLICY_H */
+"""
+
+_README = """\
+# {title}
+
+Generated by compressm-rl from the ONNX step graph `{onnx_name}` (env `{env_id}`,
+policy `{policy_type}`, recurrent state sizes per layer {layer_state_dims}).
+Dependency-free C99: no heap, no writable globals, only `sqrtf` from `<math.h>`.
+
+```c
+#include "policy.h"
+
+float state[POLICY_STATE_DIM + 1] = {{0}};   /* zeros = episode start (+1: C has no [0]) */
+float action[POLICY_ACTION_DIM];
+/* every control step: */
+policy_step(obs, state, action, state);      /* in place is allowed */
+/* at an episode start: */
+memset(state, 0, sizeof state);
+```
+
+Build: `gcc -O3 -march=native -std=c99 -c policy.c` (desktop, {c_p50}),
+`aarch64-linux-gnu-gcc -O3 -std=c99 -c policy.c`, or for a Cortex-M4:
+`arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os
+-fno-math-errno -std=c99 -c policy.c` (`-fno-math-errno` turns `sqrtf` into one
+instruction). Link with `-lm` where `sqrtf` is not inlined.
+
+Check it against the ONNX graph and evaluate it in MuJoCo with compressm-rl:
+`compressm-rl eval {dir_name}` and `compressm-rl bench {dir_name}` (times the step inside C).
+"""
+
+
+# ----- the emitter ---------------------------------------------------------------------
+def _c_float(value: float) -> str:
+    """A float32 value as an exact C hex-float literal."""
+    value = float(np.float32(value))
+    if value == 0.0:
+        return "-0.0f" if np.signbit(value) else "0.0f"
+    return f"{value.hex()}f"
+
+
+def _c_array(values: np.ndarray) -> str:
+    flat = np.asarray(values, np.float32).ravel()
+    items = [_c_float(v) for v in flat]
+    lines = [", ".join(items[i : i + 8]) for i in range(0, len(items), 8)]
+    return "{\n    " + ",\n    ".join(lines) + "\n}"
+
+
+class _Emitter:
+    """Walks the graph once; activations live in ``float v<i>[n]`` stack arrays."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.lengths: dict[str, int] = {}  # activation name -> length at batch 1
+        self.c_names: dict[str, str] = {}  # activation name -> C expression of its buffer
+        self.weights: list[str] = []  # static const definitions
+        self.weight_names: dict[str, str] = {}
+        # Stack arrays, reused once their values are dead (a node's inputs are released
+        # after its loop is written, so no node writes an array it reads).
+        self.arrays: list[int] = []  # capacity (floats) of array v<i>
+        self.array_of: dict[str, int] = {}  # activation name -> the array that holds it
+        self.free: list[int] = []
+        self.last_use: dict[str, int] = {}
+        for index, node in enumerate(graph.node):
+            for name in [*node.input, *node.output]:
+                self.last_use[name] = index
+        for value in graph.output:
+            self.last_use[value.name] = len(graph.node)  # copied out after the last node
+        self.body: list[str] = []
+        self.weight_bytes = 0
+        for value in graph.input:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in _dims(value)]
+            if len(dims) != 2:
+                raise UnsupportedGraphError(f"graph input {value.name!r} is not [batch, n]")
+            self.lengths[value.name] = int(dims[1])
+            self.c_names[value.name] = value.name
+        self.outputs = [v.name for v in graph.output]
+
+    # -- names and buffers ------------------------------------------------------------
+    def weight(self, name: str, values: np.ndarray) -> str:
+        """The C name of a ``static const float`` array holding ``values`` (row-major)."""
+        if name in self.weight_names:
+            return self.weight_names[name]
+        c_name = f"w{len(self.weights)}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
+        values = np.asarray(values, np.float32)
+        self.weights.append(f"static const float {c_name}[{values.size}] = {_c_array(values)};")
+        self.weight_bytes += 4 * values.size
+        self.weight_names[name] = c_name
+        return c_name
+
+    def buffer(self, name: str, length: int) -> str:
+        """A stack array for activation ``name``: a dead one (grown if needed) or a new one."""
+        if self.free:  # the free array closest in size: least growth, least waste
+            array = min(self.free, key=lambda a: abs(self.arrays[a] - length))
+            self.free.remove(array)
+            self.arrays[array] = max(self.arrays[array], length)
+        else:
+            array = len(self.arrays)
+            self.arrays.append(length)
+        self.array_of[name] = array
+        self.lengths[name] = length
+        self.c_names[name] = f"v{array}"
+        return f"v{array}"
+
+    def release_dead(self, index: int) -> None:
+        """Return the arrays whose every value was last read by node ``index``."""
+        live = {a for n, a in self.array_of.items() if self.last_use.get(n, index) > index}
+        for array in {a for n, a in self.array_of.items() if a not in live}:
+            if array not in self.free:
+                self.free.append(array)
+        self.array_of = {n: a for n, a in self.array_of.items() if a in live}
+
+    def declarations(self) -> list[str]:
+        return [f"    float v{i}[{n}];" for i, n in enumerate(self.arrays)]
+
+    def activation(self, node: onnx.NodeProto, name: str) -> tuple[str, int]:
+        if name not in self.c_names:
+            raise UnsupportedGraphError(
+                f"node {node.name!r} ({node.op_type}) reads {name!r}, which is not an "
+                f"activation (a constant where the C emitter expects data)"
+            )
+        return self.c_names[name], self.lengths[name]
+
+    def constant(self, node: onnx.NodeProto, name: str) -> np.ndarray:
+        if name not in self.constants:
+            raise UnsupportedGraphError(
+                f"node {node.name!r} ({node.op_type}) needs {name!r} to be an initializer"
+            )
+        return self.constants[name]
+
+    def emit(self, line: str) -> None:
+        self.body.append(line)
+
+    # -- operand of an elementwise op: an activation, a scalar or a per-column vector --
+    def operand(self, node: onnx.NodeProto, name: str, length: int) -> Callable[[str], str]:
+        if name in self.c_names:
+            c_name, n = self.activation(node, name)
+            if n != length:
+                raise UnsupportedGraphError(f"node {node.name!r}: {name!r} has {n}, not {length}")
+            return lambda i: f"{c_name}[{i}]"
+        value = np.asarray(self.constant(node, name), np.float32)
+        if value.size == 1:
+            literal = _c_float(value.ravel()[0])
+            return lambda i: literal
+        if value.size != length or value.ndim > 2 or (value.ndim == 2 and value.shape[0] != 1):
+            raise UnsupportedGraphError(
+                f"node {node.name!r}: constant {name!r} of shape {value.shape} does not "
+                f"broadcast to [1, {length}]"
+            )
+        c_name = self.weight(name, value)
+        return lambda i: f"{c_name}[{i}]"
+
+    def elementwise(self, node: onnx.NodeProto, expression: Callable[..., str]) -> None:
+        lengths = [self.lengths[n] for n in node.input if n in self.c_names]
+        if not lengths:
+            raise UnsupportedGraphError(f"node {node.name!r} has no activation input")
+        length = lengths[0]
+        operands = [self.operand(node, n, length) for n in node.input]
+        out = self.buffer(node.output[0], length)
+        value = expression(*(o("i") for o in operands))
+        self.emit(f"    for (int i = 0; i < {length}; ++i) {out}[i] = {value};")
+
+    # -- the ops ----------------------------------------------------------------------
+    def gemm(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (
+            attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0
+        ):
+            raise UnsupportedGraphError(f"Gemm {node.name!r} with {attrs}: only x @ W + c")
+        if node.op_type == "Gemm" and attrs.get("beta", 1.0) != 1.0:
+            raise UnsupportedGraphError(f"Gemm {node.name!r} with beta != 1")
+        x, k_len = self.activation(node, node.input[0])
+        w = np.asarray(self.constant(node, node.input[1]), np.float32)
+        if w.ndim != 2 or w.shape[0] != k_len:
+            raise UnsupportedGraphError(
+                f"{node.op_type} {node.name!r}: weight {w.shape} does not take [1, {k_len}]"
+            )
+        j_len = w.shape[1]
+        out = self.buffer(node.output[0], j_len)
+        w_name = self.weight(node.input[1], w)
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = self.operand(node, node.input[2], j_len)
+        # Column blocks of up to BLOCK outputs held in registers, rows streamed through
+        # them (axpy form: contiguous loads, each sum in the dot product's order, so it
+        # vectorises without -ffast-math).
+        for j0 in range(0, j_len, BLOCK):
+            width = min(BLOCK, j_len - j0)
+            self.emit("    {")
+            init = f"{bias(f'{j0} + j') if j0 else bias('j')}" if bias else "0.0f"
+            self.emit(f"        float acc[{width}];")
+            self.emit(f"        for (int j = 0; j < {width}; ++j) acc[j] = {init};")
+            self.emit(f"        for (int k = 0; k < {k_len}; ++k) {{")
+            self.emit(f"            const float xk = {x}[k];")
+            self.emit(f"            const float *row = {w_name} + k * {j_len} + {j0};")
+            self.emit(f"            for (int j = 0; j < {width}; ++j) acc[j] += xk * row[j];")
+            self.emit("        }")
+            self.emit(f"        for (int j = 0; j < {width}; ++j) {out}[{j0} + j] = acc[j];")
+            self.emit("    }")
+
+    def layer_norm(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", -1) not in (-1, 1) or attrs.get("stash_type", 1) != 1:
+            raise UnsupportedGraphError(f"LayerNormalization {node.name!r} with {attrs}")
+        if len(node.output) > 1 and any(node.output[1:]):
+            raise UnsupportedGraphError(f"LayerNormalization {node.name!r}: extra outputs")
+        x, length = self.activation(node, node.input[0])
+        scale = self.operand(node, node.input[1], length)
+        bias = self.operand(node, node.input[2], length) if len(node.input) > 2 else None
+        eps = _c_float(attrs.get("epsilon", 1e-5))
+        out = self.buffer(node.output[0], length)
+        shifted = f"({x}[i] - mean) * inv_std * {scale('i')}"
+        value = f"{shifted} + {bias('i')}" if bias else shifted
+        self.emit("    {")
+        self.emit("        float mean = 0.0f, var = 0.0f;")
+        self.emit(f"        for (int i = 0; i < {length}; ++i) mean += {x}[i];")
+        self.emit(f"        mean /= {length}.0f;")
+        self.emit(f"        for (int i = 0; i < {length}; ++i) {{")
+        self.emit(f"            const float d = {x}[i] - mean;")
+        self.emit("            var += d * d;")
+        self.emit("        }")
+        self.emit(f"        const float inv_std = 1.0f / sqrtf(var / {length}.0f + {eps});")
+        self.emit(f"        for (int i = 0; i < {length}; ++i) {out}[i] = {value};")
+        self.emit("    }")
+
+    def clip(self, node: onnx.NodeProto) -> None:
+        x, length = self.activation(node, node.input[0])
+        lo = self.operand(node, node.input[1], length) if len(node.input) > 1 else None
+        hi = self.operand(node, node.input[2], length) if len(node.input) > 2 else None
+        out = self.buffer(node.output[0], length)
+        value = f"{x}[i]"
+        if lo:  # as ORT: max with the lower bound first, then min with the upper
+            value = f"({value} < {lo('i')} ? {lo('i')} : {value})"
+        if hi:
+            value = f"({value} > {hi('i')} ? {hi('i')} : {value})"
+        self.emit(f"    for (int i = 0; i < {length}; ++i) {out}[i] = {value};")
+
+    def gather(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        index = np.asarray(self.constant(node, node.input[1]))
+        x, length = self.activation(node, node.input[0])
+        if attrs.get("axis", 0) != 1 or index.ndim != 1:
+            raise UnsupportedGraphError(f"Gather {node.name!r}: only axis 1 with a 1-D index")
+        index = np.where(index < 0, index + length, index)
+        if index.min() < 0 or index.max() >= length:
+            raise UnsupportedGraphError(f"Gather {node.name!r}: index out of range")
+        out = self.buffer(node.output[0], index.size)
+        table = f"g{len(self.weights)}"
+        values = ", ".join(str(int(i)) for i in index)
+        self.weights.append(f"static const int32_t {table}[{index.size}] = {{{values}}};")
+        self.emit(f"    for (int i = 0; i < {index.size}; ++i) {out}[i] = {x}[{table}[i]];")
+
+    def split(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        x, length = self.activation(node, node.input[0])
+        if attrs.get("axis", 0) not in (1, -1) or len(node.input) < 2:
+            raise UnsupportedGraphError(f"Split {node.name!r}: only axis 1 with sizes")
+        sizes = [int(s) for s in self.constant(node, node.input[1])]
+        if sum(sizes) != length or len(sizes) != len(node.output):
+            raise UnsupportedGraphError(f"Split {node.name!r}: sizes {sizes} vs {length}")
+        offset = 0
+        for name, size in zip(node.output, sizes, strict=True):
+            # A view into the input: no copy (the parts are only read).
+            self.lengths[name] = size
+            self.c_names[name] = f"({x} + {offset})" if offset else x
+            if node.input[0] in self.array_of:  # keeps the parent's array alive
+                self.array_of[name] = self.array_of[node.input[0]]
+            offset += size
+
+    def concat(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis") not in (1, -1):
+            raise UnsupportedGraphError(f"Concat {node.name!r}: only axis 1")
+        parts = [self.activation(node, n) for n in node.input]
+        out = self.buffer(node.output[0], sum(n for _, n in parts))
+        offset = 0
+        for c_name, n in parts:
+            self.emit(f"    memcpy({out} + {offset}, {c_name}, {n} * sizeof(float));")
+            offset += n
+
+    def node(self, node: onnx.NodeProto) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedGraphError(f"node {node.name!r} is in domain {node.domain!r}")
+        binary = {
+            "Add": lambda a, b: f"{a} + {b}",
+            "Sub": lambda a, b: f"{a} - {b}",
+            "Mul": lambda a, b: f"{a} * {b}",
+            "Div": lambda a, b: f"{a} / {b}",
+            "Min": lambda a, b: f"({a} < {b} ? {a} : {b})",
+            "Max": lambda a, b: f"({a} > {b} ? {a} : {b})",
+        }
+        unary = {
+            "Gelu": lambda a: f"cm_gelu({a})",
+            "Tanh": lambda a: f"cm_tanh({a})",
+            "Erf": lambda a: f"cm_erf({a})",
+            "Relu": lambda a: f"({a} > 0.0f ? {a} : 0.0f)",
+            "Identity": lambda a: a,
+        }
+        op = node.op_type
+        if op in ("Gemm", "MatMul"):
+            self.gemm(node)
+        elif op == "LayerNormalization":
+            self.layer_norm(node)
+        elif op == "Clip":
+            self.clip(node)
+        elif op == "Gather":
+            self.gather(node)
+        elif op == "Split":
+            self.split(node)
+        elif op == "Concat":
+            self.concat(node)
+        elif op in binary and len(node.input) == 2:
+            self.elementwise(node, binary[op])
+        elif op == "HardSigmoid":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            alpha, beta = _c_float(attrs.get("alpha", 0.2)), _c_float(attrs.get("beta", 0.5))
+
+            def hard_sigmoid(a: str) -> str:
+                t = f"({alpha} * {a} + {beta})"
+                return f"({t} < 0.0f ? 0.0f : ({t} > 1.0f ? 1.0f : {t}))"
+
+            self.elementwise(node, hard_sigmoid)
+        elif op in unary:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if op == "Gelu" and attrs.get("approximate", b"none") not in (b"none", "none"):
+                raise UnsupportedGraphError(f"Gelu {node.name!r}: only the exact (erf) form")
+            self.elementwise(node, unary[op])
+        else:
+            raise UnsupportedGraphError(
+                f"node {node.name!r}: op {op} is not supported by the C emitter (supported: "
+                f"Gemm, MatMul, LayerNormalization, Clip, HardSigmoid, Gather, Split, Concat, "
+                f"{', '.join(sorted(binary))}, {', '.join(sorted(unary))})"
+            )
+
+
+def _dims(value: onnx.ValueInfoProto):
+    return value.type.tensor_type.shape.dim
+
+
+def generate(
+    model: onnx.ModelProto, onnx_name: str = "policy.onnx", dir_name: str = "DIR"
+) -> CSources:
+    """``policy.c``, ``policy.h`` and ``README.md`` for a compressm-rl ONNX step graph.
+
+    Args:
+        model: the graph written by ``export.onnx_export.build_model`` (any batch size:
+            the C step is batch 1).
+        onnx_name: the file name the sources say they came from.
+        dir_name: the directory named in the README's commands.
+
+    Raises:
+        UnsupportedGraphError: an op, attribute or shape the emitter does not handle.
+        ValueError: the model is not a compressm-rl policy (metadata missing).
+    """
+    meta = {p.key: p.value for p in model.metadata_props}
+    for key in ("obs_dim", "act_dim", "state_size"):
+        if key not in meta:
+            raise ValueError(
+                f"the ONNX model lacks metadata {key!r}: not a compressm-rl policy export"
+            )
+    obs_dim, action_dim, state_dim = (int(meta[k]) for k in ("obs_dim", "act_dim", "state_size"))
+    emitter = _Emitter(model)
+    expected = {"obs": obs_dim, **({"state": state_dim} if state_dim else {})}
+    if {k: emitter.lengths.get(k) for k in expected} != expected or len(emitter.lengths) != len(
+        expected
+    ):
+        raise UnsupportedGraphError(
+            f"graph inputs {emitter.lengths} do not match the metadata {expected}"
+        )
+    for index, node in enumerate(model.graph.node):
+        emitter.node(node)
+        emitter.release_dead(index)
+    outputs = {"action": action_dim, **({"state_out": state_dim} if state_dim else {})}
+    if emitter.outputs != list(outputs):
+        raise UnsupportedGraphError(f"graph outputs {emitter.outputs}, expected {list(outputs)}")
+    copies = []
+    for name, length in outputs.items():
+        c_name, n = emitter.c_names[name], emitter.lengths[name]
+        if n != length:
+            raise UnsupportedGraphError(f"output {name!r} has {n} values, expected {length}")
+        # Outputs are written last, from stack buffers: state_out may alias state.
+        copies.append(f"    memcpy({name}, {c_name}, {length} * sizeof(float));")
+
+    title = f"compressm-rl policy step ({meta.get('env_id') or 'unknown env'})"
+    unused = "" if state_dim else "    (void)state;\n    (void)state_out;\n"
+    function = (
+        "void policy_step(const float *obs, const float *state, float *action, "
+        "float *state_out)\n{\n"
+        + unused
+        + "\n".join(emitter.declarations())
+        + "\n\n"
+        + "\n".join(emitter.body)
+        + "\n\n"
+        + "\n".join(copies)
+        + "\n}\n"
+    )
+    info = dict(sorted(meta.items()))
+    source = (
+        f"/* {title}\n * Generated by compressm-rl from {onnx_name} (nodes: "
+        f"{len(model.graph.node)}, weights: {emitter.weight_bytes} bytes). */\n"
+        f"/* {METADATA_TAG} {json.dumps(info)} */\n"
+        + _PRELUDE
+        + "\n"
+        + "\n\n".join(emitter.weights)
+        + "\n\n"
+        + function
+    )
+    header = _HEADER.format(
+        title=title,
+        onnx_name=onnx_name,
+        obs_dim=obs_dim,
+        action_dim=action_dim,
+        state_dim=state_dim,
+    )
+    readme = _README.format(
+        title=title,
+        onnx_name=onnx_name,
+        env_id=meta.get("env_id", ""),
+        policy_type=meta.get("policy_type", ""),
+        layer_state_dims=meta.get("layer_state_dims", "[]"),
+        dir_name=dir_name,
+        c_p50="see `compressm-rl bench`",
+    )
+    return CSources(source, header, readme, obs_dim, action_dim, state_dim, meta)
