@@ -26,28 +26,41 @@ from the fixed per-call cost. Writes ``latency.md``, ``latency.json``, ``latency
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import onnx
 import torch
 
 from compressm_rl.deploy import bench_torch
 from export.bench import (
-    bench_c_export,
-    bench_identity,
-    bench_session,
+    identity_step,
+    latency_stats,
     machine_info,
     markdown_table,
     save_histogram,
+    time_steps,
     to_json,
 )
-from export.c_build import HOST_FLAGS, METADATA_TAG, ToolchainError, cortex_m4_size
+from export.c_build import (
+    HOST_FLAGS,
+    METADATA_TAG,
+    CBenchmark,
+    ToolchainError,
+    cortex_m4_size,
+    read_metadata,
+)
 from export.c_codegen import generate
 from export.onnx_export import build_model
+from export.runtime import OnnxPolicy
 from policies.actor_critic import ActorCritic
 
 ENV_ID = "Hopper-v5"
@@ -112,17 +125,59 @@ def emx_export(c_dir: Path, out_dir: Path) -> Path | None:
     return out_dir
 
 
-def state_size_sweep(sizes: list[int], out_dir: Path, steps: int, warmup: int) -> list[dict]:
-    """ORT and C p50 of 2-layer SSM policies with n states per layer, for each n."""
-    policies = build_policies(
-        {f"ssm n=[{n},{n}]": dict(policy="ssm", state_dims=[n, n]) for n in sizes}
-    )
-    rows = []
-    for (name, policy), n in zip(policies.items(), sizes, strict=True):
-        onnx_path, c_dir = write_exports(policy, out_dir, f"sweep_n{n}")
-        rows.append({**bench_session(onnx_path, steps, warmup, name=f"ORT {name}"), "n": n})
-        rows.append({**bench_c_export(c_dir, steps, warmup, name=f"C {name}")[0], "n": n})
-    return rows
+class Rows:
+    """Timed rows run in rounds: every round times every row once, in a new random order,
+    and a row's statistics pool its samples over the rounds (this VM's speed drifts by
+    tens of percent within minutes; interleaving spreads the drift over all rows alike)."""
+
+    def __init__(self, stack: ExitStack, steps: int, warmup: int) -> None:
+        self.stack, self.steps, self.warmup = stack, steps, warmup
+        self.rows: list[tuple[str, Callable[[], np.ndarray], dict]] = []
+        self.samples: dict[str, list[np.ndarray]] = {}
+
+    def add(self, name: str, run: Callable[[], np.ndarray], **info) -> None:
+        self.rows.append((name, run, info))
+        self.samples[name] = []
+
+    def add_step(self, name: str, step: Callable, obs_dim: int, **info) -> None:
+        """A Python-timed step (ORT): ``time_steps`` per round."""
+        self.add(name, lambda: time_steps(step, obs_dim, self.steps, self.warmup), **info)
+
+    def add_onnx(self, name: str, path: Path, io_binding: bool = True) -> None:
+        policy = OnnxPolicy(path, io_binding=io_binding)
+        meta = policy.metadata
+        info = dict(kind="onnx", state_dims=policy.layer_state_dims, nodes=int(meta["num_nodes"]))
+        self.add_step(name, policy.act, policy.obs_dim, **info)
+
+    def add_c(self, name: str, c_dir: Path, floor: bool = False) -> None:
+        """A C export timed inside C; ``floor`` also adds the clock's floor row."""
+        benchmark = self.stack.enter_context(CBenchmark(c_dir, self.steps, self.warmup))
+        meta = read_metadata(c_dir)
+        state_dims = json.loads(meta["layer_state_dims"])
+        results: list = []
+
+        def run() -> np.ndarray:
+            results.append(benchmark.run())
+            return results[-1].times_ns
+
+        self.add(name, run, kind="c", state_dims=state_dims, nodes=int(meta["num_nodes"]))
+        if floor:
+            self.add(
+                "C clock floor (clock_gettime pair)", lambda: results[-1].floor_ns, kind="floor"
+            )
+
+    def run(self, rounds: int) -> dict[str, dict]:
+        rng = random.Random(0)
+        for _ in range(rounds):
+            order = list(self.rows)
+            rng.shuffle(order)
+            order.sort(key=lambda row: row[0].startswith("C clock"))  # after its C row
+            for name, run, _ in order:
+                self.samples[name].append(run())
+        return {
+            name: latency_stats(name, np.concatenate(self.samples[name]), **info)
+            for name, _, info in self.rows
+        }
 
 
 def plot_sweep(rows: list[dict], floors: dict[str, dict], mlp: dict[str, dict], path: Path) -> None:
@@ -203,8 +258,9 @@ def ratio_lines(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5000, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=5000, help="timed steps per row and round")
     parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="n per layer ('' skips)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/out/latency"))
     args = parser.parse_args(argv)
@@ -215,39 +271,50 @@ def main(argv: list[str] | None = None) -> None:
     exports = {
         name: write_exports(p, args.out_dir, file_stem(name)) for name, p in policies.items()
     }
-    results = [bench_identity(steps, warmup), bench_identity(steps, warmup, io_binding=False)]
-    c_floor = None
-    for name, (_, c_dir) in exports.items():
-        row, c_floor = bench_c_export(c_dir, steps, warmup, name=f"C {name}")
-        results.append(row)
-    results.insert(2, c_floor)
+    sizes = [int(n) for n in args.sweep.split(",")] if args.sweep else []
+    sweep_policies = build_policies(
+        {f"ssm n=[{n},{n}]": dict(policy="ssm", state_dims=[n, n]) for n in sizes}
+    )
+    sweep_exports = {
+        name: write_exports(p, args.out_dir, f"sweep_n{n}")
+        for (name, p), n in zip(sweep_policies.items(), sizes, strict=True)
+    }
     emx_dir = emx_export(exports["ssm n=[25,25]"][1], args.out_dir / "ssm_n25-25_emx")
-    if emx_dir is not None:
-        results.append(
-            bench_c_export(emx_dir, steps, warmup, name="emx-onnx-cgen ssm n=[25,25]")[0]
-        )
-    for name, (onnx_path, _) in exports.items():
-        results.append(bench_session(onnx_path, steps, warmup, name=f"ORT {name}"))
-    for name, (onnx_path, _) in exports.items():
-        row = bench_session(onnx_path, steps, warmup, io_binding=False, name=f"ORT {name} (run)")
-        results.append(row)
-    for name, policy in policies.items():
+
+    with ExitStack() as stack:
+        rows = Rows(stack, steps, warmup)
+        for io_binding in (True, False):
+            name, step = identity_step(io_binding=io_binding)
+            rows.add_step(name, step, 16, kind="floor", nodes=1)
+        for i, (name, (_, c_dir)) in enumerate(exports.items()):
+            rows.add_c(f"C {name}", c_dir, floor=i == 0)
+        if emx_dir is not None:
+            rows.add_c("emx-onnx-cgen ssm n=[25,25]", emx_dir)
+        for name, (onnx_path, _) in exports.items():
+            rows.add_onnx(f"ORT {name}", onnx_path)
+            rows.add_onnx(f"ORT {name} (run)", onnx_path, io_binding=False)
+        for name, (onnx_path, c_dir) in sweep_exports.items():
+            rows.add_onnx(f"sweep ORT {name}", onnx_path)
+            rows.add_c(f"sweep C {name}", c_dir)
+        stats = rows.run(args.rounds)
+    results = [r for name, r in stats.items() if not name.startswith("sweep")]
+    for name, policy in policies.items():  # ~1 ms a step: one pass, outside the rounds
         results.append(bench_torch(policy, f"torch {name}", steps, warmup))
 
     machine = machine_info()
-    machine["torch"] = torch.__version__
-    machine["c_flags"] = " ".join(HOST_FLAGS)
+    machine.update(torch=torch.__version__, c_flags=" ".join(HOST_FLAGS), rounds=args.rounds)
     table = markdown_table(results, machine)
-    table += f"\n\nC built with `gcc {' '.join(HOST_FLAGS)}`, timed inside C.\n\n"
-    table += ratio_lines(results)
+    table += (
+        f"\n\n{args.rounds} interleaved rounds of {steps} steps per row (torch: one pass); C "
+        f"built with `gcc {' '.join(HOST_FLAGS)}`, timed inside C.\n\n" + ratio_lines(results)
+    )
     save_histogram(results, args.out_dir / "latency_hist.png")
-    if args.sweep:
-        sweep = state_size_sweep(
-            [int(n) for n in args.sweep.split(",")], args.out_dir, steps, warmup
-        )
-        by_name = {r["name"]: r for r in results}
-        floors = {"onnx": results[0], "c": c_floor}
-        mlp = {"onnx": by_name["ORT mlp 64-64"], "c": by_name["C mlp 64-64"]}
+    if sizes:
+        sweep = []
+        for name, n in zip(sweep_exports, sizes, strict=True):
+            sweep += [{**stats[f"sweep ORT {name}"], "n": n}, {**stats[f"sweep C {name}"], "n": n}]
+        floors = {"onnx": stats["ORT identity floor (IOBinding)"]}
+        mlp = {"onnx": stats["ORT mlp 64-64"], "c": stats["C mlp 64-64"]}
         plot_sweep(sweep, floors, mlp, args.out_dir / "latency_vs_n.png")
         table += (
             "\n\nState-size sweep (2 layers, H = 64; ORT with IOBinding, C timed inside C):\n\n"

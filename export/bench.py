@@ -132,14 +132,11 @@ def bench_session(
     )
 
 
-def bench_identity(
-    steps: int = DEFAULT_STEPS,
-    warmup: int = DEFAULT_WARMUP,
-    provider: str = "CPUExecutionProvider",
-    width: int = 16,
-    io_binding: bool = True,
-) -> dict:
-    """ORT's own floor: one Identity node on ``[1, width]``, same session options as policies."""
+def identity_step(
+    provider: str = "CPUExecutionProvider", width: int = 16, io_binding: bool = True
+) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """ORT's own floor as a step: one Identity node on ``[1, width]``, same session options
+    as policies; returns the row's name and the step."""
     session = make_session(_IDENTITY_MODEL, provider)
     x = np.zeros((1, width), np.float32)
     y = np.zeros((1, width), np.float32)
@@ -154,13 +151,23 @@ def bench_identity(
             session.run_with_iobinding(binding)
             return y[0].copy()
 
-        name = "ORT identity floor (IOBinding)"
-    else:
+        return "ORT identity floor (IOBinding)", step
 
-        def step(obs: np.ndarray) -> np.ndarray:
-            return session.run(None, {"x": obs[None]})[0][0]
+    def step(obs: np.ndarray) -> np.ndarray:
+        return session.run(None, {"x": obs[None]})[0][0]
 
-        name = "ORT identity floor (run)"
+    return "ORT identity floor (run)", step
+
+
+def bench_identity(
+    steps: int = DEFAULT_STEPS,
+    warmup: int = DEFAULT_WARMUP,
+    provider: str = "CPUExecutionProvider",
+    width: int = 16,
+    io_binding: bool = True,
+) -> dict:
+    """Latency row of ORT's floor (``identity_step``)."""
+    name, step = identity_step(provider, width, io_binding)
     return bench_callable(
         name, step, width, steps, warmup, kind="floor", nodes=1, provider=provider
     )

@@ -266,6 +266,50 @@ class BenchResult:
     floor_ns: np.ndarray
 
 
+class CBenchmark:
+    """A C export built with ``BENCH_HARNESS`` once, then timed as often as asked (so rows
+    can be interleaved round by round). Use as a context manager; the build is removed."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        steps: int = 5000,
+        warmup: int = 500,
+        seed: int = 0,
+        flags: list[str] | None = None,
+    ) -> None:
+        sources = source_dir(path)
+        obs_dim = read_header_dims(sources)[0]
+        # Standard-normal observations drawn with ``seed``, as export.bench.time_steps does.
+        rng = np.random.default_rng(seed)
+        observations = rng.standard_normal((warmup + steps, obs_dim)).astype(np.float32)
+        self._tmp = tempfile.TemporaryDirectory(prefix="compressm-c-bench-")
+        tmp = Path(self._tmp.name)
+        try:
+            exe = compile_c(sources, tmp / "policy_bench", BENCH_HARNESS, flags=flags)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+        observations.tofile(tmp / "obs.bin")
+        self._times, self._floor = tmp / "times.bin", tmp / "floor.bin"
+        self._command = [str(exe), str(tmp / "obs.bin"), str(warmup), str(steps)]
+        self._command += [str(self._times), str(self._floor)]
+
+    def run(self) -> BenchResult:
+        """One timed pass: ``steps`` calls after ``warmup`` untimed ones."""
+        _run(self._command, "the C timing harness")
+        return BenchResult(np.fromfile(self._times, np.int64), np.fromfile(self._floor, np.int64))
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def __enter__(self) -> CBenchmark:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def bench_c(
     path: str | os.PathLike,
     steps: int = 5000,
@@ -273,20 +317,9 @@ def bench_c(
     seed: int = 0,
     flags: list[str] | None = None,
 ) -> BenchResult:
-    """Time ``policy_step`` inside C (``BENCH_HARNESS``), on standard-normal observations
-    drawn with ``seed`` as ``export.bench.time_steps`` draws them."""
-    sources = source_dir(path)
-    obs_dim = read_header_dims(sources)[0]
-    rng = np.random.default_rng(seed)
-    observations = rng.standard_normal((warmup + steps, obs_dim)).astype(np.float32)
-    with tempfile.TemporaryDirectory(prefix="compressm-c-bench-") as tmp:
-        tmp = Path(tmp)
-        exe = compile_c(sources, tmp / "policy_bench", BENCH_HARNESS, flags=flags)
-        observations.tofile(tmp / "obs.bin")
-        times, floor = tmp / "times.bin", tmp / "floor.bin"
-        command = [str(exe), str(tmp / "obs.bin"), str(warmup), str(steps), str(times), str(floor)]
-        _run(command, "the C timing harness")
-        return BenchResult(np.fromfile(times, np.int64), np.fromfile(floor, np.int64))
+    """Time ``policy_step`` inside C (``BENCH_HARNESS``), one pass (``CBenchmark``)."""
+    with CBenchmark(path, steps, warmup, seed, flags) as benchmark:
+        return benchmark.run()
 
 
 def cortex_m4_size(path: str | os.PathLike) -> dict:

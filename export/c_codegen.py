@@ -368,16 +368,34 @@ class _Emitter:
         shifted = f"({x}[i] - mean) * inv_std * {scale('i')}"
         value = f"{shifted} + {bias('i')}" if bias else shifted
         self.emit("    {")
-        self.emit("        float mean = 0.0f, var = 0.0f;")
-        self.emit(f"        for (int i = 0; i < {length}; ++i) mean += {x}[i];")
-        self.emit(f"        mean /= {length}.0f;")
-        self.emit(f"        for (int i = 0; i < {length}; ++i) {{")
-        self.emit(f"            const float d = {x}[i] - mean;")
-        self.emit("            var += d * d;")
-        self.emit("        }")
-        self.emit(f"        const float inv_std = 1.0f / sqrtf(var / {length}.0f + {eps});")
+        self.emit(f"        const float mean = {self.sum(f'{x}[i]', length)} / {length}.0f;")
+        square = f"({x}[i] - mean) * ({x}[i] - mean)"
+        self.emit(f"        const float var = {self.sum(square, length)} / {length}.0f;")
+        self.emit(f"        const float inv_std = 1.0f / sqrtf(var + {eps});")
         self.emit(f"        for (int i = 0; i < {length}; ++i) {out}[i] = {value};")
         self.emit("    }")
+
+    def sum(self, term: str, length: int) -> str:
+        """Emit a sum of ``term`` (in ``i``) over ``length`` into 8 partial sums, added in a
+        fixed order: a vector's lanes without -ffast-math (a plain loop is a chain of
+        dependent adds, ~0.25 µs for the 4 sums of 64 of two LayerNorms); returns the C
+        expression of the total."""
+        k = self._sums = getattr(self, "_sums", 0) + 1
+        lanes = f"s{k}"
+        self.emit(f"        float {lanes}[8] = {{0.0f}};")
+        whole = length // 8 * 8
+        if whole:
+            self.emit(f"        for (int i8 = 0; i8 < {whole}; i8 += 8) {{")
+            self.emit("            for (int lane = 0; lane < 8; ++lane) {")
+            self.emit("                const int i = i8 + lane;")
+            self.emit(f"                {lanes}[lane] += {term};")
+            self.emit("            }")
+            self.emit("        }")
+        if length > whole:
+            self.emit(
+                f"        for (int i = {whole}; i < {length}; ++i) {lanes}[i - {whole}] += {term};"
+            )
+        return f"((({lanes}[0] + {lanes}[1]) + ({lanes}[2] + {lanes}[3])) + (({lanes}[4] + {lanes}[5]) + ({lanes}[6] + {lanes}[7])))"
 
     def clip(self, node: onnx.NodeProto) -> None:
         x, length = self.activation(node, node.input[0])
