@@ -70,6 +70,14 @@ _PRELUDE = r"""#include <math.h>
 
 #include "policy.h"
 
+/* gcc unrolls loops of up to 16 iterations completely before vectorising, and then fails
+ * to vectorise a 16-wide accumulator update (n = 8: 1.6 us a step instead of 0.7 us). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CM_KEEP_LOOP _Pragma("GCC unroll 1")
+#else
+#define CM_KEEP_LOOP
+#endif
+
 /* e^x for x <= 0 (Cephes' expf): e^x = 2^k e^f, |f| <= ln2/2, e^f by a degree-7
  * polynomial, 2^k written into the exponent bits. Branch-free, so loops vectorise. */
 static inline float cm_exp_nonpositive(float x)
@@ -342,16 +350,37 @@ class _Emitter:
         # vectorises without -ffast-math).
         for j0 in range(0, j_len, BLOCK):
             width = min(BLOCK, j_len - j0)
-            self.emit("    {")
+            # Narrow blocks run `parts` independent accumulator sets over k (summed at the
+            # end), so a chain of dependent multiply-adds does not set the pace: at
+            # n = 8 (16 outputs) one set took 2.4 µs a step, n = 16 1.1 µs.
+            parts = max(1, min(4, BLOCK // (-(-width // 8) * 8), k_len))
+            whole = k_len // parts * parts
             init = f"{bias(f'{j0} + j') if j0 else bias('j')}" if bias else "0.0f"
-            self.emit(f"        float acc[{width}];")
-            self.emit(f"        for (int j = 0; j < {width}; ++j) acc[j] = {init};")
-            self.emit(f"        for (int k = 0; k < {k_len}; ++k) {{")
-            self.emit(f"            const float xk = {x}[k];")
-            self.emit(f"            const float *row = {w_name} + k * {j_len} + {j0};")
-            self.emit(f"            for (int j = 0; j < {width}; ++j) acc[j] += xk * row[j];")
+            self.emit("    {")
+            self.emit(f"        float acc[{parts}][{width}];")
+            self.emit(f"        for (int j = 0; j < {width}; ++j) acc[0][j] = {init};")
+            for p in range(1, parts):
+                self.emit(f"        for (int j = 0; j < {width}; ++j) acc[{p}][j] = 0.0f;")
+            self.emit(f"        for (int k0 = 0; k0 < {whole}; k0 += {parts}) {{")
+            self.emit(f"            for (int p = 0; p < {parts}; ++p) {{")
+            self.emit(f"                const float xk = {x}[k0 + p];")
+            self.emit(f"                const float *row = {w_name} + (k0 + p) * {j_len} + {j0};")
+            if width <= 16:
+                self.emit("                CM_KEEP_LOOP")
+            self.emit(
+                f"                for (int j = 0; j < {width}; ++j) acc[p][j] += xk * row[j];"
+            )
+            self.emit("            }")
             self.emit("        }")
-            self.emit(f"        for (int j = 0; j < {width}; ++j) {out}[{j0} + j] = acc[j];")
+            if whole < k_len:
+                self.emit(f"        for (int k = {whole}; k < {k_len}; ++k) {{")
+                self.emit(f"            const float *row = {w_name} + k * {j_len} + {j0};")
+                self.emit(
+                    f"            for (int j = 0; j < {width}; ++j) acc[0][j] += {x}[k] * row[j];"
+                )
+                self.emit("        }")
+            total = " + ".join(f"acc[{p}][j]" for p in range(parts))
+            self.emit(f"        for (int j = 0; j < {width}; ++j) {out}[{j0} + j] = {total};")
             self.emit("    }")
 
     def layer_norm(self, node: onnx.NodeProto) -> None:
