@@ -267,7 +267,7 @@ def test_missing_sources_and_failed_builds_are_clear(tmp_path):
 def test_bad_observations_are_rejected_before_the_c_step(exports):
     c_policy = CPolicy(exports["ssm_compressed"][1])
     before = c_policy.state
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="NaN or inf"), np.errstate(over="ignore"):
         c_policy.act(np.full(11, 1e300))  # finite in float64, inf in float32
     with pytest.raises(ValueError, match="shape"):
         c_policy.act(np.zeros(12))
@@ -458,3 +458,16 @@ def test_bench_command_times_c_inside_c(exports, tmp_path):
     assert c_row["kind"] == "c" and c_row["steps"] == 300 and c_row["state_dims"] == [25, 7]
     assert "C clock floor (clock_gettime pair)" in rows
     assert 0 < c_row["p50_us"] < rows["policy.onnx"]["p50_us"]  # below ORT's per-call floor
+
+
+def test_a_prebuilt_shared_library_is_loaded_as_is(exports, tmp_path):
+    """`compressm-rl eval DIR/libpolicy.so`: the library a user built, its policy.c beside it."""
+    from compressm_rl.runs import load_controller
+
+    _, directory = exports["mlp"]
+    copy = shutil.copytree(directory, tmp_path / "c")
+    library = compile_c(copy, copy / "libpolicy.so", shared=True)
+    controller, env_id = load_controller(library)
+    assert env_id == "Hopper-v5" and isinstance(controller, CPolicy)
+    obs = np.random.default_rng(8).normal(size=(5, 11))
+    np.testing.assert_array_equal(controller.run(obs)[0], CPolicy(copy).run(obs)[0])
