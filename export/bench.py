@@ -206,6 +206,11 @@ def machine_info(provider: str = "CPUExecutionProvider") -> dict:
     }
 
 
+def _us(value: float) -> str:
+    """Microseconds: 3 significant digits below 10 µs (C steps, floors), else 0.1 µs."""
+    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
 def markdown_table(results: list[dict], machine: dict | None = None) -> str:
     """Results side by side as a Markdown table, with the machine as a caption line."""
     lines = []
@@ -224,8 +229,8 @@ def markdown_table(results: list[dict], machine: dict | None = None) -> str:
         nodes = r.get("nodes")
         lines.append(
             f"| {r['name']} | {r.get('kind', '')} | {dims if dims else '-'} | "
-            f"{nodes if nodes is not None else '-'} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | "
-            f"{r['p99_us']:.1f} | {r['max_us']:.1f} | {r['steps_per_s']:,.0f} |"
+            f"{nodes if nodes is not None else '-'} | {_us(r['p50_us'])} | {_us(r['p90_us'])} | "
+            f"{_us(r['p99_us'])} | {_us(r['max_us'])} | {r['steps_per_s']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -254,7 +259,7 @@ def save_histogram(results: list[dict], path: str | os.PathLike | BinaryIO) -> b
     rows = [r for r in results if "_times_us" in r]
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: rows never share one
     for i, r in enumerate(rows):
-        label = f"{r['name']} (p50 {r['p50_us']:.1f})"
+        label = f"{r['name']} (p50 {_us(r['p50_us'])})"
         ax.hist(r["_times_us"], bins=bins, histtype="step", color=colors[i % 20], label=label)
     ax.set_xscale("log")
     ax.set_xlabel("µs per step (batch 1, log scale; top 0.1% clipped)")
