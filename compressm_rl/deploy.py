@@ -29,10 +29,11 @@ def export_run(
     atol: float = 1e-5,
     keep_failed: bool = False,
 ) -> tuple[ActorCritic, dict, dict | None]:
-    """Export ``run_dir``'s actor to ``out`` and check it against torch in closed loop.
+    """Export ``run_dir``'s actor to ``out`` and check it in closed loop, step by step
+    against a float64 copy of the policy (``export.parity.check_parity``).
 
     Returns the policy, the run's metadata and the parity report (None when
-    ``parity_steps`` is 0). Raises ``ParityError`` when ONNX Runtime and torch disagree;
+    ``parity_steps`` is 0). Raises ``ParityError`` when the export is out of tolerance;
     ``out`` is then left as it was, unless ``keep_failed`` puts the failed file there.
     """
     policy, meta = load_policy(run_dir)
@@ -42,21 +43,11 @@ def export_run(
     reports: list[dict] = []
     failed: list[ParityError] = []
 
+    parity = dict(steps=parity_steps, batch=parity_batch, seed=seed, rtol=rtol, atol=atol)
+
     def check(tmp: Path) -> None:  # on the complete file, before it takes out's place
         try:
-            reports.append(
-                check_parity(
-                    policy,
-                    tmp,
-                    meta["env_id"],
-                    steps=parity_steps,
-                    batch=parity_batch,
-                    seed=seed,
-                    rtol=rtol,
-                    atol=atol,
-                    make_env=make_env,
-                )
-            )
+            reports.append(check_parity(policy, tmp, meta["env_id"], make_env=make_env, **parity))
         except ParityError as err:
             if not keep_failed:
                 raise  # out is left as it was
@@ -106,22 +97,13 @@ def export_c_run(
         "policy.onnx": model.SerializeToString(),
     }
     reports: list[dict] = []
+    parity = dict(steps=parity_steps, batch=parity_batch, seed=seed, rtol=rtol, atol=atol)
 
     def check(tmp: Path) -> None:
         controller = CPolicy(tmp, batch_size=parity_batch)  # compiling is itself a check
         if parity_steps > 0:
             reports.append(
-                check_parity(
-                    policy,
-                    controller,
-                    meta["env_id"],
-                    steps=parity_steps,
-                    batch=parity_batch,
-                    seed=seed,
-                    rtol=rtol,
-                    atol=atol,
-                    make_env=make_env,
-                )
+                check_parity(policy, controller, meta["env_id"], make_env=make_env, **parity)
             )
 
     atomic_write_dir(out, files, check, owned=lambda path: (path / SOURCE_NAME).is_file())
