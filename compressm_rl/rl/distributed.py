@@ -1,0 +1,178 @@
+"""Data parallelism for PPO on ``torch.distributed``, the field's way (rsl_rl's multi-GPU
+PPO, IsaacLab, DD-PPO): every rank owns its envs, its rollout and a policy copy; the
+gradients of every step are averaged with one all-reduce of a flat buffer; statistics
+that every rank must share (the normalisers) are merged from all ranks' moments in rank
+order, so every rank computes the same numbers; rank 0 writes.
+
+Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``); without it ``init_world`` returns a world of one and
+nothing here communicates. Backends: gloo on the CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from policies.normalizer import RunningNormalizer
+
+# A rank that dies leaves the others blocked in a collective until this runs out; torchrun
+# also stops the job when a worker exits non-zero (its default), which is what ends it
+# within seconds.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: ``rank`` of ``size`` processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device: torch.device | str = "cpu", timeout=DEFAULT_TIMEOUT) -> World:
+    """Join the job ``torchrun`` started (gloo on CPU, nccl on CUDA), or a world of one.
+
+    Idempotent: an initialised default process group is reused.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout)
+    return World(rank, size, local_rank)
+
+
+def all_reduce_gradients(parameters: Iterable[nn.Parameter], world: World) -> None:
+    """Average the gradients of ``parameters`` over all ranks, in place: one all-reduce of
+    one flat buffer (as rsl_rl), not one call per tensor. Parameters without a gradient
+    take part as zeros, so every rank sends the same layout."""
+    if not world.distributed:
+        return
+    params = list(parameters)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world.size
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        if p.grad is None:
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+        else:
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
+
+
+def broadcast_module(module: nn.Module, world: World, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (at the start, and after
+    anything that changes shapes), so all ranks hold bit-identical models."""
+    if not world.distributed:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src)
+
+
+def batch_moments(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``[count, mean..., M2...]`` of the samples ``x`` ``[..., *shape]``, float64, flat."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1, *shape)
+    mean = x.mean(axis=0)
+    m2 = ((x - mean) ** 2).sum(axis=0)
+    return np.concatenate([[float(x.shape[0])], mean.ravel(), m2.ravel()])
+
+
+def merge_moments(
+    count: float, mean: np.ndarray, var: np.ndarray, moments: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Chan et al.'s parallel merge of running statistics ``(count, mean, var)`` with a
+    batch's ``batch_moments``; returns the merged ``(count, mean, var)``."""
+    size = mean.size
+    n_b, mean_b = moments[0], moments[1 : 1 + size].reshape(mean.shape)
+    m2_b = moments[1 + size :].reshape(mean.shape)
+    n = count + n_b
+    delta = mean_b - mean
+    new_mean = mean + delta * (n_b / n)
+    m2 = var * count + m2_b + delta * delta * (count * n_b / n)
+    return n, new_mean, m2 / n
+
+
+def gather_moments(moments: np.ndarray, world: World) -> list[np.ndarray]:
+    """Every rank's ``batch_moments``, in rank order (the same list on every rank)."""
+    if not world.distributed:
+        return [moments]
+    local = torch.from_numpy(np.ascontiguousarray(moments, dtype=np.float64))
+    gathered = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(gathered, local)
+    return [g.numpy() for g in gathered]
+
+
+@torch.no_grad()
+def merge_normalizer(
+    normalizer: RunningNormalizer,
+    before: tuple[float, np.ndarray, np.ndarray],
+    local_batch: np.ndarray,
+    world: World,
+) -> None:
+    """Set ``normalizer`` to ``before`` (count, mean, var) merged with every rank's
+    ``local_batch`` ``[..., *shape]`` in rank order: identical statistics on every rank,
+    equal (to rounding) to one process having seen all the data.
+
+    A rank may have updated its normaliser from its own data meanwhile (the reward scale
+    needs the running variance at every step); that local state is replaced.
+    """
+    shape = tuple(normalizer.mean.shape)
+    count, mean, var = before
+    for moments in gather_moments(batch_moments(local_batch, shape), world):
+        count, mean, var = merge_moments(count, mean, var, moments)
+    device = normalizer.mean.device
+    normalizer.mean.copy_(torch.as_tensor(mean, dtype=torch.float64, device=device))
+    normalizer.var.copy_(torch.as_tensor(var, dtype=torch.float64, device=device))
+    normalizer.count.fill_(float(count))
+
+
+def statistics(normalizer: RunningNormalizer) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(count, mean, var)`` of ``normalizer`` as float64 numpy copies."""
+    return (
+        float(normalizer.count),
+        normalizer.mean.detach().cpu().numpy().copy(),
+        normalizer.var.detach().cpu().numpy().copy(),
+    )
+
+
+def broadcast_object(obj, world: World, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (e.g. a reduction plan)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    """Leave the process group (at the end of training)."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
