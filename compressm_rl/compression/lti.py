@@ -14,7 +14,9 @@ D u_t`` with ``x_t = A x_{t-1} + B u_t``), whereas a ``control.StateSpace`` mean
 The Gramians, Hankel singular values (HSVs) and the truncation are those of ``(A, B_x,
 C_x)``. Because ``|z| = 1`` on the unit circle, the H∞ error of the reduced layer (read
 with the layer's timing) equals that of the truncated state-space system, so
-``‖G − G_r‖_∞ ≤ 2 Σ_{j>r} σ_j`` holds for the layer as well.
+``‖G − G_r‖_∞ ≤ 2 Σ_{j>r} σ_j`` holds for the layer as well. With ``input_covariance``
+(data-weighted Gramians, Enns), P is that of ``(A, B_x Σ_u^{1/2})`` and the bound is for
+``‖(G − G_r) Σ_u^{1/2}‖_∞`` instead.
 
 Pitfalls (python-control 0.10.2), so this module never uses them:
 ``control.balred`` hard-codes continuous time (it keeps "unstable" modes of a stable
@@ -88,15 +90,41 @@ def real_realization(
 # --------------------------------------------------------------------------------------
 
 
+def input_covariance(u: np.ndarray) -> np.ndarray:
+    """Second moment ``Σ_u = E[u uᵀ]`` of recorded inputs ``u [..., H]``, float64 ``[H, H]``.
+
+    Not centred: a constant input component is part of what the layer is driven by.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    flat = u.reshape(-1, u.shape[-1])
+    if flat.shape[0] == 0 or not np.isfinite(flat).all():
+        raise ValueError(f"need finite recorded inputs [..., H], got shape {u.shape}")
+    cov = flat.T @ flat / flat.shape[0]
+    return 0.5 * (cov + cov.T)
+
+
+def _check_covariance(cov: np.ndarray, H: int) -> np.ndarray:
+    cov = np.asarray(cov, dtype=np.float64)
+    if cov.shape != (H, H) or not np.isfinite(cov).all():
+        raise ValueError(f"input_covariance must be finite [H, H] = [{H}, {H}], got {cov.shape}")
+    cov = 0.5 * (cov + cov.T)
+    if np.linalg.eigvalsh(cov)[0] < -1e-10 * max(np.abs(cov).max(), 1e-300):
+        raise ValueError("input_covariance must be positive semi-definite")
+    return cov
+
+
 def _closed_form_gramians(
-    lam: np.ndarray, B: np.ndarray, C: np.ndarray
+    lam: np.ndarray, B: np.ndarray, C: np.ndarray, cov: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    # Complex diagonal system: Pc = Σ Λ^k B Bᴴ Λ^{kᴴ}, R = Σ Λ^k B Bᵀ Λ^k (the input is real,
-    # so the pseudo-covariance R is needed too); likewise Qc, S for the output side. Then
-    # Re h = (h + h̄)/2, Im h = (h − h̄)/(2i) give the real Gramians blockwise.
+    # Complex diagonal system driven by a real input with E[u_t u_sᵀ] = Σ_u δ_ts (Σ_u = I:
+    # white noise): Pc = E[h hᴴ] = Σ Λ^k B Σ_u Bᴴ Λ^{kᴴ}, R = E[h hᵀ] = Σ Λ^k B Σ_u Bᵀ Λ^k
+    # (the input is real, so the pseudo-covariance R is needed too); likewise Qc, S for the
+    # output side. Then Re h = (h + h̄)/2, Im h = (h − h̄)/(2i) give the real Gramians
+    # blockwise.
     lc, l = lam.conj(), lam
-    Pc = (B @ B.conj().T) / (1.0 - l[:, None] * lc[None, :])
-    R = (B @ B.T) / (1.0 - l[:, None] * l[None, :])
+    BS = B if cov is None else B @ cov
+    Pc = (BS @ B.conj().T) / (1.0 - l[:, None] * lc[None, :])
+    R = (BS @ B.T) / (1.0 - l[:, None] * l[None, :])
     Qc = (C.conj().T @ C) / (1.0 - lc[:, None] * l[None, :])
     S = (C.T @ C) / (1.0 - l[:, None] * l[None, :])
     P = 0.5 * np.block([[(Pc + R).real, (R - Pc).imag], [(R + Pc).imag, (Pc - R).real]])
@@ -105,25 +133,36 @@ def _closed_form_gramians(
 
 
 def gramians(
-    lam: np.ndarray, B: np.ndarray, C: np.ndarray, method: GramianMethod = "closed_form"
+    lam: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    method: GramianMethod = "closed_form",
+    input_covariance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Controllability and observability Gramians ``(P, Q)``, each ``[2n, 2n]`` float64.
 
-    Of the real form ``(A, B_x, C_x)``: ``P = A P Aᵀ + B_x B_xᵀ``, ``Q = Aᵀ Q A + C_xᵀ C_x``.
+    Of the real form ``(A, B_x, C_x)``: ``P = A P Aᵀ + B_x Σ_u B_xᵀ``, ``Q = Aᵀ Q A + C_xᵀ
+    C_x``, with ``Σ_u = I`` (white-noise Gramians) unless ``input_covariance`` is given.
 
     Args:
         method: ``"closed_form"`` (default; exact for the diagonal layer, O(n²H), ~2 ms at
             n=128) or ``"control"`` (``control.gram`` on the discrete StateSpace, i.e.
             SLICOT sb03md; ~100 ms at n=128).
+        input_covariance: real PSD ``Σ_u [H_in, H_in]`` (``input_covariance(u)`` of the
+            layer's recorded inputs): P is then the state covariance of the layer driven by
+            temporally white inputs of that covariance (Enns' input-weighted Gramian with
+            the static weight Σ_u^{1/2}, docs/design.md §6). Q stays the standard one.
     """
     lam, B, C, _ = check_system(lam, B, C)
+    cov = None if input_covariance is None else _check_covariance(input_covariance, B.shape[1])
     if method == "closed_form":
-        P, Q = _closed_form_gramians(lam, B, C)
+        P, Q = _closed_form_gramians(lam, B, C, cov)
     elif method == "control":
         import control
 
-        sys = real_realization(lam, B, C)
-        P, Q = control.gram(sys, "c"), control.gram(sys, "o")
+        Bw = B if cov is None else B @ _psd_factor(cov)  # Σ_u = L Lᵀ, L real
+        P = control.gram(real_realization(lam, Bw, C), "c")
+        Q = control.gram(real_realization(lam, B, C), "o")
     else:
         raise ValueError(f"method must be 'closed_form' or 'control', got {method!r}")
     # Exact symmetry keeps the factorisations below honest.
@@ -134,14 +173,17 @@ def _psd_factor(M: np.ndarray) -> np.ndarray:
     """``L`` with ``L Lᵀ = M`` for symmetric PSD ``M``: Cholesky, else eigen-square-root.
 
     Gramians of a (near) non-minimal layer are singular to working precision (e.g. a real
-    mode has an uncontrollable imaginary part), where Cholesky fails; eigh then clips the
-    rounding-level negative eigenvalues to zero.
+    mode has an uncontrollable imaginary part, or a data-weighted Gramian has directions
+    the inputs never excite), where Cholesky fails; eigh then sets the eigenvalues at
+    rounding level (≤ N·eps·λ_max, negative ones included) to zero, since their square
+    roots (~1e-8 λ_max^{1/2}) would otherwise come back as spurious HSVs.
     """
     try:
         return sla.cholesky(M, lower=True)
     except np.linalg.LinAlgError:
         w, U = np.linalg.eigh(M)
-        return U * np.sqrt(np.clip(w, 0.0, None))
+        w = np.where(w > M.shape[0] * np.finfo(np.float64).eps * max(w[-1], 0.0), w, 0.0)
+        return U * np.sqrt(w)
 
 
 def _balance(
@@ -154,15 +196,21 @@ def _balance(
 
 
 def hankel_singular_values(
-    lam: np.ndarray, B: np.ndarray, C: np.ndarray, method: GramianMethod = "closed_form"
+    lam: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    method: GramianMethod = "closed_form",
+    input_covariance: np.ndarray | None = None,
 ) -> np.ndarray:
     """Hankel singular values of the real form, descending, float64 ``[2n]``.
 
     ``σ = sqrt(eig(P Q))`` computed as the singular values of ``Loᵀ Lc`` (P = Lc Lcᵀ,
     Q = Lo Loᵀ), which avoids the non-symmetric eigenproblem. Where a Gramian is singular
     (eigen-square-root path), σ much below ~1e-8 σ_1 may be rounding noise.
+    With ``input_covariance`` (``gramians``), the input-weighted HSVs: those of
+    ``(A, B_x Σ_u^{1/2}, C_x)``.
     """
-    P, Q = gramians(lam, B, C, method)
+    P, Q = gramians(lam, B, C, method, input_covariance)
     return _balance(P, Q)[0]
 
 
@@ -180,7 +228,8 @@ class ReductionResult:
         B: complex ``[m, H_in]``.
         C: complex ``[H_out, m]``.
         D: real ``[H_out]``, unchanged.
-        hsv: Hankel singular values of the full layer's real form, descending ``[2n]``.
+        hsv: Hankel singular values of the full layer's real form, descending ``[2n]``
+            (input-weighted where ``balanced_truncation`` had an ``input_covariance``).
         rank: real states kept, r (= 2 · complex pairs + real modes, so ``r ≤ 2m``).
         bound: the H∞ error bound on the unit circle of the returned system: ``2 Σ_{j>r}
             σ_j``, plus the clamp's own error bound where ``max_radius`` moved a mode.
@@ -254,6 +303,7 @@ def balanced_truncation(
     hsv_rtol: float = 1e-12,
     max_radius: float | None = None,
     pair_real: float = 0.0,
+    input_covariance: np.ndarray | None = None,
 ) -> ReductionResult:
     """Balanced truncation of one layer, returned in diagonal form.
 
@@ -273,6 +323,11 @@ def balanced_truncation(
         pair_real: budget for holding two real modes in one state (``_pair_real_modes``),
             as a fraction of the truncation's bound ``2 Σ_{j>r} σ_j``; 0: never (the
             result is then exactly the truncated balanced system).
+        input_covariance: ``Σ_u [H_in, H_in]`` of the layer's inputs (``gramians``): balance
+            the input-weighted Gramian against the standard Q (Enns). ``hsv`` are then the
+            weighted HSVs, directions the inputs never excite have σ = 0 and are cut, and
+            ``bound`` bounds the weighted error ``‖(G − G_r) Σ_u^{1/2}‖_∞`` (the pairing's
+            and clamp's shares scaled by ``‖Σ_u^{1/2}‖₂``), not the unweighted one.
 
     Returns:
         ReductionResult. A conjugate eigenvalue pair (μ, μ̄) of A_r becomes one complex
@@ -296,7 +351,11 @@ def balanced_truncation(
         raise ValueError(f"min_rank must be in [1, 2n = {n2}], got {min_rank}")
 
     A, Bx, Cx, _ = real_form(lam, B, C)
-    P, Q = gramians(lam, B, C, method)
+    P, Q = gramians(lam, B, C, method, input_covariance)
+    # The weighted bound's share of an unweighted error e: ‖e Σ_u^{1/2}‖ ≤ ‖e‖ ‖Σ_u‖₂^{1/2}.
+    weight = 1.0
+    if input_covariance is not None:
+        weight = float(np.sqrt(max(np.linalg.eigvalsh(input_covariance)[-1], 0.0)))
     hsv, Lc, U, Vt, Lo = _balance(P, Q)
     if hsv[0] <= 0.0:
         raise ZeroMap("the layer's input-output map is zero (all HSVs vanish)")
@@ -311,11 +370,12 @@ def balanced_truncation(
     lam_r, B_red, C_red, Vinv, cond_V = _diagonalise(A_r, B_r, C_r, max_cond)
     truncation_bound = float(2.0 * hsv[r:].sum())
     lam_r, B_red, C_red, W, n_paired, pair_bound = _pair_real_modes(
-        lam_r, B_red, C_red, Vinv @ T_inv, pair_real * truncation_bound
+        lam_r, B_red, C_red, Vinv @ T_inv, pair_real * truncation_bound / max(weight, 1e-300)
     )
     n_clamped, clamp_bound = 0, 0.0
     if max_radius is not None:
         lam_r, B_red, n_clamped, clamp_bound = _clamp_radius(lam_r, B_red, C_red, max_radius)
+    pair_bound, clamp_bound = weight * pair_bound, weight * clamp_bound
     return ReductionResult(
         lam=lam_r,
         B=B_red,

@@ -6,7 +6,8 @@ walks every LRU layer of the chosen parts once:
 1. **read**: the layer as a diagonal LTI system (``LRU.system()``, float64), and the
    inputs it saw on the latest rollout;
 2. **plan**: balanced truncation at the rank that keeps ``1 - tol`` of the Hankel
-   singular values (at least the floor); a layer is skipped unless the cut removes at
+   singular values (at least the floor), white-noise ones or, with ``gramian: data``,
+   ones weighted by the covariance of the recorded inputs; a layer is skipped unless the cut removes at
    least 5% of its states, or when the re-diagonalisation is ill-conditioned;
 3. **guard**: the reduced layer's relative output error on the recorded inputs must stay
    under ``max_output_error``; for the actor, KL(full ‖ reduced) of the action
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +37,7 @@ from compressm_rl.compression.lti import (
     ReductionResult,
     UnreducibleLayer,
     balanced_truncation,
+    input_covariance,
 )
 from compressm_rl.settings import check_types
 from policies.actor_critic import ActorCritic, RecurrentState
@@ -44,6 +47,7 @@ from policies.lti import MAX_RADIUS, DiagonalSystem
 MIN_REMOVED_FRACTION = 0.05
 MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
 PARTS = ("actor", "critic")
+GRAMIANS = ("white", "data")
 
 
 @dataclass
@@ -67,6 +71,9 @@ class CompressionConfig:
     pair_real: float = 0.25
     # What to shrink: the actor is what gets deployed; the critic only speeds up training.
     parts: list[str] = field(default_factory=lambda: list(PARTS))
+    # HSVs to cut on: "white" (white-noise Gramians, the baseline) or "data" (controllability
+    # Gramian weighted by the covariance of each layer's inputs on the last rollout, Enns).
+    gramian: str = "white"
 
     def __post_init__(self) -> None:
         check_types(self, "compression ")
@@ -87,6 +94,8 @@ class CompressionConfig:
             raise bad("pair_real", self.pair_real, "0 (never pair real modes) or more")
         if not self.parts or not set(self.parts) <= set(PARTS):
             raise bad("parts", self.parts, "'actor', 'critic' or both (actor,critic)")
+        if self.gramian not in GRAMIANS:
+            raise bad("gramian", self.gramian, "'white' (white-noise HSVs) or 'data'")
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressionConfig:
@@ -135,7 +144,8 @@ class ReductionEvent:
     ``bound`` is the H∞ error bound of the cut (``ReductionResult.bound``), ``cond_v`` the
     condition number of its re-diagonalisation, ``n_clamped`` the modes moved to the
     largest radius an LRU holds and ``n_paired`` the states holding two real modes (None
-    where no cut was computed). ``output_error`` is None
+    where no cut was computed). ``gramian`` is the HSVs the cut used ("white", or "data":
+    weighted by the recorded inputs' covariance). ``output_error`` is None
     where no guard ran, ``kl`` None outside the actor's KL guard; ``step`` and the returns
     around the event are filled in by the runner.
     """
@@ -150,6 +160,7 @@ class ReductionEvent:
     cond_v: float | None = None
     n_clamped: int | None = None
     n_paired: int | None = None
+    gramian: str = "white"
     output_error: float | None = None
     kl: float | None = None
     step: int | None = None
@@ -242,6 +253,8 @@ class ReductionPlan:
     recorded: dict[LayerRef, tuple[Tensor, Tensor]]  # input, output [B, T, H] (empty: no guard)
     accepted: dict[LayerRef, ReductionResult]
     events: list[ReductionEvent]
+    # Σ_u of each layer's recorded inputs, where the cut uses data-weighted Gramians.
+    input_covariances: dict[LayerRef, np.ndarray] = field(default_factory=dict)
 
 
 def plan_reductions(
@@ -256,9 +269,14 @@ def plan_reductions(
         accepted={},
         events=[],
     )
+    if config.gramian == "data":  # without a rollout, the white-noise HSVs (event says so)
+        plan.input_covariances = {
+            ref: input_covariance(u.double().cpu().numpy()) for ref, (u, _) in plan.recorded.items()
+        }
     for ref in refs:
         n = ref.of(policy).state_dim
-        event = ReductionEvent(ref, n_before=n, n_after=n, status="applied")
+        gramian = "data" if ref in plan.input_covariances else "white"
+        event = ReductionEvent(ref, n_before=n, n_after=n, status="applied", gramian=gramian)
         try:
             result = balanced_truncation(
                 *plan.systems[ref],
@@ -267,6 +285,7 @@ def plan_reductions(
                 max_cond=config.max_cond,
                 max_radius=MAX_RADIUS,
                 pair_real=config.pair_real,
+                input_covariance=plan.input_covariances.get(ref),
             )
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             plan.events.append(replace(event, status=f"skipped: {err}"))
@@ -324,6 +343,7 @@ def fit_actor_kl(
                     max_cond=config.max_cond,
                     max_radius=MAX_RADIUS,
                     pair_real=config.pair_real,
+                    input_covariance=plan.input_covariances.get(ref),
                 )
             except IllConditionedReduction as err:
                 dropped[ref] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
