@@ -56,6 +56,12 @@ def _add_train(sub) -> None:
         type=lambda s: s.split(","),
         help="what to compress: actor,critic (default) or actor (the deployed part) alone",
     )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        help="where the update runs (the rollout steps on the CPU); auto: cuda when "
+        "available (default auto; with --resume: the run's, unless given)",
+    )
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue a run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -64,12 +70,18 @@ def _add_train(sub) -> None:
 
 
 def _train(args) -> int:
+    from dataclasses import replace
+
+    from compressm_rl.device import resolve_device
     from compressm_rl.runs import TrainConfig, load_config
     from compressm_rl.runs.checkpoint import CHECKPOINT
     from compressm_rl.train import train
 
     if args.resume:
         config = load_config(args.resume)
+        if args.device is not None:  # the machine's setting: a run may move between devices
+            config = replace(config, device=args.device)
+        resolve_device(config.device)  # checked before anything is written
         if not (args.resume / CHECKPOINT).exists():
             print(
                 f"{args.resume} has no checkpoint yet (stopped before its first): training "
@@ -100,6 +112,7 @@ def _train(args) -> int:
         "width": args.width,
         "layers": args.layers,
         "num_workers": args.num_workers,
+        "device": args.device,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.num_envs is not None:
@@ -113,6 +126,7 @@ def _train(args) -> int:
     compression = {k: v for k, v in compression.items() if v is not None}
     data["compression"] = {**(data.get("compression") or {}), **compression}
     config = TrainConfig.from_dict(data)  # every setting checked before anything is created
+    resolve_device(config.device)  # and that this machine has the device
     out = args.out or Path("runs") / f"{args.env}-s{config.seed}"
     if (out / "config.yaml").exists() and not args.overwrite:
         raise ValueError(

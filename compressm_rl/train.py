@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from compressm_rl.compression import ReductionEvent, compress_policy
+from compressm_rl.device import resolve_device
 from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
 from compressm_rl.rl.ppo import explained_variance
@@ -87,11 +88,18 @@ def train(
 
     A run without a checkpoint yet (stopped before its first) resumes from step 0.
 
+    The policy and optimiser live on ``config.device`` (``compressm_rl.device``); the
+    rollout steps a CPU copy of the actor (``ActorCritic.rollout_actor``). The returned
+    policy is on the CPU.
+
     Raises:
+        ValueError: ``config.device`` is ``cuda`` and this machine has no CUDA (checked
+            before ``run_dir`` is created).
         RunDirectoryBusy: another process is training in ``run_dir``.
         TrainingStopped: SIGINT or SIGTERM arrived; the last completed iteration is saved
             (``compressm_rl.stopping``).
     """
+    resolve_device(config.device)  # before any side effect: a clear error, no directory
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with locked_run_dir(run_dir):
@@ -110,8 +118,9 @@ def _train(
     configure_process(config.torch_threads)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
+    device = resolve_device(config.device)
     envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)
-    state = _resume(config, run_dir, envs) if resume else _start(config, run_dir, envs)
+    state = (_resume if resume else _start)(config, run_dir, envs, device)
     metrics, events = MetricsLog(run_dir), EventLog(run_dir)
 
     num_iterations = cfg.num_iterations
@@ -183,13 +192,16 @@ def _train(
                 raise
         if stop.signum is not None:
             raise TrainingStopped(stop.signum, last["global_step"], run_dir)
-    return state.policy
+    return state.policy.cpu()
 
 
-def _start(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> TrainingState:
-    """A new run: fresh policy and optimiser, ``config.yaml`` written, old logs cleared."""
+def _start(
+    config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv, device: torch.device
+) -> TrainingState:
+    """A new run: fresh policy and optimiser on ``device``, ``config.yaml`` written, old
+    logs cleared."""
     cfg = config.ppo
-    policy = make_policy(config, envs)
+    policy = make_policy(config, envs).to(device)  # drawn on the CPU: same start anywhere
     state = TrainingState(
         config=config,
         policy=policy,
@@ -203,17 +215,20 @@ def _start(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> Tr
     return state
 
 
-def _resume(config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv) -> TrainingState:
-    """The run's checkpoint, RNG restored, logs cut back to the checkpoint's step; a run
-    stopped before its first checkpoint starts again from step 0."""
-    if load_config(run_dir) != config:
+def _resume(
+    config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv, device: torch.device
+) -> TrainingState:
+    """The run's checkpoint on ``device``, RNG restored, logs cut back to the checkpoint's
+    step; a run stopped before its first checkpoint starts again from step 0. The device
+    may differ from the one the run was trained on (it is the machine's setting)."""
+    if replace(load_config(run_dir), device=config.device) != config:
         raise ValueError(
             f"{run_dir} was trained with a different config; resume it with its own "
             f"config.yaml (compressm-rl train --resume {run_dir})"
         )
     if not (run_dir / CHECKPOINT).exists():
-        return _start(config, run_dir, envs)
-    state = load_checkpoint(run_dir)
+        return _start(config, run_dir, envs, device)
+    state = load_checkpoint(run_dir, device)
     state.config = config  # config.yaml is the run's one source of settings
     if not state.reduction_steps:  # checkpoints from before the schedule was saved
         at = sorted(config.compression.at)
@@ -240,7 +255,12 @@ def _compress(
     run_dir: Path,
 ) -> list[ReductionEvent]:
     """Between rollouts: shrink the LRU layers, map the envs' ongoing states, plot the
-    spectra. The events are logged after the next rollout, with the return it reached."""
+    spectra. The events are logged after the next rollout, with the return it reached.
+
+    Works wherever the policy lives: layers are read as float64 numpy on the CPU
+    (``LRU.system``) and written back on the policy's device (``LRU.load_system``), the
+    optimiser follows the new parameters there; the rollout's observations are on the
+    policy's device (``iteration``) and the carried state on the CPU."""
     carry.state, events = compress_policy(
         state.policy,
         state.optimizer,

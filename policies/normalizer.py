@@ -47,7 +47,9 @@ class RunningNormalizer(nn.Module):
         """
         x = np.asarray(batches, dtype=np.float64)
         x = x.reshape(x.shape[0], -1, *self.mean.shape)
-        mean0, var0, count0 = self.mean.numpy().copy(), self.var.numpy().copy(), float(self.count)
+        # .cpu(): the statistics may live on the learner's device (a no-op on the CPU)
+        mean0, var0 = self.mean.cpu().numpy().copy(), self.var.cpu().numpy().copy()
+        count0 = float(self.count)
         d = x - mean0
         s1, s2 = np.cumsum(d.sum(1), axis=0), np.cumsum((d * d).sum(1), axis=0)
         n = (count0 + x.shape[1] * np.arange(1, x.shape[0] + 1)).reshape(-1, *[1] * mean0.ndim)
@@ -67,8 +69,8 @@ class RunningNormalizer(nn.Module):
     def frozen(self) -> Callable[[np.ndarray], Tensor]:
         """``forward`` for float32 results from numpy input, with the statistics read once
         (for a rollout, during which they are fixed): same values, bit for bit."""
-        mean = self.mean.float().numpy()
-        std = torch.sqrt(self.var + self.eps).float().numpy()
+        mean = self.mean.float().cpu().numpy()
+        std = torch.sqrt(self.var + self.eps).float().cpu().numpy()
         low, high = np.float32(-self.clip), np.float32(self.clip)
 
         def normalize(x: np.ndarray) -> Tensor:

@@ -40,13 +40,18 @@ def iteration(
     """Collect ``cfg.rollout_steps`` steps of every env, then update ``policy`` in place.
 
     ``carry`` (the envs' observations, episode bookkeeping and recurrent state) is
-    advanced to the end of the rollout, the critic's state included.
+    advanced to the end of the rollout, the critic's state included; it stays on the CPU.
+    The policy and ``optimizer`` may live on another device (CUDA): the rollout steps a
+    CPU copy of the actor, and the result's tensors are on the policy's device.
     """
     t0 = time.perf_counter()
     rollout = collect_rollout(policy, envs, carry, cfg.rollout_steps, reward_norm, cfg.gamma)
+    # The rollout stepped on the CPU; the critic pass and the update run where the policy
+    # is: its tensors move there here, once each (nothing moves on the CPU).
+    rollout = rollout.to(policy.log_std.device)
     t1 = time.perf_counter()
     critic = critic_pass(policy, rollout, cfg.seq_len, cfg.gamma)
-    carry.state = RecurrentState(carry.state.actor, critic.final_state)
+    carry.state = RecurrentState(carry.state.actor, critic.final_state.cpu())  # carry: CPU
     t2 = time.perf_counter()
     advantages, returns = compute_gae(
         critic.rewards, critic.values, rollout.dones, critic.last_value, cfg.gamma, cfg.gae_lambda

@@ -12,7 +12,7 @@ marks a step whose transition ended one (terminated or truncated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import gymnasium as gym
@@ -53,6 +53,24 @@ class Rollout:
     next_episode_start: Tensor  # [N] bool
     finished_returns: list[float]
     finished_lengths: list[int]
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """This rollout with its tensors on ``device``: one transfer per tensor (the
+        truncations' final observations stacked into one), made once per iteration
+        between the rollout, which steps on the CPU, and the learner's passes. On the
+        device they are already on, the same tensors (no copy)."""
+        finals = [final for _, _, final in self.truncations]
+        if finals and finals[0].device.type != torch.device(device).type:
+            finals = list(torch.stack(finals).to(device).unbind())
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },
+            truncations=[(t, i, x) for (t, i, _), x in zip(self.truncations, finals, strict=True)],
+        )
 
 
 def start_carry(policy: ActorCritic, envs: gym.vector.VectorEnv, obs: np.ndarray) -> EnvCarry:
@@ -192,7 +210,8 @@ def critic_pass(policy: ActorCritic, rollout: Rollout, seq_len: int, gamma: floa
     rewards = rollout.rewards.clone()
     for t, i, final_obs in rollout.truncations:
         seq = torch.cat([obs[i, : t + 1], final_obs[None]])[None]
-        seq_reset = torch.cat([reset[i, : t + 1], torch.zeros(1, dtype=torch.bool)])[None]
+        no_reset = torch.zeros(1, dtype=torch.bool, device=reset.device)
+        seq_reset = torch.cat([reset[i, : t + 1], no_reset])[None]
         v_final, _ = policy.values(seq, rollout.critic_state0[i : i + 1], seq_reset)
         rewards[t, i] += gamma * v_final[0, -1]
     return CriticPass(

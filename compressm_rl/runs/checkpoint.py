@@ -74,7 +74,22 @@ def checkpoint_payload(state: TrainingState) -> dict:
         "rng": state.rng if state.rng is not None else rng_state(),
         "config": state.config.to_dict(),
     }
-    return copy.deepcopy(payload)
+    return copy.deepcopy(_on_cpu(payload))
+
+
+def _on_cpu(value):
+    """``value`` with every tensor in it on the CPU (a no-op for CPU tensors), so that a
+    checkpoint written by a run on CUDA loads on any machine."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):  # a state_dict's OrderedDict and its _metadata kept
+        out = type(value)((k, _on_cpu(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata
+        return out
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def write_checkpoint(run_dir: Path, payload: dict) -> Path:
@@ -84,8 +99,9 @@ def write_checkpoint(run_dir: Path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> TrainingState:
-    """A checkpoint file, or a run directory's latest, rebuilt into live objects.
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> TrainingState:
+    """A checkpoint file, or a run directory's latest, rebuilt into live objects, the
+    policy and its optimiser on ``device`` (whatever device wrote it).
 
     Raises FileNotFoundError if there is none, ValueError if it is corrupt or not ours.
     """
@@ -108,6 +124,7 @@ def load_checkpoint(path: Path) -> TrainingState:
         payload["architecture"], payload["action_low"], payload["action_high"]
     )
     policy.load_state_dict(payload["policy"])
+    policy.to(device)  # before the optimiser: its state follows its parameters' device
     optimizer = make_optimizer(policy, config.ppo.lr)
     if payload["optimizer"]:
         optimizer.load_state_dict(payload["optimizer"])

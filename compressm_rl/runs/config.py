@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from compressm_rl.compression import CompressionConfig
+from compressm_rl.device import DEVICES
 from compressm_rl.rl.config import PPOConfig, preset_for
 from compressm_rl.runs.files import atomic_write_text
 from compressm_rl.settings import check_types
@@ -42,6 +43,9 @@ class TrainConfig:
     layers: int = 2
     num_workers: int = 0  # > 0: envs in subprocesses (AsyncVectorEnv)
     torch_threads: int = 1
+    # Where the update runs: "cpu", "cuda", or "auto" (CUDA when available). A setting of
+    # the machine, not of the run: resuming may change it (compressm_rl/device.py).
+    device: str = "auto"
     checkpoint_every: int = 10  # PPO iterations
     ppo: PPOConfig | None = None  # None: the task's preset (rl/presets.yaml)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
@@ -74,6 +78,7 @@ class TrainConfig:
             "layers": (1 <= self.layers <= MAX_LAYERS, f"1 to {MAX_LAYERS}"),
             "num_workers": (0 <= self.num_workers <= 256, "0 (envs in this process) to 256"),
             "torch_threads": (1 <= self.torch_threads <= 1024, "1 to 1024"),
+            "device": (self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             "checkpoint_every": (self.checkpoint_every >= 1, "at least 1 iteration"),
         }
         for name, (ok, valid) in checks.items():
