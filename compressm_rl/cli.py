@@ -62,6 +62,12 @@ def _add_train(sub) -> None:
         help="where the update runs (the rollout steps on the CPU); auto: cuda when "
         "available (default auto; with --resume: the run's, unless given)",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel ranks on this machine, launched through torch.distributed.run "
+        "(torchrun); each rank steps --num-envs envs, gradients are averaged (default 1)",
+    )
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue a run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -88,6 +94,8 @@ def _train(args) -> int:
                 "it from step 0 with its saved config",
                 file=sys.stderr,
             )
+        if _launched(args):
+            return _launch(args)
         train(config, args.resume, resume=True, progress=not args.no_progress)
         print(f"run saved in {args.resume}")
         return 0
@@ -133,9 +141,43 @@ def _train(args) -> int:
             f"{out} already holds a run; pass --resume {out} to continue it "
             "or --overwrite to replace it"
         )
+    if _launched(args):
+        return _launch(args)
     train(config, out, progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"run saved in {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run saved in {out}")
     return 0
+
+
+def _launched(args) -> bool:
+    """Whether this `train` asks for several ranks and is not one of them yet."""
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc = {args.nproc} is out of range: at least 1")
+    return (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ
+
+
+def _launch(args) -> int:
+    """Run this same command as ``args.nproc`` ranks through ``torch.distributed.run`` (the
+    engine behind torchrun: rendezvous, a failed rank stops the others), on the loopback
+    address; returns its exit status. The settings were checked here first."""
+    import socket
+    import subprocess
+
+    argv, skip = [], False
+    for arg in args.argv:  # the command as given, without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
+    command += ["--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(port), "-m", "compressm_rl.cli", *argv]
+    return subprocess.run(command).returncode
 
 
 # ----- eval, report, compress -----------------------------------------------------------
@@ -373,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`
     if args.command is None:
         parser.print_help()
         return 0

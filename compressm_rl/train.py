@@ -21,6 +21,15 @@ from compressm_rl.compression import ReductionEvent, compress_policy
 from compressm_rl.device import resolve_device
 from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
+from compressm_rl.rl.distributed import (
+    SINGLE,
+    World,
+    barrier,
+    broadcast_module,
+    check_in_sync,
+    init_world,
+    shutdown,
+)
 from compressm_rl.rl.ppo import explained_variance
 from compressm_rl.rl.process import configure_process
 from compressm_rl.runs import (
@@ -47,6 +56,9 @@ from compressm_rl.stopping import StopOnSignals, TrainingStopped
 from envs import make_vec_env
 from policies.actor_critic import ActorCritic
 from policies.normalizer import RunningNormalizer
+
+# Rank k's envs and action noise are seeded with seed + k · RANK_SEED_STRIDE.
+RANK_SEED_STRIDE = 10_000
 
 
 def make_policy(config: TrainConfig, envs: gym.vector.VectorEnv) -> ActorCritic:
@@ -99,36 +111,64 @@ def train(
         TrainingStopped: SIGINT or SIGTERM arrived; the last completed iteration is saved
             (``compressm_rl.stopping``).
     """
-    resolve_device(config.device)  # before any side effect: a clear error, no directory
+    device = resolve_device(config.device)  # before any side effect: a clear error, no directory
+    world = init_world(device)  # torchrun's job, or a world of one
+    if world.distributed and config.compression.enabled:
+        raise ValueError(
+            "in-training compression is not supported with several ranks yet (the reduction "
+            "decisions must be taken once for all ranks): train on one rank, or without "
+            "--compress-tol and compress afterwards (compressm-rl compress)"
+        )
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with locked_run_dir(run_dir):
-        remove_stale_temporaries(run_dir)  # from a process killed mid-write
-        if overwrite and not resume and (run_dir / CONFIG).exists():
-            clear_run_dir(run_dir)  # a run's directory, never any other
-        return _train(config, run_dir, resume, progress, max_iterations)
+    try:
+        if not world.is_main:  # rank 0 owns the directory; the others only read from it
+            barrier(world)  # rank 0 holds the lock and has prepared the directory
+            return _train(config, run_dir, resume, False, max_iterations, world)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with locked_run_dir(run_dir):  # held by rank 0 for the whole job
+            remove_stale_temporaries(run_dir)  # from a process killed mid-write
+            if overwrite and not resume and (run_dir / CONFIG).exists():
+                clear_run_dir(run_dir)  # a run's directory, never any other
+            barrier(world)
+            return _train(config, run_dir, resume, progress, max_iterations, world)
+    finally:
+        shutdown(world)
 
 
 def _train(
-    config: TrainConfig, run_dir: Path, resume: bool, progress: bool, max_iterations: int | None
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    max_iterations: int | None,
+    world: World,
 ) -> ActorCritic:
     # Longer than most functions here on purpose: the iteration loop reads top to bottom
     # in one place (CleanRL's style); each step it takes is one call.
     cfg = config.ppo
     configure_process(config.torch_threads)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial policy on every rank
     np.random.seed(config.seed)
     device = resolve_device(config.device)
-    envs = make_vec_env(config.env_id, cfg.num_envs, config.seed, config.num_workers)
-    state = (_resume if resume else _start)(config, run_dir, envs, device)
+    # Each rank its own envs and action noise; rank 0's are those of a one-process run.
+    seed = config.seed + RANK_SEED_STRIDE * world.rank
+    envs = make_vec_env(config.env_id, cfg.num_envs, seed, config.num_workers)
+    state = (_resume if resume else _start)(config, run_dir, envs, device, world)
+    broadcast_module(state.policy, world)  # bit-identical from the start
+    if world.rank:
+        torch.manual_seed(seed + state.iteration)
+        np.random.seed(seed + state.iteration)
+    writes = world.is_main  # rank 0 writes metrics, events, checkpoints and plots
     metrics, events = MetricsLog(run_dir), EventLog(run_dir)
 
-    num_iterations = cfg.num_iterations
+    # total_steps counts every rank's env steps: an iteration collects world.size rollouts.
+    steps_per_iteration = cfg.steps_per_iteration * world.size
+    num_iterations = max(1, cfg.total_steps // steps_per_iteration)
     # MuJoCo episodes in flight at a checkpoint are not saved: a resumed run restarts them.
-    obs, _ = envs.reset(seed=config.seed + state.iteration)
+    obs, _ = envs.reset(seed=seed + state.iteration)
     carry = start_carry(state.policy, envs, obs)
     recent_returns: deque[float] = deque(maxlen=20)
-    bar = progress_display(num_iterations * cfg.steps_per_iteration, state.global_step, progress)
+    bar = progress_display(num_iterations * steps_per_iteration, state.global_step, progress)
     start_time, start_step, wall_before = time.perf_counter(), state.global_step, state.wall_time
     result: IterationResult | None = None  # the last iteration of this call
     iterations_done = 0
@@ -153,37 +193,43 @@ def _train(
                         new_events = _compress(state, carry, result, recent_returns, run_dir)
                     iter_start = time.perf_counter()
                     result = iteration(
-                        state.policy, state.optimizer, envs, carry, state.reward_norm, cfg
+                        state.policy, state.optimizer, envs, carry, state.reward_norm, cfg, world
                     )
+                    check_in_sync(state.policy, world)  # every rank took the same step
             except Exception:
                 if stop.signum is None:  # a real error (a worker env killed by the signal
                     raise  # is not one)
                 break
             state.iteration += 1
-            state.global_step += cfg.steps_per_iteration
+            state.global_step += steps_per_iteration
             iterations_done += 1
 
             finished = result.rollout.finished_returns
             recent_returns.extend(finished)
-            if new_events:  # the return right after a reduction, for compression.json
+            if new_events and writes:  # the return right after a reduction, for compression.json
                 after = _mean_or_none(finished)
                 events.append([replace(e, return_after=after) for e in new_events])
             elapsed = time.perf_counter() - start_time
-            metrics.append(
-                _metrics_row(state, result, wall_before + elapsed, time.perf_counter() - iter_start)
-            )
-            bar.update(cfg.steps_per_iteration)
+            if writes:
+                seconds = time.perf_counter() - iter_start
+                row = _metrics_row(state, result, wall_before + elapsed, seconds, world.size)
+                metrics.append(row)
+            bar.update(steps_per_iteration)
             bar.set_postfix(
                 sps=f"{(state.global_step - start_step) / elapsed:.0f}",
                 ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "-",
                 n=",".join(str(n) for n in state.policy.actor.state_dims) or "0",
             )
             last = completed()
-            if state.iteration % config.checkpoint_every == 0 or state.iteration == num_iterations:
+            due = (
+                state.iteration % config.checkpoint_every == 0 or state.iteration == num_iterations
+            )
+            if due and writes:
                 write_checkpoint(run_dir, last)
                 saved_step = state.global_step
         bar.close()
-        if last["global_step"] != saved_step and (iterations_done or stop.signum is not None):
+        unsaved = last["global_step"] != saved_step and (iterations_done or stop.signum is not None)
+        if unsaved and writes:
             write_checkpoint(run_dir, last)  # the iterations since the last checkpoint, kept
         try:
             envs.close()
@@ -196,7 +242,11 @@ def _train(
 
 
 def _start(
-    config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv, device: torch.device
+    config: TrainConfig,
+    run_dir: Path,
+    envs: gym.vector.VectorEnv,
+    device: torch.device,
+    world: World = SINGLE,
 ) -> TrainingState:
     """A new run: fresh policy and optimiser on ``device``, ``config.yaml`` written, old
     logs cleared."""
@@ -208,15 +258,21 @@ def _start(
         optimizer=make_optimizer(policy, cfg.lr),
         reward_norm=RunningNormalizer(()) if cfg.norm_reward else None,
         reduction_steps=[int(f * cfg.total_steps) for f in sorted(config.compression.at)],
+        world_size=world.size,
     )
-    save_config(run_dir, config)
-    MetricsLog(run_dir).path.unlink(missing_ok=True)
-    EventLog(run_dir).clear()
+    if world.is_main:
+        save_config(run_dir, config)
+        MetricsLog(run_dir).path.unlink(missing_ok=True)
+        EventLog(run_dir).clear()
     return state
 
 
 def _resume(
-    config: TrainConfig, run_dir: Path, envs: gym.vector.VectorEnv, device: torch.device
+    config: TrainConfig,
+    run_dir: Path,
+    envs: gym.vector.VectorEnv,
+    device: torch.device,
+    world: World = SINGLE,
 ) -> TrainingState:
     """The run's checkpoint on ``device``, RNG restored, logs cut back to the checkpoint's
     step; a run stopped before its first checkpoint starts again from step 0. The device
@@ -227,15 +283,22 @@ def _resume(
             f"config.yaml (compressm-rl train --resume {run_dir})"
         )
     if not (run_dir / CHECKPOINT).exists():
-        return _start(config, run_dir, envs, device)
+        return _start(config, run_dir, envs, device, world)
     state = load_checkpoint(run_dir, device)
+    if state.world_size != world.size:
+        raise ValueError(
+            f"{run_dir} was trained on {state.world_size} rank(s) and this job has "
+            f"{world.size}: each rank's envs and batch are part of the run; resume it with "
+            f"--nproc {state.world_size} (or torchrun --nproc-per-node {state.world_size})"
+        )
     state.config = config  # config.yaml is the run's one source of settings
     if not state.reduction_steps:  # checkpoints from before the schedule was saved
         at = sorted(config.compression.at)
         state.reduction_steps = [int(f * config.ppo.total_steps) for f in at]
     set_rng_state(state.rng)
-    MetricsLog(run_dir).truncate_after(state.global_step)
-    EventLog(run_dir).drop_from(state.global_step)
+    if world.is_main:
+        MetricsLog(run_dir).truncate_after(state.global_step)
+        EventLog(run_dir).drop_from(state.global_step)
     return state
 
 
@@ -281,11 +344,16 @@ def _compress(
 
 
 def _metrics_row(
-    state: TrainingState, result: IterationResult, wall_time: float, iteration_seconds: float
+    state: TrainingState,
+    result: IterationResult,
+    wall_time: float,
+    iteration_seconds: float,
+    ranks: int = 1,
 ) -> dict:
-    """One ``metrics.csv`` row for the iteration just finished."""
+    """One ``metrics.csv`` row for the iteration just finished (episode statistics are
+    rank 0's; env steps count every rank's)."""
     rollout = result.rollout
-    steps = state.config.ppo.steps_per_iteration
+    steps = state.config.ppo.steps_per_iteration * ranks
     return {
         "iteration": state.iteration,
         "global_step": state.global_step,

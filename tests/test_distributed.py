@@ -56,6 +56,14 @@ WORKER = textwrap.dedent(
     norm.update(batch)  # local, to be replaced
     D.merge_normalizer(norm, before, batch, world)
     plan = D.broadcast_object({"rank": world.rank, "cut": [3, 1]} if world.is_main else None, world)
+    D.check_in_sync(policy, world)  # in sync: passes
+    with torch.no_grad():
+        policy.log_std[0] += world.rank  # rank 1 drifts
+    try:
+        D.check_in_sync(policy, world)
+        diverged = False
+    except D.RanksDiverged:
+        diverged = True
 
     json.dump({
         "rank": world.rank, "size": world.size,
@@ -63,6 +71,7 @@ WORKER = textwrap.dedent(
         "averaged_grad": averaged.tolist(), "after_step": after_step.tolist(),
         "before": [before[0], before[1].tolist(), before[2].tolist()], "batch": batch.tolist(),
         "norm": [float(norm.count), norm.mean.tolist(), norm.var.tolist()], "plan": plan,
+        "diverged": diverged,
     }, open(f"{out}/rank{world.rank}.json", "w"))
     D.shutdown(world)
     """
@@ -101,6 +110,7 @@ def test_collectives_on_two_gloo_ranks_launched_by_torchrun(tmp_path):
     np.testing.assert_allclose(r0["norm"][1], mean0, rtol=1e-12)
     np.testing.assert_allclose(r0["norm"][2], var0, rtol=1e-12)
     assert r0["plan"] == r1["plan"] == {"rank": 0, "cut": [3, 1]}
+    assert r0["diverged"] and r1["diverged"]  # both ranks see it
 
 
 def test_merge_moments_equals_the_statistics_of_all_the_data():
@@ -118,3 +128,91 @@ def test_merge_moments_equals_the_statistics_of_all_the_data():
 def test_a_world_of_one_communicates_nothing():
     world = World()
     assert world.is_main and not world.distributed
+
+
+# ----- the runner on two ranks ------------------------------------------------------------
+TINY = {"state_dim": 8, "width": 16, "seed": 3}
+TINY_PPO = {"num_envs": 2, "rollout_steps": 32, "seq_len": 16, "epochs": 2, "minibatches": 2}
+
+# A rank of a training job through the Python API; "die" makes rank 1 exit mid-run.
+RUNNER = textwrap.dedent(
+    f"""
+    import os, sys
+    from compressm_rl.runs import TrainConfig
+    from compressm_rl.train import train
+
+    run_dir, mode, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    settings = dict(env_id="Hopper-v5", total_steps=total, **{TINY!r}, ppo={TINY_PPO!r})
+    config = TrainConfig.from_dict(settings)
+    if mode == "die" and os.environ["RANK"] == "1":
+        train(config, run_dir, max_iterations=1, progress=False)
+        os._exit(3)  # a rank that dies while the other trains on
+    train(config, run_dir, resume=mode == "resume", progress=False,
+          max_iterations=1 if mode == "first" else None)
+    """
+)
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
+    command += ["--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(free_port()), str(script), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_train_in_step_and_rank_0_writes(tmp_path):
+    """`compressm-rl train --nproc 2`: every iteration ends with the ranks' models compared
+    (``check_in_sync``: a mismatch ends the job), rank 0 writes, steps count both ranks."""
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "ppo": TINY_PPO}))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", "Hopper-v5"]
+    command += ["--total-steps", "384", "--config", str(config), "--out", str(run)]
+    proc = subprocess.run(
+        [*command, "--nproc", "2", "--no-progress"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run saved in") == 1  # rank 0 speaks
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in lines[1:]] == ["128", "256", "384"]  # 2 ranks × 64
+    from compressm_rl.runs import load_checkpoint
+
+    state = load_checkpoint(run)
+    assert state.world_size == 2 and state.global_step == 384
+    # One rank cannot continue a two-rank run: a clear error, nothing written.
+    before = (run / "metrics.csv").read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "compressm_rl.cli", "train", "--resume", str(run)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--nproc 2" in proc.stderr
+    assert (run / "metrics.csv").read_text() == before
+
+
+def test_a_two_rank_run_resumes_on_two_ranks(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    run = tmp_path / "run"
+    first = torchrun(script, str(run), "first", "384")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # one iteration
+    resumed = torchrun(script, str(run), "resume", "384")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in lines[1:]] == ["128", "256", "384"]
+
+
+def test_a_rank_that_dies_ends_the_job_non_zero(tmp_path):
+    import time
+
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    start = time.perf_counter()
+    proc = torchrun(script, str(tmp_path / "run"), "die", "100000")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"

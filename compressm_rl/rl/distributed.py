@@ -47,6 +47,9 @@ class World:
         return self.size > 1
 
 
+SINGLE = World()  # one process: every collective here is a no-op
+
+
 def init_world(device: torch.device | str = "cpu", timeout=DEFAULT_TIMEOUT) -> World:
     """Join the job ``torchrun`` started (gloo on CPU, nccl on CUDA), or a world of one.
 
@@ -54,7 +57,7 @@ def init_world(device: torch.device | str = "cpu", timeout=DEFAULT_TIMEOUT) -> W
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        return World()
+        return SINGLE
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -156,6 +159,46 @@ def statistics(normalizer: RunningNormalizer) -> tuple[float, np.ndarray, np.nda
         normalizer.mean.detach().cpu().numpy().copy(),
         normalizer.var.detach().cpu().numpy().copy(),
     )
+
+
+def mean_over_ranks(value: float, world: World) -> float:
+    """The mean of a per-rank number (e.g. the approximate KL that decides an early stop:
+    every rank must take the same decision)."""
+    if not world.distributed:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total) / world.size
+
+
+def sync_normalizer(normalizer: RunningNormalizer, batch: np.ndarray, world: World) -> None:
+    """``normalizer.update(batch)``, with every rank's batch when data-parallel."""
+    before = statistics(normalizer)
+    if world.distributed:
+        merge_normalizer(normalizer, before, batch, world)
+    else:
+        normalizer.update(batch)
+
+
+class RanksDiverged(RuntimeError):
+    """The ranks' models differ: a collective was skipped or a decision taken locally."""
+
+
+@torch.no_grad()
+def check_in_sync(module: nn.Module, world: World) -> None:
+    """Raise ``RanksDiverged`` unless every rank holds the same parameters and buffers
+    (a float64 checksum per rank, gathered; one small collective per call)."""
+    if not world.distributed:
+        return
+    weights = [t.detach().double().reshape(-1) for t in [*module.parameters(), *module.buffers()]]
+    flat = torch.cat(weights).cpu()
+    positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    local = torch.stack([flat.sum(), (flat * positions.sqrt()).sum()])
+    gathered = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        sums = ", ".join(f"rank {k}: {g[0].item():.17g}" for k, g in enumerate(gathered))
+        raise RanksDiverged(f"the ranks' models differ ({sums}); this is a bug, please report it")
 
 
 def broadcast_object(obj, world: World, src: int = 0):

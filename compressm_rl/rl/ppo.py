@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from compressm_rl.rl.config import PPOConfig
+from compressm_rl.rl.distributed import SINGLE, World, all_reduce_gradients, mean_over_ranks
 from compressm_rl.rl.rollout import Rollout
 from policies.actor_critic import ActorCritic
 
@@ -107,13 +108,22 @@ class SequenceBatch:
 
 
 def ppo_update(
-    policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: SequenceBatch, cfg: PPOConfig
+    policy: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    batch: SequenceBatch,
+    cfg: PPOConfig,
+    world: World = SINGLE,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of clipped-surrogate PPO over minibatches of sequences.
 
     Each sequence is replayed from its stored actor and critic states with the
     episode-start mask, so the first forward pass reproduces the rollout's log-probs
     exactly. Returns the mean losses, entropy, approximate KL and clip fraction.
+
+    Data-parallel (``world``): each rank steps on minibatches of its own rollout and the
+    gradients are averaged over ranks before clipping, so a step sees ``world.size``
+    minibatches (the global batch) at the same learning rate; the early stop on
+    ``target_kl`` uses the mean KL over ranks. The returned stats are this rank's.
     """
     params = list(policy.parameters())  # walked once, not at every clipping
     n_seq = len(batch)
@@ -145,6 +155,7 @@ def ppo_update(
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_gradients(params, world)  # a no-op in one process
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
 
@@ -155,8 +166,10 @@ def ppo_update(
                 for key, value in zip(stats, values.tolist(), strict=True):
                     stats[key].append(value)
         per_epoch = -(-n_seq // mb_size)
-        if cfg.target_kl is not None and np.mean(stats["approx_kl"][-per_epoch:]) > cfg.target_kl:
-            break
+        if cfg.target_kl is not None:
+            kl = mean_over_ranks(float(np.mean(stats["approx_kl"][-per_epoch:])), world)
+            if kl > cfg.target_kl:
+                break
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 

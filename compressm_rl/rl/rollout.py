@@ -20,6 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from compressm_rl.rl.distributed import (
+    SINGLE,
+    World,
+    merge_normalizer,
+    statistics,
+    sync_normalizer,
+)
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.normalizer import RunningNormalizer
 
@@ -94,11 +101,13 @@ def collect_rollout(
     steps: int,
     reward_norm: RunningNormalizer | None,
     gamma: float,
+    world: World = SINGLE,
 ) -> Rollout:
     """Step ``envs`` for ``steps`` steps with the stochastic actor; updates ``carry`` in place.
 
     Observation statistics stay frozen during the rollout (so the update replays exactly
-    what the actor saw) and are updated from the raw observations afterwards.
+    what the actor saw) and are updated from the raw observations afterwards; with data
+    parallelism from every rank's (``world``), so that all ranks keep the same statistics.
     """
     # One loop on purpose (CleanRL's style): the SAME_STEP bookkeeping of an env step —
     # which flags, returns and final observations belong to which episode — reads in
@@ -149,12 +158,17 @@ def collect_rollout(
 
     carry.state = RecurrentState(actor_state, carry.state.critic)  # critic advanced later
     next_obs_t = normalize(carry.obs)
-    policy.obs_norm.update(np.stack(raw_obs))
+    sync_normalizer(policy.obs_norm, np.stack(raw_obs), world)
     scaled_rewards = np.stack(rewards)
     if reward_norm is not None:
         # Step t's reward is divided by the std of the discounted returns seen up to and
-        # including step t (SB3's VecNormalize), computed for all steps at once.
+        # including step t (SB3's VecNormalize), computed for all steps at once. With data
+        # parallelism the scale within the rollout is this rank's; the statistics carried
+        # on are merged from every rank's returns.
+        before = statistics(reward_norm)
         variances = reward_norm.update_each(np.stack(discounted))
+        if world.distributed:
+            merge_normalizer(reward_norm, before, np.stack(discounted), world)
         scale = np.sqrt(variances + reward_norm.eps)[:, None]
         scaled_rewards = np.clip(scaled_rewards / scale, -10, 10)
     return Rollout(

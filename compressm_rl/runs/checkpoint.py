@@ -32,7 +32,8 @@ class TrainingState:
     ``reduction_steps`` is the compression schedule in env steps, fixed when the run
     starts (a resumed run follows it even if the defaults changed since);
     ``next_reduction`` indexes the next one due. ``wall_time`` is training seconds so
-    far; ``rng`` the global torch/numpy RNG states when saved (``rng_state``).
+    far; ``rng`` the global torch/numpy RNG states when saved (``rng_state``, rank 0's
+    in a data-parallel run of ``world_size`` ranks).
     """
 
     config: TrainConfig
@@ -45,6 +46,7 @@ class TrainingState:
     reduction_steps: list[int] = field(default_factory=list)
     wall_time: float = 0.0
     rng: dict | None = None
+    world_size: int = 1
 
 
 def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
@@ -65,6 +67,7 @@ def checkpoint_payload(state: TrainingState) -> dict:
         "next_reduction": state.next_reduction,
         "reduction_steps": list(state.reduction_steps),
         "wall_time": state.wall_time,
+        "world_size": state.world_size,
         "architecture": policy.architecture(),
         "action_low": policy.action_low,
         "action_high": policy.action_high,
@@ -143,6 +146,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> TrainingS
         reduction_steps=[int(x) for x in payload.get("reduction_steps", [])],
         wall_time=float(payload.get("wall_time", 0.0)),
         rng=payload["rng"],
+        world_size=int(payload.get("world_size", 1)),
     )
 
 
