@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from compressm_rl.compression import ReductionEvent, compress_policy
+from compressm_rl.compression import ReductionEvent, apply_reductions, decide_reductions
 from compressm_rl.device import resolve_device
 from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
@@ -26,7 +26,9 @@ from compressm_rl.rl.distributed import (
     World,
     barrier,
     broadcast_module,
+    broadcast_object,
     check_in_sync,
+    gather_batches,
     init_world,
     shutdown,
 )
@@ -113,12 +115,6 @@ def train(
     """
     device = resolve_device(config.device)  # before any side effect: a clear error, no directory
     world = init_world(device)  # torchrun's job, or a world of one
-    if world.distributed and config.compression.enabled:
-        raise ValueError(
-            "in-training compression is not supported with several ranks yet (the reduction "
-            "decisions must be taken once for all ranks): train on one rank, or without "
-            "--compress-tol and compress afterwards (compressm-rl compress)"
-        )
     run_dir = Path(run_dir)
     try:
         if not world.is_main:  # rank 0 owns the directory; the others only read from it
@@ -190,7 +186,7 @@ def _train(
                             group["lr"] = cfg.lr * (1.0 - state.iteration / num_iterations)
                     new_events = []
                     if result is not None and _reduction_due(state):  # guards need a rollout
-                        new_events = _compress(state, carry, result, recent_returns, run_dir)
+                        new_events = _compress(state, carry, result, recent_returns, run_dir, world)
                     iter_start = time.perf_counter()
                     result = iteration(
                         state.policy, state.optimizer, envs, carry, state.reward_norm, cfg, world
@@ -316,6 +312,7 @@ def _compress(
     last: IterationResult,
     recent_returns: deque[float],
     run_dir: Path,
+    world: World = SINGLE,
 ) -> list[ReductionEvent]:
     """Between rollouts: shrink the LRU layers, map the envs' ongoing states, plot the
     spectra. The events are logged after the next rollout, with the return it reached.
@@ -323,23 +320,28 @@ def _compress(
     Works wherever the policy lives: layers are read as float64 numpy on the CPU
     (``LRU.system``) and written back on the policy's device (``LRU.load_system``), the
     optimiser follows the new parameters there; the rollout's observations are on the
-    policy's device (``iteration``) and the carried state on the CPU."""
-    carry.state, events = compress_policy(
-        state.policy,
-        state.optimizer,
-        state.config.compression,
-        carry.state,
-        last.rollout.obs.transpose(0, 1),
-        last.rollout.episode_start.transpose(0, 1),
-    )
+    policy's device (``iteration``) and the carried state on the CPU.
+
+    Data-parallel: rank 0 decides, with the guards run on every rank's rollout (gathered),
+    and sends the accepted reductions to all; every rank applies them to its identical
+    policy and optimiser and maps its own envs' states."""
+    obs = gather_batches(last.rollout.obs.transpose(0, 1), world)
+    reset = gather_batches(last.rollout.episode_start.transpose(0, 1), world)
+    decision = None
+    if world.is_main:
+        decision = decide_reductions(state.policy, state.config.compression, obs, reset)
+    accepted, events = broadcast_object(decision, world)
+    carry.state = apply_reductions(state.policy, state.optimizer, accepted, carry.state)
     before = _mean_or_none(recent_returns)
     events = [replace(e, step=state.global_step, return_before=before) for e in events]
     state.next_reduction += 1
-    plot_hsv(
-        run_dir / f"hsv_{state.next_reduction}.png",
-        events,
-        f"{state.config.env_id}: reduction {state.next_reduction} at step {state.global_step:,}",
-    )
+    if world.is_main:
+        title = f"{state.config.env_id}: reduction {state.next_reduction}"
+        plot_hsv(
+            run_dir / f"hsv_{state.next_reduction}.png",
+            events,
+            f"{title} at step {state.global_step:,}",
+        )
     return events
 
 

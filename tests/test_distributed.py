@@ -160,9 +160,11 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_ranks_train_in_step_and_rank_0_writes(tmp_path):
-    """`compressm-rl train --nproc 2`: every iteration ends with the ranks' models compared
-    (``check_in_sync``: a mismatch ends the job), rank 0 writes, steps count both ranks."""
+def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path):
+    """`compressm-rl train --nproc 2` with in-training compression: every iteration ends
+    with the ranks' models compared (``check_in_sync``: a mismatch ends the job), so the
+    reductions (decided on rank 0 from both ranks' rollouts, applied on both) kept them
+    identical; rank 0 writes, steps count both ranks."""
     import yaml
 
     config = tmp_path / "tiny.yaml"
@@ -170,6 +172,7 @@ def test_two_ranks_train_in_step_and_rank_0_writes(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", "Hopper-v5"]
     command += ["--total-steps", "384", "--config", str(config), "--out", str(run)]
+    command += ["--compress-tol", "0.3", "--compress-at", "0.3,0.6"]
     proc = subprocess.run(
         [*command, "--nproc", "2", "--no-progress"], cwd=ROOT, capture_output=True, text=True
     )
@@ -181,6 +184,13 @@ def test_two_ranks_train_in_step_and_rank_0_writes(tmp_path):
 
     state = load_checkpoint(run)
     assert state.world_size == 2 and state.global_step == 384
+    events = json.loads((run / "compression.json").read_text())
+    events = events["events"] if isinstance(events, dict) else events
+    steps = sorted({e["step"] for e in events})
+    assert steps == [128, 256]  # two reduction points, each logged once (by rank 0)
+    assert len(events) == 2 * 4  # 2 points × (actor, critic) × 2 layers
+    assert sum(state.policy.actor.state_dims) < 16  # something was cut
+    assert (run / "hsv_1.png").exists() and (run / "hsv_2.png").exists()
     # One rank cannot continue a two-rank run: a clear error, nothing written.
     before = (run / "metrics.csv").read_text()
     proc = subprocess.run(

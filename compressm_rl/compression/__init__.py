@@ -5,8 +5,18 @@ from compressm_rl.compression.pipeline import (
     CompressionConfig,
     LayerRef,
     ReductionEvent,
+    apply_reductions,
     compress_policy,
+    decide_reductions,
     lru_layers,
 )
 
-__all__ = ["CompressionConfig", "LayerRef", "ReductionEvent", "compress_policy", "lru_layers"]
+__all__ = [
+    "CompressionConfig",
+    "LayerRef",
+    "ReductionEvent",
+    "apply_reductions",
+    "compress_policy",
+    "decide_reductions",
+    "lru_layers",
+]

@@ -205,6 +205,9 @@ def compress_policy(
 ) -> tuple[RecurrentState | None, list[ReductionEvent]]:
     """Reduce the LRU layers of ``config.parts`` in place; map the ``carried`` state.
 
+    ``decide_reductions`` then ``apply_reductions`` (a data-parallel run decides on one
+    rank and applies on every rank).
+
     Args:
         optimizer: follows the replaced parameters (None: no optimiser to update).
         carried: the envs' ongoing recurrent state (actor ``[B, S_actor]``, critic
@@ -215,6 +218,18 @@ def compress_policy(
     Returns:
         The mapped state (None if none was given) and one event per layer.
     """
+    accepted, events = decide_reductions(policy, config, obs, reset)
+    return apply_reductions(policy, optimizer, accepted, carried), events
+
+
+def decide_reductions(
+    policy: ActorCritic,
+    config: CompressionConfig,
+    obs: Tensor | None = None,
+    reset: Tensor | None = None,
+) -> tuple[dict[LayerRef, ReductionResult], list[ReductionEvent]]:
+    """Plan and guard the cuts without changing ``policy``: the accepted reductions by
+    layer, and one event per layer (``compress_policy``'s arguments)."""
     plan = plan_reductions(policy, config, obs, reset)
     events = {event.layer: event for event in plan.events}
     actor = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
@@ -236,13 +251,23 @@ def compress_policy(
                 event = replace(event, n_after=event.n_before, status=status)
                 del plan.accepted[ref]
             events[ref] = event
+    return plan.accepted, list(events.values())
 
-    mapped = None if carried is None else map_carried_state(policy, carried, plan.accepted)
-    for ref, result in plan.accepted.items():
+
+def apply_reductions(
+    policy: ActorCritic,
+    optimizer: torch.optim.Optimizer | None,
+    accepted: dict[LayerRef, ReductionResult],
+    carried: RecurrentState | None = None,
+) -> RecurrentState | None:
+    """Write the ``accepted`` reductions into ``policy`` (the optimiser follows) and map
+    the ``carried`` state; returns the mapped state (None if none was given)."""
+    mapped = None if carried is None else map_carried_state(policy, carried, accepted)
+    for ref, result in accepted.items():
         replaced = ref.of(policy).load_system(result.system)
         if optimizer is not None:
             follow_parameters(optimizer, replaced)
-    return mapped, list(events.values())
+    return mapped
 
 
 @dataclass

@@ -201,6 +201,17 @@ def check_in_sync(module: nn.Module, world: World) -> None:
         raise RanksDiverged(f"the ranks' models differ ({sums}); this is a bug, please report it")
 
 
+def gather_batches(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's ``x`` (same shape everywhere) concatenated along dim 0 in rank order
+    (on every rank): e.g. all ranks' rollouts for the compression guards."""
+    if not world.distributed:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world.size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def broadcast_object(obj, world: World, src: int = 0):
     """Rank ``src``'s picklable ``obj`` on every rank (e.g. a reduction plan)."""
     if not world.distributed:
