@@ -226,3 +226,24 @@ def test_a_rank_that_dies_ends_the_job_non_zero(tmp_path):
     elapsed = time.perf_counter() - start
     assert proc.returncode != 0
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"
+
+
+def test_two_nodes_rendezvous_over_loopback(tmp_path):
+    """`torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, both "nodes"
+    on this machine (127.0.0.1): they meet, train in step, and rank 0 writes."""
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    command += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "test"]
+    command += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--local-addr", "127.0.0.1"]
+    command += [str(script), str(run), "full", "256"]
+    nodes = [
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err.decode()[-3000:]
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in lines[1:]] == ["128", "256"]
