@@ -6,7 +6,8 @@ order, so every rank computes the same numbers; rank 0 writes.
 
 Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``); without it ``init_world`` returns a world of one and
-nothing here communicates. Backends: gloo on the CPU, nccl on CUDA.
+nothing here communicates. Backends: gloo on the CPU; on CUDA nccl for device tensors and
+gloo for the CPU-side statistics.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def init_world(device: torch.device | str = "cpu", timeout=DEFAULT_TIMEOUT) -> W
         return SINGLE
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        # On CUDA, nccl for device tensors and gloo for the CPU-side ones (normaliser
+        # moments, checksums): the backend is picked by the tensor's device.
+        backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
     return World(rank, size, local_rank)
 
