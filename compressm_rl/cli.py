@@ -52,6 +52,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--min-state", type=int, help="floor on complex states per layer (default 4)")
     p.add_argument(
+        "--compress-gramian",
+        choices=["white", "data"],
+        help="HSVs to cut on: white-noise Gramians (default) or data: weighted by each "
+        "layer's recorded inputs (Enns)",
+    )
+    p.add_argument(
         "--compress-parts",
         type=lambda s: s.split(","),
         help="what to compress: actor,critic (default) or actor (the deployed part) alone",
@@ -130,6 +136,7 @@ def _train(args) -> int:
         "at": args.compress_at,
         "min_state": args.min_state,
         "parts": args.compress_parts,
+        "gramian": args.compress_gramian,
     }
     compression = {k: v for k, v in compression.items() if v is not None}
     data["compression"] = {**(data.get("compression") or {}), **compression}

@@ -103,6 +103,10 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     assert main([*argv, "--total-steps", "64", "--width", "16", "--no-progress"]) == 0
     config = load_config(out)
     assert (config.state_dim, config.width, config.seed) == (12, 16, 3)  # the flag wins
+    assert config.compression.gramian == "white"  # the default, unless asked
+    flags = ["--total-steps", "64", "--compress-tol", "0.1", "--compress-gramian", "data"]
+    assert main([*argv, *flags, "--overwrite", "--no-progress"]) == 0
+    assert load_config(out).compression.gramian == "data"
 
 
 def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
