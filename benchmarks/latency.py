@@ -26,7 +26,6 @@ from the fixed per-call cost. Writes ``latency.md``, ``latency.json``, ``latency
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import subprocess
@@ -42,10 +41,12 @@ import torch
 
 from compressm_rl.deploy import bench_torch
 from export.bench import (
+    c_row_info,
     identity_step,
     latency_stats,
     machine_info,
     markdown_table,
+    onnx_row_info,
     save_histogram,
     time_steps,
     to_json,
@@ -56,7 +57,6 @@ from export.c_build import (
     CBenchmark,
     ToolchainError,
     cortex_m4_size,
-    read_metadata,
 )
 from export.c_codegen import generate
 from export.onnx_export import build_model
@@ -145,22 +145,18 @@ class Rows:
 
     def add_onnx(self, name: str, path: Path, io_binding: bool = True) -> None:
         policy = OnnxPolicy(path, io_binding=io_binding)
-        meta = policy.metadata
-        info = dict(kind="onnx", state_dims=policy.layer_state_dims, nodes=int(meta["num_nodes"]))
-        self.add_step(name, policy.act, policy.obs_dim, **info)
+        self.add_step(name, policy.act, policy.obs_dim, **onnx_row_info(policy))
 
     def add_c(self, name: str, c_dir: Path, floor: bool = False) -> None:
         """A C export timed inside C; ``floor`` also adds the clock's floor row."""
         benchmark = self.stack.enter_context(CBenchmark(c_dir, self.steps, self.warmup))
-        meta = read_metadata(c_dir)
-        state_dims = json.loads(meta["layer_state_dims"])
         results: list = []
 
         def run() -> np.ndarray:
             results.append(benchmark.run())
             return results[-1].times_ns
 
-        self.add(name, run, kind="c", state_dims=state_dims, nodes=int(meta["num_nodes"]))
+        self.add(name, run, **c_row_info(c_dir))
         if floor:
             self.add(
                 "C clock floor (clock_gettime pair)", lambda: results[-1].floor_ns, kind="floor"

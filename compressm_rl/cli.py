@@ -167,8 +167,9 @@ def _launch(args) -> int:
     """Run this same command as ``args.nproc`` ranks through ``torch.distributed.run`` (the
     engine behind torchrun: rendezvous, a failed rank stops the others), on the loopback
     address; returns its exit status. The settings were checked here first."""
-    import socket
     import subprocess
+
+    from compressm_rl.rl.distributed import free_loopback_port
 
     argv, skip = [], False
     for arg in args.argv:  # the command as given, without --nproc
@@ -178,12 +179,9 @@ def _launch(args) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
     command += ["--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1"]
-    command += ["--master-port", str(port), "-m", "compressm_rl.cli", *argv]
+    command += ["--master-port", str(free_loopback_port()), "-m", "compressm_rl.cli", *argv]
     return subprocess.run(command).returncode
 
 

@@ -119,14 +119,14 @@ def train(
     try:
         if not world.is_main:  # rank 0 owns the directory; the others only read from it
             barrier(world)  # rank 0 holds the lock and has prepared the directory
-            return _train(config, run_dir, resume, False, max_iterations, world)
+            return _train(config, run_dir, resume, False, max_iterations, device, world)
         run_dir.mkdir(parents=True, exist_ok=True)
         with locked_run_dir(run_dir):  # held by rank 0 for the whole job
             remove_stale_temporaries(run_dir)  # from a process killed mid-write
             if overwrite and not resume and (run_dir / CONFIG).exists():
                 clear_run_dir(run_dir)  # a run's directory, never any other
             barrier(world)
-            return _train(config, run_dir, resume, progress, max_iterations, world)
+            return _train(config, run_dir, resume, progress, max_iterations, device, world)
     finally:
         shutdown(world)
 
@@ -137,6 +137,7 @@ def _train(
     resume: bool,
     progress: bool,
     max_iterations: int | None,
+    device: torch.device,
     world: World,
 ) -> ActorCritic:
     # Longer than most functions here on purpose: the iteration loop reads top to bottom
@@ -145,7 +146,6 @@ def _train(
     configure_process(config.torch_threads)
     torch.manual_seed(config.seed)  # the same initial policy on every rank
     np.random.seed(config.seed)
-    device = resolve_device(config.device)
     # Each rank its own envs and action noise; rank 0's are those of a one-process run.
     seed = config.seed + RANK_SEED_STRIDE * world.rank
     envs = make_vec_env(config.env_id, cfg.num_envs, seed, config.num_workers)

@@ -116,19 +116,33 @@ def bench_session(
 ) -> dict:
     """Latency of ``OnnxPolicy(path).act`` at batch 1 (validation and output copy included)."""
     policy = OnnxPolicy(path, provider=provider, batch_size=1, io_binding=io_binding)
-    meta = policy.metadata
+    info = onnx_row_info(policy)
     return bench_callable(
-        name or Path(path).name,
-        policy.act,
-        policy.obs_dim,
-        steps,
-        warmup,
-        seed,
+        name or Path(path).name, policy.act, policy.obs_dim, steps, warmup, seed, **info
+    )
+
+
+def onnx_row_info(policy: OnnxPolicy) -> dict:
+    """What a latency row says of an ONNX policy besides its times."""
+    meta = policy.metadata
+    return dict(
         kind="onnx",
         policy_type=policy.policy_type,
         state_dims=policy.layer_state_dims,
         nodes=int(meta["num_nodes"]) if "num_nodes" in meta else None,
-        provider=provider,
+        provider=policy.provider,
+    )
+
+
+def c_row_info(sources: Path) -> dict:
+    """What a latency row says of a C export (``source_dir``) besides its times."""
+    meta = read_metadata(sources)
+    return dict(
+        kind="c",
+        policy_type=meta.get("policy_type", ""),
+        state_dims=json.loads(meta.get("layer_state_dims", "[]")),
+        nodes=int(meta["num_nodes"]) if "num_nodes" in meta else None,
+        obs_dim=read_header_dims(sources)[0],
     )
 
 
@@ -281,17 +295,8 @@ def bench_c_export(
     """Latency of a C export's ``policy_step`` timed inside C, and the timer's floor row
     (two ``clock_gettime`` calls with nothing between)."""
     sources = source_dir(path)
-    meta = read_metadata(sources)
     result = bench_c(sources, steps, warmup, seed)
-    row = latency_stats(
-        name or f"C {sources.name}",
-        result.times_ns,
-        kind="c",
-        policy_type=meta.get("policy_type", ""),
-        state_dims=json.loads(meta.get("layer_state_dims", "[]")),
-        nodes=int(meta["num_nodes"]) if "num_nodes" in meta else None,
-        obs_dim=read_header_dims(sources)[0],
-    )
+    row = latency_stats(name or f"C {sources.name}", result.times_ns, **c_row_info(sources))
     floor = latency_stats("C clock floor (clock_gettime pair)", result.floor_ns, kind="floor")
     return row, floor
 

@@ -236,6 +236,7 @@ class _Emitter:
             self.last_use[value.name] = len(graph.node)  # copied out after the last node
         self.body: list[str] = []
         self.weight_bytes = 0
+        self.sums = 0  # partial-sum arrays written so far (their names are s1, s2, ...)
         for value in graph.input:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in _dims(value)]
             if len(dims) != 2:
@@ -330,7 +331,7 @@ class _Emitter:
 
     # -- the ops ----------------------------------------------------------------------
     def gemm(self, node: onnx.NodeProto) -> None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if node.op_type == "Gemm" and (
             attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0
         ):
@@ -388,7 +389,7 @@ class _Emitter:
             self.emit("    }")
 
     def layer_norm(self, node: onnx.NodeProto) -> None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if attrs.get("axis", -1) not in (-1, 1) or attrs.get("stash_type", 1) != 1:
             raise UnsupportedGraphError(f"LayerNormalization {node.name!r} with {attrs}")
         if len(node.output) > 1 and any(node.output[1:]):
@@ -413,7 +414,8 @@ class _Emitter:
         fixed order: a vector's lanes without -ffast-math (a plain loop is a chain of
         dependent adds, ~0.25 µs for the 4 sums of 64 of two LayerNorms); returns the C
         expression of the total."""
-        k = self._sums = getattr(self, "_sums", 0) + 1
+        self.sums += 1
+        k = self.sums
         lanes = f"s{k}"
         self.emit(f"        float {lanes}[8] = {{0.0f}};")
         whole = length // 8 * 8
@@ -443,7 +445,7 @@ class _Emitter:
         self.emit(f"    for (int i = 0; i < {length}; ++i) {out}[i] = {value};")
 
     def gather(self, node: onnx.NodeProto) -> None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         index = np.asarray(self.constant(node, node.input[1]))
         x, length = self.activation(node, node.input[0])
         if attrs.get("axis", 0) != 1 or index.ndim != 1:
@@ -458,7 +460,7 @@ class _Emitter:
         self.emit(f"    for (int i = 0; i < {index.size}; ++i) {out}[i] = {x}[{table}[i]];")
 
     def split(self, node: onnx.NodeProto) -> None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         x, length = self.activation(node, node.input[0])
         if attrs.get("axis", 0) not in (1, -1) or len(node.input) < 2:
             raise UnsupportedGraphError(f"Split {node.name!r}: only axis 1 with sizes")
@@ -475,7 +477,7 @@ class _Emitter:
             offset += size
 
     def concat(self, node: onnx.NodeProto) -> None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if attrs.get("axis") not in (1, -1):
             raise UnsupportedGraphError(f"Concat {node.name!r}: only axis 1")
         parts = [self.activation(node, n) for n in node.input]
@@ -519,7 +521,7 @@ class _Emitter:
         elif op in binary and len(node.input) == 2:
             self.elementwise(node, binary[op])
         elif op == "HardSigmoid":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = _attrs(node)
             alpha, beta = _c_float(attrs.get("alpha", 0.2)), _c_float(attrs.get("beta", 0.5))
 
             def hard_sigmoid(a: str) -> str:
@@ -528,7 +530,7 @@ class _Emitter:
 
             self.elementwise(node, hard_sigmoid)
         elif op in unary:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = _attrs(node)
             if op == "Gelu" and attrs.get("approximate", b"none") not in (b"none", "none"):
                 raise UnsupportedGraphError(f"Gelu {node.name!r}: only the exact (erf) form")
             self.elementwise(node, unary[op])
@@ -538,6 +540,11 @@ class _Emitter:
                 f"Gemm, MatMul, LayerNormalization, Clip, HardSigmoid, Gather, Split, Concat, "
                 f"{', '.join(sorted(binary))}, {', '.join(sorted(unary))})"
             )
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _dims(value: onnx.ValueInfoProto):

@@ -63,7 +63,7 @@ class CPolicy(StepPolicy):
         self._step = self._lib.policy_step
         self._step.argtypes = [ctypes.c_void_p] * 4
         self._step.restype = None
-        super().__init__(meta, batch_size, validate, name=str(self.sources))
+        super().__init__(meta, batch_size, validate)
 
     def _compute(
         self, obs: np.ndarray, state: np.ndarray, action: np.ndarray, state_out: np.ndarray

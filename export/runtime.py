@@ -84,11 +84,10 @@ class StepPolicy:
     float32 buffers; ``OnnxPolicy`` also overrides ``_advance`` (IOBinding).
     """
 
-    def __init__(self, meta: dict[str, str], batch_size: int, validate: bool, name: str) -> None:
+    def __init__(self, meta: dict[str, str], batch_size: int, validate: bool) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._meta = meta
-        self._name = name
         self.batch_size = int(batch_size)
         self.validate = validate
         self.obs_dim = int(self._meta["obs_dim"])
@@ -292,7 +291,7 @@ class OnnxPolicy(StepPolicy):
         self.path = Path(path)
         self.session = make_session(self.path, provider, threads)
         self.provider = provider
-        super().__init__(_read_metadata(self.session, self.path), batch_size, validate, str(path))
+        super().__init__(_read_metadata(self.session, self.path), batch_size, validate)
         self._bindings = self._make_bindings() if io_binding else None
 
     def _compute(

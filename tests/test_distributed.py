@@ -4,7 +4,6 @@ the loopback address (127.0.0.1 only), and the moment merge against numpy."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from compressm_rl.rl.distributed import World, batch_moments, merge_moments
+from compressm_rl.rl.distributed import (
+    World,
+    batch_moments,
+    free_loopback_port,
+    merge_moments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,18 +82,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_collectives_on_two_gloo_ranks_launched_by_torchrun(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
     command += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    command += ["--master-port", str(free_port()), str(script), str(tmp_path)]
+    command += ["--master-port", str(free_loopback_port()), str(script), str(tmp_path)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
@@ -156,7 +154,7 @@ RUNNER = textwrap.dedent(
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
     command += ["--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1"]
-    command += ["--master-port", str(free_port()), str(script), *args]
+    command += ["--master-port", str(free_loopback_port()), str(script), *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -236,7 +234,7 @@ def test_two_nodes_rendezvous_over_loopback(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
     command += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "test"]
-    command += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--local-addr", "127.0.0.1"]
+    command += ["--rdzv-endpoint", f"127.0.0.1:{free_loopback_port()}", "--local-addr", "127.0.0.1"]
     command += [str(script), str(run), "full", "256"]
     nodes = [
         subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

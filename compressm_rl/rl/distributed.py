@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -176,9 +177,8 @@ def mean_over_ranks(value: float, world: World) -> float:
 
 def sync_normalizer(normalizer: RunningNormalizer, batch: np.ndarray, world: World) -> None:
     """``normalizer.update(batch)``, with every rank's batch when data-parallel."""
-    before = statistics(normalizer)
     if world.distributed:
-        merge_normalizer(normalizer, before, batch, world)
+        merge_normalizer(normalizer, statistics(normalizer), batch, world)
     else:
         normalizer.update(batch)
 
@@ -222,6 +222,13 @@ def broadcast_object(obj, world: World, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a one-machine job's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def barrier(world: World) -> None:

@@ -165,10 +165,11 @@ def collect_rollout(
         # including step t (SB3's VecNormalize), computed for all steps at once. With data
         # parallelism the scale within the rollout is this rank's; the statistics carried
         # on are merged from every rank's returns.
-        before = statistics(reward_norm)
-        variances = reward_norm.update_each(np.stack(discounted))
+        returns_seen = np.stack(discounted)
+        before = statistics(reward_norm) if world.distributed else None
+        variances = reward_norm.update_each(returns_seen)
         if world.distributed:
-            merge_normalizer(reward_norm, before, np.stack(discounted), world)
+            merge_normalizer(reward_norm, before, returns_seen, world)
         scale = np.sqrt(variances + reward_norm.eps)[:, None]
         scaled_rewards = np.clip(scaled_rewards / scale, -10, 10)
     return Rollout(
