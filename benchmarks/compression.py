@@ -1,19 +1,24 @@
 """In-training compression against its baselines, side by side (issue 4).
 
     python benchmarks/compression.py [--envs Hopper-v5,Hopper-v5-P] [--seeds 0,1]
-        [--steps 1000000] [--tol 0.15] [--at 0.02,0.04,0.06,0.08] [--min-state 4]
-        [--out benchmarks/out/compression] [--workers 2]
+        [--steps 1000000] [--tol 0.15 | --compress-to N [--allocation global|uniform]]
+        [--gramian white|data] [--heal-steps K] [--at 0.02,0.04,0.06,0.08] [--min-state 4]
+        [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2]
 
 Per env and seed, four policies:
 1. uncompressed (n = 128 per layer),
-2. compressed in training (tolerance ``--tol`` at the fractions ``--at`` of training),
+2. compressed in training at the fractions ``--at`` of training: by energy (``--tol``,
+   per layer) or to a state budget per part (``--compress-to``, with ``--allocation``),
+   on white-noise or data-weighted HSVs (``--gramian``), with cut-and-heal if
+   ``--heal-steps``,
 3. small from scratch at (2)'s final actor sizes,
 4. post-training compression of (1) to those sizes (no fine-tuning).
 Reports deterministic return (10 episodes), the training return of the last 50
 iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
 deterministic ones), final per-layer n, wall-clock training time and training env
 steps/s after the last reduction, and plots the training curves and per-seed returns
-(``compression.png`` in ``--out``). Runs already in ``--out`` are reused, so the script
+(``compression.png`` in ``--out``), with paired bootstrap 90% intervals of the ratios of
+mean returns (2)/(1) and (2)/(3). Runs already in ``--out`` are reused, so the script
 can be stopped and restarted; stop it with Ctrl-C, which reaches its training processes
 too (killing the main process alone leaves them training, and a restarted script would
 then resume the same run beside them).
@@ -23,7 +28,11 @@ seed start at the same time, one process per core, so that their wall-clock rati
 measured under the same machine load (on this shared VM one run's iteration time has
 drifted by 25% between hours); when (2) ends, (3) takes its core, so (1) keeps a
 neighbour to its end (at these sizes (3) outlasts (1)). Such a seed directory gets a
-``side_by_side`` marker, reported with the results.
+``side_by_side`` marker, reported with the results. Methods are compared at equal size
+by giving each its own ``--out`` and the same ``--compress-to``; ``--reuse-from DIR``
+links (1) and (3) from another method's directory instead of training them again (so
+every method is paired with the same full and small runs; no wall-clock ratio side by
+side then).
 """
 
 from __future__ import annotations
@@ -79,6 +88,17 @@ def _is_done(config: TrainConfig, run_dir: Path) -> bool:
     return load_checkpoint(run_dir).global_step >= last_iteration
 
 
+def _link_runs(source: Path, base: Path, labels: tuple[str, ...]) -> None:
+    """Symlink finished runs ``source/label`` into ``base`` (another method's baselines)."""
+    base.mkdir(parents=True, exist_ok=True)
+    for label in labels:
+        target = (source / label).resolve()
+        if not (target / "checkpoint.pt").exists():
+            raise SystemExit(f"--reuse-from: {target} holds no run; train that method first")
+        if not (base / label).exists():
+            (base / label).symlink_to(target)
+
+
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
     policy, meta = load_policy(run_dir)
     returns = evaluate(TorchController(policy), env_id, episodes=10, seed=10_000 + seed)
@@ -111,7 +131,12 @@ def main() -> None:
     parser.add_argument("--envs", default="Hopper-v5,Hopper-v5-P")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=1_000_000)
-    parser.add_argument("--tol", type=float, default=0.15)
+    parser.add_argument("--tol", type=float, help="energy cut per layer (default 0.15)")
+    parser.add_argument("--compress-to", type=int, help="state budget per part instead of --tol")
+    parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
+    parser.add_argument("--gramian", default="white", choices=["white", "data"])
+    parser.add_argument("--heal-steps", type=int, default=0, help="cut-and-heal distillation")
+    parser.add_argument("--reuse-from", type=Path, help="link (1) and (3) from this --out")
     parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
     parser.add_argument("--min-state", type=int, help="floor on n per layer (default: 4)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
@@ -131,10 +156,19 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
         for env_id, seed, base in runs:
             full = TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, seed=seed))
-            compression = CompressionConfig(tol=args.tol, at=at)
+            compression = CompressionConfig(
+                tol=None if args.compress_to else (args.tol or 0.15),
+                budget=args.compress_to,
+                allocation=args.allocation,
+                gramian=args.gramian,
+                heal_steps=args.heal_steps,
+                at=at,
+            )
             if args.min_state is not None:
                 compression = replace(compression, min_state=args.min_state)
             compressed = replace(full, compression=compression)
+            if args.reuse_from is not None:
+                _link_runs(args.reuse_from / f"{env_id}-s{seed}", base, ("1-full", "3-small"))
             if args.workers >= 2 and not (
                 _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
             ):
@@ -144,6 +178,8 @@ def main() -> None:
             pool.submit(run_once, compressed, base / "2-compressed").result()
             final_dims = load_policy(base / "2-compressed")[0].actor.state_dims
             small = replace(full, state_dims=final_dims)
+            if args.reuse_from is not None:  # (3) is the other method's, at its sizes
+                small = replace(full, state_dims=load_policy(base / "3-small")[0].actor.state_dims)
             small_run = pool.submit(run_once, small, base / "3-small")
             full_run.result()
             small_run.result()
@@ -178,8 +214,34 @@ def main() -> None:
         ratio = wall["2-compressed"]["wall_s"] / wall["1-full"]["wall_s"]
         star = "*" if wall["1-full"]["side_by_side"] else ""
         print(f"  {env_id} seed {seed}: {ratio:.3f}{star}")
+    print("\nPaired bootstrap over seeds (20,000 resamples), ratio of means [90% interval]:")
+    for env_id in args.envs.split(","):
+        by = {
+            label: [r for r in results if r["env"] == env_id and r["label"] == label]
+            for label in LABELS
+        }
+        for key, name in (("return", "deterministic"), ("train_return", "training")):
+            cells = []
+            for ref in ("1-full", "3-small"):
+                a = [r[key] for r in by["2-compressed"]]
+                b = [r[key] for r in by[ref]]
+                ratio, low, high = bootstrap_ratio(np.array(a), np.array(b))
+                cells.append(f"(2)/({ref[0]}) {ratio:.2f} [{low:.2f}, {high:.2f}]")
+            print(f"  {env_id}, {name} return: " + "; ".join(cells))
     plot(results, runs, at, args.out / "compression.png")
     print(f"\nplot: {args.out / 'compression.png'}")
+
+
+def bootstrap_ratio(
+    a: np.ndarray, b: np.ndarray, resamples: int = 20_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``mean(a) / mean(b)`` over paired seeds (``a[i]``, ``b[i]`` share seed i) and its
+    90% percentile interval from resampling the seeds with replacement."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(resamples, len(a)))
+    ratios = a[picks].mean(1) / b[picks].mean(1)
+    low, high = np.percentile(ratios, [5, 95])
+    return float(a.mean() / b.mean()), float(low), float(high)
 
 
 def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) -> None:

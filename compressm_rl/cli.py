@@ -46,6 +46,24 @@ def _add_train(sub) -> None:
         "--compress-tol", type=float, help="compress in training: drop this fraction of Σ HSV"
     )
     p.add_argument(
+        "--compress-to",
+        type=int,
+        help="compress in training to a state budget instead: N complex states per part "
+        "(actor, critic) over all its layers after the last reduction (not with --compress-tol)",
+    )
+    p.add_argument(
+        "--compress-allocation",
+        choices=["global", "uniform"],
+        help="with --compress-to: rank states across layers by 2σ/‖G‖∞ (global, default) "
+        "or give each layer an equal share (uniform)",
+    )
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        help="cut-and-heal: Adam steps distilling the reduced actor toward the full one "
+        "after each cut (default 0: none)",
+    )
+    p.add_argument(
         "--compress-at",
         type=_floats,
         help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
@@ -133,6 +151,9 @@ def _train(args) -> int:
         data["ppo"] = {**(data.get("ppo") or {}), "num_envs": args.num_envs}
     compression = {
         "tol": args.compress_tol,
+        "budget": args.compress_to,
+        "allocation": args.compress_allocation,
+        "heal_steps": args.heal_steps,
         "at": args.compress_at,
         "min_state": args.min_state,
         "parts": args.compress_parts,

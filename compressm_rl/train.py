@@ -8,6 +8,7 @@ iteration anneal the learning rate, compress when a reduction point is due, run 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import replace
@@ -17,7 +18,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from compressm_rl.compression import ReductionEvent, apply_reductions, decide_reductions
+from compressm_rl.compression import (
+    ReductionEvent,
+    apply_reductions,
+    decide_reductions,
+    heal_actor,
+)
 from compressm_rl.device import resolve_device
 from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
@@ -324,14 +330,23 @@ def _compress(
 
     Data-parallel: rank 0 decides, with the guards run on every rank's rollout (gathered),
     and sends the accepted reductions to all; every rank applies them to its identical
-    policy and optimiser and maps its own envs' states."""
+    policy and optimiser and maps its own envs' states. With cut-and-heal, rank 0 distils
+    the reduced actor toward the full one and sends its parameters to all."""
+    config = state.config.compression
     obs = gather_batches(last.rollout.obs.transpose(0, 1), world)
     reset = gather_batches(last.rollout.episode_start.transpose(0, 1), world)
-    decision = None
+    events_left = len(state.reduction_steps) - state.next_reduction
+    decision, teacher = None, None
     if world.is_main:
-        decision = decide_reductions(state.policy, state.config.compression, obs, reset)
+        decision = decide_reductions(state.policy, config, obs, reset, events_left)
+        if config.heal_steps and any(ref.part == "actor" for ref in decision[0]):
+            teacher = copy.deepcopy(state.policy)
     accepted, events = broadcast_object(decision, world)
     carry.state = apply_reductions(state.policy, state.optimizer, accepted, carry.state)
+    if config.heal_steps and any(ref.part == "actor" for ref in accepted):
+        if teacher is not None:  # rank 0 heals on everyone's rollout, then shares the result
+            heal_actor(state.policy, teacher, obs, reset, config.heal_steps, config.heal_lr)
+        broadcast_module(state.policy, world)
     before = _mean_or_none(recent_returns)
     events = [replace(e, step=state.global_step, return_before=before) for e in events]
     state.next_reduction += 1

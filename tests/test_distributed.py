@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from compressm_rl.rl.distributed import (
     World,
@@ -158,11 +159,17 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path):
+@pytest.mark.parametrize(
+    "compression",
+    [["--compress-tol", "0.3"], ["--compress-to", "10", "--heal-steps", "3"]],
+    ids=["tol", "budget-heal"],
+)
+def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path, compression):
     """`compressm-rl train --nproc 2` with in-training compression: every iteration ends
     with the ranks' models compared (``check_in_sync``: a mismatch ends the job), so the
-    reductions (decided on rank 0 from both ranks' rollouts, applied on both) kept them
-    identical; rank 0 writes, steps count both ranks."""
+    reductions (decided on rank 0 from both ranks' rollouts, applied on both) and the
+    healing (on rank 0, then broadcast) kept them identical; rank 0 writes, steps count
+    both ranks."""
     import yaml
 
     config = tmp_path / "tiny.yaml"
@@ -170,7 +177,7 @@ def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", "Hopper-v5"]
     command += ["--total-steps", "384", "--config", str(config), "--out", str(run)]
-    command += ["--compress-tol", "0.3", "--compress-at", "0.3,0.6"]
+    command += [*compression, "--compress-at", "0.3,0.6"]
     proc = subprocess.run(
         [*command, "--nproc", "2", "--no-progress"], cwd=ROOT, capture_output=True, text=True
     )
@@ -188,6 +195,9 @@ def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path):
     assert steps == [128, 256]  # two reduction points, each logged once (by rank 0)
     assert len(events) == 2 * 4  # 2 points × (actor, critic) × 2 layers
     assert sum(state.policy.actor.state_dims) < 16  # something was cut
+    if "--compress-to" in compression:
+        assert sum(state.policy.actor.state_dims) == sum(state.policy.critic.state_dims) == 10
+        assert any(e["kl_healed"] is not None for e in events)
     assert (run / "hsv_1.png").exists() and (run / "hsv_2.png").exists()
     # One rank cannot continue a two-rank run: a clear error, nothing written.
     before = (run / "metrics.csv").read_text()

@@ -1,6 +1,7 @@
 """Compression of LRU policies by balanced truncation: the LTI maths on arrays (``lti``)
 and the in-training pipeline over an actor-critic (``pipeline``)."""
 
+from compressm_rl.compression.lti import hinf_norm
 from compressm_rl.compression.pipeline import (
     CompressionConfig,
     LayerRef,
@@ -8,6 +9,7 @@ from compressm_rl.compression.pipeline import (
     apply_reductions,
     compress_policy,
     decide_reductions,
+    heal_actor,
     lru_layers,
 )
 
@@ -18,5 +20,7 @@ __all__ = [
     "apply_reductions",
     "compress_policy",
     "decide_reductions",
+    "heal_actor",
+    "hinf_norm",
     "lru_layers",
 ]

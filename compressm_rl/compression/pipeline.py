@@ -6,19 +6,25 @@ walks every LRU layer of the chosen parts once:
 1. **read**: the layer as a diagonal LTI system (``LRU.system()``, float64), and the
    inputs it saw on the latest rollout;
 2. **plan**: balanced truncation at the rank that keeps ``1 - tol`` of the Hankel
-   singular values (at least the floor), white-noise ones or, with ``gramian: data``,
-   ones weighted by the covariance of the recorded inputs; a layer is skipped unless the cut removes at
-   least 5% of its states, or when the re-diagonalisation is ill-conditioned;
+   singular values (at least the floor), or, with a state ``budget``, at the ranks that
+   bring each part to this event's share of it (``compression.budget``: states ranked
+   across layers, or equal shares); white-noise HSVs or, with ``gramian: data``, ones
+   weighted by the covariance of the recorded inputs. A layer is skipped when the cut
+   removes too little (< 5% of its states by ``tol``; none by budget), or when the
+   re-diagonalisation is ill-conditioned;
 3. **guard**: the reduced layer's relative output error on the recorded inputs must stay
    under ``max_output_error``; for the actor, KL(full ‖ reduced) of the action
    distribution on the rollout must stay under ``max_kl``; above it the actor's cut is
    made gentler (each layer sheds half as many states, re-truncated at the higher rank)
    and tried again, up to ``MAX_KL_BACKOFFS`` times, before the actor's reductions of
-   this event are rolled back (CompreSSM's "pragmatic" mode);
+   this event are rolled back (CompreSSM's "pragmatic" mode). The last event of a budget
+   is held to it: its guards are measured, not obeyed;
 4. **apply**: every carried recurrent state is mapped into the new coordinates
    (``z = W [Re h; Im h]``), the layer becomes the reduced system (``LRU.load_system``),
    and the optimiser follows the new parameters (their Adam state restarts whole,
-   moments and step count: old modes do not map one to one onto new ones).
+   moments and step count: old modes do not map one to one onto new ones);
+5. **heal** (``heal_steps`` > 0): the reduced actor is distilled toward the full one on
+   the rollout (``heal_actor``); the KL guard then judges healed trial copies.
 
 Each layer's decision is one ``ReductionEvent`` (a record of ``compression.json``).
 """
@@ -32,11 +38,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from compressm_rl.compression.budget import (
+    ALLOCATIONS,
+    allocate_ranks,
+    event_target,
+    state_scores,
+    uniform_shares,
+    weakest_kept,
+)
 from compressm_rl.compression.lti import (
     IllConditionedReduction,
     ReductionResult,
     UnreducibleLayer,
     balanced_truncation,
+    hankel_singular_values,
+    hinf_norm,
     input_covariance,
 )
 from compressm_rl.settings import check_types
@@ -52,13 +68,21 @@ GRAMIANS = ("white", "data")
 
 @dataclass
 class CompressionConfig:
-    """When and how much to reduce. ``tol`` None disables compression.
+    """When and how much to reduce: by energy (``tol``, per layer) or to a state budget
+    (``budget``, per part); neither disables compression.
 
     Every value is checked when the config is built (``ValueError`` naming the field,
     the value and the valid range).
     """
 
     tol: float | None = None  # fraction of Σ HSV dropped per layer, in (0, 1)
+    # Or a state budget: each part in ``parts`` ends the last event with this many complex
+    # states over all its layers (compression.budget; ``--compress-to``). Methods can then be
+    # compared at equal size. The last event is held to it: its guards are measured, not obeyed.
+    budget: int | None = None
+    # With a budget: "global" ranks states across a part's layers by 2σ_j/‖G_l‖_∞ (LAST's
+    # idea on balanced coordinates); "uniform" gives every layer an equal share.
+    allocation: str = "global"
     # Early: the action KL of a cut grows as the policy's σ shrinks (Hopper-v5, τ = 0.15:
     # KL 0.04 at 6% of training, 0.2-0.3 at 15-20%), and the small model trains for longer.
     at: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08])
@@ -74,6 +98,11 @@ class CompressionConfig:
     # HSVs to cut on: "white" (white-noise Gramians, the baseline) or "data" (controllability
     # Gramian weighted by the covariance of each layer's inputs on the last rollout, Enns).
     gramian: str = "white"
+    # Cut-and-heal: after the actor is cut, this many Adam steps distil the reduced actor
+    # toward the full one (KL of the actions on the last rollout) before PPO continues;
+    # the actor's KL guard then judges the healed cut. 0: no healing.
+    heal_steps: int = 0
+    heal_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         check_types(self, "compression ")
@@ -83,6 +112,19 @@ class CompressionConfig:
 
         if self.tol is not None and not 0.0 < self.tol < 1.0:
             raise bad("tol", self.tol, "a fraction of the HSV sum in (0, 1), e.g. 0.1")
+        if self.tol is not None and self.budget is not None:
+            raise ValueError(
+                f"compression tol = {self.tol} and budget = {self.budget} are both set: "
+                "give one (tol: cut each layer by energy; budget: states to end with)"
+            )
+        if self.budget is not None and self.budget < 1:
+            raise bad("budget", self.budget, "complex states per part, at least 1")
+        if self.allocation not in ALLOCATIONS:
+            raise bad("allocation", self.allocation, "'global' or 'uniform'")
+        if self.heal_steps < 0:
+            raise bad("heal_steps", self.heal_steps, "0 (no healing) or more Adam steps")
+        if not self.heal_lr > 0.0:
+            raise bad("heal_lr", self.heal_lr, "a positive learning rate")
         if not self.at or any(not 0.0 <= f < 1.0 for f in self.at):
             raise bad("at", self.at, "fractions of total steps in [0, 1), e.g. 0.02,0.04")
         if self.min_state < 1:
@@ -108,7 +150,7 @@ class CompressionConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.tol is not None
+        return self.tol is not None or self.budget is not None
 
 
 @dataclass(frozen=True)
@@ -145,9 +187,12 @@ class ReductionEvent:
     condition number of its re-diagonalisation, ``n_clamped`` the modes moved to the
     largest radius an LRU holds and ``n_paired`` the states holding two real modes (None
     where no cut was computed). ``gramian`` is the HSVs the cut used ("white", or "data":
-    weighted by the recorded inputs' covariance). ``output_error`` is None
-    where no guard ran, ``kl`` None outside the actor's KL guard; ``step`` and the returns
-    around the event are filled in by the runner.
+    weighted by the recorded inputs' covariance); ``hinf_norm`` the full layer's H∞ norm
+    with the same weighting, so that ``relative_bound`` reads in the units of
+    ``output_error``. ``target`` is the part's state count the event aimed at (budget
+    mode). ``output_error`` is None where no guard ran, ``kl`` None outside the actor's KL
+    guard, ``kl_healed`` None without cut-and-heal; ``step`` and the returns around the
+    event are filled in by the runner.
     """
 
     layer: LayerRef
@@ -161,8 +206,11 @@ class ReductionEvent:
     n_clamped: int | None = None
     n_paired: int | None = None
     gramian: str = "white"
+    hinf_norm: float | None = None  # the full layer's ‖G‖_∞, weighted as ``bound`` is
+    target: int | None = None  # with a budget: the part's states this event aims at
     output_error: float | None = None
     kl: float | None = None
+    kl_healed: float | None = None  # KL after the cut-and-heal distillation
     step: int | None = None
     return_before: float | None = None
     return_after: float | None = None
@@ -171,6 +219,13 @@ class ReductionEvent:
     @property
     def applied(self) -> bool:
         return self.status.startswith("applied")
+
+    @property
+    def relative_bound(self) -> float | None:
+        """``bound / ‖G‖_∞``: the worst-case relative error, in the output error's units."""
+        if not self.hinf_norm:
+            return None
+        return self.bound / self.hinf_norm
 
     def with_cut(self, result: ReductionResult, applied: bool = True) -> ReductionEvent:
         """This event with ``result``'s cut described (``n_after`` its size if ``applied``)."""
@@ -202,11 +257,13 @@ def compress_policy(
     carried: RecurrentState | None = None,
     obs: Tensor | None = None,
     reset: Tensor | None = None,
+    events_left: int = 1,
 ) -> tuple[RecurrentState | None, list[ReductionEvent]]:
     """Reduce the LRU layers of ``config.parts`` in place; map the ``carried`` state.
 
-    ``decide_reductions`` then ``apply_reductions`` (a data-parallel run decides on one
-    rank and applies on every rank).
+    ``decide_reductions``, ``apply_reductions``, then ``heal_actor`` when the config asks
+    for cut-and-heal (a data-parallel run decides and heals on one rank and applies on
+    every rank).
 
     Args:
         optimizer: follows the replaced parameters (None: no optimiser to update).
@@ -214,12 +271,18 @@ def compress_policy(
             ``[B, S_critic]``), mapped into the reduced coordinates.
         obs, reset: the latest rollout as sequences ``[B, T, obs]`` (normalised) and
             ``[B, T]``, for the guards; None skips them.
+        events_left: reduction events left in the schedule, this one included (a budget
+            is reached over them; the last one is held to it).
 
     Returns:
         The mapped state (None if none was given) and one event per layer.
     """
-    accepted, events = decide_reductions(policy, config, obs, reset)
-    return apply_reductions(policy, optimizer, accepted, carried), events
+    teacher = copy.deepcopy(policy) if config.heal_steps and obs is not None else None
+    accepted, events = decide_reductions(policy, config, obs, reset, events_left)
+    mapped = apply_reductions(policy, optimizer, accepted, carried)
+    if teacher is not None and any(ref.part == "actor" for ref in accepted):
+        heal_actor(policy, teacher, obs, reset, config.heal_steps, config.heal_lr)
+    return mapped, events
 
 
 def decide_reductions(
@@ -227,26 +290,35 @@ def decide_reductions(
     config: CompressionConfig,
     obs: Tensor | None = None,
     reset: Tensor | None = None,
+    events_left: int = 1,
 ) -> tuple[dict[LayerRef, ReductionResult], list[ReductionEvent]]:
     """Plan and guard the cuts without changing ``policy``: the accepted reductions by
     layer, and one event per layer (``compress_policy``'s arguments)."""
-    plan = plan_reductions(policy, config, obs, reset)
+    plan = plan_reductions(policy, config, obs, reset, events_left)
     events = {event.layer: event for event in plan.events}
     actor = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
-    if actor and obs is not None:
-        fitted, kl, halvings, dropped = fit_actor_kl(policy, plan, actor, config, obs, reset)
+    if actor and obs is not None and plan.held_to_budget:  # measured, not obeyed
+        kl, kl_healed = cut_kl(policy, actor, config, obs, reset)
+        over = "" if (kl_healed or kl) <= config.max_kl else f" (KL over {config.max_kl})"
         for ref in actor:
-            event = replace(events[ref], kl=kl)
+            status = f"applied: held to the budget{over}"
+            events[ref] = replace(events[ref], kl=kl, kl_healed=kl_healed, status=status)
+    elif actor and obs is not None:
+        fitted, (kl, kl_healed), halvings, dropped = fit_actor_kl(
+            policy, plan, actor, config, obs, reset
+        )
+        for ref in actor:
+            event = replace(events[ref], kl=kl, kl_healed=kl_healed)
             if ref in fitted:
                 result = fitted[ref]
                 event = event.with_cut(result)
                 if halvings:  # the gentler cut's own error, not the planned one's
                     error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
-                    status = f"applied: cut halved {halvings}x to fit KL {kl:.3f}"
+                    status = f"applied: cut halved {halvings}x to fit KL {kl_healed or kl:.3f}"
                     event = replace(event, output_error=error, status=status)
                 plan.accepted[ref] = result
             else:
-                reason = f"KL {kl:.3f} > {config.max_kl} after {halvings} halvings"
+                reason = f"KL {kl_healed or kl:.3f} > {config.max_kl} after {halvings} halvings"
                 status = "rolled back: " + dropped.get(ref, reason)
                 event = replace(event, n_after=event.n_before, status=status)
                 del plan.accepted[ref]
@@ -280,10 +352,15 @@ class ReductionPlan:
     events: list[ReductionEvent]
     # Σ_u of each layer's recorded inputs, where the cut uses data-weighted Gramians.
     input_covariances: dict[LayerRef, np.ndarray] = field(default_factory=dict)
+    held_to_budget: bool = False  # the budget's last event: guards measure, never veto
 
 
 def plan_reductions(
-    policy: ActorCritic, config: CompressionConfig, obs: Tensor | None, reset: Tensor | None
+    policy: ActorCritic,
+    config: CompressionConfig,
+    obs: Tensor | None,
+    reset: Tensor | None,
+    events_left: int = 1,
 ) -> ReductionPlan:
     """Read every layer of ``config.parts`` once and decide its cut (output-error guard
     included, KL guard not), without changing the policy."""
@@ -293,42 +370,154 @@ def plan_reductions(
         recorded={} if obs is None else record_layers(policy, config.parts, obs, reset),
         accepted={},
         events=[],
+        held_to_budget=config.budget is not None and events_left == 1,
     )
     if config.gramian == "data":  # without a rollout, the white-noise HSVs (event says so)
         plan.input_covariances = {
             ref: input_covariance(u.double().cpu().numpy()) for ref, (u, _) in plan.recorded.items()
         }
+    norms = {ref: _weighted_norm(plan, ref) for ref in refs}
+    targets, cuts = {}, {}
+    if config.budget is not None:
+        targets, cuts = budget_cuts(plan, refs, norms, config, events_left)
     for ref in refs:
         n = ref.of(policy).state_dim
-        gramian = "data" if ref in plan.input_covariances else "white"
-        event = ReductionEvent(ref, n_before=n, n_after=n, status="applied", gramian=gramian)
+        event = ReductionEvent(
+            ref,
+            n_before=n,
+            n_after=n,
+            status="applied",
+            gramian="data" if ref in plan.input_covariances else "white",
+            hinf_norm=norms[ref],
+            target=targets.get(ref.part),
+        )
         try:
-            result = balanced_truncation(
-                *plan.systems[ref],
-                tol=config.tol,
-                min_rank=min(2 * config.min_state, 2 * n),
-                max_cond=config.max_cond,
-                max_radius=MAX_RADIUS,
-                pair_real=config.pair_real,
-                input_covariance=plan.input_covariances.get(ref),
-            )
+            if config.budget is not None:
+                result = cuts[ref]
+                if isinstance(result, UnreducibleLayer):
+                    raise result
+            else:
+                result = cut_layer(plan, ref, config, tol=config.tol)
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             plan.events.append(replace(event, status=f"skipped: {err}"))
             continue
         event = event.with_cut(result, applied=False)
-        if result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
+        if config.budget is not None and result.state_dim >= n:
+            plan.events.append(replace(event, status="skipped: the budget keeps every state"))
+            continue
+        if config.budget is None and result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
             plan.events.append(replace(event, status="skipped: removes < 5% of states"))
             continue
         if ref in plan.recorded:
             error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
             event = replace(event, output_error=error)
-            if error > config.max_output_error:
+            if error > config.max_output_error and not plan.held_to_budget:
                 status = f"rolled back: output error {error:.3f} > {config.max_output_error}"
                 plan.events.append(replace(event, status=status))
                 continue
         plan.accepted[ref] = result
         plan.events.append(replace(event, n_after=result.state_dim))
     return plan
+
+
+def cut_layer(
+    plan: ReductionPlan, ref: LayerRef, config: CompressionConfig, **rank_or_tol
+) -> ReductionResult:
+    """Balanced truncation of one planned layer at ``rank=`` or ``tol=``, with the
+    config's conditioning, radius and real-mode settings and the layer's Gramian."""
+    n = plan.systems[ref].state_dim
+    return balanced_truncation(
+        *plan.systems[ref],
+        **rank_or_tol,
+        min_rank=min(2 * config.min_state, 2 * n),
+        max_cond=config.max_cond,
+        max_radius=MAX_RADIUS,
+        pair_real=config.pair_real,
+        input_covariance=plan.input_covariances.get(ref),
+    )
+
+
+def _weighted_norm(plan: ReductionPlan, ref: LayerRef) -> float:
+    lam, B, C, _ = plan.systems[ref]
+    return hinf_norm(lam, B, C, input_covariance=plan.input_covariances.get(ref))
+
+
+def budget_cuts(
+    plan: ReductionPlan,
+    refs: list[LayerRef],
+    norms: dict[LayerRef, float],
+    config: CompressionConfig,
+    events_left: int,
+) -> tuple[dict[str, int], dict[LayerRef, ReductionResult | UnreducibleLayer]]:
+    """The cuts that bring each part to this event's share of its budget: the part's
+    target by part name, and per layer its cut or why there is none."""
+    targets, cuts = {}, {}
+    for part in config.parts:
+        layers = [ref for ref in refs if ref.part == part]
+        if layers:
+            targets[part], results = _budget_cut_part(plan, layers, norms, config, events_left)
+            cuts.update(zip(layers, results, strict=True))
+    return targets, cuts
+
+
+def _budget_cut_part(
+    plan: ReductionPlan,
+    layers: list[LayerRef],
+    norms: dict[LayerRef, float],
+    config: CompressionConfig,
+    events_left: int,
+) -> tuple[int, list[ReductionResult | UnreducibleLayer]]:
+    """One part's cuts. Ranks come from ``compression.budget`` (global scores or uniform
+    shares). A cut can hold more complex states than half its rank (real modes left
+    unpaired), so while the part (global) or a layer (uniform) is over its target, its
+    weakest kept state goes too; a layer that cannot be cut keeps its states, and under
+    global allocation the others make up for it."""
+    sizes = [plan.systems[ref].state_dim for ref in layers]
+    target = event_target(sum(sizes), config.budget, events_left)
+    hsv = [
+        hankel_singular_values(
+            *plan.systems[ref][:3], input_covariance=plan.input_covariances.get(ref)
+        )
+        for ref in layers
+    ]
+    scores = [state_scores(h, norms[ref]) for h, ref in zip(hsv, layers, strict=True)]
+    floors = [2 * min(config.min_state, n) for n in sizes]
+    ceilings = [max(1, int(np.count_nonzero(h > 1e-12 * h[0]))) for h in hsv]
+    goals = None  # per-layer targets (uniform)
+    if config.allocation == "global":
+        ranks = allocate_ranks(scores, 2 * target, floors, ceilings)
+    else:
+        shares = uniform_shares(config.budget, len(layers))
+        goals = [event_target(n, s, events_left) for n, s in zip(sizes, shares, strict=True)]
+        ranks = [max(lo, min(hi, 2 * g)) for lo, hi, g in zip(floors, ceilings, goals, strict=True)]
+
+    def cut(i: int) -> ReductionResult | UnreducibleLayer:
+        try:
+            return cut_layer(plan, layers[i], config, rank=ranks[i])
+        except UnreducibleLayer as err:
+            floors[i] = ranks[i]  # nothing to give up here
+            return err
+
+    results = [cut(i) for i in range(len(layers))]
+    for _ in range(sum(ranks)):  # each pass gives up one real state
+        held = [
+            r.state_dim if isinstance(r, ReductionResult) else n
+            for r, n in zip(results, sizes, strict=True)
+        ]
+        if goals is None:
+            over = weakest_kept(scores, ranks, floors) if sum(held) > target else None
+        else:
+            layers_over = [
+                i
+                for i, (m, g) in enumerate(zip(held, goals, strict=True))
+                if m > g and ranks[i] > floors[i]
+            ]
+            over = layers_over[0] if layers_over else None
+        if over is None:
+            break
+        ranks[over] -= 1
+        results[over] = cut(over)
+    return target, results
 
 
 def fit_actor_kl(
@@ -338,23 +527,26 @@ def fit_actor_kl(
     config: CompressionConfig,
     obs: Tensor,
     reset: Tensor,
-) -> tuple[dict[LayerRef, ReductionResult], float, int, dict[LayerRef, str]]:
+) -> tuple[dict[LayerRef, ReductionResult], tuple[float, float | None], int, dict[LayerRef, str]]:
     """Back the actor's cut off until KL(full ‖ reduced) fits ``max_kl``.
 
     Tries the planned cut, then, while the KL is over budget, cuts with half as many real
     states removed from every actor layer (re-truncated at the higher rank from the
     systems read by the plan; at most ``MAX_KL_BACKOFFS`` halvings). A layer whose gentler
     cut would remove < 5% of its states, or cannot be re-diagonalised, drops out with a
-    reason. Every layer backs off alike, also one that adds no KL.
+    reason. Every layer backs off alike, also one that adds no KL. With cut-and-heal the
+    KL judged is the healed one (``cut_kl``).
 
     Returns:
-        The accepted reductions (empty if no candidate fits), the last KL measured, the
-        number of halvings, and the reason per dropped layer.
+        The accepted reductions (empty if no candidate fits), the last KL measured (before
+        healing, and after it or None), the number of halvings, and the reason per
+        dropped layer.
     """
     results = dict(planned)
     dropped: dict[LayerRef, str] = {}
     for halvings in range(MAX_KL_BACKOFFS + 1):
-        kl = action_kl(policy, trial_policy(policy, results), obs, reset)
+        kls = cut_kl(policy, results, config, obs, reset)
+        kl = kls[1] if kls[1] is not None else kls[0]
         if kl <= config.max_kl or halvings == MAX_KL_BACKOFFS:
             break
         gentler = {}
@@ -362,14 +554,7 @@ def fit_actor_kl(
             n = plan.systems[ref].state_dim
             rank = 2 * n - (2 * n - result.rank) // 2
             try:
-                candidate = balanced_truncation(
-                    *plan.systems[ref],
-                    rank=rank,
-                    max_cond=config.max_cond,
-                    max_radius=MAX_RADIUS,
-                    pair_real=config.pair_real,
-                    input_covariance=plan.input_covariances.get(ref),
-                )
+                candidate = cut_layer(plan, ref, config, rank=rank)
             except IllConditionedReduction as err:
                 dropped[ref] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
                 continue
@@ -383,8 +568,57 @@ def fit_actor_kl(
             break
         results = gentler
     if kl > config.max_kl:
-        return {}, kl, halvings, {}
-    return results, kl, halvings, dropped
+        return {}, kls, halvings, {}
+    return results, kls, halvings, dropped
+
+
+def cut_kl(
+    policy: ActorCritic,
+    results: dict[LayerRef, ReductionResult],
+    config: CompressionConfig,
+    obs: Tensor,
+    reset: Tensor,
+) -> tuple[float, float | None]:
+    """KL(full ‖ reduced) of the actor cut by ``results``, and with cut-and-heal the KL
+    after ``heal_actor`` (else None)."""
+    trial = trial_policy(policy, results)
+    kl = action_kl(policy, trial, obs, reset)
+    if not config.heal_steps:
+        return kl, None
+    heal_actor(trial, policy, obs, reset, config.heal_steps, config.heal_lr)
+    return kl, action_kl(policy, trial, obs, reset)
+
+
+def heal_actor(
+    student: ActorCritic,
+    teacher: ActorCritic,
+    obs: Tensor,
+    reset: Tensor,
+    steps: int,
+    lr: float,
+) -> list[float]:
+    """Cut-and-heal: ``steps`` full-batch Adam steps of the reduced actor (encoder, LRU
+    blocks and head; not the log-std) on KL(teacher ‖ student) of the actions over the
+    rollout ``obs [B, T, obs]`` / ``reset [B, T]``, from zero state.
+
+    A fresh Adam, not PPO's: the distillation's steps must not advance PPO's moments.
+    Returns the KL before each step (nats, mean over steps), for the record.
+    """
+    params = [*student.actor.parameters(), *student.actor_head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad():
+        target = teacher.actor_head(teacher.actor(obs, None, reset)[0])
+        inv_var = torch.exp(-2 * teacher.log_std)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            mean = student.actor_head(student.actor(obs, None, reset)[0])
+            loss = 0.5 * ((mean - target).square() * inv_var).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return losses
 
 
 # ----- measurements on recorded data ---------------------------------------------------

@@ -86,7 +86,7 @@ class TrainConfig:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is out of range: {valid}")
         if self.compression.enabled and self.policy != "ssm":
             raise ValueError(
-                "compression tol is set but policy = 'mlp' has no recurrent state to "
+                "compression is set (tol or budget) but policy = 'mlp' has no recurrent state to "
                 "compress; use policy 'ssm' or drop the compression settings"
             )
         if self.compression.enabled and self.compression.min_state > max(self.initial_state_dims):
@@ -95,6 +95,16 @@ class TrainConfig:
                 f"most the largest layer's n = {max(self.initial_state_dims)} "
                 f"(state_dim / state_dims)"
             )
+        budget = self.compression.budget
+        if self.compression.enabled and budget is not None:
+            dims = self.initial_state_dims
+            floor = len(dims) * self.compression.min_state
+            if not floor <= budget < sum(dims):
+                raise ValueError(
+                    f"compression budget = {budget} is out of range: complex states per part "
+                    f"over its {len(dims)} layers, at least {len(dims)} × min_state = {floor} "
+                    f"and below the initial {sum(dims)} (state_dim / state_dims)"
+                )
 
     @property
     def initial_state_dims(self) -> list[int]:

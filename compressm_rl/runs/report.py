@@ -91,17 +91,22 @@ def write_report(run_dir: Path, eval_returns=None, onnx_returns=None) -> Path:
         lines += [
             "## Compression events",
             "",
-            "| step | layer | n before | n after | H∞ bound | output error | status |",
-            "|---:|---|---:|---:|---:|---:|---|",
+            "| step | layer | n before | n after | H∞ bound | bound / ‖G‖∞ | output error "
+            "| status |",
+            "|---:|---|---:|---:|---:|---:|---:|---|",
         ]
         for e in events:
             error = "-" if e.output_error is None else f"{e.output_error:.3f}"
+            relative = "-" if e.relative_bound is None else f"{e.relative_bound:.3g}"  # older logs
             lines.append(
                 f"| {e.step} | {e.layer} | {e.n_before} | {e.n_after} | "
-                f"{e.bound:.3g} | {error} | {e.status} |"
+                f"{e.bound:.3g} | {relative} | {error} | {e.status} |"
             )
+        errors = run_dir / "compression_errors.png"
+        plot_event_errors(errors, events)
         plots = sorted(run_dir.glob("hsv_*.png"))
-        lines += [""] + [f"![HSV spectra]({p.name})" for p in plots] + [""]
+        lines += ["", f"![cut errors per event]({errors.name})", ""]
+        lines += [f"![HSV spectra]({p.name})" for p in plots] + [""]
     latency = run_dir / "latency.md"
     if latency.exists():
         lines += ["## Inference latency (batch 1, one thread)", "", latency.read_text().strip(), ""]
@@ -130,5 +135,90 @@ def plot_hsv(path: Path, events: list[ReductionEvent], title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+# Layer markers of ``plot_event_errors`` (cycled); colours tell the two quantities apart.
+_LAYER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_MEASURED, _BOUND = "tab:blue", "tab:red"
+
+
+def plot_event_errors(path: Path, events: list[ReductionEvent]) -> None:
+    """Each cut's measured relative output error against its relative H∞ bound.
+
+    Per event (x: its env step, events at one step side by side by layer; one marker per
+    layer): ``output_error`` (‖y_red − y_full‖ / ‖y_full − D u‖ on the rollout) and
+    ``relative_bound`` (``bound / ‖G‖_∞``, the worst case over inputs of the same
+    weighting), both relative, on a log axis, joined by a line. Applied cuts are filled,
+    rolled back or skipped ones hollow. Events without a value (no guard, an older log
+    without ``hinf_norm``, or a zero error a log axis cannot show) leave that marker out.
+    """
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    layers = sorted({str(e.layer) for e in events})
+    steps = [e.step for e in events if e.step is not None]
+    # Events at one step sit side by side, a layer apart by ~1% of the steps' span.
+    span = max(steps) - min(steps) if steps else 0
+    dodge = 0.012 * (span or max(abs(s) for s in [*steps, 1]))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    plotted = False
+    for e in events:
+        if e.step is None:
+            continue
+        k = layers.index(str(e.layer))
+        x = e.step + (k - (len(layers) - 1) / 2) * dodge
+        marker = _LAYER_MARKERS[k % len(_LAYER_MARKERS)]
+        values = [
+            (v, colour)
+            for v, colour in ((e.output_error, _MEASURED), (e.relative_bound, _BOUND))
+            if v is not None and v > 0
+        ]
+        if len(values) == 2:
+            ax.plot([x, x], [values[0][0], values[1][0]], color="0.75", lw=0.8, zorder=1)
+        for v, colour in values:
+            ax.plot(
+                [x],
+                [v],
+                ls="none",
+                marker=marker,
+                ms=7,
+                mec=colour,
+                mew=1.4,
+                zorder=2,
+                mfc=colour if e.applied else "none",
+            )
+            plotted = True
+    if plotted:
+        ax.set_yscale("log")
+    else:
+        ax.text(
+            0.5, 0.5, "no cut errors recorded", ha="center", va="center", transform=ax.transAxes
+        )
+
+    def key(label: str, marker: str = "o", **style) -> Line2D:
+        return Line2D([], [], ls="none", marker=marker, label=label, **style)
+
+    # Two legends: what the colour and fill say, and which layer each marker is.
+    grey = dict(mec="0.3", mfc="0.3")
+    meaning = [
+        key("output error (measured)", color=_MEASURED),
+        key("H∞ bound / ‖G‖∞", color=_BOUND),
+        key("filled: applied", marker="s", **grey),
+        key("hollow: rolled back / skipped", marker="s", mec="0.3", mfc="none"),
+    ]
+    which = [
+        key(layer, _LAYER_MARKERS[k % len(_LAYER_MARKERS)], **grey)
+        for k, layer in enumerate(layers)
+    ]
+    outside = dict(fontsize=8, loc="upper left")
+    ax.add_artist(ax.legend(handles=meaning, bbox_to_anchor=(1.01, 1.0), **outside))
+    ax.legend(handles=which, title="layer", bbox_to_anchor=(1.01, 0.6), **outside)
+    ax.set_xlabel("env steps (events of one step side by side, by layer)")
+    ax.set_ylabel("relative error of the cut")
+    ax.set_title("Cut error per reduction event: measured vs worst case")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout(rect=(0.0, 0.0, 0.78, 1.0))  # the legends sit right of the axes
     save_figure(fig, path)
     plt.close(fig)
