@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -203,7 +204,25 @@ def _launch(args) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
     command += ["--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1"]
     command += ["--master-port", str(free_loopback_port()), "-m", "compressm_rl.cli", *argv]
-    return subprocess.run(command).returncode
+    # torchrun in its own session: a Ctrl-C reaches this process only, which passes it on
+    # once, and torchrun gives each rank exactly one signal (it sends SIGKILL itself after
+    # its shutdown timeout). subprocess.run would kill torchrun 0.25 s after a SIGINT and
+    # orphan the ranks mid-save.
+    launcher = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
+
+    def pass_on(signum: int, _frame) -> None:
+        received.append(signum)
+        launcher.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # torchrun exits 1 on a signal; report it as a shell would (130 for SIGINT).
+    return 128 + received[0] if received and status else status
 
 
 # ----- eval, report, compress -----------------------------------------------------------
@@ -453,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:  # SIGINT / SIGTERM: the last iteration is saved
-        print(stopped, file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # one line for a data-parallel job
+            print(stopped, file=sys.stderr)
         return stopped.exit_status
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print("stopped at once (Ctrl-C); files on disk are as last written", file=sys.stderr)

@@ -5,7 +5,10 @@ the command exits with the conventional status (130 / 143) and no traceback.
 A signal that arrives while an iteration runs (``interruptible``) stops it at once; one
 that arrives while the runner writes its logs or a checkpoint waits until the write is
 done. The first signal also restores the previous handlers, so a second Ctrl-C stops at
-once (the checkpoint on disk, written atomically, is kept either way).
+once (the checkpoint on disk, written atomically, is kept either way). A rank of a
+data-parallel job keeps its handler instead (``escalate=False``): torchrun passes the
+signal it got on to every rank right after the terminal's own, which must not cut the
+save short, and it escalates to SIGKILL itself after its shutdown timeout (30 s).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class StopOnSignals:
     does nothing and the process reacts to signals as it otherwise would.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool = True) -> None:
+        self.escalate = escalate  # a second signal stops at once
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._interruptible = False
@@ -69,7 +73,8 @@ class StopOnSignals:
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is None:
             self.signum = signum
-        self._restore()  # a second signal acts at once
+        if self.escalate:
+            self._restore()  # a second signal acts at once
         if self._interruptible:
             raise StopRequest(signum)
 

@@ -181,7 +181,7 @@ def _train(
         return checkpoint_payload(state)
 
     last, saved_step = completed(), None
-    with StopOnSignals() as stop:
+    with StopOnSignals(escalate=not world.distributed) as stop:
         while state.iteration < num_iterations and stop.signum is None:
             if max_iterations is not None and iterations_done >= max_iterations:
                 break

@@ -224,6 +224,50 @@ def test_a_two_rank_run_resumes_on_two_ranks(tmp_path):
     assert [line.split(",")[1] for line in lines[1:]] == ["128", "256", "384"]
 
 
+def test_ctrl_c_stops_a_two_rank_job_saved_and_it_resumes(tmp_path):
+    """Ctrl-C on `train --nproc 2`: torchrun passes the signal to each rank once, both
+    abandon the iteration in flight (rank 1 may be inside a collective), rank 0 saves the
+    last completed one, and the command exits 130 within seconds with one message; the
+    run then resumes on two ranks and ends where it would have."""
+    import signal
+    import time
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "ppo": TINY_PPO}))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", "Hopper-v5"]
+    command += ["--total-steps", "768", "--config", str(config), "--out", str(run)]
+    command += ["--nproc", "2", "--no-progress"]
+    job = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.csv", time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, "no iteration finished"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground command
+    start = time.monotonic()
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - start < 60
+    assert stderr.count("stopped by SIGINT") == 1
+    from compressm_rl.runs import load_checkpoint
+
+    rows = metrics.read_text().splitlines()[1:]
+    saved = load_checkpoint(run).global_step
+    assert saved == int(rows[-1].split(",")[1]) and saved < 768  # every finished iteration kept
+    resumed = subprocess.run(
+        [sys.executable, "-m", "compressm_rl.cli", "train", "--resume", str(run), "--nproc", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [int(line.split(",")[1]) for line in metrics.read_text().splitlines()[1:]]
+    assert steps == list(range(128, 769, 128))
+
+
 def test_a_rank_that_dies_ends_the_job_non_zero(tmp_path):
     import time
 
