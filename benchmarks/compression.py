@@ -144,6 +144,8 @@ def main() -> None:
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
     )
     args = parser.parse_args()
+    if args.tol is not None and args.compress_to is not None:
+        parser.error("--tol and --compress-to are two ways to size the cut: give one")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     runs = [
         (env_id, seed, args.out / f"{env_id}-s{seed}")

@@ -8,7 +8,6 @@ iteration anneal the learning rate, compress when a reduction point is due, run 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import deque
 from dataclasses import replace
@@ -18,12 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from compressm_rl.compression import (
-    ReductionEvent,
-    apply_reductions,
-    decide_reductions,
-    heal_actor,
-)
+from compressm_rl.compression import ReductionEvent, apply_reductions, decide_reductions
 from compressm_rl.device import resolve_device
 from compressm_rl.progress import progress as progress_display
 from compressm_rl.rl import EnvCarry, IterationResult, iteration, make_optimizer, start_carry
@@ -192,7 +186,10 @@ def _train(
                             group["lr"] = cfg.lr * (1.0 - state.iteration / num_iterations)
                     new_events = []
                     if result is not None and _reduction_due(state):  # guards need a rollout
-                        new_events = _compress(state, carry, result, recent_returns, run_dir, world)
+                        left = num_iterations - state.iteration
+                        new_events = _compress(
+                            state, carry, result, recent_returns, run_dir, left, world
+                        )
                     iter_start = time.perf_counter()
                     result = iteration(
                         state.policy, state.optimizer, envs, carry, state.reward_norm, cfg, world
@@ -318,6 +315,7 @@ def _compress(
     last: IterationResult,
     recent_returns: deque[float],
     run_dir: Path,
+    iterations_left: int,
     world: World = SINGLE,
 ) -> list[ReductionEvent]:
     """Between rollouts: shrink the LRU layers, map the envs' ongoing states, plot the
@@ -329,24 +327,22 @@ def _compress(
     policy's device (``iteration``) and the carried state on the CPU.
 
     Data-parallel: rank 0 decides, with the guards run on every rank's rollout (gathered),
-    and sends the accepted reductions to all; every rank applies them to its identical
-    policy and optimiser and maps its own envs' states. With cut-and-heal, rank 0 distils
-    the reduced actor toward the full one and sends its parameters to all."""
-    config = state.config.compression
+    and sends the decision to all (with cut-and-heal, the healed actor's weights too);
+    every rank applies it to its identical policy and optimiser and maps its own envs'
+    states."""
     obs = gather_batches(last.rollout.obs.transpose(0, 1), world)
     reset = gather_batches(last.rollout.episode_start.transpose(0, 1), world)
-    events_left = len(state.reduction_steps) - state.next_reduction
-    decision, teacher = None, None
+    # One event per iteration at most: points the run has no iterations left for do not
+    # count, so a budget's last event is one that happens.
+    events_left = min(len(state.reduction_steps) - state.next_reduction, iterations_left)
+    decision = None
     if world.is_main:
-        decision = decide_reductions(state.policy, config, obs, reset, events_left)
-        if config.heal_steps and any(ref.part == "actor" for ref in decision[0]):
-            teacher = copy.deepcopy(state.policy)
-    accepted, events = broadcast_object(decision, world)
-    carry.state = apply_reductions(state.policy, state.optimizer, accepted, carry.state)
-    if config.heal_steps and any(ref.part == "actor" for ref in accepted):
-        if teacher is not None:  # rank 0 heals on everyone's rollout, then shares the result
-            heal_actor(state.policy, teacher, obs, reset, config.heal_steps, config.heal_lr)
-        broadcast_module(state.policy, world)
+        decision = decide_reductions(
+            state.policy, state.config.compression, obs, reset, events_left
+        )
+    decision = broadcast_object(decision, world)
+    carry.state = apply_reductions(state.policy, state.optimizer, decision, carry.state)
+    events = decision.events
     before = _mean_or_none(recent_returns)
     events = [replace(e, step=state.global_step, return_before=before) for e in events]
     state.next_reduction += 1

@@ -33,7 +33,10 @@ def test_event_targets_walk_geometrically_to_the_budget():
     assert event_target(200, 50, 1) == 50
     with pytest.raises(ValueError, match="events_left"):
         event_target(200, 50, 0)
-    assert uniform_shares(51, 2) == [26, 25] and sum(uniform_shares(7, 3)) == 7
+    assert uniform_shares(51, [128, 128]) == [26, 25] and uniform_shares(7, [9, 9, 9]) == [3, 2, 2]
+    # water-filling: a small layer takes what it holds, the others share the rest
+    assert uniform_shares(20, [30, 4]) == [16, 4]
+    assert uniform_shares(30, [4, 100, 12]) == [4, 14, 12]
 
 
 def test_global_allocation_keeps_the_highest_scores_across_layers():
@@ -96,7 +99,46 @@ def test_a_budget_is_reached_over_the_events_and_held_at_the_last(allocation):
         assert policy.actor.state_dims == [6, 6]
     else:  # the weak layer gives up more
         assert policy.actor.state_dims[0] > policy.actor.state_dims[1]
-    assert all(e.hinf_norm > 0 and e.relative_bound == e.bound / e.hinf_norm for e in events)
+    assert all(e.hinf_norm > 0 and 0 < e.relative_bound < np.inf for e in events)
+
+
+def test_the_held_event_marks_every_part_and_says_where_a_budget_is_missed(monkeypatch):
+    """Critic layers at the last event are held too (their guard measured, not obeyed); a
+    layer whose smaller cuts fail keeps its cut one rank up (not all its states, with the
+    other layer cut to its floor), and the events say the part ends off its target."""
+    import compressm_rl.compression.pipeline as pipeline
+
+    policy = _policy_with_uneven_layers()
+    obs, reset = torch.randn(4, 32, 6), torch.zeros(4, 32, dtype=torch.bool)
+    real_cut = pipeline.cut_layer
+    first_rank = {}
+
+    def cut_layer(plan, ref, config, **kw):  # actor.1 cannot be cut below its first rank
+        if ref.part == "actor" and ref.index == 1 and "rank" in kw:
+            first_rank.setdefault(ref, kw["rank"])
+            if kw["rank"] < first_rank[ref]:
+                raise pipeline.IllConditionedReduction(1e9, 1e3)
+        return real_cut(plan, ref, config, **kw)
+
+    monkeypatch.setattr(pipeline, "cut_layer", cut_layer)
+    config = CompressionConfig(budget=12, min_state=2, max_output_error=1e-9)
+    _, events = compress_policy(policy, None, config, obs=obs, reset=reset)
+    by_layer = {str(e.layer): e for e in events}
+    assert all(e.status.startswith("applied: held to the budget") for e in events), events
+    assert "output error" in by_layer["critic.0"].status  # measured, over, still applied
+    assert sum(policy.critic.state_dims) == 12
+    assert 0 < policy.actor.state_dims[1] < 16  # its first cut, kept
+    assert policy.actor.state_dims[0] >= 2
+    if sum(policy.actor.state_dims) != 12:
+        assert "actor holds" in by_layer["actor.0"].status
+
+
+def test_uniform_shares_of_unequal_layers_still_reach_the_budget():
+    torch.manual_seed(1)
+    policy = ActorCritic(6, 2, -np.ones(2), np.ones(2), width=8, state_dims=[30, 4])
+    config = CompressionConfig(budget=20, allocation="uniform", parts=["actor"], min_state=1)
+    compress_policy(policy, None, config)
+    assert policy.actor.state_dims == [16, 4]
 
 
 def test_global_allocation_cuts_with_less_error_than_uniform_at_equal_size():
@@ -124,8 +166,8 @@ def test_cut_and_heal_brings_the_reduced_actor_back_toward_the_full_one():
     event = events[0]
     assert sum(policy.actor.state_dims) == 6
     assert event.kl_healed < 0.5 * event.kl, (event.kl, event.kl_healed)
-    # the guard judged a healed copy; the policy was healed the same way
-    assert action_kl(full, policy, obs, reset) == pytest.approx(event.kl_healed, rel=1e-4)
+    # the guard judged a healed copy, and that copy's weights are what the policy got
+    assert action_kl(full, policy, obs, reset) == pytest.approx(event.kl_healed, rel=1e-6)
     assert torch.equal(policy.log_std, log_std)
     for key, value in policy.critic.state_dict().items():
         assert torch.equal(value, critic_before[key]), key
@@ -139,6 +181,8 @@ def test_cut_and_heal_brings_the_reduced_actor_back_toward_the_full_one():
         (dict(budget=20, allocation="greedy"), "allocation = 'greedy' is out of range"),
         (dict(budget=20, heal_steps=-1), "heal_steps = -1 is out of range"),
         (dict(budget=20, heal_lr=0.0), "heal_lr = 0.0 is out of range"),
+        (dict(tol=0.1, allocation="uniform"), "allocation = 'uniform' needs a budget"),
+        (dict(budget=20, heal_steps=5, parts=["critic"]), "heal_steps = 5 heals the actor"),
     ],
 )
 def test_bad_budget_settings_are_named(settings, match):

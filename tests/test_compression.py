@@ -113,11 +113,10 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     planned = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
     kl_planned = action_kl(policy, trial_policy(policy, planned), obs, reset)
     config.max_kl = 0.5 * kl_planned  # the planned cut no longer fits
-    fitted, (kl, kl_healed), halvings, dropped = fit_actor_kl(
-        policy, plan, planned, config, obs, reset
-    )
+    fitted, cut, halvings, dropped = fit_actor_kl(policy, plan, planned, config, obs, reset)
+    kl = cut.raw
     assert halvings >= 1 and fitted and not dropped, (kl_planned, kl, halvings, dropped)
-    assert kl <= config.max_kl and kl_healed is None
+    assert kl <= config.max_kl and cut.healed is None and cut.judged == kl
     assert kl == action_kl(policy, trial_policy(policy, fitted), obs, reset)
     for ref, result in fitted.items():  # gentler than planned, still a reduction
         assert planned[ref].state_dim < result.state_dim < ref.of(policy).state_dim

@@ -9,8 +9,9 @@ coordinates) or each layer keeps its own share (``"uniform"``).
 
 The global score of real state j of layer l is ``2 σ_j / ‖G_l‖_∞``: what removing that
 state adds to the layer's H∞ error bound, relative to the layer's own gain. Each
-removed state adds its own term to the bound, so keeping the highest scores keeps
-``Σ_l bound_l / ‖G_l‖_∞`` smallest among all cuts that keep as many states.
+removed state adds its own term to the truncation bound, so keeping the highest scores
+keeps ``Σ_l 2 Σ_{j>r_l} σ_j / ‖G_l‖_∞`` smallest among all cuts of the same total real
+rank (the real-mode pairing and radius clamp add their own, smaller terms).
 """
 
 from __future__ import annotations
@@ -36,10 +37,24 @@ def event_target(current: int, budget: int, events_left: int) -> int:
     return int(min(current, max(budget, round(current * (budget / current) ** (1 / events_left)))))
 
 
-def uniform_shares(total: int, layers: int) -> list[int]:
-    """``total`` split as evenly as integers allow, the remainder to the first layers."""
-    base, extra = divmod(total, layers)
-    return [base + (i < extra) for i in range(layers)]
+def uniform_shares(total: int, caps: list[int]) -> list[int]:
+    """``total`` split as evenly as integers allow (the remainder to the first layers),
+    none above its cap (a layer's size); what a capped layer cannot take goes to the
+    others (water-filling)."""
+    shares, free, left = [0] * len(caps), list(range(len(caps))), total
+    while free:
+        base, extra = divmod(left, len(free))
+        fill = {i: base + (k < extra) for k, i in enumerate(free)}
+        capped = [i for i in free if fill[i] >= caps[i]]
+        if not capped:
+            for i in free:
+                shares[i] = fill[i]
+            break
+        for i in capped:
+            shares[i] = caps[i]
+            left -= caps[i]
+        free = [i for i in free if i not in capped]
+    return shares
 
 
 def state_scores(hsv: np.ndarray, norm: float) -> np.ndarray:
@@ -66,7 +81,8 @@ def allocate_ranks(
             a ceiling such as the layer's numerically non-zero HSVs).
 
     Returns:
-        ``r_l`` with ``min_ranks[l] ≤ r_l ≤ max_ranks[l]``; ties go to the earlier layer.
+        ``r_l`` with ``min_ranks[l] ≤ r_l ≤ max_ranks[l]`` (``max_ranks[l]`` where the floor
+        is above the ceiling); ties go to the earlier layer.
     """
     if not len(scores) == len(min_ranks) == len(max_ranks):
         raise ValueError("scores, min_ranks and max_ranks need one entry per layer")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -121,6 +122,11 @@ class CompressionConfig:
             raise bad("budget", self.budget, "complex states per part, at least 1")
         if self.allocation not in ALLOCATIONS:
             raise bad("allocation", self.allocation, "'global' or 'uniform'")
+        if self.allocation != "global" and self.budget is None:
+            raise ValueError(
+                f"compression allocation = {self.allocation!r} needs a budget (--compress-to): "
+                "it says how a state budget is shared among layers"
+            )
         if self.heal_steps < 0:
             raise bad("heal_steps", self.heal_steps, "0 (no healing) or more Adam steps")
         if not self.heal_lr > 0.0:
@@ -138,6 +144,11 @@ class CompressionConfig:
             raise bad("parts", self.parts, "'actor', 'critic' or both (actor,critic)")
         if self.gramian not in GRAMIANS:
             raise bad("gramian", self.gramian, "'white' (white-noise HSVs) or 'data'")
+        if self.heal_steps and "actor" not in self.parts:
+            raise ValueError(
+                f"compression heal_steps = {self.heal_steps} heals the actor, but parts = "
+                f"{self.parts}; add actor to parts or drop heal_steps"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressionConfig:
@@ -261,9 +272,8 @@ def compress_policy(
 ) -> tuple[RecurrentState | None, list[ReductionEvent]]:
     """Reduce the LRU layers of ``config.parts`` in place; map the ``carried`` state.
 
-    ``decide_reductions``, ``apply_reductions``, then ``heal_actor`` when the config asks
-    for cut-and-heal (a data-parallel run decides and heals on one rank and applies on
-    every rank).
+    ``decide_reductions`` then ``apply_reductions`` (a data-parallel run decides, and
+    heals with cut-and-heal, on one rank and applies on every rank).
 
     Args:
         optimizer: follows the replaced parameters (None: no optimiser to update).
@@ -277,12 +287,32 @@ def compress_policy(
     Returns:
         The mapped state (None if none was given) and one event per layer.
     """
-    teacher = copy.deepcopy(policy) if config.heal_steps and obs is not None else None
-    accepted, events = decide_reductions(policy, config, obs, reset, events_left)
-    mapped = apply_reductions(policy, optimizer, accepted, carried)
-    if teacher is not None and any(ref.part == "actor" for ref in accepted):
-        heal_actor(policy, teacher, obs, reset, config.heal_steps, config.heal_lr)
-    return mapped, events
+    decision = decide_reductions(policy, config, obs, reset, events_left)
+    return apply_reductions(policy, optimizer, decision, carried), decision.events
+
+
+class CutKL(NamedTuple):
+    """KL(full ‖ reduced) of the actions for an actor cut, mean over the rollout (nats):
+    ``raw``, and with cut-and-heal the KL after healing and the healed actor's weights
+    (``actor`` and ``actor_head`` state dicts); None without healing."""
+
+    raw: float
+    healed: float | None = None
+    weights: dict[str, dict[str, Tensor]] | None = None
+
+    @property
+    def judged(self) -> float:
+        """What the KL guard compares with ``max_kl``: the healed KL where there is one."""
+        return self.raw if self.healed is None else self.healed
+
+
+class Decision(NamedTuple):
+    """``decide_reductions``' verdict: the accepted cuts by layer, one event per layer,
+    and the healed actor's weights to load after the cuts (None without healing)."""
+
+    accepted: dict[LayerRef, ReductionResult]
+    events: list[ReductionEvent]
+    healed_actor: dict[str, dict[str, Tensor]] | None = None
 
 
 def decide_reductions(
@@ -291,54 +321,58 @@ def decide_reductions(
     obs: Tensor | None = None,
     reset: Tensor | None = None,
     events_left: int = 1,
-) -> tuple[dict[LayerRef, ReductionResult], list[ReductionEvent]]:
-    """Plan and guard the cuts without changing ``policy``: the accepted reductions by
-    layer, and one event per layer (``compress_policy``'s arguments)."""
+) -> Decision:
+    """Plan and guard the cuts without changing ``policy`` (``compress_policy``'s
+    arguments); with cut-and-heal, the healed actor comes with the verdict."""
     plan = plan_reductions(policy, config, obs, reset, events_left)
     events = {event.layer: event for event in plan.events}
     actor = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
-    if actor and obs is not None and plan.held_to_budget:  # measured, not obeyed
-        kl, kl_healed = cut_kl(policy, actor, config, obs, reset)
-        over = "" if (kl_healed or kl) <= config.max_kl else f" (KL over {config.max_kl})"
+    if not actor or obs is None:
+        return Decision(plan.accepted, list(events.values()))
+    if plan.held_to_budget:  # measured, not obeyed
+        cut = cut_kl(policy, actor, config, obs, reset)
+        note = f" (KL {cut.judged:.3f} > {config.max_kl})" if cut.judged > config.max_kl else ""
         for ref in actor:
-            status = f"applied: held to the budget{over}"
-            events[ref] = replace(events[ref], kl=kl, kl_healed=kl_healed, status=status)
-    elif actor and obs is not None:
-        fitted, (kl, kl_healed), halvings, dropped = fit_actor_kl(
-            policy, plan, actor, config, obs, reset
-        )
-        for ref in actor:
-            event = replace(events[ref], kl=kl, kl_healed=kl_healed)
-            if ref in fitted:
-                result = fitted[ref]
-                event = event.with_cut(result)
-                if halvings:  # the gentler cut's own error, not the planned one's
-                    error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
-                    status = f"applied: cut halved {halvings}x to fit KL {kl_healed or kl:.3f}"
-                    event = replace(event, output_error=error, status=status)
-                plan.accepted[ref] = result
-            else:
-                reason = f"KL {kl_healed or kl:.3f} > {config.max_kl} after {halvings} halvings"
-                status = "rolled back: " + dropped.get(ref, reason)
-                event = replace(event, n_after=event.n_before, status=status)
-                del plan.accepted[ref]
-            events[ref] = event
-    return plan.accepted, list(events.values())
+            status = events[ref].status + note
+            events[ref] = replace(events[ref], kl=cut.raw, kl_healed=cut.healed, status=status)
+        return Decision(plan.accepted, list(events.values()), cut.weights)
+    fitted, cut, halvings, dropped = fit_actor_kl(policy, plan, actor, config, obs, reset)
+    for ref in actor:
+        event = replace(events[ref], kl=cut.raw, kl_healed=cut.healed)
+        if ref in fitted:
+            result = fitted[ref]
+            event = event.with_cut(result)
+            if halvings:  # the gentler cut's own error, not the planned one's
+                error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
+                status = f"applied: cut halved {halvings}x to fit KL {cut.judged:.3f}"
+                event = replace(event, output_error=error, status=status)
+            plan.accepted[ref] = result
+        else:
+            reason = f"KL {cut.judged:.3f} > {config.max_kl} after {halvings} halvings"
+            status = "rolled back: " + dropped.get(ref, reason)
+            event = replace(event, n_after=event.n_before, status=status)
+            del plan.accepted[ref]
+        events[ref] = event
+    return Decision(plan.accepted, list(events.values()), cut.weights if fitted else None)
 
 
 def apply_reductions(
     policy: ActorCritic,
     optimizer: torch.optim.Optimizer | None,
-    accepted: dict[LayerRef, ReductionResult],
+    decision: Decision,
     carried: RecurrentState | None = None,
 ) -> RecurrentState | None:
-    """Write the ``accepted`` reductions into ``policy`` (the optimiser follows) and map
-    the ``carried`` state; returns the mapped state (None if none was given)."""
-    mapped = None if carried is None else map_carried_state(policy, carried, accepted)
-    for ref, result in accepted.items():
+    """Write the decided reductions into ``policy`` (the optimiser follows), then the
+    healed actor's weights if any, and map the ``carried`` state; returns the mapped state
+    (None if none was given)."""
+    mapped = None if carried is None else map_carried_state(policy, carried, decision.accepted)
+    for ref, result in decision.accepted.items():
         replaced = ref.of(policy).load_system(result.system)
         if optimizer is not None:
             follow_parameters(optimizer, replaced)
+    if decision.healed_actor is not None:  # in place: the optimiser keeps its parameters
+        policy.actor.load_state_dict(decision.healed_actor["actor"])
+        policy.actor_head.load_state_dict(decision.healed_actor["actor_head"])
     return mapped
 
 
@@ -408,15 +442,28 @@ def plan_reductions(
         if config.budget is None and result.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
             plan.events.append(replace(event, status="skipped: removes < 5% of states"))
             continue
+        status = "applied: held to the budget" if plan.held_to_budget else "applied"
         if ref in plan.recorded:
             error = reduced_output_error(ref.of(policy), result, plan.recorded[ref], reset)
             event = replace(event, output_error=error)
-            if error > config.max_output_error and not plan.held_to_budget:
-                status = f"rolled back: output error {error:.3f} > {config.max_output_error}"
-                plan.events.append(replace(event, status=status))
-                continue
+            if error > config.max_output_error:
+                over = f"output error {error:.3f} > {config.max_output_error}"
+                if not plan.held_to_budget:
+                    plan.events.append(replace(event, status=f"rolled back: {over}"))
+                    continue
+                status += f" ({over})"
         plan.accepted[ref] = result
-        plan.events.append(replace(event, n_after=result.state_dim))
+        plan.events.append(replace(event, n_after=result.state_dim, status=status))
+    if plan.held_to_budget:  # say so where a part ends off its budget
+        for part, target in targets.items():
+            held = sum(e.n_after for e in plan.events if e.layer.part == part)
+            if held != target:
+                plan.events = [
+                    replace(e, status=f"{e.status}; {part} holds {held} states, not {target}")
+                    if e.layer.part == part
+                    else e
+                    for e in plan.events
+                ]
     return plan
 
 
@@ -470,8 +517,9 @@ def _budget_cut_part(
     """One part's cuts. Ranks come from ``compression.budget`` (global scores or uniform
     shares). A cut can hold more complex states than half its rank (real modes left
     unpaired), so while the part (global) or a layer (uniform) is over its target, its
-    weakest kept state goes too; a layer that cannot be cut keeps its states, and under
-    global allocation the others make up for it."""
+    weakest kept state goes too. A layer that cannot be cut keeps its states (or its cut
+    one rank up, where only the smaller cut fails), and under global allocation the others
+    make up for it."""
     sizes = [plan.systems[ref].state_dim for ref in layers]
     target = event_target(sum(sizes), config.budget, events_left)
     hsv = [
@@ -487,7 +535,7 @@ def _budget_cut_part(
     if config.allocation == "global":
         ranks = allocate_ranks(scores, 2 * target, floors, ceilings)
     else:
-        shares = uniform_shares(config.budget, len(layers))
+        shares = uniform_shares(config.budget, sizes)
         goals = [event_target(n, s, events_left) for n, s in zip(sizes, shares, strict=True)]
         ranks = [max(lo, min(hi, 2 * g)) for lo, hi, g in zip(floors, ceilings, goals, strict=True)]
 
@@ -495,10 +543,12 @@ def _budget_cut_part(
         try:
             return cut_layer(plan, layers[i], config, rank=ranks[i])
         except UnreducibleLayer as err:
-            floors[i] = ranks[i]  # nothing to give up here
             return err
 
     results = [cut(i) for i in range(len(layers))]
+    for i, result in enumerate(results):
+        if isinstance(result, UnreducibleLayer):
+            floors[i] = ranks[i]  # the layer keeps its states; the others may give more
     for _ in range(sum(ranks)):  # each pass gives up one real state
         held = [
             r.state_dim if isinstance(r, ReductionResult) else n
@@ -516,7 +566,12 @@ def _budget_cut_part(
         if over is None:
             break
         ranks[over] -= 1
-        results[over] = cut(over)
+        smaller = cut(over)
+        if isinstance(smaller, UnreducibleLayer):  # keep the cut one rank up, stop there
+            ranks[over] += 1
+            floors[over] = ranks[over]
+        else:
+            results[over] = smaller
     return target, results
 
 
@@ -527,7 +582,7 @@ def fit_actor_kl(
     config: CompressionConfig,
     obs: Tensor,
     reset: Tensor,
-) -> tuple[dict[LayerRef, ReductionResult], tuple[float, float | None], int, dict[LayerRef, str]]:
+) -> tuple[dict[LayerRef, ReductionResult], CutKL, int, dict[LayerRef, str]]:
     """Back the actor's cut off until KL(full ‖ reduced) fits ``max_kl``.
 
     Tries the planned cut, then, while the KL is over budget, cuts with half as many real
@@ -538,15 +593,14 @@ def fit_actor_kl(
     KL judged is the healed one (``cut_kl``).
 
     Returns:
-        The accepted reductions (empty if no candidate fits), the last KL measured (before
-        healing, and after it or None), the number of halvings, and the reason per
-        dropped layer.
+        The accepted reductions (empty if no candidate fits), the last cut's KL, the
+        number of halvings, and the reason per dropped layer.
     """
     results = dict(planned)
     dropped: dict[LayerRef, str] = {}
     for halvings in range(MAX_KL_BACKOFFS + 1):
-        kls = cut_kl(policy, results, config, obs, reset)
-        kl = kls[1] if kls[1] is not None else kls[0]
+        cut = cut_kl(policy, results, config, obs, reset)
+        kl = cut.judged
         if kl <= config.max_kl or halvings == MAX_KL_BACKOFFS:
             break
         gentler = {}
@@ -568,8 +622,8 @@ def fit_actor_kl(
             break
         results = gentler
     if kl > config.max_kl:
-        return {}, kls, halvings, {}
-    return results, kls, halvings, dropped
+        return {}, cut, halvings, {}
+    return results, cut, halvings, dropped
 
 
 def cut_kl(
@@ -578,15 +632,19 @@ def cut_kl(
     config: CompressionConfig,
     obs: Tensor,
     reset: Tensor,
-) -> tuple[float, float | None]:
-    """KL(full ‖ reduced) of the actor cut by ``results``, and with cut-and-heal the KL
-    after ``heal_actor`` (else None)."""
+) -> CutKL:
+    """The KL of the actor cut by ``results`` (a trial copy), healed with cut-and-heal."""
     trial = trial_policy(policy, results)
     kl = action_kl(policy, trial, obs, reset)
     if not config.heal_steps:
-        return kl, None
+        return CutKL(kl)
     heal_actor(trial, policy, obs, reset, config.heal_steps, config.heal_lr)
-    return kl, action_kl(policy, trial, obs, reset)
+    # On the CPU: a data-parallel run sends them to every rank as a pickled object.
+    weights = {
+        name: {k: v.cpu() for k, v in getattr(trial, name).state_dict().items()}
+        for name in ("actor", "actor_head")
+    }
+    return CutKL(kl, action_kl(policy, trial, obs, reset), weights)
 
 
 def heal_actor(
@@ -602,7 +660,7 @@ def heal_actor(
     rollout ``obs [B, T, obs]`` / ``reset [B, T]``, from zero state.
 
     A fresh Adam, not PPO's: the distillation's steps must not advance PPO's moments.
-    Returns the KL before each step (nats, mean over steps), for the record.
+    Returns the KL before each step (nats, mean over the rollout's steps).
     """
     params = [*student.actor.parameters(), *student.actor_head.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
