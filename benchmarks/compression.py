@@ -2,7 +2,8 @@
 
     python benchmarks/compression.py [--envs Hopper-v5,Hopper-v5-P] [--seeds 0,1]
         [--steps 1000000] [--tol 0.15 | --compress-to N [--allocation global|uniform]]
-        [--gramian white|data] [--heal-steps K] [--at 0.02,0.04,0.06,0.08] [--min-state 4]
+        [--gramian white|data] [--heal-steps K] [--parts actor,critic]
+        [--at 0.02,0.04,0.06,0.08] [--min-state 4]
         [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2]
 
 Per env and seed, four policies:
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
     parser.add_argument("--gramian", default="white", choices=["white", "data"])
     parser.add_argument("--heal-steps", type=int, default=0, help="cut-and-heal distillation")
+    parser.add_argument("--parts", default="actor,critic", help="what (2) compresses")
     parser.add_argument("--reuse-from", type=Path, help="link (1) and (3) from this --out")
     parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
     parser.add_argument("--min-state", type=int, help="floor on n per layer (default: 4)")
@@ -164,6 +166,7 @@ def main() -> None:
                 allocation=args.allocation,
                 gramian=args.gramian,
                 heal_steps=args.heal_steps,
+                parts=args.parts.split(","),
                 at=at,
             )
             if args.min_state is not None:
