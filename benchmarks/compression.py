@@ -12,7 +12,7 @@ Per env and seed, four policies:
    per layer) or to a state budget per part (``--compress-to``, with ``--allocation``),
    on white-noise or data-weighted HSVs (``--gramian``), with cut-and-heal if
    ``--heal-steps``,
-3. small from scratch at (2)'s final actor sizes,
+3. small from scratch at (2)'s final actor sizes (the critic too, unless ``--parts actor``),
 4. post-training compression of (1) to those sizes (no fine-tuning).
 Reports deterministic return (10 episodes), the training return of the last 50
 iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
@@ -172,8 +172,11 @@ def main() -> None:
             if args.min_state is not None:
                 compression = replace(compression, min_state=args.min_state)
             compressed = replace(full, compression=compression)
+            # (3) is small where (2) ends small: with --parts actor the critic keeps its size.
+            actor_only = "critic" not in compression.parts
             if args.reuse_from is not None:
-                _link_runs(args.reuse_from / f"{env_id}-s{seed}", base, ("1-full", "3-small"))
+                linked = ("1-full",) if actor_only else ("1-full", "3-small")
+                _link_runs(args.reuse_from / f"{env_id}-s{seed}", base, linked)
             if args.workers >= 2 and not (
                 _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
             ):
@@ -183,7 +186,9 @@ def main() -> None:
             pool.submit(run_once, compressed, base / "2-compressed").result()
             final_dims = load_policy(base / "2-compressed")[0].actor.state_dims
             small = replace(full, state_dims=final_dims)
-            if args.reuse_from is not None:  # (3) is the other method's, at its sizes
+            if actor_only:
+                small = replace(small, critic_state_dims=full.initial_state_dims)
+            elif args.reuse_from is not None:  # (3) is the other method's, at its sizes
                 small = replace(full, state_dims=load_policy(base / "3-small")[0].actor.state_dims)
             small_run = pool.submit(run_once, small, base / "3-small")
             full_run.result()

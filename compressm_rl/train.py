@@ -74,6 +74,7 @@ def make_policy(config: TrainConfig, envs: gym.vector.VectorEnv) -> ActorCritic:
         policy=config.policy,
         width=config.width,
         state_dims=config.initial_state_dims,
+        critic_state_dims=config.initial_critic_state_dims,
         mlp_layers=config.layers,
         init_log_std=config.ppo.init_log_std,
     )

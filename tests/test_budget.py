@@ -214,3 +214,17 @@ def test_training_to_a_budget_with_healing_ends_at_the_budget(tmp_path, tiny_con
     assert all(r["kl_healed"] is not None for r in last if r["layer"].startswith("actor"))
     assert [e.to_dict() for e in EventLog(tmp_path).read()] == records
     assert {str(ref) for ref in lru_layers(policy)} == {r["layer"] for r in records}
+
+
+def test_a_small_actor_beside_a_full_critic_and_a_budget_per_part(tmp_path, tiny_config):
+    """``critic_state_dims``: the deployed actor small, the critic at full size (the
+    baseline for compressing only the actor); budgets are checked against each part."""
+    config = tiny_config(state_dims=[4, 4], critic_state_dims=[12, 12], total_steps=64)
+    train(config, tmp_path, progress=False)
+    policy, _ = load_policy(tmp_path)
+    assert policy.actor.state_dims == [4, 4] and policy.critic.state_dims == [12, 12]
+    tiny_config(
+        state_dims=[4, 4], critic_state_dims=[12, 12], compression=dict(budget=10, parts=["critic"])
+    )
+    with pytest.raises(ValueError, match="below the actor's initial 8"):
+        tiny_config(state_dims=[4, 4], critic_state_dims=[12, 12], compression=dict(budget=10))

@@ -39,6 +39,9 @@ class TrainConfig:
     policy: str = "ssm"  # "ssm" (LRU stacks) or "mlp"
     state_dim: int = 128  # n, complex states per LRU layer
     state_dims: list[int] | None = None  # per-layer n; overrides state_dim and layers
+    # The critic's per-layer n where it differs from the actor's (e.g. a small deployed
+    # actor beside a full-size critic, which is not deployed).
+    critic_state_dims: list[int] | None = None
     width: int = 64  # H, features per layer
     layers: int = 2
     num_workers: int = 0  # > 0: envs in subprocesses (AsyncVectorEnv)
@@ -74,6 +77,14 @@ class TrainConfig:
                 ),
                 f"None or 1 to {MAX_LAYERS} sizes, each 1 to {MAX_SIZE}",
             ),
+            "critic_state_dims": (
+                self.critic_state_dims is None
+                or (
+                    0 < len(self.critic_state_dims) <= MAX_LAYERS
+                    and all(1 <= n <= MAX_SIZE for n in self.critic_state_dims)
+                ),
+                f"None (the actor's) or 1 to {MAX_LAYERS} sizes, each 1 to {MAX_SIZE}",
+            ),
             "width": (1 <= self.width <= MAX_SIZE, f"1 to {MAX_SIZE}"),
             "layers": (1 <= self.layers <= MAX_LAYERS, f"1 to {MAX_LAYERS}"),
             "num_workers": (0 <= self.num_workers <= 256, "0 (envs in this process) to 256"),
@@ -96,20 +107,25 @@ class TrainConfig:
                 f"(state_dim / state_dims)"
             )
         budget = self.compression.budget
-        if self.compression.enabled and budget is not None:
-            dims = self.initial_state_dims
+        for part in self.compression.parts if self.compression.enabled and budget else ():
+            dims = self.initial_critic_state_dims if part == "critic" else self.initial_state_dims
             floor = len(dims) * self.compression.min_state
             if not floor <= budget < sum(dims):
                 raise ValueError(
                     f"compression budget = {budget} is out of range: complex states per part "
                     f"over its {len(dims)} layers, at least {len(dims)} × min_state = {floor} "
-                    f"and below the initial {sum(dims)} (state_dim / state_dims)"
+                    f"and below the {part}'s initial {sum(dims)} (state_dim / state_dims)"
                 )
 
     @property
     def initial_state_dims(self) -> list[int]:
         """n per LRU layer when training starts."""
         return list(self.state_dims) if self.state_dims else [self.state_dim] * self.layers
+
+    @property
+    def initial_critic_state_dims(self) -> list[int]:
+        """The critic's n per LRU layer when training starts."""
+        return list(self.critic_state_dims or self.initial_state_dims)
 
     def to_dict(self) -> dict:
         return asdict(self)
