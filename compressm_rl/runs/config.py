@@ -70,19 +70,11 @@ class TrainConfig:
             "policy": (self.policy in POLICY_TYPES, f"one of {', '.join(POLICY_TYPES)}"),
             "state_dim": (1 <= self.state_dim <= MAX_SIZE, f"1 to {MAX_SIZE}"),
             "state_dims": (
-                self.state_dims is None
-                or (
-                    0 < len(self.state_dims) <= MAX_LAYERS
-                    and all(1 <= n <= MAX_SIZE for n in self.state_dims)
-                ),
+                _layer_sizes_ok(self.state_dims),
                 f"None or 1 to {MAX_LAYERS} sizes, each 1 to {MAX_SIZE}",
             ),
             "critic_state_dims": (
-                self.critic_state_dims is None
-                or (
-                    0 < len(self.critic_state_dims) <= MAX_LAYERS
-                    and all(1 <= n <= MAX_SIZE for n in self.critic_state_dims)
-                ),
+                _layer_sizes_ok(self.critic_state_dims),
                 f"None (the actor's) or 1 to {MAX_LAYERS} sizes, each 1 to {MAX_SIZE}",
             ),
             "width": (1 <= self.width <= MAX_SIZE, f"1 to {MAX_SIZE}"),
@@ -153,6 +145,11 @@ class TrainConfig:
         data["ppo"] = preset_for(data["env_id"]).with_overrides(**ppo)
         data["compression"] = CompressionConfig.from_dict(data.pop("compression", None) or {})
         return cls(**data)
+
+
+def _layer_sizes_ok(dims: list[int] | None) -> bool:
+    """None, or 1 to MAX_LAYERS per-layer sizes, each 1 to MAX_SIZE."""
+    return dims is None or (0 < len(dims) <= MAX_LAYERS and all(1 <= n <= MAX_SIZE for n in dims))
 
 
 def save_config(run_dir: Path, config: TrainConfig) -> None:
