@@ -1,4 +1,5 @@
-"""What the fused actor-critic pass and the allocator setting buy, A/B in one process.
+"""What the fused actor-critic pass, the allocator setting and the batched env step buy,
+A/B in one process.
 
     python benchmarks/fused.py [--sizes 128,25] [--reps 5] [--env Hopper-v5]
 
@@ -9,8 +10,9 @@ repetition, so that all see the same machine load:
 - ``autograd``: the update's actor-critic pass in autograd ops (``grouped_forward``
   with the fused pass switched off), glibc's allocator at its static defaults;
 - ``fused``: the fused pass (``policies.lru_fused``), allocator at its defaults;
-- ``fused + keep``: and freed memory kept for reuse (``keep_freed_memory``), what
-  ``compressm-rl train`` runs.
+- ``fused + keep``: and freed memory kept for reuse (``keep_freed_memory``);
+- ``+ batched envs``: and the envs stepped by one ``envs.locomotion.LocomotionStep``
+  instead of one by one, what ``compressm-rl train`` runs.
 
 "Defaults" means mmap and trim thresholds of 128 KiB set with ``mallopt`` (once set,
 glibc stops adapting them, so both arms are fixed settings). Prints the median per phase
@@ -39,7 +41,13 @@ def set_allocator(keep: bool) -> None:
         set_malloc_thresholds(128 << 10, 128 << 10)
 
 
-VARIANTS = {"autograd": (False, False), "fused": (True, False), "fused + keep": (True, True)}
+# name: (fused pass, keep freed memory, batched env step)
+VARIANTS = {
+    "autograd": (False, False, False),
+    "fused": (True, False, False),
+    "fused + keep": (True, True, False),
+    "+ batched envs": (True, True, True),
+}
 
 
 def main() -> None:
@@ -54,15 +62,17 @@ def main() -> None:
     policies["MLP 64-64"] = ("mlp", None)
 
     setups = make_setups(args.env, policies, cfg)
+    batched_steps = {name: setup[0].batched_step for name, setup in setups.items()}
 
     times = {(p, v): {phase: [] for phase in PHASES} for p in setups for v in VARIANTS}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for name, (envs, policy, optimizer, carry, reward_norm) in setups.items():
-            for variant, (fused, keep) in VARIANTS.items():
+            for variant, (fused, keep, batched) in VARIANTS.items():
                 if name.startswith("MLP") and variant == "autograd":
                     continue  # the MLP has no LRU pass: "fused" is its baseline
                 lru_fused.enabled = fused
                 set_allocator(keep)
+                envs.batched_step = batched_steps[name] if batched else None
                 result = iteration(policy, optimizer, envs, carry, reward_norm, cfg)
                 if rep:
                     for phase, seconds in result.seconds.items():

@@ -1,10 +1,13 @@
-"""A leaner ``SyncVectorEnv`` for the rollout: SAME_STEP autoreset, Box spaces, and an
-``info`` that carries only what the rollout reads (``final_obs``)."""
+"""A leaner ``SyncVectorEnv`` for the rollout: SAME_STEP autoreset, Box spaces, an
+``info`` that carries only what the rollout reads (``final_obs``), and one batched step
+for the MuJoCo locomotion tasks (``envs.locomotion``)."""
 
 from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+
+from envs.locomotion import locomotion_step
 
 
 class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
@@ -16,15 +19,22 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
     ``_add_info`` and ``iterate`` were ~10% of a Hopper-v5 vector step: 1.42 against
     1.58 ms for 8 envs on the EPYC VM). Reset, spaces, seeding and close are
     ``SyncVectorEnv``'s. Observations and actions must be ``Box`` spaces.
+
+    When the envs are copies of Hopper-v5, Walker2d-v5 or HalfCheetah-v5 (POMDP variants
+    included), one :class:`envs.locomotion.LocomotionStep` steps them all, bit-identical
+    and ~2x cheaper in Python; ``batched=False`` keeps the env-by-env loop.
     """
 
-    def __init__(self, env_fns, **kwargs) -> None:
+    def __init__(self, env_fns, batched: bool = True, **kwargs) -> None:
         super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs)
         spaces = (self.single_observation_space, self.single_action_space)
         if not all(isinstance(s, gym.spaces.Box) for s in spaces):
             raise ValueError("SameStepSyncVectorEnv needs Box observation and action spaces")
+        self.batched_step = locomotion_step(list(self.envs)) if batched else None
 
     def step(self, actions: np.ndarray):
+        if self.batched_step is not None:
+            return self._step_batched(actions)
         final_obs, ended = None, np.zeros(self.num_envs, dtype=bool)
         for i, env in enumerate(self.envs):
             obs, reward, terminated, truncated, _ = env.step(actions[i])
@@ -49,3 +59,21 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
             self._truncations.copy(),
             info,
         )
+
+    def _step_batched(self, actions: np.ndarray):
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs, *self.single_action_space.shape):
+            raise ValueError(
+                f"actions must have shape {(self.num_envs, *self.single_action_space.shape)}, "
+                f"got {actions.shape}"
+            )
+        obs, reward, terminated, truncated = self.batched_step(actions)
+        ended = terminated | truncated
+        info = {}
+        if ended.any():
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for i in np.flatnonzero(ended):
+                final_obs[i] = obs[i].copy()
+                obs[i], _ = self.envs[i].reset()
+            info = {"final_obs": final_obs, "_final_obs": ended}
+        return obs, reward, terminated, truncated, info

@@ -289,31 +289,3 @@ def test_the_grouped_update_equals_the_reference_path():
             policy.evaluate(*args), policy.evaluate(*args, grouped=False), strict=True
         ):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_lean_vector_env_steps_as_gymnasiums_same_step_vector_env():
-    import gymnasium as gym
-
-    from envs import make_env
-    from envs.vector import SameStepSyncVectorEnv
-
-    fns = [lambda: make_env("Hopper-v5", max_episode_steps=15) for _ in range(3)]
-    lean = SameStepSyncVectorEnv(fns)
-    reference = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    obs, _ = lean.reset(seed=4)
-    ref_obs, _ = reference.reset(seed=4)
-    np.testing.assert_array_equal(obs, ref_obs)
-    actions = np.random.default_rng(0).uniform(-1, 1, (120, 3, 3)).astype(np.float32)
-    ended = {"terminated": 0, "truncated": 0}
-    for action in actions:
-        got, want = lean.step(action), reference.step(action)
-        for a, b in zip(got[:4], want[:4], strict=True):
-            np.testing.assert_array_equal(a, b)
-        ended["terminated"] += int(got[2].sum())
-        ended["truncated"] += int(got[3].sum())
-        done = got[2] | got[3]
-        assert done.any() == ("final_obs" in got[4])
-        for i in np.flatnonzero(done):
-            np.testing.assert_array_equal(got[4]["final_obs"][i], want[4]["final_obs"][i])
-            assert got[4]["_final_obs"][i]
-    assert ended["terminated"] and ended["truncated"]  # both ways of ending were seen

@@ -1,0 +1,85 @@
+"""The rollout's vector env against Gymnasium's own ``SyncVectorEnv`` (SAME_STEP): every
+observation, reward, termination, truncation and final observation bit-identical, for
+the batched locomotion step and for the env-by-env loop."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from envs import make_env
+from envs.vector import SameStepSyncVectorEnv
+
+
+def _compare(env_id: str, batched: bool, steps: int, **kwargs) -> dict[str, int]:
+    fns = [lambda: make_env(env_id, **kwargs) for _ in range(3)]
+    lean = SameStepSyncVectorEnv(fns, batched=batched)
+    assert (lean.batched_step is not None) == batched
+    reference = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = lean.reset(seed=4)
+    ref_obs, _ = reference.reset(seed=4)
+    np.testing.assert_array_equal(obs, ref_obs)
+    shape = (steps, 3, *lean.single_action_space.shape)
+    actions = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    ended = {"terminated": 0, "truncated": 0}
+    for action in actions:
+        got, want = lean.step(action), reference.step(action)
+        for a, b in zip(got[:4], want[:4], strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        ended["terminated"] += int(got[2].sum())
+        ended["truncated"] += int(got[3].sum())
+        done = got[2] | got[3]
+        assert done.any() == ("final_obs" in got[4])
+        for i in np.flatnonzero(done):
+            np.testing.assert_array_equal(got[4]["final_obs"][i], want[4]["final_obs"][i])
+            assert got[4]["_final_obs"][i]
+    return ended
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_hopper_steps_as_gymnasiums_vector_env(batched):
+    ended = _compare("Hopper-v5", batched, steps=120, max_episode_steps=15)
+    assert ended["terminated"] and ended["truncated"]  # both ways of ending were seen
+
+
+@pytest.mark.parametrize(
+    "env_id, kwargs",
+    [
+        ("Walker2d-v5", {"max_episode_steps": 40}),
+        ("HalfCheetah-v5", {"max_episode_steps": 30}),
+        ("Hopper-v5-P", {"max_episode_steps": 25}),
+        ("Walker2d-v5-V", {"max_episode_steps": 40, "ctrl_cost_weight": 0.05}),
+        (
+            "Hopper-v5",
+            {"terminate_when_unhealthy": False, "healthy_reward": 2.0, "max_episode_steps": 30},
+        ),
+        (
+            "HalfCheetah-v5",
+            {"exclude_current_positions_from_observation": False, "max_episode_steps": 30},
+        ),
+    ],
+)
+def test_batched_locomotion_step_is_bit_identical(env_id, kwargs):
+    ended = _compare(env_id, batched=True, steps=100, **kwargs)
+    assert ended["truncated"]
+
+
+def test_unknown_tasks_and_wrappers_step_one_by_one():
+    pendulum = SameStepSyncVectorEnv([lambda: make_env("InvertedPendulum-v5")] * 2)
+    assert pendulum.batched_step is None
+    scaled = SameStepSyncVectorEnv(
+        [lambda: gym.wrappers.ClipReward(make_env("Hopper-v5"), -1.0, 1.0)] * 2
+    )
+    assert scaled.batched_step is None
+    assert _compare("InvertedPendulum-v5", batched=False, steps=60)["terminated"]
+
+
+def test_batched_step_checks_its_input():
+    envs = SameStepSyncVectorEnv([lambda: make_env("Hopper-v5")] * 2)
+    with pytest.raises(RuntimeError, match="reset the envs"):
+        envs.step(np.zeros((2, 3), dtype=np.float32))
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=r"actions must have shape \(2, 3\)"):
+        envs.step(np.zeros((3, 3), dtype=np.float32))
