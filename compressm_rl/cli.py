@@ -39,6 +39,17 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/ENV-sSEED)")
     p.add_argument("--policy", choices=["ssm", "mlp"], help="default ssm")
     p.add_argument("--state-dim", type=int, help="n, complex states per LRU layer (default 128)")
+    p.add_argument(
+        "--state-dims",
+        type=_ints,
+        help="n per layer, e.g. 32,24 (overrides --state-dim and --layers)",
+    )
+    p.add_argument(
+        "--critic-state-dims",
+        type=_ints,
+        help="the critic's n per layer (default: the actor's), e.g. a small actor beside "
+        "a full-size critic",
+    )
     p.add_argument("--width", type=int, help="H, features per layer (default 64)")
     p.add_argument("--layers", type=int, help="default 2")
     p.add_argument("--num-envs", type=int, help="parallel envs (default: preset)")
@@ -142,6 +153,8 @@ def _train(args) -> int:
         "seed": args.seed,
         "policy": args.policy,
         "state_dim": args.state_dim,
+        "state_dims": args.state_dims,
+        "critic_state_dims": args.critic_state_dims,
         "width": args.width,
         "layers": args.layers,
         "num_workers": args.num_workers,

@@ -66,6 +66,8 @@ def test_train_needs_an_env_unless_it_resumes(capsys):
         (["--compress-tol", "0.1", "--min-state", "500"], "min_state = 500"),
         (["--compress-tol", "0.1", "--compress-parts", "policy"], "parts = ['policy']"),
         (["--state-dim", "0"], "state_dim = 0"),
+        (["--state-dims", "8,0"], "state_dims = [8, 0]"),
+        (["--critic-state-dims", "128,9999"], "critic_state_dims = [128, 9999]"),
         (["--num-envs", "0"], "num_envs = 0"),
         (["--seed", "-1"], "seed = -1"),
         (["--policy", "mlp", "--compress-tol", "0.1"], "policy = 'mlp'"),
@@ -107,6 +109,10 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     flags = ["--total-steps", "64", "--compress-tol", "0.1", "--compress-gramian", "data"]
     assert main([*argv, *flags, "--overwrite", "--no-progress"]) == 0
     assert load_config(out).compression.gramian == "data"
+    sizes = ["--state-dims", "6,4", "--critic-state-dims", "12,8", "--total-steps", "64"]
+    assert main([*argv, *sizes, "--overwrite", "--no-progress"]) == 0
+    config = load_config(out)
+    assert (config.initial_state_dims, config.initial_critic_state_dims) == ([6, 4], [12, 8])
 
 
 def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
