@@ -11,18 +11,22 @@ as Gymnasium's code, so every number is bit-identical to stepping the envs one b
 (``tests/test_envs.py`` checks it step for step, resets included).
 
 It reads each task's settings (reward weights, health ranges, ``frame_skip``,
-``max_episode_steps``, ...) from the env instances, so ``gym.make`` keyword arguments
-hold. Envs it does not know (other tasks, other wrappers, rendering) are not batched:
-:func:`locomotion_step` returns None and the caller steps them one by one.
+``max_episode_steps``, ...) from the env instances when it is built, so ``gym.make``
+keyword arguments hold; the timestep is read at every step (``MujocoEnv.dt``). Envs it
+does not know (other tasks, other or repeated wrappers, subclasses, rendering) are not
+batched: :func:`locomotion_step` returns None and the caller steps them one by one.
+The ctrl cost is ``w * float32 sum`` as in Gymnasium under NumPy 2's promotion rules
+(NumPy 1 would promote Gymnasium's scalar to float64 but not this array).
 
 Left out on purpose: ``mj_rnePostConstraint`` (Gymnasium calls it after each step to fill
 ``cacc``/``cfrc_*``, which these three tasks' observations do not read and the next
-``mj_step`` recomputes), and the per-step ``info`` dicts (reward terms, positions).
+``mj_step`` recomputes; in ``env.unwrapped.data`` they are stale), and the per-step
+``info`` dicts (reward terms, positions).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import gymnasium as gym
 import mujoco
@@ -35,9 +39,21 @@ from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from envs.pomdp import KeepPartObservation
 
 # Wrappers whose step does nothing a batched step must repeat (checks only), or what it
-# does itself (the time limit, the observation part).
+# does itself (the time limit, the observation part); matched by exact type, each at most
+# once (a subclass may change what step does; a second TimeLimit would count on its own).
 _HANDLED_WRAPPERS = (TimeLimit, OrderEnforcing, PassiveEnvChecker, KeepPartObservation)
 _TASKS = (HopperEnv, Walker2dEnv, HalfCheetahEnv)
+
+
+def _handled_wrappers(env: gym.Env) -> dict[type, gym.Wrapper] | None:
+    """``env``'s wrappers by type, or None if one is not handled or comes twice."""
+    found: dict[type, gym.Wrapper] = {}
+    while isinstance(env, gym.Wrapper):
+        if type(env) not in _HANDLED_WRAPPERS or type(env) in found:
+            return None
+        found[type(env)] = env
+        env = env.env
+    return found
 
 
 @dataclass
@@ -46,38 +62,29 @@ class _Task:
 
     kind: type
     frame_skip: int
-    dt: float
     forward_weight: float
     ctrl_weight: float
     healthy_reward: float
     terminate_when_unhealthy: bool
     exclude_x: bool
     clip_velocity: bool
-    healthy_z: tuple[float, float]
-    healthy_angle: tuple[float, float]
-    healthy_state: tuple[float, float] | None  # Hopper only
+    healthy_z: tuple
+    healthy_angle: tuple
+    healthy_state: tuple | None  # Hopper only: (low, high), scalars or per-element arrays
     keep: np.ndarray | None  # observation indices kept by KeepPartObservation
 
     @classmethod
     def of(cls, env: gym.Env) -> _Task | None:
-        keep = None
-        layer = env
-        while isinstance(layer, gym.Wrapper):
-            if not isinstance(layer, _HANDLED_WRAPPERS):
-                return None
-            if isinstance(layer, KeepPartObservation):
-                if keep is not None:
-                    return None
-                keep = layer._index
-            layer = layer.env
-        if type(layer) not in _TASKS or layer.render_mode is not None:
+        wrappers = _handled_wrappers(env)
+        layer = env.unwrapped
+        if wrappers is None or type(layer) not in _TASKS or layer.render_mode is not None:
             return None
+        keep = wrappers.get(KeepPartObservation)
         hopper = type(layer) is HopperEnv
         has_health = type(layer) is not HalfCheetahEnv
         return cls(
             kind=type(layer),
             frame_skip=layer.frame_skip,
-            dt=layer.dt,
             forward_weight=layer._forward_reward_weight,
             ctrl_weight=layer._ctrl_cost_weight,
             healthy_reward=layer._healthy_reward if has_health else 0.0,
@@ -87,26 +94,20 @@ class _Task:
             healthy_z=tuple(layer._healthy_z_range) if has_health else (0.0, 0.0),
             healthy_angle=tuple(layer._healthy_angle_range) if has_health else (0.0, 0.0),
             healthy_state=tuple(layer._healthy_state_range) if hopper else None,
-            keep=keep,
+            keep=None if keep is None else keep._index,
         )
 
     def same_as(self, other: _Task) -> bool:
-        keeps_agree = (self.keep is None and other.keep is None) or (
-            self.keep is not None
-            and other.keep is not None
-            and np.array_equal(self.keep, other.keep)
-        )
-        mine = {k: v for k, v in vars(self).items() if k != "keep"}
-        theirs = {k: v for k, v in vars(other).items() if k != "keep"}
-        return keeps_agree and mine == theirs
+        return all(_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
 
-def _time_limit(env: gym.Env) -> TimeLimit | None:
-    while isinstance(env, gym.Wrapper):
-        if isinstance(env, TimeLimit):
-            return env
-        env = env.env
-    return None
+def _equal(a, b) -> bool:
+    if a is None or b is None or isinstance(a, type):
+        return a is b
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except ValueError:  # ragged, e.g. a scalar bound beside a per-element one
+        return False
 
 
 class LocomotionStep:
@@ -122,7 +123,7 @@ class LocomotionStep:
         self._sims = [(env.unwrapped.model, env.unwrapped.data) for env in envs]
         # The TimeLimit wrappers keep counting, so a sub-env stepped or reset on its own
         # afterwards still sees the right elapsed time.
-        self._limits = [_time_limit(env) for env in envs]
+        self._limits = [_handled_wrappers(env).get(TimeLimit) for env in envs]
         model = self._sims[0][0]
         self._qpos = np.empty((len(envs), model.nq))
         self._qvel = np.empty((len(envs), model.nv))
@@ -135,12 +136,11 @@ class LocomotionStep:
         """
         task, qpos, qvel = self.task, self._qpos, self._qvel
         n = len(self._sims)
-        if any(limit is not None and limit._elapsed_steps is None for limit in self._limits):
-            raise RuntimeError("reset the envs before stepping them")
-        x_before = np.empty(n)
+        x_before, dt = np.empty(n), np.empty(n)
         truncated = np.zeros(n, dtype=bool)
         for i, (model, data) in enumerate(self._sims):
             x_before[i] = data.qpos[0]
+            dt[i] = model.opt.timestep * task.frame_skip  # MujocoEnv.dt, read as it is now
             data.ctrl[:] = actions[i]
             mujoco.mj_step(model, data, nstep=task.frame_skip)
             qpos[i] = data.qpos
@@ -151,7 +151,7 @@ class LocomotionStep:
                 truncated[i] = limit._elapsed_steps >= limit._max_episode_steps
 
         # Gymnasium's arithmetic, elementwise over the envs (same dtypes, same order).
-        x_velocity = (qpos[:, 0] - x_before) / task.dt
+        x_velocity = (qpos[:, 0] - x_before) / dt
         velocity = np.clip(qvel, -10, 10) if task.clip_velocity else qvel
         obs = np.concatenate((qpos[:, 1:] if task.exclude_x else qpos, velocity), axis=1)
         if task.keep is not None:
@@ -166,7 +166,7 @@ class LocomotionStep:
         healthy &= (task.healthy_angle[0] < angle) & (angle < task.healthy_angle[1])
         if task.healthy_state is not None:
             state = np.concatenate((qpos[:, 2:], qvel), axis=1)
-            low, high = task.healthy_state
+            low, high = (np.asarray(bound) for bound in task.healthy_state)
             healthy &= np.all((low < state) & (state < high), axis=1)
         reward = forward_reward + healthy * task.healthy_reward - ctrl_cost
         terminated = ~healthy if task.terminate_when_unhealthy else np.zeros(n, dtype=bool)

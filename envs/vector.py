@@ -31,6 +31,12 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
         if not all(isinstance(s, gym.spaces.Box) for s in spaces):
             raise ValueError("SameStepSyncVectorEnv needs Box observation and action spaces")
         self.batched_step = locomotion_step(list(self.envs)) if batched else None
+        self._has_reset = False
+
+    def reset(self, *args, **kwargs):
+        result = super().reset(*args, **kwargs)
+        self._has_reset = True
+        return result
 
     def step(self, actions: np.ndarray):
         if self.batched_step is not None:
@@ -61,6 +67,8 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
         )
 
     def _step_batched(self, actions: np.ndarray):
+        if not self._has_reset:
+            raise RuntimeError("reset the envs before stepping them (envs.reset(seed=...))")
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs, *self.single_action_space.shape):
             raise ValueError(

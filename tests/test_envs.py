@@ -12,7 +12,9 @@ from envs import make_env
 from envs.vector import SameStepSyncVectorEnv
 
 
-def _compare(env_id: str, batched: bool, steps: int, **kwargs) -> dict[str, int]:
+def _compare(
+    env_id: str, batched: bool, steps: int, action_dtype=np.float32, **kwargs
+) -> dict[str, int]:
     fns = [lambda: make_env(env_id, **kwargs) for _ in range(3)]
     lean = SameStepSyncVectorEnv(fns, batched=batched)
     assert (lean.batched_step is not None) == batched
@@ -21,10 +23,14 @@ def _compare(env_id: str, batched: bool, steps: int, **kwargs) -> dict[str, int]
     ref_obs, _ = reference.reset(seed=4)
     np.testing.assert_array_equal(obs, ref_obs)
     shape = (steps, 3, *lean.single_action_space.shape)
-    actions = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    actions = np.random.default_rng(0).uniform(-1, 1, shape).astype(action_dtype)
     ended = {"terminated": 0, "truncated": 0}
+    previous = None
     for action in actions:
         got, want = lean.step(action), reference.step(action)
+        if previous is not None:  # a returned observation is never overwritten later
+            np.testing.assert_array_equal(previous[0], previous[1])
+        previous = (got[0], got[0].copy())
         for a, b in zip(got[:4], want[:4], strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
@@ -66,6 +72,18 @@ def test_batched_locomotion_step_is_bit_identical(env_id, kwargs):
     assert ended["truncated"]
 
 
+def test_float64_actions_are_bit_identical_too():
+    assert _compare("Walker2d-v5", True, steps=60, action_dtype=np.float64, max_episode_steps=25)[
+        "truncated"
+    ]
+
+
+class _DoubledReward(gym.wrappers.TimeLimit):
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, 2 * reward, terminated, truncated, info
+
+
 def test_unknown_tasks_and_wrappers_step_one_by_one():
     pendulum = SameStepSyncVectorEnv([lambda: make_env("InvertedPendulum-v5")] * 2)
     assert pendulum.batched_step is None
@@ -73,6 +91,10 @@ def test_unknown_tasks_and_wrappers_step_one_by_one():
         [lambda: gym.wrappers.ClipReward(make_env("Hopper-v5"), -1.0, 1.0)] * 2
     )
     assert scaled.batched_step is None
+    nested = lambda: gym.wrappers.TimeLimit(make_env("HalfCheetah-v5", max_episode_steps=20), 100)  # noqa: E731
+    assert SameStepSyncVectorEnv([nested] * 2).batched_step is None  # two limits
+    subclass = lambda: _DoubledReward(make_env("Hopper-v5"), 100)  # noqa: E731
+    assert SameStepSyncVectorEnv([subclass] * 2).batched_step is None
     assert _compare("InvertedPendulum-v5", batched=False, steps=60)["terminated"]
 
 
