@@ -45,7 +45,7 @@ PACKAGES = {
     "gcc": "gcc",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu (and libc6-dev-arm64-cross)",
     "qemu-aarch64": "qemu-user",
-    "arm-none-eabi-gcc": "gcc-arm-none-eabi",
+    "arm-none-eabi-gcc": "gcc-arm-none-eabi (and libnewlib-arm-none-eabi: math.h)",
     "arm-none-eabi-size": "binutils-arm-none-eabi",
 }
 
