@@ -1,7 +1,7 @@
 """One step of N copies of a Gymnasium MuJoCo locomotion task, the Python done once.
 
 Gymnasium's ``Hopper-v5``, ``Walker2d-v5`` and ``HalfCheetah-v5`` spend more time in
-Python than in the physics: a Hopper-v5 step is ~200 µs on the AMD EPYC VM, of which
+Python than in the physics: a Hopper-v5 step is ~210 µs on the AMD EPYC VM, of which
 ``mj_step`` (4 RK4 frames) is ~115 µs; the rest is the health check (computed twice per
 step), ``state_vector``, ``clip``, the reward terms and three wrappers, once per env.
 :class:`LocomotionStep` keeps the physics per env (``mujoco.mj_step`` on each env's own

@@ -21,8 +21,9 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
     ``SyncVectorEnv``'s. Observations and actions must be ``Box`` spaces.
 
     When the envs are copies of Hopper-v5, Walker2d-v5 or HalfCheetah-v5 (POMDP variants
-    included), one :class:`envs.locomotion.LocomotionStep` steps them all, bit-identical
-    and ~2x cheaper in Python; ``batched=False`` keeps the env-by-env loop.
+    included), one :class:`envs.locomotion.LocomotionStep` steps them all, bit-identical,
+    with Gymnasium's per-env Python (~45% of a Hopper-v5 step) done once for all envs;
+    ``batched=False`` keeps the env-by-env loop.
     """
 
     def __init__(self, env_fns, batched: bool = True, **kwargs) -> None:

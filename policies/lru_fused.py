@@ -440,7 +440,8 @@ class FusedStacks(torch.autograd.Function):
 
     Everything between the observations and the features runs in numpy and the compiled
     kernels: each stack's encoder, the parametrisation of every layer (λ, γ, B̃, C from
-    ν, θ, B, C; ``policies.lru``'s forward map, in the parameters' dtype), the layers
+    ν, θ, B, C; ``policies.lru``'s forward map, in float64, stored in the parameters'
+    dtype), the layers
     padded to a common n with exact zeros, and the blocks (``_forward_kernel``). The
     backward runs the same chain in reverse (``_backward_kernel``, then the
     parametrisation's derivatives below) and returns each parameter's gradient; autograd
@@ -577,7 +578,9 @@ def _layer_weights(blocks: list[list[np.ndarray]], sizes: list[int], real) -> di
         "radius": np.zeros((groups, n), real),
         "exp_nu": np.zeros((groups, n), real),
     }
-    for g, block in enumerate(blocks):
+    for g, (block, m) in enumerate(zip(blocks, sizes, strict=True)):
+        if block[4].shape[0] != m:  # the kernel writes m rows unchecked
+            raise ValueError(f"layer of stack {g} has {block[4].shape[0]} states, not {m}")
         _parametrise_kernel(
             *block[2:8], MIN_DECAY, out["lam"][g], out["w_in"][g], out["w_out"][g],
             out["gamma"][g], out["radius"][g], out["exp_nu"][g],

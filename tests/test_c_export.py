@@ -351,7 +351,7 @@ def test_cortex_m4_size_report(exports, tmp_path):
         ["arm-none-eabi-gcc", "-c", str(probe), "-o", str(tmp_path / "probe.o")],
         capture_output=True,
     )
-    if compiled.returncode != 0:
+    if compiled.returncode != 0 and b"math.h" in compiled.stderr:
         pytest.skip(
             "arm-none-eabi-gcc has no C library headers: apt-get install libnewlib-arm-none-eabi"
         )

@@ -71,6 +71,7 @@ def test_train_needs_an_env_unless_it_resumes(capsys):
         (["--num-envs", "0"], "num_envs = 0"),
         (["--seed", "-1"], "seed = -1"),
         (["--policy", "mlp", "--compress-tol", "0.1"], "policy = 'mlp'"),
+        (["--policy", "mlp", "--state-dims", "8,8"], "policy = 'mlp'"),
     ],
 )
 def test_out_of_range_settings_exit_2_before_a_run_directory_exists(tmp_path, capsys, flags, named):
@@ -94,7 +95,7 @@ def test_bad_ppo_values_in_a_config_file_are_named(tmp_path, capsys):
 
 
 def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
-    from compressm_rl.runs import load_config
+    from compressm_rl.runs import load_checkpoint, load_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -113,6 +114,8 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     assert main([*argv, *sizes, "--overwrite", "--no-progress"]) == 0
     config = load_config(out)
     assert (config.initial_state_dims, config.initial_critic_state_dims) == ([6, 4], [12, 8])
+    policy = load_checkpoint(out).policy
+    assert (policy.actor.state_dims, policy.critic.state_dims) == ([6, 4], [12, 8])
 
 
 def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):

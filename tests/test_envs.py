@@ -59,6 +59,11 @@ def test_hopper_steps_as_gymnasiums_vector_env(batched):
         ("Walker2d-v5-V", {"max_episode_steps": 40, "ctrl_cost_weight": 0.05}),
         (
             "Hopper-v5",
+            {"frame_skip": 2, "healthy_z_range": (0.9, 2.0), "healthy_state_range": (-50, 50)},
+        ),
+        ("Walker2d-v5", {"frame_skip": 6, "healthy_angle_range": [-0.5, 0.5]}),
+        (
+            "Hopper-v5",
             {"terminate_when_unhealthy": False, "healthy_reward": 2.0, "max_episode_steps": 30},
         ),
         (
@@ -68,8 +73,23 @@ def test_hopper_steps_as_gymnasiums_vector_env(batched):
     ],
 )
 def test_batched_locomotion_step_is_bit_identical(env_id, kwargs):
-    ended = _compare(env_id, batched=True, steps=100, **kwargs)
-    assert ended["truncated"]
+    ended = _compare(env_id, batched=True, steps=100, **{"max_episode_steps": 30, **kwargs})
+    assert ended["truncated"] + ended["terminated"]  # autoresets were compared too
+
+
+def test_no_time_limit_and_a_timestep_changed_mid_run():
+    fns = [lambda: gym.make("HalfCheetah-v5").unwrapped for _ in range(2)]  # no wrappers
+    lean = SameStepSyncVectorEnv(fns)
+    reference = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    assert lean.batched_step is not None
+    lean.reset(seed=1), reference.reset(seed=1)
+    actions = np.random.default_rng(1).uniform(-1, 1, (40, 2, 6)).astype(np.float32)
+    for t, action in enumerate(actions):
+        if t == 20:  # MujocoEnv.dt follows the model's timestep
+            for env in (*lean.envs, *reference.envs):
+                env.unwrapped.model.opt.timestep *= 2
+        for a, b in zip(lean.step(action)[:4], reference.step(action)[:4], strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_float64_actions_are_bit_identical_too():

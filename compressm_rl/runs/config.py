@@ -92,6 +92,11 @@ class TrainConfig:
                 "compression is set (tol or budget) but policy = 'mlp' has no recurrent state to "
                 "compress; use policy 'ssm' or drop the compression settings"
             )
+        if self.policy != "ssm" and (self.state_dims or self.critic_state_dims):
+            raise ValueError(
+                f"state_dims / critic_state_dims are set but policy = {self.policy!r} has no "
+                "recurrent state; use policy 'ssm' or drop them"
+            )
         if self.compression.enabled and self.compression.min_state > max(self.initial_state_dims):
             raise ValueError(
                 f"compression min_state = {self.compression.min_state} is out of range: at "
