@@ -67,7 +67,7 @@ class _Task:
     healthy_reward: float
     terminate_when_unhealthy: bool
     exclude_x: bool
-    clip_velocity: bool
+    has_health: bool  # Hopper, Walker2d: health checks and clipped velocities
     healthy_z: tuple
     healthy_angle: tuple
     healthy_state: tuple | None  # Hopper only: (low, high), scalars or per-element arrays
@@ -90,7 +90,7 @@ class _Task:
             healthy_reward=layer._healthy_reward if has_health else 0.0,
             terminate_when_unhealthy=layer._terminate_when_unhealthy if has_health else False,
             exclude_x=layer._exclude_current_positions_from_observation,
-            clip_velocity=has_health,
+            has_health=has_health,
             healthy_z=tuple(layer._healthy_z_range) if has_health else (0.0, 0.0),
             healthy_angle=tuple(layer._healthy_angle_range) if has_health else (0.0, 0.0),
             healthy_state=tuple(layer._healthy_state_range) if hopper else None,
@@ -152,13 +152,13 @@ class LocomotionStep:
 
         # Gymnasium's arithmetic, elementwise over the envs (same dtypes, same order).
         x_velocity = (qpos[:, 0] - x_before) / dt
-        velocity = np.clip(qvel, -10, 10) if task.clip_velocity else qvel
+        velocity = np.clip(qvel, -10, 10) if task.has_health else qvel
         obs = np.concatenate((qpos[:, 1:] if task.exclude_x else qpos, velocity), axis=1)
         if task.keep is not None:
             obs = obs[:, task.keep]
         ctrl_cost = task.ctrl_weight * np.sum(np.square(actions), axis=1)
         forward_reward = task.forward_weight * x_velocity
-        if task.kind is HalfCheetahEnv:
+        if not task.has_health:
             return obs, forward_reward - ctrl_cost, np.zeros(n, dtype=bool), truncated
 
         z, angle = qpos[:, 1], qpos[:, 2]
