@@ -8,6 +8,10 @@ for ``--iterations`` iterations of K rollouts each. A row's env steps/s is the m
 the iterations after the first (start-up, numba compilation) of ``metrics.csv``'s
 ``steps_per_s``, which counts every rank's steps; the speed-up is the median over rounds of
 the per-round ratio to one rank. Needs a core per rank.
+
+Each round also runs K independent one-rank trainings at the same time (no process group,
+nothing exchanged; the row "K apart" sums their env steps/s): the most K processes get
+from this machine, so the ceiling for any data-parallel scheme on it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,25 @@ def steps_per_second(env_id: str, ranks: int, iterations: int, out: Path) -> flo
     return float(np.median([float(r["steps_per_s"]) for r in rows[1:]]))
 
 
+def steps_per_second_apart(env_id: str, copies: int, iterations: int, out: Path) -> float:
+    """Summed env steps/s of ``copies`` one-rank runs started together (seeds 0, 1, ...)."""
+    per_rank = preset_for(env_id).steps_per_iteration
+    procs = []
+    for copy in range(copies):
+        command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", env_id]
+        command += ["--total-steps", str(per_rank * iterations), "--seed", str(copy)]
+        command += ["--out", str(out / str(copy)), "--overwrite", "--no-progress"]
+        procs.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
+    if any(proc.wait() for proc in procs):
+        raise RuntimeError("an independent run failed; run one by hand to see why")
+    total = 0.0
+    for copy in range(copies):
+        with open(out / str(copy) / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        total += float(np.median([float(r["steps_per_s"]) for r in rows[1:]]))
+    return total
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="Hopper-v5")
@@ -46,17 +69,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     counts = [int(k) for k in args.ranks.split(",")]
-    rates: dict[int, list[float]] = {k: [] for k in counts}
+    rates: dict[int | str, list[float]] = {k: [] for k in counts}
+    rates |= {f"{k} apart": [] for k in counts if k > 1}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for k in counts:
                 rates[k].append(steps_per_second(args.env, k, args.iterations, Path(tmp) / "run"))
                 print(f"round {r + 1}: {k} rank(s) {rates[k][-1]:,.0f} env steps/s", flush=True)
+                if k > 1:
+                    apart = steps_per_second_apart(
+                        args.env, k, args.iterations, Path(tmp) / "apart"
+                    )
+                    rates[f"{k} apart"].append(apart)
+                    print(f"round {r + 1}: {k} apart {apart:,.0f} env steps/s", flush=True)
     base = np.array(rates[counts[0]])
     print(f"\n{cpu_model()}, {args.env}, preset settings per rank, {args.rounds} rounds\n")
     print(f"| ranks | env steps/s (median) | × {counts[0]} rank(s) (median of rounds) |")
     print("|---:|---:|---:|")
-    for k in counts:
+    for k in rates:
         ratio = float(np.median(np.array(rates[k]) / base))
         print(f"| {k} | {np.median(rates[k]):,.0f} | {ratio:.2f} |")
 
