@@ -20,9 +20,9 @@ deterministic ones), final per-layer n, wall-clock training time and training en
 steps/s after the last reduction, and plots the training curves and per-seed returns
 (``compression.png`` in ``--out``), with paired bootstrap 90% intervals of the ratios of
 mean returns (2)/(1) and (2)/(3). Runs already in ``--out`` are reused, so the script
-can be stopped and restarted; stop it with Ctrl-C, which reaches its training processes
-too (killing the main process alone leaves them training, and a restarted script would
-then resume the same run beside them).
+can be stopped and restarted, with Ctrl-C or by killing the script: on Linux its training
+processes get SIGTERM when it dies, save their last iteration and exit (so a restarted
+script never resumes a run that an orphan is still training).
 
 With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
 seed start at the same time, one process per core, so that their wall-clock ratio is
@@ -42,8 +42,10 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +62,7 @@ from compressm_rl.runs import (
     load_checkpoint,
     load_policy,
 )
+from compressm_rl.stopping import TrainingStopped
 from compressm_rl.train import train
 
 LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
@@ -69,12 +72,38 @@ TRAIN_RETURN_ITERATIONS = 50
 def run_once(config: TrainConfig, run_dir: Path) -> None:
     """Train unless a finished run is already there (resume an unfinished one); one line
     of progress per run (two bars from two processes would garble each other)."""
-    if not _is_done(config, run_dir):
-        resume = (run_dir / "checkpoint.pt").exists()
-        _say(f"{run_dir}: {'resuming' if resume else 'training'}")
-        train(config, run_dir, resume=resume, progress=False)
-        rows = MetricsLog(run_dir).read()
-        _say(f"{run_dir}: done in {float(rows[-1]['wall_time']):.0f} s")
+    try:
+        if not _is_done(config, run_dir) and not _orphaned():
+            resume = (run_dir / "checkpoint.pt").exists()
+            _say(f"{run_dir}: {'resuming' if resume else 'training'}")
+            train(config, run_dir, resume=resume, progress=False)
+            rows = MetricsLog(run_dir).read()
+            _say(f"{run_dir}: done in {float(rows[-1]['wall_time']):.0f} s")
+    except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: the script is stopping too
+        _say(str(stopped))
+        os._exit(stopped.exit_status)  # so start none of the tasks queued here
+    finally:
+        if _orphaned():  # the script died (its SIGTERM stopped `train`): take no more tasks
+            os._exit(1)  # (an orphaned pool worker would wait on its queue forever)
+
+
+_script_pid: int | None = None  # in a training process: the script's
+
+
+def _stop_with_parent() -> None:
+    """Pool initializer: on Linux the kernel sends this worker SIGTERM when the script
+    dies, however it dies (SIGKILL included); training then stops as on any SIGTERM."""
+    global _script_pid
+    _script_pid = os.getppid()  # a worker is its pool's child; an orphan's parent changes
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <sys/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _orphaned() -> bool:
+    return _script_pid is not None and os.getppid() != _script_pid
 
 
 def _say(line: str) -> None:
@@ -127,6 +156,49 @@ def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
     }
 
 
+def train_all(
+    pool: ProcessPoolExecutor, runs: list, at: list[float], args: argparse.Namespace
+) -> None:
+    """Train (1)-(3) of every ``(env_id, seed, base)`` in ``runs`` on ``pool`` and make (4)."""
+    for env_id, seed, base in runs:
+        full = TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, seed=seed))
+        compression = CompressionConfig(
+            tol=None if args.compress_to else (args.tol or 0.15),
+            budget=args.compress_to,
+            allocation=args.allocation,
+            gramian=args.gramian,
+            heal_steps=args.heal_steps,
+            parts=args.parts.split(","),
+            at=at,
+        )
+        if args.min_state is not None:
+            compression = replace(compression, min_state=args.min_state)
+        compressed = replace(full, compression=compression)
+        # (3) is small where (2) ends small: with --parts actor the critic keeps its size.
+        actor_only = "critic" not in compression.parts
+        if args.reuse_from is not None:
+            linked = ("1-full",) if actor_only else ("1-full", "3-small")
+            _link_runs(args.reuse_from / f"{env_id}-s{seed}", base, linked)
+        if args.workers >= 2 and not (
+            _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
+        ):
+            base.mkdir(parents=True, exist_ok=True)
+            (base / "side_by_side").write_text("(1) and (2) started at the same time\n")
+        full_run = pool.submit(run_once, full, base / "1-full")
+        pool.submit(run_once, compressed, base / "2-compressed").result()
+        final_dims = load_policy(base / "2-compressed")[0].actor.state_dims
+        small = replace(full, state_dims=final_dims)
+        if actor_only:
+            small = replace(small, critic_state_dims=full.initial_state_dims)
+        elif args.reuse_from is not None:  # (3) is the other method's, at its sizes
+            small = replace(full, state_dims=load_policy(base / "3-small")[0].actor.state_dims)
+        small_run = pool.submit(run_once, small, base / "3-small")
+        full_run.result()
+        small_run.result()
+        if not (base / "4-posthoc" / "checkpoint.pt").exists():
+            compress_run(base / "1-full", base / "4-posthoc", state_dims=final_dims)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", default="Hopper-v5,Hopper-v5-P")
@@ -157,44 +229,13 @@ def main() -> None:
     at = [float(f) for f in args.at.split(",")]
     # spawn, not fork: a forked child of a process that ran OpenMP regions can hang.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-        for env_id, seed, base in runs:
-            full = TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, seed=seed))
-            compression = CompressionConfig(
-                tol=None if args.compress_to else (args.tol or 0.15),
-                budget=args.compress_to,
-                allocation=args.allocation,
-                gramian=args.gramian,
-                heal_steps=args.heal_steps,
-                parts=args.parts.split(","),
-                at=at,
-            )
-            if args.min_state is not None:
-                compression = replace(compression, min_state=args.min_state)
-            compressed = replace(full, compression=compression)
-            # (3) is small where (2) ends small: with --parts actor the critic keeps its size.
-            actor_only = "critic" not in compression.parts
-            if args.reuse_from is not None:
-                linked = ("1-full",) if actor_only else ("1-full", "3-small")
-                _link_runs(args.reuse_from / f"{env_id}-s{seed}", base, linked)
-            if args.workers >= 2 and not (
-                _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
-            ):
-                base.mkdir(parents=True, exist_ok=True)
-                (base / "side_by_side").write_text("(1) and (2) started at the same time\n")
-            full_run = pool.submit(run_once, full, base / "1-full")
-            pool.submit(run_once, compressed, base / "2-compressed").result()
-            final_dims = load_policy(base / "2-compressed")[0].actor.state_dims
-            small = replace(full, state_dims=final_dims)
-            if actor_only:
-                small = replace(small, critic_state_dims=full.initial_state_dims)
-            elif args.reuse_from is not None:  # (3) is the other method's, at its sizes
-                small = replace(full, state_dims=load_policy(base / "3-small")[0].actor.state_dims)
-            small_run = pool.submit(run_once, small, base / "3-small")
-            full_run.result()
-            small_run.result()
-            if not (base / "4-posthoc" / "checkpoint.pt").exists():
-                compress_run(base / "1-full", base / "4-posthoc", state_dims=final_dims)
+    try:
+        with ProcessPoolExecutor(
+            max_workers=args.workers, mp_context=context, initializer=_stop_with_parent
+        ) as pool:
+            train_all(pool, runs, at, args)
+    except (KeyboardInterrupt, BrokenProcessPool):
+        raise SystemExit("stopped: each run saved its last iteration; rerun to resume") from None
     results = []
     for env_id, seed, base in runs:
         for label in LABELS:

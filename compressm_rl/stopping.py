@@ -36,6 +36,9 @@ class TrainingStopped(Exception):
             f"completed iteration is saved); resume with: compressm-rl train --resume {run_dir}"
         )
 
+    def __reduce__(self):  # whole across a process boundary (a pool's worker raising it)
+        return type(self), (self.signum, self.global_step, self.run_dir)
+
     @property
     def exit_status(self) -> int:
         """128 + the signal's number, as a shell reports a process a signal ended."""

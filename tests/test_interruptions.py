@@ -90,6 +90,19 @@ def test_a_signal_saves_the_last_iteration_and_resume_finishes(tmp_path, sig, st
     assert load_checkpoint(run).global_step == total
 
 
+def test_training_stopped_crosses_a_process_boundary_whole():
+    """A pool worker's TrainingStopped reaches the parent with its message, not as an
+    unpicklable exception that breaks the pool."""
+    import pickle
+
+    from compressm_rl.stopping import TrainingStopped
+
+    stopped = TrainingStopped(signal.SIGTERM, 4096, Path("runs/x"))
+    back = pickle.loads(pickle.dumps(stopped))
+    assert (back.signum, back.global_step, back.run_dir) == (signal.SIGTERM, 4096, Path("runs/x"))
+    assert str(back) == str(stopped) and back.exit_status == 143
+
+
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys, tiny_config):
     from compressm_rl.cli import main
 
