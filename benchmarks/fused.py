@@ -1,5 +1,5 @@
-"""What the fused actor-critic pass, the allocator setting and the batched env step buy,
-A/B in one process.
+"""What the fused actor-critic pass, the allocator setting, the batched env step and the
+threaded physics buy, A/B in one process.
 
     python benchmarks/fused.py [--sizes 128,25] [--reps 5] [--env Hopper-v5]
 
@@ -12,7 +12,9 @@ repetition, so that all see the same machine load:
 - ``fused``: the fused pass (``policies.lru_fused``), allocator at its defaults;
 - ``fused + keep``: and freed memory kept for reuse (``keep_freed_memory``);
 - ``+ batched envs``: and the envs stepped by one ``envs.locomotion.LocomotionStep``
-  instead of one by one, what ``compressm-rl train`` runs.
+  instead of one by one, what ``compressm-rl train`` runs;
+- ``+ physics threads 2``: and their ``mj_step`` on two threads (``envs.physics``,
+  ``--physics-threads 2``). Needs a second idle core to mean anything.
 
 "Defaults" means mmap and trim thresholds of 128 KiB set with ``mallopt`` (once set,
 glibc stops adapting them, so both arms are fixed settings). Prints the median per phase
@@ -29,6 +31,7 @@ from phases import make_setups  # benchmarks/ is on sys.path when run as a scrip
 from compressm_rl.rl import iteration, preset_for
 from compressm_rl.rl.iteration import PHASES
 from compressm_rl.rl.process import configure_process, keep_freed_memory, set_malloc_thresholds
+from envs.locomotion import locomotion_step
 from export.bench import cpu_model
 from policies import lru_fused
 
@@ -41,12 +44,13 @@ def set_allocator(keep: bool) -> None:
         set_malloc_thresholds(128 << 10, 128 << 10)
 
 
-# name: (fused pass, keep freed memory, batched env step)
+# name: (fused pass, keep freed memory, batched env step, physics threads)
 VARIANTS = {
-    "autograd": (False, False, False),
-    "fused": (True, False, False),
-    "fused + keep": (True, True, False),
-    "+ batched envs": (True, True, True),
+    "autograd": (False, False, False, 1),
+    "fused": (True, False, False, 1),
+    "fused + keep": (True, True, False, 1),
+    "+ batched envs": (True, True, True, 1),
+    "+ physics threads 2": (True, True, True, 2),
 }
 
 
@@ -62,17 +66,21 @@ def main() -> None:
     policies["MLP 64-64"] = ("mlp", None)
 
     setups = make_setups(args.env, policies, cfg)
-    batched_steps = {name: setup[0].batched_step for name, setup in setups.items()}
+    batched_steps = {
+        (name, threads): locomotion_step(list(setup[0].envs), threads)
+        for name, setup in setups.items()
+        for threads in (1, 2)
+    }
 
     times = {(p, v): {phase: [] for phase in PHASES} for p in setups for v in VARIANTS}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for name, (envs, policy, optimizer, carry, reward_norm) in setups.items():
-            for variant, (fused, keep, batched) in VARIANTS.items():
+            for variant, (fused, keep, batched, threads) in VARIANTS.items():
                 if name.startswith("MLP") and variant == "autograd":
                     continue  # the MLP has no LRU pass: "fused" is its baseline
                 lru_fused.enabled = fused
                 set_allocator(keep)
-                envs.batched_step = batched_steps[name] if batched else None
+                envs.batched_step = batched_steps[(name, threads)] if batched else None
                 result = iteration(policy, optimizer, envs, carry, reward_norm, cfg)
                 if rep:
                     for phase, seconds in result.seconds.items():

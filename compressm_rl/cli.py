@@ -55,6 +55,11 @@ def _add_train(sub) -> None:
     p.add_argument("--num-envs", type=int, help="parallel envs (default: preset)")
     p.add_argument("--num-workers", type=int, help="subprocess envs, AsyncVectorEnv (default 0)")
     p.add_argument(
+        "--physics-threads",
+        type=int,
+        help="threads for the MuJoCo step of in-process envs (default 1; bit-identical)",
+    )
+    p.add_argument(
         "--compress-tol", type=float, help="compress in training: drop this fraction of Σ HSV"
     )
     p.add_argument(
@@ -158,6 +163,7 @@ def _train(args) -> int:
         "width": args.width,
         "layers": args.layers,
         "num_workers": args.num_workers,
+        "physics_threads": args.physics_threads,
         "device": args.device,
     }
     data.update({k: v for k, v in flags.items() if v is not None})

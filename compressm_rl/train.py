@@ -149,7 +149,9 @@ def _train(
     np.random.seed(config.seed)
     # Each rank its own envs and action noise; rank 0's are those of a one-process run.
     seed = config.seed + RANK_SEED_STRIDE * world.rank
-    envs = make_vec_env(config.env_id, cfg.num_envs, seed, config.num_workers)
+    envs = make_vec_env(
+        config.env_id, cfg.num_envs, seed, config.num_workers, config.physics_threads
+    )
     state = (_resume if resume else _start)(config, run_dir, envs, device, world)
     broadcast_module(state.policy, world)  # bit-identical from the start
     if world.rank:

@@ -26,6 +26,7 @@ Left out on purpose: ``mj_rnePostConstraint`` (Gymnasium calls it after each ste
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import gymnasium as gym
@@ -36,6 +37,7 @@ from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 
+from envs.physics import parallel_physics
 from envs.pomdp import KeepPartObservation
 
 # Wrappers whose step does nothing a batched step must repeat (checks only), or what it
@@ -116,11 +118,16 @@ class LocomotionStep:
     Args:
         envs: the vector env's sub-envs, each as ``gym.make`` (and ``make_env``) built it.
         task: their common settings (:func:`locomotion_step` checks and builds both).
+        physics_threads: ``mj_step`` on this many threads (``envs.physics``; bit-identical
+            to one); 1 steps the envs one by one in this thread.
     """
 
-    def __init__(self, envs: list[gym.Env], task: _Task) -> None:
+    def __init__(self, envs: list[gym.Env], task: _Task, physics_threads: int = 1) -> None:
         self.task = task
         self._sims = [(env.unwrapped.model, env.unwrapped.data) for env in envs]
+        self.physics, self.physics_note = parallel_physics(self._sims, physics_threads)
+        if self.physics is None and physics_threads > 1:
+            warnings.warn(self.physics_note, stacklevel=2)
         # The TimeLimit wrappers keep counting, so a sub-env stepped or reset on its own
         # afterwards still sees the right elapsed time.
         self._limits = [_handled_wrappers(env).get(TimeLimit) for env in envs]
@@ -142,7 +149,11 @@ class LocomotionStep:
             x_before[i] = data.qpos[0]
             dt[i] = model.opt.timestep * task.frame_skip  # MujocoEnv.dt, read as it is now
             data.ctrl[:] = actions[i]
-            mujoco.mj_step(model, data, nstep=task.frame_skip)
+            if self.physics is None:
+                mujoco.mj_step(model, data, nstep=task.frame_skip)
+        if self.physics is not None:
+            self.physics.step(task.frame_skip)
+        for i, (_, data) in enumerate(self._sims):
             qpos[i] = data.qpos
             qvel[i] = data.qvel
             limit = self._limits[i]
@@ -173,11 +184,11 @@ class LocomotionStep:
         return obs, reward, terminated, truncated
 
 
-def locomotion_step(envs: list[gym.Env]) -> LocomotionStep | None:
+def locomotion_step(envs: list[gym.Env], physics_threads: int = 1) -> LocomotionStep | None:
     """A batched step for ``envs`` if they are copies of one known task, else None."""
     tasks = [_Task.of(env) for env in envs]
     if not tasks or any(t is None for t in tasks):
         return None
     if not all(t.same_as(tasks[0]) for t in tasks[1:]):
         return None
-    return LocomotionStep(envs, tasks[0])
+    return LocomotionStep(envs, tasks[0], physics_threads)

@@ -58,7 +58,12 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
 
 
 def make_vec_env(
-    env_id: str, num_envs: int, seed: int, num_workers: int = 0, **env_kwargs
+    env_id: str,
+    num_envs: int,
+    seed: int,
+    num_workers: int = 0,
+    physics_threads: int = 1,
+    **env_kwargs,
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies in SAME_STEP autoreset mode; ``reset(seed=seed)`` seeds them
     ``seed, seed+1, ...`` (Gymnasium vector-env convention).
@@ -67,13 +72,15 @@ def make_vec_env(
     and puts the last one in ``info["final_obs"]`` (for bootstrapping truncations).
     ``num_workers > 0`` runs the envs in subprocesses (``AsyncVectorEnv``), else in this
     process (``envs.vector.SameStepSyncVectorEnv``: ``info`` holds only ``final_obs``);
-    ``env_kwargs`` go to ``gymnasium.make`` (e.g. ``max_episode_steps``).
+    there ``physics_threads > 1`` runs the locomotion tasks' ``mj_step`` on that many
+    threads (``envs.physics``, bit-identical). ``env_kwargs`` go to ``gymnasium.make``
+    (e.g. ``max_episode_steps``).
     """
     check_env_id(env_id)
     fns = [lambda: make_env(env_id, **env_kwargs) for _ in range(num_envs)]
     if num_workers > 0:
         envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     else:
-        envs = SameStepSyncVectorEnv(fns)
+        envs = SameStepSyncVectorEnv(fns, physics_threads=physics_threads)
     envs.action_space.seed(seed)
     return envs

@@ -4,6 +4,8 @@ for the MuJoCo locomotion tasks (``envs.locomotion``)."""
 
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 
@@ -22,16 +24,23 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
 
     When the envs are copies of Hopper-v5, Walker2d-v5 or HalfCheetah-v5 (POMDP variants
     included), one :class:`envs.locomotion.LocomotionStep` steps them all, bit-identical,
-    with Gymnasium's per-env Python (~45% of a Hopper-v5 step) done once for all envs;
-    ``batched=False`` keeps the env-by-env loop.
+    with Gymnasium's per-env Python (~45% of a Hopper-v5 step) done once for all envs,
+    and their ``mj_step`` on ``physics_threads`` threads; ``batched=False`` keeps the
+    env-by-env loop.
     """
 
-    def __init__(self, env_fns, batched: bool = True, **kwargs) -> None:
+    def __init__(self, env_fns, batched: bool = True, physics_threads: int = 1, **kwargs) -> None:
         super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs)
         spaces = (self.single_observation_space, self.single_action_space)
         if not all(isinstance(s, gym.spaces.Box) for s in spaces):
             raise ValueError("SameStepSyncVectorEnv needs Box observation and action spaces")
-        self.batched_step = locomotion_step(list(self.envs)) if batched else None
+        self.batched_step = locomotion_step(list(self.envs), physics_threads) if batched else None
+        if physics_threads > 1 and self.batched_step is None:
+            warnings.warn(
+                f"physics_threads = {physics_threads} is for the batched locomotion step "
+                "(Hopper, Walker2d, HalfCheetah v5); these envs step one by one",
+                stacklevel=2,
+            )
         self._has_reset = False
 
     def reset(self, *args, **kwargs):

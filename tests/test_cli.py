@@ -69,6 +69,7 @@ def test_train_needs_an_env_unless_it_resumes(capsys):
         (["--state-dims", "8,0"], "state_dims = [8, 0]"),
         (["--critic-state-dims", "128,9999"], "critic_state_dims = [128, 9999]"),
         (["--num-envs", "0"], "num_envs = 0"),
+        (["--physics-threads", "0"], "physics_threads = 0"),
         (["--seed", "-1"], "seed = -1"),
         (["--policy", "mlp", "--compress-tol", "0.1"], "policy = 'mlp'"),
         (["--policy", "mlp", "--state-dims", "8,8"], "policy = 'mlp'"),

@@ -45,6 +45,9 @@ class TrainConfig:
     width: int = 64  # H, features per layer
     layers: int = 2
     num_workers: int = 0  # > 0: envs in subprocesses (AsyncVectorEnv)
+    # mj_step of the in-process locomotion envs on this many threads (envs/physics.py):
+    # bit-identical results, so a setting of the machine like torch_threads.
+    physics_threads: int = 1
     torch_threads: int = 1
     # Where the update runs: "cpu", "cuda", or "auto" (CUDA when available). A setting of
     # the machine, not of the run: resuming may change it (compressm_rl/device.py).
@@ -80,6 +83,7 @@ class TrainConfig:
             "width": (1 <= self.width <= MAX_SIZE, f"1 to {MAX_SIZE}"),
             "layers": (1 <= self.layers <= MAX_LAYERS, f"1 to {MAX_LAYERS}"),
             "num_workers": (0 <= self.num_workers <= 256, "0 (envs in this process) to 256"),
+            "physics_threads": (1 <= self.physics_threads <= 64, "1 to 64"),
             "torch_threads": (1 <= self.torch_threads <= 1024, "1 to 1024"),
             "device": (self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             "checkpoint_every": (self.checkpoint_every >= 1, "at least 1 iteration"),
