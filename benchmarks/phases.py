@@ -1,6 +1,7 @@
 """Where a PPO iteration's time goes, per phase, for several policy sizes side by side.
 
     python benchmarks/phases.py [--sizes 128,67,25] [--mlp] [--reps 5] [--env Hopper-v5]
+        [--physics-threads 1]
 
 One process builds a policy per size (n per LRU layer, two layers, H = 64; ``--mlp``
 adds the 64-64 MLP) with its own envs and optimiser, then runs their iterations in
@@ -27,13 +28,13 @@ from export.bench import cpu_model
 from policies.normalizer import RunningNormalizer
 
 
-def make_setups(env_id: str, variants: dict, cfg) -> dict:
+def make_setups(env_id: str, variants: dict, cfg, physics_threads: int = 1) -> dict:
     """Per name, ``(envs, policy, optimizer, carry, reward_norm)`` ready for ``iteration``:
     ``variants`` maps a name to ``(policy kind, state_dims)``; every one seeded alike."""
     setups = {}
     for name, (kind, dims) in variants.items():
         torch.manual_seed(0)
-        envs = make_vec_env(env_id, cfg.num_envs, seed=0)
+        envs = make_vec_env(env_id, cfg.num_envs, seed=0, physics_threads=physics_threads)
         obs, _ = envs.reset(seed=0)
         config = TrainConfig.from_dict(dict(env_id=env_id, policy=kind, state_dims=dims))
         policy = make_policy(config, envs)
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--mlp", action="store_true", help="also time the MLP policy")
     parser.add_argument("--reps", type=int, default=5, help="timed iterations per policy")
     parser.add_argument("--env", default="Hopper-v5")
+    parser.add_argument("--physics-threads", type=int, default=1, help="see envs/physics.py")
     args = parser.parse_args()
     configure_process(1)
     cfg = preset_for(args.env)
@@ -55,7 +57,7 @@ def main() -> None:
     if args.mlp:
         variants["MLP 64-64"] = ("mlp", None)
 
-    setups = make_setups(args.env, variants, cfg)
+    setups = make_setups(args.env, variants, cfg, args.physics_threads)
 
     times = {name: {phase: [] for phase in PHASES} for name in setups}
     for rep in range(args.reps + 1):  # rep 0 warms up
@@ -65,7 +67,8 @@ def main() -> None:
                 for phase, seconds in result.seconds.items():
                     times[name][phase].append(seconds)
 
-    print(f"machine: {cpu_model()}, {args.env}, 1 torch thread, median of {args.reps}")
+    threads = f"{args.physics_threads} physics thread(s)"
+    print(f"machine: {cpu_model()}, {args.env}, 1 torch thread, {threads}, median of {args.reps}")
     print("\n| policy | " + " | ".join(PHASES) + " | total ms | vs first |")
     print("|---|" + "---:|" * (len(PHASES) + 2))
     first = None

@@ -2,13 +2,15 @@
 stable-baselines3 PPO (MLP) and sb3-contrib RecurrentPPO (LSTM).
 
     pip install -c constraints.txt -e ".[bench]"
-    python benchmarks/train.py [--iterations 4] [--rounds 3]
+    python benchmarks/train.py [--iterations 4] [--rounds 3] [--physics-threads 2]
 
 Same set-up for all: Hopper-v5, 8 envs (SyncVectorEnv / DummyVecEnv), 256-step
 rollouts (2048 env steps per iteration), 10 epochs, 4 minibatches per epoch (SB3's
 batch_size = 512), one torch thread. Figures are env steps/s over whole iterations
 (rollout + update) after one warm-up iteration, the median over ``--rounds`` rounds
-that each time every trainer in turn. sb3 is a benchmark-only extra.
+that each time every trainer in turn. sb3 is a benchmark-only extra. ``--physics-threads
+K`` adds our SSM with the envs' ``mj_step`` on K threads (``envs/physics.py``): what a
+user whose training process has K cores gets; SB3's answer there is ``SubprocVecEnv``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ N_ENVS, N_STEPS, EPOCHS, BATCH = 8, 256, 10, 512
 PER_ITER = N_ENVS * N_STEPS
 
 
-def ours(policy: str, iterations: int) -> float:
+def ours(policy: str, iterations: int, physics_threads: int = 1) -> float:
     from compressm_rl.runs import TrainConfig
     from compressm_rl.train import train
 
@@ -40,6 +42,7 @@ def ours(policy: str, iterations: int) -> float:
             policy=policy,
             ppo={"num_envs": N_ENVS, "rollout_steps": N_STEPS, "epochs": EPOCHS, "minibatches": 4},
             checkpoint_every=10_000,
+            physics_threads=physics_threads,
         )
     )
     with tempfile.TemporaryDirectory() as out:
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4, help="timed PPO iterations each")
     parser.add_argument("--lstm-iterations", type=int, default=1, help="RecurrentPPO is slow")
     parser.add_argument("--rounds", type=int, default=3, help="median over rounds")
+    parser.add_argument("--physics-threads", type=int, default=1, help="> 1 adds an SSM row")
     args = parser.parse_args()
     configure_process(1)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
@@ -85,6 +89,9 @@ def main() -> None:
     }
     # Rounds, each timing every trainer in turn: this VM's speed drifts by tens of
     # percent over minutes, so one pass per trainer compares different machines.
+    if args.physics_threads > 1:
+        name = f"compressm-rl SSM, {args.physics_threads} physics threads"
+        trainers[name] = lambda: ours("ssm", args.iterations, args.physics_threads)
     runs: dict[str, list[float]] = {name: [] for name in trainers}
     for round_ in range(args.rounds):
         for name, run in trainers.items():
