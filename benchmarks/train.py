@@ -87,11 +87,11 @@ def main() -> None:
         "SB3 PPO MLP (64-64)": lambda: sb3(False, args.iterations),
         "sb3-contrib RecurrentPPO (LSTM 256)": lambda: sb3(True, args.lstm_iterations),
     }
-    # Rounds, each timing every trainer in turn: this VM's speed drifts by tens of
-    # percent over minutes, so one pass per trainer compares different machines.
     if args.physics_threads > 1:
         name = f"compressm-rl SSM, {args.physics_threads} physics threads"
         trainers[name] = lambda: ours("ssm", args.iterations, args.physics_threads)
+    # Rounds, each timing every trainer in turn: this VM's speed drifts by tens of
+    # percent over minutes, so one pass per trainer compares different machines.
     runs: dict[str, list[float]] = {name: [] for name in trainers}
     for round_ in range(args.rounds):
         for name, run in trainers.items():
