@@ -57,7 +57,9 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--physics-threads",
         type=int,
-        help="threads for the MuJoCo step of in-process envs (default 1; bit-identical)",
+        help="threads for the MuJoCo step of in-process locomotion envs: pays where the "
+        "process has that many cores to itself (default 1; bit-identical; with --resume: "
+        "the run's, unless given)",
     )
     p.add_argument(
         "--compress-tol", type=float, help="compress in training: drop this fraction of Σ HSV"
@@ -128,6 +130,8 @@ def _train(args) -> int:
         config = load_config(args.resume)
         if args.device is not None:  # the machine's setting: a run may move between devices
             config = replace(config, device=args.device)
+        if args.physics_threads is not None:  # the machine's too (bit-identical either way)
+            config = replace(config, physics_threads=args.physics_threads)
         resolve_device(config.device)  # checked before anything is written
         if not (args.resume / CHECKPOINT).exists():
             print(
