@@ -19,6 +19,10 @@ has that many cores to itself. Two processes that each spin on the same two core
 each other down several times over (measured: 8 ms instead of 1 ms a step), so
 :func:`parallel_physics` never starts more threads than the process may run on.
 
+On the pool's threads ``mj_step`` runs outside the bindings' error handling: a MuJoCo
+fatal error (which Gymnasium's tasks do not raise) would end the process instead of
+raising ``mujoco.FatalError``, and Python ``mjcb_*`` callbacks must not be set.
+
 The C source is built once with the host's C compiler (``cc``) into the user's cache
 directory, keyed by its hash, and loaded with ctypes, whose calls release the GIL. Where
 that is not possible (no compiler, no POSIX threads, MuJoCo's library not found),
@@ -28,9 +32,9 @@ that is not possible (no compiler, no POSIX threads, MuJoCo's library not found)
 from __future__ import annotations
 
 import ctypes
-import glob
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +45,7 @@ import mujoco
 
 C_SOURCE = r"""
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 
@@ -78,12 +83,18 @@ static double now(void) {
   return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
+static int fork_safe; /* the child handler below is registered */
+
 static void forget_helpers(void) { /* in a forked child: the helpers were not copied */
-  pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
-  pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
-  pool.call = fresh, pool.lock = fresh, pool.wake = fresh_cond;
+  pthread_mutex_init(&pool.call, 0);
+  pthread_mutex_init(&pool.lock, 0);
+  pthread_cond_init(&pool.wake, 0);
   pool.helpers = 0;
   atomic_store(&pool.sleeping, 0);
+}
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+  fork_safe = pthread_atfork(0, 0, forget_helpers) == 0;
 }
 
 static void run_slice(int slice) { /* envs [n*slice/threads, n*(slice+1)/threads) */
@@ -99,6 +110,7 @@ static void *helper(void *arg) {
     double until = now() + SPIN_SECONDS;
     while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
       for (int i = 0; i < 64; ++i) CPU_RELAX();
+      sched_yield(); /* a core another process wants is given up */
       if (now() < until) continue;
       pthread_mutex_lock(&pool.lock); /* idle for long (the PPO update): sleep */
       atomic_fetch_add(&pool.sleeping, 1);
@@ -113,21 +125,17 @@ static void *helper(void *arg) {
   return 0;
 }
 
-static void register_fork_handler(void) { pthread_atfork(0, 0, forget_helpers); }
-
 /* Steps env i (models[i], datas[i]) nstep times, the envs split in contiguous slices over
    `threads` threads, this one included; returns how many threads ran. */
 int step_all(mj_step_fn step, void *const *models, void *const *datas, int n, int nstep,
              int threads) {
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (threads > n) threads = n;
-  if (threads <= 1) {
+  if (threads <= 1 || !fork_safe) {
     for (int i = 0; i < n; ++i)
       for (int k = 0; k < nstep; ++k) step(models[i], datas[i]);
     return 1;
   }
-  static pthread_once_t once = PTHREAD_ONCE_INIT;
-  pthread_once(&once, register_fork_handler);
   pthread_mutex_lock(&pool.call);
   while (pool.helpers < threads - 1) {
     start_t *start = &starts[pool.helpers + 1];
@@ -147,7 +155,7 @@ int step_all(mj_step_fn step, void *const *models, void *const *datas, int n, in
   if (atomic_load(&pool.sleeping)) pthread_cond_broadcast(&pool.wake);
   pthread_mutex_unlock(&pool.lock);
   run_slice(0);
-  while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) CPU_RELAX();
+  while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) sched_yield();
   pthread_mutex_unlock(&pool.call);
   return threads;
 }
@@ -179,20 +187,15 @@ def parallel_physics(sims: list, threads: int) -> tuple[ParallelPhysics | None, 
     if threads <= 1:
         return None, "one thread (one asked for, one env, or one CPU available)"
     try:
-        library = _build()
-    except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+        return ParallelPhysics(_build(), sims, threads), ""
+    except (OSError, subprocess.CalledProcessError, RuntimeError, AttributeError) as error:
         return None, f"the threaded physics step is unavailable ({error}); stepping env by env"
-    return ParallelPhysics(library, sims, threads), ""
 
 
 def _mujoco_library() -> ctypes.CDLL:
-    """MuJoCo's shared library, the one the ``mujoco`` module has loaded (same file)."""
-    directory = Path(mujoco.__file__).parent
-    found = sorted(glob.glob(str(directory / "libmujoco.so*")))
-    found += sorted(glob.glob(str(directory / "libmujoco*.dylib")))
-    if not found:
-        raise RuntimeError(f"no libmujoco shared library in {directory}")
-    return ctypes.CDLL(found[0])
+    """MuJoCo's shared library as the ``mujoco`` bindings loaded it (their extension links
+    it, so ``mj_step`` resolves to the same code and the same global state)."""
+    return ctypes.CDLL(mujoco._functions.__file__)
 
 
 _library: ctypes.CDLL | None = None
@@ -208,7 +211,9 @@ def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc) on PATH")
-    digest = hashlib.sha256(C_SOURCE.encode()).hexdigest()[:16]
+    # One build per source, platform and compiler (a home directory may be shared).
+    key = f"{C_SOURCE}{sys.platform}{platform.machine()}{compiler}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compressm-rl"
     target = cache / f"step_all-{digest}.so"
     if not target.exists():
