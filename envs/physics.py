@@ -15,16 +15,17 @@ same order, so the result is bit-identical to the loop (``tests/test_envs.py``).
 After a job a helper spins for up to 2 ms (the rollout's Python between two physics
 calls is ~0.3-0.5 ms) and then sleeps until the next (through the PPO update). The spin
 is why this is opt-in (``physics_threads``, default 1): it pays only where the process
-has that many cores to itself. Two processes that each spin on the same two cores slow
-each other down several times over (measured: 8 ms instead of 1 ms a step), so
-:func:`parallel_physics` never starts more threads than the process may run on.
+has that many cores to itself. More spinning threads than cores made a 1 ms step take
+8 ms (4 on 2 cores, before the spin yielded the core), so :func:`parallel_physics` never
+starts more threads than the process may run on; two training processes sharing two
+cores should keep one thread each.
 
 On the pool's threads ``mj_step`` runs outside the bindings' error handling: a MuJoCo
 fatal error (which Gymnasium's tasks do not raise) would end the process instead of
 raising ``mujoco.FatalError``, and Python ``mjcb_*`` callbacks must not be set.
 
 The C source is built once with the host's C compiler (``cc``) into the user's cache
-directory, keyed by its hash, and loaded with ctypes, whose calls release the GIL. Where
+directory, keyed by its hash, platform and compiler, and loaded with ctypes, whose calls release the GIL. Where
 that is not possible (no compiler, no POSIX threads, MuJoCo's library not found),
 :func:`parallel_physics` returns None with the reason and the envs step one by one.
 """
