@@ -189,7 +189,7 @@ def parallel_physics(sims: list, threads: int) -> tuple[ParallelPhysics | None, 
         return None, "one thread (one asked for, one env, or one CPU available)"
     try:
         return ParallelPhysics(_build(), sims, threads), ""
-    except (OSError, subprocess.CalledProcessError, RuntimeError, AttributeError) as error:
+    except (OSError, RuntimeError, AttributeError) as error:
         return None, f"the threaded physics step is unavailable ({error}); stepping env by env"
 
 
@@ -200,6 +200,19 @@ def _mujoco_library() -> ctypes.CDLL:
 
 
 _library: ctypes.CDLL | None = None
+
+
+def _cache_directory() -> Path:
+    """``$XDG_CACHE_HOME/compressm-rl`` (``~/.cache``), or a per-user temporary one where
+    the home directory is not writable."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compressm-rl"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return cache
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"compressm-rl-{os.getuid()}"
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        return fallback
 
 
 def _build() -> ctypes.CDLL:
@@ -215,24 +228,17 @@ def _build() -> ctypes.CDLL:
     # One build per source, platform and compiler (a home directory may be shared).
     key = f"{C_SOURCE}{sys.platform}{platform.machine()}{compiler}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compressm-rl"
+    cache = _cache_directory()
     target = cache / f"step_all-{digest}.so"
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             source, built = Path(tmp) / "step_all.c", Path(tmp) / "step_all.so"
             source.write_text(C_SOURCE)
-            command = [
-                compiler,
-                "-O2",
-                "-shared",
-                "-fPIC",
-                "-pthread",
-                str(source),
-                "-o",
-                str(built),
-            ]
-            subprocess.run(command, check=True, capture_output=True)
+            flags = ["-O2", "-shared", "-fPIC", "-pthread"]
+            command = [compiler, *flags, str(source), "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-400:]}")
             os.replace(built, target)  # atomic: a concurrent build leaves one whole file
     library = ctypes.CDLL(str(target))
     library.step_all.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3

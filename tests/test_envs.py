@@ -86,6 +86,20 @@ def test_physics_on_threads_is_bit_identical(env_id, threads):
     assert ended["truncated"] + ended["terminated"]
 
 
+def test_physics_threads_fall_back_with_a_warning_where_nothing_compiles(tmp_path, monkeypatch):
+    import envs.physics
+
+    monkeypatch.setattr(envs.physics, "_library", None)  # not built in this process yet
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nor in the cache
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    fns = [lambda: make_env("Hopper-v5") for _ in range(2)]
+    with pytest.warns(UserWarning, match="threaded physics step is unavailable"):
+        lean = SameStepSyncVectorEnv(fns, physics_threads=2)
+    assert lean.batched_step is not None and lean.batched_step.physics is None
+    lean.reset(seed=0)
+    assert np.isfinite(lean.step(np.zeros((2, 3), np.float32))[0]).all()
+
+
 def test_no_time_limit_and_a_timestep_changed_mid_run():
     fns = [lambda: gym.make("HalfCheetah-v5").unwrapped for _ in range(2)]  # no wrappers
     lean = SameStepSyncVectorEnv(fns)
