@@ -179,9 +179,8 @@ def train_all(
         if args.reuse_from is not None:
             linked = ("1-full",) if actor_only else ("1-full", "3-small")
             _link_runs(args.reuse_from / f"{env_id}-s{seed}", base, linked)
-        if args.workers >= 2 and not (
-            _is_done(full, base / "1-full") or _is_done(compressed, base / "2-compressed")
-        ):
+        fresh = not any((base / label / "checkpoint.pt").exists() for label in LABELS[:2])
+        if args.workers >= 2 and fresh:  # both start at step 0 now (a resumed one did not)
             base.mkdir(parents=True, exist_ok=True)
             (base / "side_by_side").write_text("(1) and (2) started at the same time\n")
         full_run = pool.submit(run_once, full, base / "1-full")
