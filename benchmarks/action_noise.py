@@ -31,7 +31,7 @@ class NoisyController:
     def __init__(self, policy: ActorCritic, scale: float) -> None:
         self.policy, self.scale = policy, scale
         self.std = policy.log_std.detach().exp()
-        self.saturated: list[float] = []  # per step: share of mean actions outside ±1
+        self.saturated: list[float] = []  # per step: share of mean actions out of bounds
 
     def reset(self) -> None:
         self.state = self.policy.initial_state(1).actor
@@ -41,9 +41,9 @@ class NoisyController:
         obs_norm = self.policy.obs_norm(torch.as_tensor(obs, dtype=torch.float32)[None])
         features, self.state = self.policy.actor.step(obs_norm, self.state)
         mean = self.policy.actor_head(features)
-        self.saturated.append(float((mean.abs() > 1).float().mean()))
-        action = mean + self.scale * self.std * torch.randn_like(mean)
         low, high = self.policy.action_low, self.policy.action_high
+        self.saturated.append(float(((mean < low) | (mean > high)).float().mean()))
+        action = mean + self.scale * self.std * torch.randn_like(mean)
         return torch.maximum(torch.minimum(action, high), low)[0].numpy()
 
 

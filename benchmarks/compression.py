@@ -90,16 +90,18 @@ def run_once(config: TrainConfig, run_dir: Path) -> None:
 _script_pid: int | None = None  # in a training process: the script's
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(script_pid: int) -> None:
     """Pool initializer: on Linux the kernel sends this worker SIGTERM when the script
     dies, however it dies (SIGKILL included); training then stops as on any SIGTERM."""
     global _script_pid
-    _script_pid = os.getppid()  # a worker is its pool's child; an orphan's parent changes
+    _script_pid = script_pid  # an orphan's parent is another process (checked after prctl)
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1  # <sys/prctl.h>
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if _orphaned():  # the script died before the request above: no signal will come
+        os._exit(1)
 
 
 def _orphaned() -> bool:
@@ -230,11 +232,17 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(
-            max_workers=args.workers, mp_context=context, initializer=_stop_with_parent
+            max_workers=args.workers,
+            mp_context=context,
+            initializer=_stop_with_parent,
+            initargs=(os.getpid(),),
         ) as pool:
             train_all(pool, runs, at, args)
     except (KeyboardInterrupt, BrokenProcessPool):
-        raise SystemExit("stopped: each run saved its last iteration; rerun to resume") from None
+        raise SystemExit(
+            "stopped (Ctrl-C, a signal, or a training process that died: see above); "
+            "finished iterations are saved, rerun the same command to resume"
+        ) from None
     results = []
     for env_id, seed, base in runs:
         for label in LABELS:

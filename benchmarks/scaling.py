@@ -11,7 +11,8 @@ the per-round ratio to one rank. Needs a core per rank.
 
 Each round also runs K independent one-rank trainings at the same time (no process group,
 nothing exchanged; the row "K apart" sums their env steps/s): the most K processes get
-from this machine, so the ceiling for any data-parallel scheme on it.
+from this machine, so about the ceiling for any data-parallel scheme on it (a sum of
+medians: it reads high if one run ends well before the other).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def steps_per_second_apart(env_id: str, copies: int, iterations: int, out: Path)
         command += ["--total-steps", str(per_rank * iterations), "--seed", str(copy)]
         command += ["--out", str(out / str(copy)), "--overwrite", "--no-progress"]
         procs.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
-    if any(proc.wait() for proc in procs):
+    if any([proc.wait() for proc in procs]):  # a list: wait for every one
         raise RuntimeError("an independent run failed; run one by hand to see why")
     total = 0.0
     for copy in range(copies):

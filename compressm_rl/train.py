@@ -278,8 +278,9 @@ def _resume(
 ) -> TrainingState:
     """The run's checkpoint on ``device``, RNG restored, logs cut back to the checkpoint's
     step; a run stopped before its first checkpoint starts again from step 0. The device
-    may differ from the one the run was trained on (it is the machine's setting)."""
-    if replace(load_config(run_dir), device=config.device) != config:
+    and the physics threads may differ from the run's (they are the machine's settings)."""
+    machine = dict(device=config.device, physics_threads=config.physics_threads)
+    if replace(load_config(run_dir), **machine) != config:
         raise ValueError(
             f"{run_dir} was trained with a different config; resume it with its own "
             f"config.yaml (compressm-rl train --resume {run_dir})"

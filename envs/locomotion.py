@@ -127,7 +127,7 @@ class LocomotionStep:
         self._sims = [(env.unwrapped.model, env.unwrapped.data) for env in envs]
         self.physics, self.physics_note = parallel_physics(self._sims, physics_threads)
         if self.physics is None and physics_threads > 1:
-            warnings.warn(self.physics_note, stacklevel=2)
+            warnings.warn(self.physics_note, stacklevel=4)  # at the vector env's maker
         # The TimeLimit wrappers keep counting, so a sub-env stepped or reset on its own
         # afterwards still sees the right elapsed time.
         self._limits = [_handled_wrappers(env).get(TimeLimit) for env in envs]

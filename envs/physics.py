@@ -17,17 +17,18 @@ calls is ~0.3-0.5 ms) and then sleeps until the next (through the PPO update). T
 is why this is opt-in (``physics_threads``, default 1): it pays only where the process
 has that many cores to itself. More spinning threads than cores made a 1 ms step take
 8 ms (4 on 2 cores, before the spin yielded the core), so :func:`parallel_physics` never
-starts more threads than the process may run on; two training processes sharing two
-cores should keep one thread each.
+starts more threads than the CPUs the process may run on (its affinity; a cgroup quota
+is not seen); two training processes sharing two cores should keep one thread each.
 
 On the pool's threads ``mj_step`` runs outside the bindings' error handling: a MuJoCo
 fatal error (which Gymnasium's tasks do not raise) would end the process instead of
 raising ``mujoco.FatalError``, and Python ``mjcb_*`` callbacks must not be set.
 
-The C source is built once with the host's C compiler (``cc``) into the user's cache
-directory, keyed by its hash, platform and compiler, and loaded with ctypes, whose calls release the GIL. Where
-that is not possible (no compiler, no POSIX threads, MuJoCo's library not found),
-:func:`parallel_physics` returns None with the reason and the envs step one by one.
+The C source is built once with the host's C compiler (``cc``, or ``$CC``) into the
+user's cache directory, keyed by its hash, platform and compiler, and loaded with ctypes,
+whose calls release the GIL. Where that is not possible (no compiler, no POSIX threads,
+MuJoCo's library not found), :func:`parallel_physics` returns None with the reason and the
+envs step one by one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,7 +75,9 @@ static struct {
   void *const *models;
   void *const *datas;
   int n, nstep, threads;
-} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+} pool = {.call = PTHREAD_MUTEX_INITIALIZER,
+          .lock = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
 
 typedef struct { int slice; unsigned seen; } start_t;
 static start_t starts[MAX_THREADS];
@@ -184,9 +188,12 @@ def parallel_physics(sims: list, threads: int) -> tuple[ParallelPhysics | None, 
     """A :class:`ParallelPhysics` for ``sims`` on at most ``threads`` threads (and no more
     than the envs, or the CPUs this process may run on), or None and why not."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads > 1 and min(len(sims), cpus or 1) <= 1:
+        why = "one env" if len(sims) <= 1 else "one CPU available to this process"
+        return None, f"physics_threads = {threads} ignored: {why}; stepping env by env"
     threads = min(threads, len(sims), cpus or 1)
     if threads <= 1:
-        return None, "one thread (one asked for, one env, or one CPU available)"
+        return None, "one thread asked for"
     try:
         return ParallelPhysics(_build(), sims, threads), ""
     except (OSError, RuntimeError, AttributeError) as error:
@@ -212,6 +219,9 @@ def _cache_directory() -> Path:
     except OSError:
         fallback = Path(tempfile.gettempdir()) / f"compressm-rl-{os.getuid()}"
         fallback.mkdir(mode=0o700, exist_ok=True)
+        info = fallback.stat()  # a shared /tmp: load only a library this user built
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise OSError(f"{fallback} belongs to another user or is writable by others") from None
         return fallback
 
 
@@ -222,9 +232,9 @@ def _build() -> ctypes.CDLL:
         return _library
     if not sys.platform.startswith(("linux", "darwin")):
         raise RuntimeError("POSIX threads are needed")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc) on PATH")
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    if compiler[0] is None:
+        raise RuntimeError("no C compiler (cc) on PATH; install gcc or set CC")
     # One build per source, platform and compiler (a home directory may be shared).
     key = f"{C_SOURCE}{sys.platform}{platform.machine()}{compiler}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -235,10 +245,10 @@ def _build() -> ctypes.CDLL:
             source, built = Path(tmp) / "step_all.c", Path(tmp) / "step_all.so"
             source.write_text(C_SOURCE)
             flags = ["-O2", "-shared", "-fPIC", "-pthread"]
-            command = [compiler, *flags, str(source), "-o", str(built)]
+            command = [*compiler, *flags, str(source), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-400:]}")
+                raise RuntimeError(f"{compiler[0]} failed: {result.stderr.strip()[-400:]}")
             os.replace(built, target)  # atomic: a concurrent build leaves one whole file
     library = ctypes.CDLL(str(target))
     library.step_all.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3

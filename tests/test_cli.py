@@ -119,6 +119,27 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     assert (policy.actor.state_dims, policy.critic.state_dims) == ([6, 4], [12, 8])
 
 
+def test_physics_threads_with_subprocess_envs_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--num-workers", "2", "--physics-threads", "2", "--out", str(out)]
+    assert main(["train", "--env", "Hopper-v5", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "physics_threads = 2" in err and "num_workers = 2" in err, err
+    assert not out.exists()
+
+
+def test_resume_may_change_the_physics_threads(tmp_path):
+    """A setting of the machine, like --device: a run goes on with another thread count."""
+    from compressm_rl.runs import load_checkpoint
+
+    out = tmp_path / "r"
+    argv = ["train", "--env", "Hopper-v5", "--total-steps", "512", "--num-envs", "2"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert load_checkpoint(out).global_step == 512
+    resume = ["train", "--resume", str(out), "--physics-threads", "2", "--no-progress"]
+    assert main(resume) == 0  # nothing left to train, but the config check passed
+
+
 def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
     out = tmp_path / "precious"
     (out / "sub").mkdir(parents=True)

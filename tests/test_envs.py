@@ -4,12 +4,18 @@ the batched locomotion step and for the env-by-env loop."""
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
 
 from envs import make_env
 from envs.vector import SameStepSyncVectorEnv
+
+two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="physics threads need two CPUs for this process"
+)
 
 
 def _compare(
@@ -79,6 +85,7 @@ def test_batched_locomotion_step_is_bit_identical(env_id, kwargs):
     assert ended["truncated"] + ended["terminated"]  # autoresets were compared too
 
 
+@two_cpus
 @pytest.mark.parametrize("env_id, threads", [("Hopper-v5", 2), ("Walker2d-v5-P", 3)])
 def test_physics_on_threads_is_bit_identical(env_id, threads):
     """mj_step on POSIX threads (envs.physics) against Gymnasium stepping env by env."""
@@ -86,6 +93,7 @@ def test_physics_on_threads_is_bit_identical(env_id, threads):
     assert ended["truncated"] + ended["terminated"]
 
 
+@two_cpus
 def test_physics_threads_fall_back_with_a_warning_where_nothing_compiles(tmp_path, monkeypatch):
     import envs.physics
 
@@ -150,13 +158,17 @@ def test_batched_step_checks_its_input():
         envs.step(np.zeros((3, 3), dtype=np.float32))
 
 
-def test_training_with_physics_threads_is_bit_identical(tmp_path, tiny_config):
+@two_cpus
+def test_training_with_physics_threads_is_bit_identical(tmp_path, tiny_config, monkeypatch):
     """The same run with mj_step on 2 threads: the same metrics and the same weights."""
     import torch
 
+    import envs.physics
     from compressm_rl.runs import MetricsLog, load_checkpoint
     from compressm_rl.train import train
 
+    used = []
+    monkeypatch.setattr(envs.physics.ParallelPhysics, "__init__", _recorded(used))
     runs = {}
     for threads in (1, 2):
         config = tiny_config("Hopper-v5", total_steps=192, physics_threads=threads)
@@ -169,3 +181,17 @@ def test_training_with_physics_threads_is_bit_identical(tmp_path, tiny_config):
         torch.testing.assert_close(weights_1[key], weights_2[key], rtol=0, atol=0)
     keys = ("episode_return", "pg_loss", "v_loss", "approx_kl")
     assert [[r[k] for k in keys] for r in rows_1] == [[r[k] for k in keys] for r in rows_2]
+    assert used == [2]  # the second run stepped its physics on two threads
+
+
+def _recorded(used: list):
+    """``ParallelPhysics.__init__`` that also records its thread count in ``used``."""
+    import envs.physics
+
+    init = envs.physics.ParallelPhysics.__init__
+
+    def record(self, library, sims, threads):
+        used.append(threads)
+        init(self, library, sims, threads)
+
+    return record

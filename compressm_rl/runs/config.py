@@ -96,6 +96,11 @@ class TrainConfig:
                 "compression is set (tol or budget) but policy = 'mlp' has no recurrent state to "
                 "compress; use policy 'ssm' or drop the compression settings"
             )
+        if self.num_workers > 0 and self.physics_threads > 1:
+            raise ValueError(
+                f"physics_threads = {self.physics_threads} steps envs in this process, but "
+                f"num_workers = {self.num_workers} puts them in subprocesses; set one of them"
+            )
         if self.policy != "ssm" and (self.state_dims or self.critic_state_dims):
             raise ValueError(
                 f"state_dims / critic_state_dims are set but policy = {self.policy!r} has no "
