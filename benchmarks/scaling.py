@@ -18,7 +18,6 @@ medians: it reads high if one run ends well before the other).
 from __future__ import annotations
 
 import argparse
-import csv
 import subprocess
 import sys
 import tempfile
@@ -27,20 +26,29 @@ from pathlib import Path
 import numpy as np
 
 from compressm_rl.rl.config import preset_for
+from compressm_rl.runs import MetricsLog
 from export.bench import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_command(env_id: str, total_steps: int, out: Path) -> list[str]:
+    """``compressm-rl train`` of ``env_id`` for ``total_steps`` into ``out``, quietly."""
+    command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", env_id]
+    command += ["--total-steps", str(total_steps), "--out", str(out)]
+    return command + ["--overwrite", "--no-progress"]
+
+
+def median_rate(run: Path) -> float:
+    """Median ``steps_per_s`` of a finished run's iterations after the first."""
+    return float(np.median([float(r["steps_per_s"]) for r in MetricsLog(run).read()[1:]]))
+
+
 def steps_per_second(env_id: str, ranks: int, iterations: int, out: Path) -> float:
     per_rank = preset_for(env_id).steps_per_iteration
-    command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", env_id]
-    command += ["--total-steps", str(per_rank * ranks * iterations), "--out", str(out)]
-    command += ["--nproc", str(ranks), "--overwrite", "--no-progress"]
+    command = train_command(env_id, per_rank * ranks * iterations, out) + ["--nproc", str(ranks)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    return float(np.median([float(r["steps_per_s"]) for r in rows[1:]]))
+    return median_rate(out)
 
 
 def steps_per_second_apart(env_id: str, copies: int, iterations: int, out: Path) -> float:
@@ -48,18 +56,12 @@ def steps_per_second_apart(env_id: str, copies: int, iterations: int, out: Path)
     per_rank = preset_for(env_id).steps_per_iteration
     procs = []
     for copy in range(copies):
-        command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", env_id]
-        command += ["--total-steps", str(per_rank * iterations), "--seed", str(copy)]
-        command += ["--out", str(out / str(copy)), "--overwrite", "--no-progress"]
+        command = train_command(env_id, per_rank * iterations, out / str(copy))
+        command += ["--seed", str(copy)]
         procs.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
     if any([proc.wait() for proc in procs]):  # a list: wait for every one
         raise RuntimeError("an independent run failed; run one by hand to see why")
-    total = 0.0
-    for copy in range(copies):
-        with open(out / str(copy) / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        total += float(np.median([float(r["steps_per_s"]) for r in rows[1:]]))
-    return total
+    return sum(median_rate(out / str(copy)) for copy in range(copies))
 
 
 def main(argv: list[str] | None = None) -> None:
