@@ -124,14 +124,14 @@ def _train(args) -> int:
     from compressm_rl.device import resolve_device
     from compressm_rl.runs import TrainConfig, load_config
     from compressm_rl.runs.checkpoint import CHECKPOINT
+    from compressm_rl.runs.config import MACHINE_SETTINGS
     from compressm_rl.train import train
 
     if args.resume:
         config = load_config(args.resume)
-        if args.device is not None:  # the machine's setting: a run may move between devices
-            config = replace(config, device=args.device)
-        if args.physics_threads is not None:  # the machine's too (bit-identical either way)
-            config = replace(config, physics_threads=args.physics_threads)
+        # A run may move between machines: their settings given here replace the run's.
+        given = {name: getattr(args, name) for name in MACHINE_SETTINGS}
+        config = replace(config, **{k: v for k, v in given.items() if v is not None})
         resolve_device(config.device)  # checked before anything is written
         if not (args.resume / CHECKPOINT).exists():
             print(

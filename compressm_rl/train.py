@@ -51,7 +51,7 @@ from compressm_rl.runs.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from compressm_rl.runs.config import CONFIG
+from compressm_rl.runs.config import CONFIG, MACHINE_SETTINGS
 from compressm_rl.runs.files import clear_run_dir, remove_stale_temporaries
 from compressm_rl.runs.report import plot_hsv
 from compressm_rl.stopping import StopOnSignals, TrainingStopped
@@ -279,7 +279,7 @@ def _resume(
     """The run's checkpoint on ``device``, RNG restored, logs cut back to the checkpoint's
     step; a run stopped before its first checkpoint starts again from step 0. The device
     and the physics threads may differ from the run's (they are the machine's settings)."""
-    machine = dict(device=config.device, physics_threads=config.physics_threads)
+    machine = {name: getattr(config, name) for name in MACHINE_SETTINGS}
     if replace(load_config(run_dir), **machine) != config:
         raise ValueError(
             f"{run_dir} was trained with a different config; resume it with its own "

@@ -23,6 +23,9 @@ CONFIG = "config.yaml"
 POLICY_TYPES = ("ssm", "mlp")
 MAX_SIZE = 4096  # states or features per layer
 MAX_LAYERS = 64
+# Settings of the machine, not of the run: a resume may change them (``--resume`` with
+# ``--device`` or ``--physics-threads``); the results are the same either way.
+MACHINE_SETTINGS = ("device", "physics_threads")
 
 
 @dataclass
