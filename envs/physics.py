@@ -187,13 +187,13 @@ class ParallelPhysics:
 def parallel_physics(sims: list, threads: int) -> tuple[ParallelPhysics | None, str]:
     """A :class:`ParallelPhysics` for ``sims`` on at most ``threads`` threads (and no more
     than the envs, or the CPUs this process may run on), or None and why not."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if threads > 1 and min(len(sims), cpus or 1) <= 1:
-        why = "one env" if len(sims) <= 1 else "one CPU available to this process"
-        return None, f"physics_threads = {threads} ignored: {why}; stepping env by env"
-    threads = min(threads, len(sims), cpus or 1)
     if threads <= 1:
         return None, "one thread asked for"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if min(len(sims), cpus or 1) <= 1:
+        why = "one env" if len(sims) <= 1 else "one CPU available to this process"
+        return None, f"physics_threads = {threads} ignored: {why}; stepping env by env"
+    threads = min(threads, len(sims), cpus)
     try:
         return ParallelPhysics(_build(), sims, threads), ""
     except (OSError, RuntimeError, AttributeError) as error:
