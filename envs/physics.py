@@ -34,6 +34,7 @@ envs step one by one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -200,6 +201,7 @@ def parallel_physics(sims: list, threads: int) -> tuple[ParallelPhysics | None, 
         return None, f"the threaded physics step is unavailable ({error}); stepping env by env"
 
 
+@functools.cache
 def _mujoco_library() -> ctypes.CDLL:
     """MuJoCo's shared library as the ``mujoco`` bindings loaded it (their extension links
     it, so ``mj_step`` resolves to the same code and the same global state)."""
