@@ -7,7 +7,7 @@ Starts ``--ranks`` processes through ``torch.distributed.run`` on 127.0.0.1 (glo
 torch thread each), builds the task preset's policy on each and times, per call, the wall
 and CPU time (the process's, gloo's threads included; median of 5 blocks of calls) of
 
-- ``all_reduce_gradients`` over that policy's parameters: what every gradient step runs,
+- ``average_gradients`` of that policy's gradient buffer: what every gradient step runs,
 - an all-reduce of 8 floats: the backend's floor here, whatever the size,
 - an all-gather and a broadcast of the gradient's size, for scale.
 
@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from compressm_rl.rl import preset_for
-from compressm_rl.rl.distributed import all_reduce_gradients, free_loopback_port, init_world
+from compressm_rl.rl.distributed import average_gradients, free_loopback_port, init_world
+from compressm_rl.rl.ppo import gradient_buffer
 from compressm_rl.rl.process import configure_process
 from compressm_rl.runs import TrainConfig
 from compressm_rl.train import make_policy
@@ -71,13 +72,12 @@ def main() -> None:
     envs = make_vec_env(args.env, 1, seed=0)
     params = list(make_policy(TrainConfig.from_dict(dict(env_id=args.env)), envs).parameters())
     envs.close()
-    for p in params:
-        p.grad = torch.randn_like(p)
-    numel = sum(p.numel() for p in params)
+    grads = gradient_buffer(params).normal_()
+    numel = grads.numel()
     tiny, flat = torch.zeros(8), torch.randn(numel)
     gathered = [torch.empty(numel) for _ in range(world.size)]
     rows = {
-        f"`all_reduce_gradients`, {numel:,} floats": lambda: all_reduce_gradients(params, world),
+        f"`average_gradients`, {numel:,} floats": lambda: average_gradients(grads, world),
         "all-reduce, 8 floats": lambda: dist.all_reduce(tiny),
         f"all-gather, {numel:,} floats": lambda: dist.all_gather(gathered, flat),
         f"broadcast, {numel:,} floats": lambda: dist.broadcast(flat, 0),

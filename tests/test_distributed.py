@@ -28,6 +28,7 @@ WORKER = textwrap.dedent(
     import numpy as np
     import torch
     from compressm_rl.rl import distributed as D
+    from compressm_rl.rl.ppo import gradient_buffer
     from policies.actor_critic import ActorCritic
     from policies.normalizer import RunningNormalizer
 
@@ -46,9 +47,10 @@ WORKER = textwrap.dedent(
     h_actor = torch.zeros(4, policy.actor.state_size)
     h_critic = torch.zeros(4, policy.critic.state_size)
     log_prob, _, values = policy.evaluate(obs, h_actor, h_critic, reset, actions)
+    grads = gradient_buffer(list(policy.parameters()))  # as ppo_update lays them out
     (-(log_prob.mean()) + values.square().mean()).backward()
     local = torch.cat([p.grad.reshape(-1) for p in policy.parameters()]).clone()
-    D.all_reduce_gradients(policy.parameters(), world)
+    D.average_gradients(grads, world)
     averaged = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
     torch.optim.Adam(policy.parameters(), lr=1e-2).step()
     after_step = torch.cat([p.detach().reshape(-1) for p in policy.parameters()])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,25 +68,14 @@ def init_world(device: torch.device | str = "cpu", timeout=DEFAULT_TIMEOUT) -> W
     return World(rank, size, local_rank)
 
 
-def all_reduce_gradients(parameters: Iterable[nn.Parameter], world: World) -> None:
-    """Average the gradients of ``parameters`` over all ranks, in place: one all-reduce of
-    one flat buffer (as rsl_rl), not one call per tensor. Parameters without a gradient
-    take part as zeros, so every rank sends the same layout."""
+def average_gradients(flat_grads: torch.Tensor, world: World) -> None:
+    """Average ``flat_grads`` (every parameter's gradient in one buffer, as
+    ``ppo.gradient_buffer`` lays them out) over all ranks, in place: one all-reduce per
+    step, as rsl_rl does, with no copy in or out."""
     if not world.distributed:
         return
-    params = list(parameters)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world.size
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        if p.grad is None:
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-        else:
-            p.grad.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
+    dist.all_reduce(flat_grads, op=dist.ReduceOp.SUM)
+    flat_grads /= world.size
 
 
 def broadcast_module(module: nn.Module, world: World, src: int = 0) -> None:
