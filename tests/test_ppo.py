@@ -179,8 +179,8 @@ def test_update_lowers_the_ppo_loss_on_its_batch_and_moves_every_part(policy_typ
 @pytest.mark.parametrize("policy_type", ["ssm", "mlp"])
 def test_gradients_accumulate_in_one_buffer_and_clip_as_torch_does(policy_type):
     """``backward`` writes every gradient into ``gradient_buffer``'s views (no gradient is
-    reallocated), equal to the gradients of a plain ``backward``; ``clip_grad_norm_`` on the
-    buffer scales them as torch's does over the parameters."""
+    reallocated), equal to the gradients of a plain ``backward``; ``clip_flat_grad_norm_`` on
+    the buffer scales them as torch's does over the parameters."""
     envs, policy, carry = _setup(policy_type=policy_type)
     rollout = _rollout(envs, policy, carry, steps=32)
     reference = copy.deepcopy(policy)
@@ -207,13 +207,13 @@ def test_gradients_accumulate_in_one_buffer_and_clip_as_torch_does(policy_type):
     assert grads.abs().sum() > 0
 
     max_norm = 0.1 * float(grads.norm())  # a norm that clips
-    ppo.clip_grad_norm_(grads, max_norm)
+    ppo.clip_flat_grad_norm_(grads, max_norm)
     torch.nn.utils.clip_grad_norm_(list(reference.parameters()), max_norm)
     for p, ref in zip(params, reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-8)
     assert float(grads.norm()) == pytest.approx(max_norm, rel=1e-5)
     before = grads.clone()
-    ppo.clip_grad_norm_(grads, 2 * max_norm)  # within the norm: unchanged
+    ppo.clip_flat_grad_norm_(grads, 2 * max_norm)  # within the norm: unchanged
     torch.testing.assert_close(grads, before, rtol=1e-6, atol=0)
 
 

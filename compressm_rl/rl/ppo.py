@@ -30,11 +30,11 @@ _ALIGN = 16  # float32 elements: 64 bytes
 
 
 def gradient_buffer(params: list[torch.nn.Parameter]) -> Tensor:
-    """One zeroed buffer for every gradient of ``params``: each ``p.grad`` becomes a view
-    into it, and ``backward`` accumulates into those views in place. A gradient step then
-    zeroes, all-reduces and clips one tensor instead of one per parameter (45 here), as
-    DDP's ``gradient_as_bucket_view`` does. Each view starts on a 64-byte boundary (the
-    gaps stay zero), so the optimiser's vector loads stay aligned."""
+    """One zeroed buffer for every gradient of ``params`` (one dtype and device): each
+    ``p.grad`` becomes a view into it, and ``backward`` accumulates into those views in
+    place. A gradient step then zeroes, all-reduces and clips one tensor instead of one
+    per parameter (45 for the SSM policy), as DDP's ``gradient_as_bucket_view`` does.
+    Each view starts 64-byte aligned (float32), as a tensor of its own would."""
     sizes = [-(-p.numel() // _ALIGN) * _ALIGN for p in params]
     flat = torch.zeros(sum(sizes), dtype=params[0].dtype, device=params[0].device)
     offset = 0
@@ -44,7 +44,7 @@ def gradient_buffer(params: list[torch.nn.Parameter]) -> Tensor:
     return flat
 
 
-def clip_grad_norm_(flat_grads: Tensor, max_norm: float) -> None:
+def clip_flat_grad_norm_(flat_grads: Tensor, max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_`` on a ``gradient_buffer``: scale every gradient
     by ``min(1, max_norm / (‖g‖₂ + 1e-6))``, the global norm over all of them."""
     norm = torch.linalg.vector_norm(flat_grads)
@@ -181,7 +181,7 @@ def ppo_update(
             grads.zero_()
             loss.backward()
             average_gradients(grads, world)  # a no-op in one process
-            clip_grad_norm_(grads, cfg.max_grad_norm)
+            clip_flat_grad_norm_(grads, cfg.max_grad_norm)
             optimizer.step()
 
             with torch.no_grad():  # one read per minibatch (on CUDA: one sync, not five)
