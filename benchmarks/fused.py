@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from phases import make_setups  # benchmarks/ is on sys.path when run as a script
+from phases import make_setups, policy_variants  # benchmarks/ is on sys.path when run as a script
 
 from compressm_rl.rl import iteration, preset_for
 from compressm_rl.rl.iteration import PHASES
@@ -62,9 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_process(1)
     cfg = preset_for(args.env)
-    policies = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
-    policies["MLP 64-64"] = ("mlp", None)
-
+    policies = policy_variants([int(n) for n in args.sizes.split(",")], mlp=True)
     setups = make_setups(args.env, policies, cfg)
     batched_steps = {
         (name, threads): locomotion_step(list(setup[0].envs), threads)

@@ -56,13 +56,13 @@ def train_row(steps: int) -> list[str]:
 
 def phase_rows(sizes: list[int], reps: int) -> list[str]:
     """One iteration's phases on the CPU and on CUDA, per policy size (ms, medians)."""
-    from phases import make_setups
+    from phases import make_setups, policy_variants
 
     from compressm_rl.rl import iteration, make_optimizer, preset_for
     from compressm_rl.rl.iteration import PHASES
 
     cfg = preset_for(ENV)
-    variants = {f"n = {n}": ("ssm", [n, n]) for n in sizes}
+    variants = policy_variants(sizes, mlp=False)
     rows = [
         "| policy | device | " + " | ".join(PHASES) + " | total ms | update CPU/CUDA |",
         "|---|---|" + "---:|" * (len(PHASES) + 2),

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from phases import make_setups  # benchmarks/ is on sys.path when run as a script
+from phases import make_setups, policy_variants  # benchmarks/ is on sys.path when run as a script
 
 from compressm_rl.rl import iteration, ppo, preset_for
 from compressm_rl.rl.process import configure_process
@@ -87,8 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_process(1)
     cfg = preset_for(args.env)
-    variants = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
-    variants["MLP 64-64"] = ("mlp", None)
+    variants = policy_variants([int(n) for n in args.sizes.split(",")], mlp=True)
     print(f"{cpu_model()}, {args.env}, one minibatch of the preset, median ms of {args.reps}\n")
     print("| policy | way | " + " | ".join(PIECES) + " | total |")
     print("|---|---|" + "---:|" * (len(PIECES) + 1))

@@ -28,6 +28,13 @@ from export.bench import cpu_model
 from policies.normalizer import RunningNormalizer
 
 
+def policy_variants(sizes: list[int], mlp: bool) -> dict:
+    """``make_setups``'s variants: ``"n = N"`` for a two-layer SSM of n = N per layer, each
+    of ``sizes``, and ``"MLP 64-64"`` with ``mlp``."""
+    variants = {f"n = {n}": ("ssm", [n, n]) for n in sizes}
+    return variants | ({"MLP 64-64": ("mlp", None)} if mlp else {})
+
+
 def make_setups(env_id: str, variants: dict, cfg, physics_threads: int = 1) -> dict:
     """Per name, ``(envs, policy, optimizer, carry, reward_norm)`` ready for ``iteration``:
     ``variants`` maps a name to ``(policy kind, state_dims)``; every one seeded alike."""
@@ -53,10 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_process(1)
     cfg = preset_for(args.env)
-    variants = {f"n = {n}": ("ssm", [n, n]) for n in map(int, args.sizes.split(","))}
-    if args.mlp:
-        variants["MLP 64-64"] = ("mlp", None)
-
+    variants = policy_variants([int(n) for n in args.sizes.split(",")], args.mlp)
     setups = make_setups(args.env, variants, cfg, args.physics_threads)
 
     times = {name: {phase: [] for phase in PHASES} for name in setups}
