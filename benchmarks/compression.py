@@ -4,7 +4,7 @@
         [--steps 1000000] [--tol 0.15 | --compress-to N [--allocation global|uniform]]
         [--gramian white|data] [--heal-steps K] [--parts actor,critic]
         [--at 0.02,0.04,0.06,0.08] [--min-state 4]
-        [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2]
+        [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2] [--without-small]
 
 Per env and seed, four policies:
 1. uncompressed (n = 128 per layer),
@@ -14,6 +14,8 @@ Per env and seed, four policies:
    ``--heal-steps``,
 3. small from scratch at (2)'s final actor sizes (the critic too, unless ``--parts actor``),
 4. post-training compression of (1) to those sizes (no fine-tuning).
+``--without-small`` leaves (3) out, for a check of (2)/(1) alone (e.g. over longer
+training) that does not pay for (3)'s training.
 Reports deterministic return (30 episodes), the training return of the last 50
 iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
 deterministic ones), final per-layer n, wall-clock training time and training env
@@ -197,9 +199,10 @@ def train_all(
             small = replace(small, critic_state_dims=full.initial_state_dims)
         elif args.reuse_from is not None:  # (3) is the other method's, at its sizes
             small = replace(full, state_dims=load_policy(base / "3-small")[0].actor.state_dims)
-        small_run = pool.submit(run_once, small, base / "3-small")
+        small_run = None if args.without_small else pool.submit(run_once, small, base / "3-small")
         full_run.result()
-        small_run.result()
+        if small_run is not None:
+            small_run.result()
         if not (base / "4-posthoc" / "checkpoint.pt").exists():
             compress_run(base / "1-full", base / "4-posthoc", state_dims=final_dims)
 
@@ -219,6 +222,7 @@ def main() -> None:
     parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
     parser.add_argument("--min-state", type=int, help="floor on n per layer (default: 4)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
+    parser.add_argument("--without-small", action="store_true", help="leave (3) out")
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
     )
@@ -247,9 +251,10 @@ def main() -> None:
             "stopped (Ctrl-C, a signal, or a training process that died: see above); "
             "finished iterations are saved, rerun the same command to resume"
         ) from None
+    labels = tuple(label for label in LABELS if not (args.without_small and label == "3-small"))
     results = []
     for env_id, seed, base in runs:
-        for label in LABELS:
+        for label in labels:
             results.append(summarise(base / label, env_id, seed, label))
             results[-1]["side_by_side"] = (base / "side_by_side").exists()
             print(json.dumps(results[-1]), flush=True)
@@ -260,7 +265,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---|---:|---:|")
     for env_id in args.envs.split(","):
-        for label in LABELS:
+        for label in labels:
             rows = [r for r in results if r["env"] == env_id and r["label"] == label]
             rets = np.array([r["return"] for r in rows])
             print(
@@ -280,17 +285,17 @@ def main() -> None:
     for env_id in args.envs.split(","):
         by = {
             label: [r for r in results if r["env"] == env_id and r["label"] == label]
-            for label in LABELS
+            for label in labels
         }
         for key, name in (("return", "deterministic"), ("train_return", "training")):
             cells = []
-            for ref in ("1-full", "3-small"):
+            for ref in ("1-full", "3-small")[: 1 if args.without_small else 2]:
                 a = [r[key] for r in by["2-compressed"]]
                 b = [r[key] for r in by[ref]]
                 ratio, low, high = bootstrap_ratio(np.array(a), np.array(b))
                 cells.append(f"(2)/({ref[0]}) {ratio:.2f} [{low:.2f}, {high:.2f}]")
             print(f"  {env_id}, {name} return: " + "; ".join(cells))
-    plot(results, runs, at, args.out / "compression.png")
+    plot(results, runs, at, labels, args.out / "compression.png")
     print(f"\nplot: {args.out / 'compression.png'}")
 
 
@@ -306,10 +311,12 @@ def bootstrap_ratio(
     return float(a.mean() / b.mean()), float(low), float(high)
 
 
-def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) -> None:
+def plot(
+    results: list[dict], runs: list[tuple], at: list[float], labels: tuple[str, ...], path: Path
+) -> None:
     """Per env: the training return over env steps (mean ± std over seeds of a
     10-iteration running mean; dotted: reduction points) and each seed's deterministic
-    return under every policy (grey lines join a seed's four policies)."""
+    return under every policy in ``labels`` (grey lines join a seed's policies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,7 +326,7 @@ def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) ->
     fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.6 * len(envs)), squeeze=False)
     for (curves, paired), env_id in zip(axes, envs, strict=True):
         seeds = [(seed, base) for e, seed, base in runs if e == env_id]
-        for label in LABELS[:3]:
+        for label in (label for label in labels if label != "4-posthoc"):
             smoothed = []
             for _, base in seeds:
                 rows = MetricsLog(base / label).read()
@@ -339,12 +346,12 @@ def plot(results: list[dict], runs: list[tuple], at: list[float], path: Path) ->
         curves.set(title=f"{env_id}: training return ({len(seeds)} seeds)", xlabel="env steps")
         curves.legend(fontsize=8)
         by_key = {(r["env"], r["seed"], r["label"]): r["return"] for r in results}
-        table = np.array([[by_key[env_id, seed, label] for label in LABELS] for seed, _ in seeds])
-        x = np.arange(len(LABELS))
+        table = np.array([[by_key[env_id, seed, label] for label in labels] for seed, _ in seeds])
+        x = np.arange(len(labels))
         for row in table:
             paired.plot(x, row, color="grey", alpha=0.4, marker="o")
         paired.plot(x, table.mean(0), color="black", marker="_", ms=30, ls="none")
-        paired.set_xticks(x, LABELS)
+        paired.set_xticks(x, labels)
         paired.set_title(f"{env_id}: deterministic return per seed (bar: mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
