@@ -70,8 +70,8 @@ from compressm_rl.train import train
 LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
 TRAIN_RETURN_ITERATIONS = 50
 # A 10-episode deterministic return moved by up to 790 between two episode sets
-# (Hopper-v5-P, session 11). 30 episodes of 1,000 steps at ~1-2 ms a TorchController
-# step (the eager path) cost ~0.5-1 min a policy.
+# (Hopper-v5-P, session 11). 30 episodes of 1,000 steps cost ~15-25 s a policy with
+# TorchController's frozen step (~1 min on the eager path, before session 13).
 EVAL_EPISODES = 30
 
 

@@ -114,13 +114,14 @@ def bench_torch(
     policy: ActorCritic, name: str, steps: int = 5000, warmup: int = 500, threads: int = 1
 ) -> dict:
     """Latency row of the torch eager policy at batch 1 on ``threads`` torch threads,
-    stepped as a controller (``TorchController.act``: no_grad, state carried)."""
+    stepped as a controller (``TorchController(policy, frozen=False).act``: no_grad, state
+    carried)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return bench_callable(
             name,
-            TorchController(policy).act,
+            TorchController(policy, frozen=False).act,
             policy.obs_dim,
             steps,
             warmup,

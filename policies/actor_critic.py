@@ -195,11 +195,13 @@ class ActorCritic(nn.Module):
         return action, gaussian_log_prob(action, mean, self.log_std), actor_state
 
     @torch.no_grad()
-    def rollout_actor(self) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-        """The stochastic ``act(obs_norm, actor_state, episode_start)`` with the weights
-        read once (the SSM's; an MLP's are read live): for a rollout, during which they
-        are fixed (PPO updates only between rollouts). Same outputs as ``act`` up to
-        float32 rounding, no autograd; stale after an update.
+    def rollout_actor(
+        self, deterministic: bool = False
+    ) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+        """``act(obs_norm, actor_state, episode_start, deterministic)`` with the weights
+        read once (the SSM's; an MLP's are read live): for a rollout or an evaluation,
+        during which they are fixed (PPO updates only between rollouts). Same outputs as
+        ``act`` up to float32 rounding, no autograd; stale after an update.
 
         Always a CPU step: a policy on another device (the learner on CUDA) is copied
         to the CPU once here. A rollout steps 8 envs at a time, and at batch 8 a step on
@@ -207,9 +209,10 @@ class ActorCritic(nn.Module):
         the GPU round trips it would replace.
         """
         if self.log_std.device.type != "cpu":
-            return copy.deepcopy(self).cpu().rollout_actor()
+            return copy.deepcopy(self).cpu().rollout_actor(deterministic)
         step = self.actor.frozen_step()
         head_w, head_b = self.actor_head.weight.T.clone(), self.actor_head.bias.clone()
+        low, high = self.action_low.clone(), self.action_high.clone()
         std = self.log_std.exp()
         log_norm = (self.log_std + 0.5 * math.log(2 * math.pi)).sum()
 
@@ -219,6 +222,9 @@ class ActorCritic(nn.Module):
         ) -> tuple[Tensor, Tensor, Tensor]:
             features, actor_state = step(obs_norm, _zero_where(actor_state, episode_start))
             mean = torch.addmm(head_b, features, head_w)
+            if deterministic:
+                action = torch.maximum(torch.minimum(mean, high), low)
+                return action, torch.zeros(mean.shape[0]), actor_state
             noise = torch.randn_like(mean)
             # log N(mean + std·ε; mean, std) = -ε²/2 - log std - log √(2π), summed
             return (

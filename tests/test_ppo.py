@@ -278,6 +278,33 @@ def test_rollout_actor_samples_what_act_samples(policy_type):
         state, start = new_state, None
 
 
+@pytest.mark.parametrize("policy_type", ["ssm", "mlp"])
+def test_frozen_controller_acts_as_the_eager_one(policy_type):
+    from compressm_rl.runs import TorchController
+
+    torch.manual_seed(0)
+    policy = ActorCritic(6, 2, -np.ones(2), np.array([1.0, 0.5]), policy=policy_type, width=8)
+    with torch.no_grad():
+        policy.actor_head.weight.normal_()  # actions reach the bounds: the clip is tested
+    policy.obs_norm.update(np.random.default_rng(0).normal(2.0, 3.0, size=(100, 6)))
+    frozen, eager = TorchController(policy), TorchController(policy, frozen=False)
+    rng = np.random.default_rng(1)
+    actions = []
+    for t in range(60):
+        if t == 35:  # an episode start: both forget their state
+            frozen.reset(), eager.reset()
+        obs = rng.normal(2.0, 3.0, size=6)
+        actions.append((frozen.act(obs), eager.act(obs)))
+    fast, slow = (np.array(a) for a in zip(*actions, strict=True))
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    assert fast.dtype == np.float32 and fast.shape == (60, 2)
+    assert np.all(fast <= [1.0, 0.5]) and np.any(fast == 0.5)
+    if policy_type == "ssm":  # the state is carried: the same obs acts differently later
+        frozen.reset()
+        first = frozen.act(np.ones(6))
+        assert not np.allclose(first, frozen.act(np.ones(6)), atol=1e-6)
+
+
 def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
     import fcntl
 
