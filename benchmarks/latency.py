@@ -1,5 +1,5 @@
-"""Per-step inference latency at batch 1: generated C, ONNX Runtime and torch eager, side by
-side in one process, and the C step's size on a Cortex-M4.
+"""Per-step inference latency at batch 1: generated C, ONNX Runtime and torch (eager and
+frozen), side by side in one process, and the C step's size on a Cortex-M4.
 
     python benchmarks/latency.py [--steps 5000] [--sweep 4,8,16,32,64,128]
         [--out-dir benchmarks/out/latency]
@@ -17,7 +17,8 @@ policy as generated C (``compressm-rl export --format c``: the elementwise graph
 with ``export.c_build.HOST_FLAGS``, timed inside C); the compressed policy through
 emmtrix's general ONNX-to-C compiler ``emx-onnx-cgen`` (same graph, same flags, same
 harness: why the C export has its own emitter); each policy through ``OnnxPolicy.act``
-(IOBinding) and ``session.run``; each policy in torch eager. Then a sweep of p50 over the
+(IOBinding) and ``session.run``; each policy in torch, eager and with its weights read
+once (``TorchController``'s frozen step, what ``evaluate`` runs). Then a sweep of p50 over the
 per-layer state size n (2 layers), ORT and C, which separates the cost that shrinks with n
 from the fixed per-call cost. Writes ``latency.md``, ``latency.json``, ``latency_hist.png``,
 ``latency_vs_n.png``, the ``.onnx`` files and the C directories to ``--out-dir``.
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [r for name, r in stats.items() if not name.startswith("sweep")]
     for name, policy in policies.items():  # ~1 ms a step: one pass, outside the rounds
         results.append(bench_torch(policy, f"torch {name}", steps, warmup))
+        results.append(bench_torch(policy, f"torch frozen {name}", steps, warmup, frozen=True))
 
     machine = machine_info()
     machine.update(torch=torch.__version__, c_flags=" ".join(HOST_FLAGS), rounds=args.rounds)

@@ -426,7 +426,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--provider", default="CPUExecutionProvider")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
-    p.add_argument("--run", type=Path, metavar="DIR", help="add a torch eager row for this run")
+    p.add_argument(
+        "--run", type=Path, metavar="DIR", help="add torch rows for this run (eager, frozen)"
+    )
     p.add_argument(
         "--out-dir", type=Path, help="write latency.md, latency.json, latency_hist.png here"
     )
@@ -443,9 +445,9 @@ def _bench(args) -> int:
         from compressm_rl.runs import load_policy
 
         policy, _ = load_policy(args.run)
-        results.append(
-            bench_torch(policy, f"torch eager ({args.run.name})", args.steps, args.warmup)
-        )
+        for frozen, kind in ((False, "eager"), (True, "frozen")):
+            name = f"torch {kind} ({args.run.name})"
+            results.append(bench_torch(policy, name, args.steps, args.warmup, frozen=frozen))
     machine = machine_info(args.provider)
     table = markdown_table(results, machine)
     print(table)

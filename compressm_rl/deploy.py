@@ -111,17 +111,22 @@ def export_c_run(
 
 
 def bench_torch(
-    policy: ActorCritic, name: str, steps: int = 5000, warmup: int = 500, threads: int = 1
+    policy: ActorCritic,
+    name: str,
+    steps: int = 5000,
+    warmup: int = 500,
+    threads: int = 1,
+    frozen: bool = False,
 ) -> dict:
-    """Latency row of the torch eager policy at batch 1 on ``threads`` torch threads,
-    stepped as a controller (``TorchController(policy, frozen=False).act``: no_grad, state
-    carried)."""
+    """Latency row of the torch policy at batch 1 on ``threads`` torch threads, stepped
+    as a controller (``TorchController(policy, frozen).act``: state carried): the eager
+    module, or with ``frozen`` its weights read once (what ``evaluate`` steps)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return bench_callable(
             name,
-            TorchController(policy, frozen=False).act,
+            TorchController(policy, frozen=frozen).act,
             policy.obs_dim,
             steps,
             warmup,

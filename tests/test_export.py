@@ -359,7 +359,7 @@ def test_bench_command_with_torch_row(exported, trained_run, tmp_path):
     argv = ["bench", str(path), "--steps", "100", "--warmup", "10", "--run", str(trained_run)]
     assert main([*argv, "--out-dir", str(tmp_path / "b")]) == 0
     table = (tmp_path / "b" / "latency.md").read_text()
-    assert "torch eager" in table and "ssm_compressed.onnx" in table
+    assert "torch eager" in table and "torch frozen" in table and "ssm_compressed.onnx" in table
     assert (tmp_path / "b" / "latency_hist.png").stat().st_size > 0
 
 
