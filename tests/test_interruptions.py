@@ -198,7 +198,7 @@ FIELDS = (
     [("", f) for f in ("seed", "policy", "state_dim", "width", "layers", "num_workers")]
     + [("", f) for f in ("torch_threads", "checkpoint_every", "state_dims", "total_steps")]
     + [("ppo", f) for f in ("num_envs", "rollout_steps", "seq_len", "epochs", "lr", "gamma")]
-    + [("ppo", f) for f in ("clip_coef", "target_kl", "anneal_lr", "minibatches")]
+    + [("ppo", f) for f in ("clip_coef", "target_kl", "desired_kl", "anneal_lr", "minibatches")]
     + [
         ("compression", f)
         for f in ("tol", "at", "min_state", "max_kl", "parts", "pair_real", "gramian")

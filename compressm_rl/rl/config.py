@@ -43,6 +43,8 @@ class PPOConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     target_kl: float | None = None
+    # rsl_rl's adaptive schedule: the lr follows each minibatch's KL (ppo.adapted_lr)
+    desired_kl: float | None = None
     norm_reward: bool = True
     init_log_std: float = 0.0
 
@@ -72,6 +74,11 @@ class PPOConfig:
             "vf_coef": (self.vf_coef >= 0, "0 or more"),
             "max_grad_norm": (self.max_grad_norm > 0, "a positive number"),
             "target_kl": (self.target_kl is None or self.target_kl > 0, "None or positive"),
+            "desired_kl": (
+                self.desired_kl is None or (self.desired_kl > 0 and not self.anneal_lr),
+                "None or positive, with anneal_lr: false (the lr follows the KL instead of "
+                "a line to zero)",
+            ),
             "init_log_std": (math.isfinite(self.init_log_std), "a finite number"),
         }
         for name, (ok, valid) in checks.items():

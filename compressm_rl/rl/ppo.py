@@ -143,7 +143,9 @@ def ppo_update(
 
     Each sequence is replayed from its stored actor and critic states with the
     episode-start mask, so the first forward pass reproduces the rollout's log-probs
-    exactly. Returns the mean losses, entropy, approximate KL and clip fraction.
+    exactly. Returns the mean losses, entropy, approximate KL and clip fraction. With
+    ``cfg.desired_kl`` the optimiser's lr is adapted before every step (``adapted_lr``)
+    and stays adapted: it is the schedule, saved with the optimiser in checkpoints.
 
     Data-parallel (``world``): each rank steps on minibatches of its own rollout and the
     gradients are averaged over ranks before clipping, so a step sees ``world.size``
@@ -167,6 +169,12 @@ def ppo_update(
 
             log_ratio = log_prob - mb.log_probs
             ratio = log_ratio.exp()
+            with torch.no_grad():  # the k3 estimate of KL(rollout policy ‖ current), ≥ 0
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+            if cfg.desired_kl is not None:  # every rank must step at the same lr
+                kl = mean_over_ranks(float(approx_kl), world)
+                for group in optimizer.param_groups:
+                    group["lr"] = adapted_lr(group["lr"], kl, cfg.desired_kl)
             adv = (mb.advantages - mb.advantages.mean()) / (mb.advantages.std() + 1e-8)
             pg_loss = torch.max(
                 -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
@@ -185,7 +193,6 @@ def ppo_update(
             optimizer.step()
 
             with torch.no_grad():  # one read per minibatch (on CUDA: one sync, not five)
-                approx_kl = ((ratio - 1) - log_ratio).mean()
                 clipfrac = ((ratio - 1).abs() > cfg.clip_coef).float().mean()
                 values = torch.stack([pg_loss, v_loss, entropy_mean, approx_kl, clipfrac])
                 for key, value in zip(stats, values.tolist(), strict=True):
@@ -196,6 +203,31 @@ def ppo_update(
             if kl > cfg.target_kl:
                 break
     return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+# rsl_rl's adaptive schedule: its bounds, and the step factor of one adjustment.
+ADAPTIVE_LR_BOUNDS = (1e-5, 1e-2)
+ADAPTIVE_LR_FACTOR = 1.5
+
+
+def adapted_lr(lr: float, kl: float, desired_kl: float) -> float:
+    """rsl_rl's adaptive learning rate, applied before each minibatch's step: divided by
+    1.5 when the KL from the rollout's policy exceeds ``2 · desired_kl``, multiplied by
+    1.5 below ``desired_kl / 2``, kept within [1e-5, 1e-2].
+
+    Why here: Adam moves every parameter by about the lr whatever its gradient's scale,
+    so at one lr a policy with fewer parameters moves less per update (Hopper-v5-P: mean
+    KL 0.010 after compression to 64 states per part against 0.013 at 128 per layer). A
+    KL target gives every size the same step in policy space. A KL under
+    ``desired_kl · 1e-3`` (an iteration's first minibatch, still at the rollout's
+    policy up to rounding) leaves the lr alone.
+    """
+    low, high = ADAPTIVE_LR_BOUNDS
+    if kl > 2.0 * desired_kl:
+        return max(low, lr / ADAPTIVE_LR_FACTOR)
+    if 1e-3 * desired_kl < kl < 0.5 * desired_kl:
+        return min(high, lr * ADAPTIVE_LR_FACTOR)
+    return lr
 
 
 def explained_variance(values: Tensor, returns: Tensor) -> float:
