@@ -5,6 +5,7 @@
         [--gramian white|data] [--heal-steps K] [--parts actor,critic]
         [--at 0.02,0.04,0.06,0.08] [--min-state 4]
         [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2] [--without-small]
+        [--ppo '{desired_kl: 0.01, anneal_lr: false}']
 
 Per env and seed, four policies:
 1. uncompressed (n = 128 per layer),
@@ -15,7 +16,8 @@ Per env and seed, four policies:
 3. small from scratch at (2)'s final actor sizes (the critic too, unless ``--parts actor``),
 4. post-training compression of (1) to those sizes (no fine-tuning).
 ``--without-small`` leaves (3) out, for a check of (2)/(1) alone (e.g. over longer
-training) that does not pay for (3)'s training.
+training) that does not pay for (3)'s training. ``--ppo`` overrides PPO settings (on top
+of the task preset) for every policy alike.
 Reports deterministic return (30 episodes), the training return of the last 50
 iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
 deterministic ones), final per-layer n, wall-clock training time and training env
@@ -52,6 +54,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from compressm_rl.compression import CompressionConfig
 from compressm_rl.posthoc import compress_run
@@ -169,7 +172,8 @@ def train_all(
 ) -> None:
     """Train (1)-(3) of every ``(env_id, seed, base)`` in ``runs`` on ``pool`` and make (4)."""
     for env_id, seed, base in runs:
-        full = TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, seed=seed))
+        settings = dict(env_id=env_id, total_steps=args.steps, seed=seed, ppo=args.ppo)
+        full = TrainConfig.from_dict(settings)
         compression = CompressionConfig(
             tol=None if args.compress_to else (args.tol or 0.15),
             budget=args.compress_to,
@@ -224,11 +228,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
     parser.add_argument("--without-small", action="store_true", help="leave (3) out")
     parser.add_argument(
+        "--ppo", type=yaml.safe_load, default={}, help="PPO overrides, a YAML mapping"
+    )
+    parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
     )
     args = parser.parse_args()
     if args.tol is not None and args.compress_to is not None:
         parser.error("--tol and --compress-to are two ways to size the cut: give one")
+    if not isinstance(args.ppo, dict):
+        parser.error(f"--ppo takes a YAML mapping such as '{{lr: 1.0e-3}}', not {args.ppo!r}")
+    try:  # every setting checked before a run directory is made
+        for env_id in args.envs.split(","):
+            TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, ppo=args.ppo))
+    except ValueError as err:
+        parser.error(str(err))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     runs = [
         (env_id, seed, args.out / f"{env_id}-s{seed}")
