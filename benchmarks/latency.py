@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         stats = rows.run(args.rounds)
     results = [r for name, r in stats.items() if not name.startswith("sweep")]
     for name, policy in policies.items():  # ~1 ms a step: one pass, outside the rounds
-        results.append(bench_torch(policy, f"torch {name}", steps, warmup))
+        results.append(bench_torch(policy, f"torch eager {name}", steps, warmup))
         results.append(bench_torch(policy, f"torch frozen {name}", steps, warmup, frozen=True))
 
     machine = machine_info()

@@ -198,10 +198,11 @@ class ActorCritic(nn.Module):
     def rollout_actor(
         self, deterministic: bool = False
     ) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-        """``act(obs_norm, actor_state, episode_start, deterministic)`` with the weights
-        read once (the SSM's; an MLP's are read live): for a rollout or an evaluation,
-        during which they are fixed (PPO updates only between rollouts). Same outputs as
-        ``act`` up to float32 rounding, no autograd; stale after an update.
+        """``act(obs_norm, actor_state, episode_start)`` with the weights read once (the
+        SSM's; an MLP's are read live), stochastic or ``deterministic`` (then the clipped
+        mean, and log-probs 0, as ``act``): for a rollout or an evaluation, during which
+        the weights are fixed (PPO updates only between rollouts). Same outputs as ``act``
+        up to float32 rounding, no autograd; stale after an update.
 
         Always a CPU step: a policy on another device (the learner on CUDA) is copied
         to the CPU once here. A rollout steps 8 envs at a time, and at batch 8 a step on

@@ -18,6 +18,7 @@ from compressm_rl.rl.distributed import (
     free_loopback_port,
     merge_moments,
 )
+from compressm_rl.runs import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,11 +172,14 @@ def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path, compre
     with the ranks' models compared (``check_in_sync``: a mismatch ends the job), so the
     reductions (decided on rank 0 from both ranks' rollouts, applied on both) and the
     healing (on rank 0, then broadcast) kept them identical; rank 0 writes, steps count
-    both ranks."""
+    both ranks. The budget case also adapts its lr to the KL averaged over ranks
+    (``desired_kl``): ranks stepping at different lrs would fail the check."""
     import yaml
 
+    budget = "--compress-to" in compression
+    adaptive = {"desired_kl": 0.01, "anneal_lr": False} if budget else {}
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "ppo": TINY_PPO}))
+    config.write_text(yaml.safe_dump({**TINY, "ppo": {**TINY_PPO, **adaptive}}))
     run = tmp_path / "run"
     command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", "Hopper-v5"]
     command += ["--total-steps", "384", "--config", str(config), "--out", str(run)]
@@ -197,9 +201,11 @@ def test_two_ranks_train_and_compress_in_step_and_rank_0_writes(tmp_path, compre
     assert steps == [128, 256]  # two reduction points, each logged once (by rank 0)
     assert len(events) == 2 * 4  # 2 points × (actor, critic) × 2 layers
     assert sum(state.policy.actor.state_dims) < 16  # something was cut
-    if "--compress-to" in compression:
+    if budget:
         assert sum(state.policy.actor.state_dims) == sum(state.policy.critic.state_dims) == 10
         assert any(e["kl_healed"] is not None for e in events)
+        lrs = [float(row["lr"]) for row in MetricsLog(run).read()]
+        assert any(lr != 3e-4 for lr in lrs)  # adapted
     assert (run / "hsv_1.png").exists() and (run / "hsv_2.png").exists()
     # One rank cannot continue a two-rank run: a clear error, nothing written.
     before = (run / "metrics.csv").read_text()

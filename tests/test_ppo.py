@@ -345,13 +345,12 @@ def test_adapted_lr_follows_the_kl_within_rsl_rls_bounds():
     assert ppo.adapted_lr(1e-3, kl=0.03, desired_kl=0.01) == pytest.approx(1e-3 / 1.5)
     assert ppo.adapted_lr(1e-3, kl=0.004, desired_kl=0.01) == pytest.approx(1.5e-3)
     assert ppo.adapted_lr(1e-3, kl=0.01, desired_kl=0.01) == 1e-3  # within [d/2, 2d]
-    assert ppo.adapted_lr(1e-3, kl=1e-9, desired_kl=0.01) == 1e-3  # still the rollout's policy
     assert ppo.adapted_lr(1.2e-5, kl=1.0, desired_kl=0.01) == 1e-5
     assert ppo.adapted_lr(8e-3, kl=1e-3, desired_kl=0.01) == 1e-2
 
 
 def test_desired_kl_adapts_the_lr_of_every_minibatch_and_needs_no_annealing():
-    with pytest.raises(ValueError, match="desired_kl .* anneal_lr: false"):
+    with pytest.raises(ValueError, match="set anneal_lr: false to use desired_kl"):
         ppo.PPOConfig(desired_kl=0.01)
     torch.manual_seed(0)
     envs, policy, carry = _setup()
@@ -362,16 +361,18 @@ def test_desired_kl_adapts_the_lr_of_every_minibatch_and_needs_no_annealing():
     )
     batch = SequenceBatch.from_rollout(rollout, critic.values, adv, ret, critic.segment_states, 16)
     lrs = {}
-    for desired_kl in (None, 1e-7):
+    for desired_kl in (None, 1e-7, 1.0):
         cfg = ppo.PPOConfig(epochs=3, minibatches=2, anneal_lr=False, desired_kl=desired_kl)
         trained = copy.deepcopy(policy)
         optimizer = make_optimizer(trained, 1e-3)
         stats = ppo.ppo_update(trained, optimizer, batch, cfg)
         lrs[desired_kl] = optimizer.param_groups[0]["lr"]
-        assert stats["approx_kl"] > 0
+        assert 0 < stats["approx_kl"] < 0.5
     assert lrs[None] == 1e-3  # no schedule: untouched
-    # 6 minibatches, each past the first far above 2 · 1e-7: five divisions by 1.5
+    # 6 minibatches; the first (at the rollout's policy) is skipped, the other five each
+    # divide (KL far above 2 · 1e-7) or multiply (KL below 1.0 / 2) by 1.5
     assert lrs[1e-7] == pytest.approx(1e-3 / 1.5**5)
+    assert lrs[1.0] == pytest.approx(1e-3 * 1.5**5)
 
 
 def test_the_grouped_update_equals_the_reference_path():

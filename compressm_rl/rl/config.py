@@ -74,16 +74,17 @@ class PPOConfig:
             "vf_coef": (self.vf_coef >= 0, "0 or more"),
             "max_grad_norm": (self.max_grad_norm > 0, "a positive number"),
             "target_kl": (self.target_kl is None or self.target_kl > 0, "None or positive"),
-            "desired_kl": (
-                self.desired_kl is None or (self.desired_kl > 0 and not self.anneal_lr),
-                "None or positive, with anneal_lr: false (the lr follows the KL instead of "
-                "a line to zero)",
-            ),
+            "desired_kl": (self.desired_kl is None or self.desired_kl > 0, "None or positive"),
             "init_log_std": (math.isfinite(self.init_log_std), "a finite number"),
         }
         for name, (ok, valid) in checks.items():
             if not ok:
                 raise ValueError(f"ppo {name} = {getattr(self, name)!r} is out of range: {valid}")
+        if self.desired_kl is not None and self.anneal_lr:
+            raise ValueError(
+                "ppo desired_kl adapts the learning rate and anneal_lr (true by default) "
+                "anneals it: set anneal_lr: false to use desired_kl"
+            )
 
     @property
     def steps_per_iteration(self) -> int:

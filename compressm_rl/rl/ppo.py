@@ -158,7 +158,7 @@ def ppo_update(
     stats: dict[str, list[float]] = {
         k: [] for k in ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
     }
-    for _epoch in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         # Drawn on the CPU (the same stream on every device), moved once an epoch.
         order = torch.randperm(n_seq).to(batch.obs.device)
         for begin in range(0, n_seq, mb_size):
@@ -171,8 +171,10 @@ def ppo_update(
             ratio = log_ratio.exp()
             with torch.no_grad():  # the k3 estimate of KL(rollout policy ‖ current), ≥ 0
                 approx_kl = ((ratio - 1) - log_ratio).mean()
-            if cfg.desired_kl is not None:  # every rank must step at the same lr
-                kl = mean_over_ranks(float(approx_kl), world)
+            # The first step of an update still has the rollout's policy (KL 0 but for
+            # rounding): nothing to adapt to. Every rank must step at the same lr.
+            if cfg.desired_kl is not None and (epoch, begin) != (0, 0):
+                kl = mean_over_ranks(float(approx_kl), world)  # on CUDA: one more sync
                 for group in optimizer.param_groups:
                     group["lr"] = adapted_lr(group["lr"], kl, cfg.desired_kl)
             adv = (mb.advantages - mb.advantages.mean()) / (mb.advantages.std() + 1e-8)
@@ -192,7 +194,7 @@ def ppo_update(
             clip_flat_grad_norm_(grads, cfg.max_grad_norm)
             optimizer.step()
 
-            with torch.no_grad():  # one read per minibatch (on CUDA: one sync, not five)
+            with torch.no_grad():  # one read for the stats (on CUDA: one sync, not five)
                 clipfrac = ((ratio - 1).abs() > cfg.clip_coef).float().mean()
                 values = torch.stack([pg_loss, v_loss, entropy_mean, approx_kl, clipfrac])
                 for key, value in zip(stats, values.tolist(), strict=True):
@@ -218,14 +220,12 @@ def adapted_lr(lr: float, kl: float, desired_kl: float) -> float:
     Why here: Adam moves every parameter by about the lr whatever its gradient's scale,
     so at one lr a policy with fewer parameters moves less per update (Hopper-v5-P: mean
     KL 0.010 after compression to 64 states per part against 0.013 at 128 per layer). A
-    KL target gives every size the same step in policy space. A KL under
-    ``desired_kl · 1e-3`` (an iteration's first minibatch, still at the rollout's
-    policy up to rounding) leaves the lr alone.
+    KL target gives every size the same step in policy space.
     """
     low, high = ADAPTIVE_LR_BOUNDS
     if kl > 2.0 * desired_kl:
         return max(low, lr / ADAPTIVE_LR_FACTOR)
-    if 1e-3 * desired_kl < kl < 0.5 * desired_kl:
+    if kl < 0.5 * desired_kl:
         return min(high, lr * ADAPTIVE_LR_FACTOR)
     return lr
 

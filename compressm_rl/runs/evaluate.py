@@ -30,15 +30,16 @@ class Controller(Protocol):
 
 class TorchController:
     """An ``ActorCritic`` behind the ``Controller`` interface: deterministic actions, the
-    recurrent state carried between calls.
+    recurrent state carried between calls (``state``: None at an episode start).
 
-    ``frozen`` (default): the weights and observation statistics read once
-    (``ActorCritic.rollout_actor(deterministic=True)``, one compiled kernel call a step
-    for the SSM where numba runs): Hopper-v5-P episodes are evaluated 3-4× faster (the
-    rest is MuJoCo's); stale if the policy is trained further. Its actions equal the
-    eager path's up to float32 rounding, which a chaotic task can grow into a different
-    episode (one of six Hopper-v5-P episodes: 3213 against 2007). ``frozen=False`` steps the module itself (``ActorCritic.predict``): the
-    reference, and the "torch eager" latency row.
+    ``frozen`` (default): the observation statistics and the weights read once
+    (``ActorCritic.rollout_actor(deterministic=True)``: one compiled kernel call a step
+    for the SSM where numba runs; an MLP body is read live), so Hopper-v5-P episodes are
+    evaluated 3-4× faster (the rest is MuJoCo's). Build a new controller after the policy
+    is trained further. Its actions equal the eager path's up to float32 rounding, which
+    a chaotic task can grow into a different episode (one of six Hopper-v5-P episodes:
+    3213 against 2007). ``frozen=False`` steps the module itself (``ActorCritic.predict``):
+    the reference, and the "torch eager" latency row.
     """
 
     def __init__(self, policy: ActorCritic, frozen: bool = True) -> None:
@@ -48,20 +49,20 @@ class TorchController:
         if frozen:
             self._normalize = policy.obs_norm.frozen()
             self._act = policy.rollout_actor(deterministic=True)
-            self._actor_state = policy.actor.initial_state(1)
+            self._zero = policy.initial_state(1)  # the sizes the frozen step was read at
 
     def reset(self) -> None:
         self.state = None
-        if self.frozen:
-            self._actor_state = self.policy.actor.initial_state(1)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Raw observation ``[obs_dim]`` -> action ``[act_dim]`` within the bounds."""
         if not self.frozen:
             action, self.state = self.policy.predict(obs, self.state, deterministic=True)
             return action
-        obs_norm = self._normalize(np.reshape(obs, (1, -1)))
-        action, _, self._actor_state = self._act(obs_norm, self._actor_state)
+        state = self._zero if self.state is None else self.state
+        obs_norm = self._normalize(np.reshape(obs, (1, self.policy.obs_dim)))
+        action, _, actor_state = self._act(obs_norm, state.actor)
+        self.state = RecurrentState(actor_state, state.critic)
         return action[0].numpy()
 
 
