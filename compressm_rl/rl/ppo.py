@@ -220,7 +220,8 @@ def adapted_lr(lr: float, kl: float, desired_kl: float) -> float:
     Why here: Adam moves every parameter by about the lr whatever its gradient's scale,
     so at one lr a policy with fewer parameters moves less per update (Hopper-v5-P: mean
     KL 0.010 after compression to 64 states per part against 0.013 at 128 per layer). A
-    KL target gives every size the same step in policy space.
+    KL target gives every size the same step in policy space (what that did to returns:
+    docs/design.md §5).
     """
     low, high = ADAPTIVE_LR_BOUNDS
     if kl > 2.0 * desired_kl:
