@@ -65,10 +65,9 @@ from compressm_rl.runs import (
     TrainConfig,
     evaluate,
     load_checkpoint,
-    load_config,
     load_policy,
 )
-from compressm_rl.runs.config import MACHINE_SETTINGS
+from compressm_rl.runs.config import trained_with
 from compressm_rl.stopping import TrainingStopped
 from compressm_rl.train import train
 
@@ -127,8 +126,7 @@ def _say(line: str) -> None:
 def _is_done(config: TrainConfig, run_dir: Path) -> bool:
     if not (run_dir / "checkpoint.pt").exists():
         return False
-    machine = {name: getattr(config, name) for name in MACHINE_SETTINGS}
-    if replace(load_config(run_dir), **machine) != config:  # e.g. another --ppo
+    if not trained_with(run_dir, config):  # e.g. another --ppo
         raise SystemExit(f"{run_dir} was trained with other settings: give another --out")
     last_iteration = config.ppo.total_steps - config.ppo.steps_per_iteration
     return load_checkpoint(run_dir).global_step >= last_iteration

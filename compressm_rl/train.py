@@ -40,7 +40,6 @@ from compressm_rl.runs import (
     TrainConfig,
     TrainingState,
     load_checkpoint,
-    load_config,
     locked_run_dir,
     save_config,
 )
@@ -51,7 +50,7 @@ from compressm_rl.runs.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from compressm_rl.runs.config import CONFIG, MACHINE_SETTINGS
+from compressm_rl.runs.config import CONFIG, trained_with
 from compressm_rl.runs.files import clear_run_dir, remove_stale_temporaries
 from compressm_rl.runs.report import plot_hsv
 from compressm_rl.stopping import StopOnSignals, TrainingStopped
@@ -279,8 +278,7 @@ def _resume(
     """The run's checkpoint on ``device``, RNG restored, logs cut back to the checkpoint's
     step; a run stopped before its first checkpoint starts again from step 0. The device
     and the physics threads may differ from the run's (they are the machine's settings)."""
-    machine = {name: getattr(config, name) for name in MACHINE_SETTINGS}
-    if replace(load_config(run_dir), **machine) != config:
+    if not trained_with(run_dir, config):
         raise ValueError(
             f"{run_dir} was trained with a different config; resume it with its own "
             f"config.yaml (compressm-rl train --resume {run_dir})"

@@ -7,7 +7,7 @@ reproduced without knowing which defaults were in force when it started.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -171,6 +171,13 @@ def _layer_sizes_ok(dims: list[int] | None) -> bool:
 
 def save_config(run_dir: Path, config: TrainConfig) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def trained_with(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether the run in ``run_dir`` was trained with ``config``, the machine's settings
+    (``MACHINE_SETTINGS``) aside."""
+    machine = {name: getattr(config, name) for name in MACHINE_SETTINGS}
+    return replace(load_config(run_dir), **machine) == config
 
 
 def load_config(run_dir: Path) -> TrainConfig:
