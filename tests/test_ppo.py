@@ -341,6 +341,19 @@ def test_every_preset_is_a_registered_task_and_builds():
     assert preset_for("InvertedPendulum-v5").init_log_std == -0.5  # the file is read
 
 
+def _policy_and_batch() -> tuple[ActorCritic, SequenceBatch]:
+    """A seeded Hopper-v5 SSM policy and its update batch: 32 steps, sequences of 16."""
+    torch.manual_seed(0)
+    envs, policy, carry = _setup()
+    rollout = _rollout(envs, policy, carry, steps=32)
+    critic = critic_pass(policy, rollout, 16, 0.99)
+    adv, ret = ppo.compute_gae(
+        critic.rewards, critic.values, rollout.dones, critic.last_value, 0.99, 0.95
+    )
+    batch = SequenceBatch.from_rollout(rollout, critic.values, adv, ret, critic.segment_states, 16)
+    return policy, batch
+
+
 def test_adapted_lr_follows_the_kl_within_rsl_rls_bounds():
     assert ppo.adapted_lr(1e-3, kl=0.03, desired_kl=0.01) == pytest.approx(1e-3 / 1.5)
     assert ppo.adapted_lr(1e-3, kl=0.004, desired_kl=0.01) == pytest.approx(1.5e-3)
@@ -352,14 +365,7 @@ def test_adapted_lr_follows_the_kl_within_rsl_rls_bounds():
 def test_desired_kl_adapts_the_lr_of_every_minibatch_and_needs_no_annealing():
     with pytest.raises(ValueError, match="set anneal_lr: false to use desired_kl"):
         ppo.PPOConfig(desired_kl=0.01)
-    torch.manual_seed(0)
-    envs, policy, carry = _setup()
-    rollout = _rollout(envs, policy, carry, steps=32)
-    critic = critic_pass(policy, rollout, 16, 0.99)
-    adv, ret = ppo.compute_gae(
-        critic.rewards, critic.values, rollout.dones, critic.last_value, 0.99, 0.95
-    )
-    batch = SequenceBatch.from_rollout(rollout, critic.values, adv, ret, critic.segment_states, 16)
+    policy, batch = _policy_and_batch()
     lrs = {}
     for desired_kl in (None, 1e-7, 1.0):
         cfg = ppo.PPOConfig(epochs=3, minibatches=2, anneal_lr=False, desired_kl=desired_kl)
@@ -377,14 +383,7 @@ def test_desired_kl_adapts_the_lr_of_every_minibatch_and_needs_no_annealing():
 
 def test_the_grouped_update_equals_the_reference_path():
     """ppo_update's one-pass actor-critic gives the same losses as the two-pass reference."""
-    torch.manual_seed(0)
-    envs, policy, carry = _setup()
-    rollout = _rollout(envs, policy, carry, steps=32)
-    critic = critic_pass(policy, rollout, 16, 0.99)
-    adv, ret = ppo.compute_gae(
-        critic.rewards, critic.values, rollout.dones, critic.last_value, 0.99, 0.95
-    )
-    batch = SequenceBatch.from_rollout(rollout, critic.values, adv, ret, critic.segment_states, 16)
+    policy, batch = _policy_and_batch()
     with torch.no_grad():
         args = (batch.obs, batch.actor_state0, batch.critic_state0, batch.reset, batch.actions)
         for got, want in zip(

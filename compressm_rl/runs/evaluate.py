@@ -35,11 +35,11 @@ class TorchController:
     ``frozen`` (default): the observation statistics and the weights read once
     (``ActorCritic.rollout_actor(deterministic=True)``: one compiled kernel call a step
     for the SSM where numba runs; an MLP body is read live), so Hopper-v5-P episodes are
-    evaluated 2.3-3.6× faster (the rest is MuJoCo's). Build a new controller after the policy
-    is trained further. Its actions equal the eager path's up to float32 rounding, which
-    a chaotic task can grow into a different episode (one of six Hopper-v5-P episodes:
-    3213 against 2007). ``frozen=False`` steps the module itself (``ActorCritic.predict``):
-    the reference, and the "torch eager" latency row.
+    evaluated 2.3-3.6× faster (the rest is MuJoCo's). Build a new controller after the
+    policy is trained further. Its actions equal the eager path's up to float32
+    rounding, which a chaotic task can grow into a different episode (one of six
+    Hopper-v5-P episodes: 3213 against 2007). ``frozen=False`` steps the module itself
+    (``ActorCritic.predict``): the reference, and the "torch eager" latency row.
     """
 
     def __init__(self, policy: ActorCritic, frozen: bool = True) -> None:
