@@ -2,8 +2,8 @@
 directory, with resume (docs/design.md §5, §7, §9).
 
 ``train(config, run_dir)`` reads top to bottom: start (or resume) the run, then per
-iteration anneal the learning rate, compress when a reduction point is due, run one PPO
-``iteration``, log, checkpoint.
+iteration compress when a reduction point is due, set the learning rate
+(``scheduled_lr``), run one PPO ``iteration``, log, checkpoint.
 """
 
 from __future__ import annotations
@@ -183,15 +183,16 @@ def _train(
                 break
             try:
                 with stop.interruptible():  # a stop abandons this part; `last` is kept
-                    if cfg.anneal_lr:
-                        for group in state.optimizer.param_groups:
-                            group["lr"] = cfg.lr * (1.0 - state.iteration / num_iterations)
                     new_events = []
                     if result is not None and _reduction_due(state):  # guards need a rollout
                         left = num_iterations - state.iteration
                         new_events = _compress(
                             state, carry, result, recent_returns, run_dir, left, world
                         )
+                    if cfg.desired_kl is None:  # else the update adapts the lr itself
+                        lr = scheduled_lr(config, state.iteration, num_iterations, state.policy)
+                        for group in state.optimizer.param_groups:
+                            group["lr"] = lr
                     iter_start = time.perf_counter()
                     result = iteration(
                         state.policy, state.optimizer, envs, carry, state.reward_norm, cfg, world
@@ -309,6 +310,24 @@ def _reduction_due(state: TrainingState) -> bool:
         and state.next_reduction < len(state.reduction_steps)
         and state.global_step >= state.reduction_steps[state.next_reduction]
     )
+
+
+def scheduled_lr(
+    config: TrainConfig, iteration: int, num_iterations: int, policy: ActorCritic
+) -> float:
+    """The lr of iteration ``iteration`` (0-based): ``ppo.lr``, annealed linearly to 0 over
+    the run if ``ppo.anneal_lr``, times ``compression.lr_scale`` once ``policy`` has fewer
+    states than the run started with (so a resumed run gets the same lr)."""
+    lr = config.ppo.lr
+    if config.ppo.anneal_lr:
+        lr *= 1.0 - iteration / num_iterations
+    now = (policy.actor.state_dims, policy.critic.state_dims)
+    if config.compression.enabled and now != (
+        config.initial_state_dims,
+        config.initial_critic_state_dims,
+    ):
+        lr *= config.compression.lr_scale
+    return lr
 
 
 def _compress(

@@ -16,7 +16,14 @@ from compressm_rl.compression.pipeline import (
     trial_policy,
 )
 from compressm_rl.rl import make_optimizer
-from compressm_rl.runs import EventLog, load_checkpoint, load_policy, save_checkpoint
+from compressm_rl.runs import (
+    EventLog,
+    MetricsLog,
+    TrainConfig,
+    load_checkpoint,
+    load_policy,
+    save_checkpoint,
+)
 from compressm_rl.train import train
 from policies.actor_critic import ActorCritic
 
@@ -175,6 +182,19 @@ def test_out_of_range_compression_settings_are_named(settings, field):
         CompressionConfig(**settings)
 
 
+def test_lr_scale_and_the_adaptive_lr_are_not_set_together():
+    with pytest.raises(ValueError, match="lr_scale = 1.4 .* desired_kl = 0.01 .* drop one"):
+        TrainConfig.from_dict(
+            dict(
+                env_id="Hopper-v5",
+                ppo=dict(desired_kl=0.01, anneal_lr=False),
+                compression=dict(tol=0.3, lr_scale=1.4),
+            )
+        )
+    with pytest.raises(ValueError, match="compression lr_scale = 0.0 is out of range"):
+        CompressionConfig(tol=0.3, lr_scale=0.0)
+
+
 def test_adam_restarts_on_resized_tensors_so_their_first_update_is_lr():
     """A resized tensor's Adam state restarts whole (moments *and* step count): with the
     step count kept, bias correction no longer matches the fresh second moment and the
@@ -218,11 +238,15 @@ def test_compressed_policy_trains_on_and_events_are_recorded(tmp_path, tiny_conf
         state_dim=16,
         checkpoint_every=1,
         ppo=dict(num_envs=2, rollout_steps=32, seq_len=16, epochs=2, minibatches=2),
-        compression=dict(tol=0.3, at=[0.2, 0.4], min_state=2),
+        compression=dict(tol=0.3, at=[0.2, 0.4], min_state=2, lr_scale=2.0),
     )
     train(config, tmp_path, progress=False)
     records = json.loads((tmp_path / "compression.json").read_text())
     assert {r["step"] for r in records} == {64, 128}
+    # The annealed lr, doubled from the first cut (before the second iteration) on.
+    lrs = [float(row["lr"]) for row in MetricsLog(tmp_path).read()]
+    expected = [config.ppo.lr * (1 - i / 5) * (2.0 if i else 1.0) for i in range(5)]
+    assert lrs == pytest.approx(expected)
     events = EventLog(tmp_path).read()
     assert [e.to_dict() for e in events] == records  # the file round-trips
     assert all(e.hsv and e.bound >= 0 and e.return_before is not None for e in events)

@@ -201,7 +201,7 @@ FIELDS = (
     + [("ppo", f) for f in ("clip_coef", "target_kl", "desired_kl", "anneal_lr", "minibatches")]
     + [
         ("compression", f)
-        for f in ("tol", "at", "min_state", "max_kl", "parts", "pair_real", "gramian")
+        for f in ("tol", "at", "min_state", "max_kl", "parts", "pair_real", "gramian", "lr_scale")
     ]
 )
 

@@ -99,6 +99,12 @@ class TrainConfig:
                 "compression is set (tol or budget) but policy = 'mlp' has no recurrent state to "
                 "compress; use policy 'ssm' or drop the compression settings"
             )
+        if self.compression.lr_scale != 1.0 and self.ppo.desired_kl is not None:
+            raise ValueError(
+                f"compression lr_scale = {self.compression.lr_scale} scales the lr after a cut, "
+                f"but ppo desired_kl = {self.ppo.desired_kl} adapts it to the KL already; "
+                "drop one of them"
+            )
         if self.num_workers > 0 and self.physics_threads > 1:
             raise ValueError(
                 f"physics_threads = {self.physics_threads} steps envs in this process, but "
