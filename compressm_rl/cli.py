@@ -83,6 +83,12 @@ def _add_train(sub) -> None:
         "after each cut (default 0: none)",
     )
     p.add_argument(
+        "--compress-lr-scale",
+        type=float,
+        help="multiply the lr by this once a layer is cut (default 1: unchanged; a compressed "
+        "policy moves less per update at one lr)",
+    )
+    p.add_argument(
         "--compress-at",
         type=_floats,
         help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
@@ -178,6 +184,7 @@ def _train(args) -> int:
         "budget": args.compress_to,
         "allocation": args.compress_allocation,
         "heal_steps": args.heal_steps,
+        "lr_scale": args.compress_lr_scale,
         "at": args.compress_at,
         "min_state": args.min_state,
         "parts": args.compress_parts,
