@@ -23,10 +23,11 @@ iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
 deterministic ones), final per-layer n, wall-clock training time and training env
 steps/s after the last reduction, and plots the training curves and per-seed returns
 (``compression.png`` in ``--out``), with paired bootstrap 90% intervals of the ratios of
-mean returns (2)/(1) and (2)/(3). Runs already in ``--out`` are reused, so the script
-can be stopped and restarted, with Ctrl-C or by killing the script: on Linux its training
-processes get SIGTERM when it dies, save their last iteration and exit (so a restarted
-script never resumes a run that an orphan is still training).
+mean returns (2)/(1) and (2)/(3). Runs already in ``--out`` are reused (and their
+evaluations, kept in ``evaluation.json``), so the script can be stopped and restarted, with
+Ctrl-C or by killing the script: on Linux its training processes get SIGTERM when it dies,
+save their last iteration and exit (so a restarted script never resumes a run that an
+orphan is still training).
 
 With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
 seed start at the same time, one process per core, so that their wall-clock ratio is
@@ -68,8 +69,10 @@ from compressm_rl.runs import (
     load_policy,
 )
 from compressm_rl.runs.config import trained_with
+from compressm_rl.runs.files import atomic_write_text
 from compressm_rl.stopping import TrainingStopped
 from compressm_rl.train import train
+from policies.actor_critic import ActorCritic
 
 LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
 TRAIN_RETURN_ITERATIONS = 50
@@ -143,9 +146,29 @@ def _link_runs(source: Path, base: Path, labels: tuple[str, ...]) -> None:
             (base / label).symlink_to(target)
 
 
+def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed: int) -> np.ndarray:
+    """``EVAL_EPISODES`` deterministic returns of the run's ``policy``, kept in the run's
+    ``evaluation.json`` so that a restarted script (or another method's, for runs it
+    links) does not evaluate the same checkpoint again."""
+    key = {
+        "checkpoint_mtime_ns": (run_dir / "checkpoint.pt").stat().st_mtime_ns,
+        "episodes": EVAL_EPISODES,
+        "first_seed": 10_000 + seed,
+        "controller": "TorchController(frozen=True)",
+    }
+    cache = run_dir / "evaluation.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return np.array(saved["returns"])
+    returns = evaluate(TorchController(policy), env_id, episodes=EVAL_EPISODES, seed=10_000 + seed)
+    atomic_write_text(cache, json.dumps({"key": key, "returns": returns.tolist()}))
+    return returns
+
+
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
     policy, meta = load_policy(run_dir)
-    returns = evaluate(TorchController(policy), env_id, episodes=EVAL_EPISODES, seed=10_000 + seed)
+    returns = deterministic_returns(run_dir, policy, env_id, seed)
     rows = MetricsLog(run_dir).read()
     last_reduction = max((e.step for e in EventLog(run_dir).read()), default=0)
     after = [float(r["steps_per_s"]) for r in rows if int(r["global_step"]) > last_reduction]
