@@ -7,12 +7,16 @@ import shutil
 from pathlib import Path
 
 from compressm_rl.compression import ReductionEvent, lru_layers
-from compressm_rl.compression.lti import UnreducibleLayer, balanced_truncation
+from compressm_rl.compression.lti import (
+    ReductionResult,
+    UnreducibleLayer,
+    balanced_truncation,
+)
 from compressm_rl.rl import make_optimizer
 from compressm_rl.runs import EventLog, load_checkpoint, save_checkpoint
 from compressm_rl.runs.config import CONFIG
 from compressm_rl.runs.metrics import METRICS
-from policies.lti import MAX_RADIUS
+from policies.lti import MAX_RADIUS, DiagonalSystem
 
 
 def compress_run(
@@ -21,9 +25,9 @@ def compress_run(
     """Reduce every LRU layer of ``run_dir``'s policy and save it as a new run ``out_dir``.
 
     Exactly one of ``tol`` (fraction of Σ HSV to drop) and ``state_dims`` (target complex
-    states per layer, applied to actor and critic alike). With ``state_dims`` the real
-    rank is ``2 n`` and the layer may end one or two states off (real modes). The new
-    run's optimiser starts afresh (moments of the old modes do not carry over).
+    states per layer, applied to actor and critic alike; a layer ends at most at its
+    target, so methods compare at equal sizes). The new run's optimiser starts afresh
+    (moments of the old modes do not carry over).
     """
     if (tol is None) == (state_dims is None):
         raise ValueError("give exactly one of tol and state_dims")
@@ -46,9 +50,8 @@ def compress_run(
     for ref in layers:
         lru = ref.of(policy)
         n = lru.state_dim
-        rank = None if tol is not None else min(2 * state_dims[ref.index], 2 * n)
         try:
-            result = balanced_truncation(*lru.system(), tol=tol, rank=rank, max_radius=MAX_RADIUS)
+            result = _truncate(lru.system(), tol, None if tol else state_dims[ref.index])
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             status = f"skipped: {err}"
             events.append(
@@ -60,7 +63,7 @@ def compress_run(
         events.append(event.with_cut(result))
         lru.load_system(result.system)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after every layer is cut: no half-made run
     for name in (CONFIG, METRICS):
         if (run_dir / name).exists():
             shutil.copy(run_dir / name, out_dir / name)
@@ -70,3 +73,16 @@ def compress_run(
     log.clear()
     log.append(events)
     return events
+
+
+def _truncate(system: DiagonalSystem, tol: float | None, states: int | None) -> ReductionResult:
+    """Balanced truncation at ``tol``, or to at most ``states`` complex states: from real
+    rank ``2 · states`` down, since each real mode left unpaired takes a whole state."""
+    if tol is not None:
+        return balanced_truncation(*system, tol=tol, max_radius=MAX_RADIUS)
+    rank = min(2 * states, 2 * system.state_dim)
+    while True:
+        result = balanced_truncation(*system, rank=rank, max_radius=MAX_RADIUS)
+        if result.system.state_dim <= states or rank == 1:
+            return result
+        rank -= 1

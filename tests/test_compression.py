@@ -280,9 +280,11 @@ def test_post_training_compression_to_target_sizes(tmp_path, tiny_config):
     )
     policy, meta = load_policy(tmp_path / "small")
     assert meta["global_step"] == 64
-    # A real mode with complex B̃, C takes two LRU states, so sizes can land one or two above.
-    for got, want in zip(policy.actor.state_dims, [5, 3], strict=True):
-        assert want - 1 <= got <= want + 2
+    # Never above the target (a real mode left unpaired takes a whole state, so the real
+    # rank goes down until the layer fits); below it only where σ ≈ 0 states are dropped.
+    for part in (policy.actor, policy.critic):
+        for got, want in zip(part.state_dims, [5, 3], strict=True):
+            assert want - 1 <= got <= want
     assert (tmp_path / "small" / "compression.json").exists()
 
 
