@@ -150,8 +150,10 @@ def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed:
     """``EVAL_EPISODES`` deterministic returns of the run's ``policy``, kept in the run's
     ``evaluation.json`` so that a restarted script (or another method's, for runs it
     links) does not evaluate the same checkpoint again."""
+    checkpoint = (run_dir / "checkpoint.pt").stat()
     key = {
-        "checkpoint_mtime_ns": (run_dir / "checkpoint.pt").stat().st_mtime_ns,
+        "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
+        "env_id": env_id,
         "episodes": EVAL_EPISODES,
         "first_seed": 10_000 + seed,
         "controller": "TorchController(frozen=True)",
@@ -161,7 +163,8 @@ def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed:
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return np.array(saved["returns"])
-    returns = evaluate(TorchController(policy), env_id, episodes=EVAL_EPISODES, seed=10_000 + seed)
+    controller = TorchController(policy, frozen=True)
+    returns = evaluate(controller, env_id, episodes=EVAL_EPISODES, seed=10_000 + seed)
     atomic_write_text(cache, json.dumps({"key": key, "returns": returns.tolist()}))
     return returns
 
@@ -266,6 +269,8 @@ def main() -> None:
         parser.error("--tol and --compress-to are two ways to size the cut: give one")
     if not isinstance(args.ppo, dict):
         parser.error(f"--ppo takes a YAML mapping such as '{{lr: 1.0e-3}}', not {args.ppo!r}")
+    if args.lr_scale != 1.0 and args.ppo.get("desired_kl") is not None:
+        parser.error("--lr-scale scales the lr after a cut; --ppo desired_kl adapts it: give one")
     try:  # every setting checked before a run directory is made
         for env_id in args.envs.split(","):
             TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, ppo=args.ppo))

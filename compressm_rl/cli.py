@@ -85,8 +85,8 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--compress-lr-scale",
         type=float,
-        help="multiply the lr by this once a layer is cut (default 1: unchanged; a compressed "
-        "policy moves less per update at one lr)",
+        help="multiply the lr by this once the actor is cut (default 1: unchanged; a "
+        "compressed policy moves less per update at one lr; not with ppo desired_kl)",
     )
     p.add_argument(
         "--compress-at",

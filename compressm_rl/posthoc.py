@@ -26,7 +26,8 @@ def compress_run(
 
     Exactly one of ``tol`` (fraction of Σ HSV to drop) and ``state_dims`` (target complex
     states per layer, applied to actor and critic alike; a layer ends at most at its
-    target, so methods compare at equal sizes). The new run's optimiser starts afresh
+    target unless no rank that fits can be re-diagonalised, so methods compare at equal
+    sizes). The new run's optimiser starts afresh
     (moments of the old modes do not carry over).
     """
     if (tol is None) == (state_dims is None):
@@ -51,7 +52,8 @@ def compress_run(
         lru = ref.of(policy)
         n = lru.state_dim
         try:
-            result = _truncate(lru.system(), tol, None if tol else state_dims[ref.index])
+            target = None if state_dims is None else state_dims[ref.index]
+            result = _truncate(lru.system(), tol, target)
         except UnreducibleLayer as err:  # ill-conditioned, or a zero map
             status = f"skipped: {err}"
             events.append(
@@ -77,12 +79,17 @@ def compress_run(
 
 def _truncate(system: DiagonalSystem, tol: float | None, states: int | None) -> ReductionResult:
     """Balanced truncation at ``tol``, or to at most ``states`` complex states: from real
-    rank ``2 · states`` down, since each real mode left unpaired takes a whole state."""
+    rank ``2 · states`` down, since each real mode left unpaired takes a whole state.
+    Raises ``UnreducibleLayer`` only if the first rank cannot be cut; a lower rank that
+    cannot (ill-conditioned where it splits a pair) is passed over."""
     if tol is not None:
         return balanced_truncation(*system, tol=tol, max_radius=MAX_RADIUS)
     rank = min(2 * states, 2 * system.state_dim)
-    while True:
-        result = balanced_truncation(*system, rank=rank, max_radius=MAX_RADIUS)
-        if result.system.state_dim <= states or rank == 1:
-            return result
+    result = balanced_truncation(*system, rank=rank, max_radius=MAX_RADIUS)
+    while result.system.state_dim > states and rank > 1:
         rank -= 1
+        try:
+            result = balanced_truncation(*system, rank=rank, max_radius=MAX_RADIUS)
+        except UnreducibleLayer:
+            continue
+    return result

@@ -316,16 +316,13 @@ def scheduled_lr(
     config: TrainConfig, iteration: int, num_iterations: int, policy: ActorCritic
 ) -> float:
     """The lr of iteration ``iteration`` (0-based): ``ppo.lr``, annealed linearly to 0 over
-    the run if ``ppo.anneal_lr``, times ``compression.lr_scale`` once ``policy`` has fewer
-    states than the run started with (so a resumed run gets the same lr)."""
+    the run if ``ppo.anneal_lr``, times ``compression.lr_scale`` once the actor has fewer
+    states than the run started with (the step size it compensates is the actor's; read
+    from the policy, so a resumed run gets the same lr)."""
     lr = config.ppo.lr
     if config.ppo.anneal_lr:
         lr *= 1.0 - iteration / num_iterations
-    now = (policy.actor.state_dims, policy.critic.state_dims)
-    if config.compression.enabled and now != (
-        config.initial_state_dims,
-        config.initial_critic_state_dims,
-    ):
+    if config.compression.enabled and policy.actor.state_dims != config.initial_state_dims:
         lr *= config.compression.lr_scale
     return lr
 

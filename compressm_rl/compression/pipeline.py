@@ -104,9 +104,8 @@ class CompressionConfig:
     # the actor's KL guard then judges the healed cut. 0: no healing.
     heal_steps: int = 0
     heal_lr: float = 1e-3
-    # The lr (annealed or constant) is multiplied by this once a layer has been cut. At one
-    # lr a 4x-compressed policy moves ~20% less per update (KL); 1.4x the lr equalised the
-    # KL in session 13's adaptive-lr runs (Hopper-v5-P, Walker2d-v5-P). 1.0: unchanged.
+    # The lr (annealed or constant) times this once the actor is cut: a smaller policy moves
+    # less per update at one lr. Measured with no gain at 1.4 (docs/design.md §7). 1: off.
     lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
