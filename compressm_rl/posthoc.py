@@ -27,8 +27,8 @@ def compress_run(
     Exactly one of ``tol`` (fraction of Σ HSV to drop) and ``state_dims`` (target complex
     states per layer, applied to actor and critic alike; a layer ends at most at its
     target unless no rank that fits can be re-diagonalised, so methods compare at equal
-    sizes). The new run's optimiser starts afresh
-    (moments of the old modes do not carry over).
+    sizes). The new run's optimiser starts afresh (moments of the old modes do not carry
+    over).
     """
     if (tol is None) == (state_dims is None):
         raise ValueError("give exactly one of tol and state_dims")
