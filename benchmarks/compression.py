@@ -151,11 +151,12 @@ def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed:
     ``evaluation.json`` so that a restarted script (or another method's, for runs it
     links) does not evaluate the same checkpoint again."""
     checkpoint = (run_dir / "checkpoint.pt").stat()
+    first_seed = 10_000 + seed
     key = {
         "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
         "env_id": env_id,
         "episodes": EVAL_EPISODES,
-        "first_seed": 10_000 + seed,
+        "first_seed": first_seed,
         "controller": "TorchController(frozen=True)",
     }
     cache = run_dir / "evaluation.json"
@@ -164,7 +165,7 @@ def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed:
         if saved.get("key") == key:
             return np.array(saved["returns"])
     controller = TorchController(policy, frozen=True)
-    returns = evaluate(controller, env_id, episodes=EVAL_EPISODES, seed=10_000 + seed)
+    returns = evaluate(controller, env_id, episodes=EVAL_EPISODES, seed=first_seed)
     atomic_write_text(cache, json.dumps({"key": key, "returns": returns.tolist()}))
     return returns
 
