@@ -89,6 +89,13 @@ def _add_train(sub) -> None:
         "compressed policy moves less per update at one lr; not with ppo desired_kl)",
     )
     p.add_argument(
+        "--compress-mode-scale",
+        choices=["balanced", "trained"],
+        help="how a reduced mode's gain is split between its B and C parameters: as the "
+        "balanced coordinates leave it (default) or at the full layer's median split "
+        "(trained); the function is the same",
+    )
+    p.add_argument(
         "--compress-at",
         type=_floats,
         help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
@@ -185,6 +192,7 @@ def _train(args) -> int:
         "allocation": args.compress_allocation,
         "heal_steps": args.heal_steps,
         "lr_scale": args.compress_lr_scale,
+        "mode_scale": args.compress_mode_scale,
         "at": args.compress_at,
         "min_state": args.min_state,
         "parts": args.compress_parts,

@@ -109,10 +109,14 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     assert (config.state_dim, config.width, config.seed) == (12, 16, 3)  # the flag wins
     assert config.compression.gramian == "white"  # the default, unless asked
     flags = ["--total-steps", "64", "--compress-tol", "0.1", "--compress-gramian", "data"]
-    flags += ["--compress-lr-scale", "1.4"]
+    flags += ["--compress-lr-scale", "1.4", "--compress-mode-scale", "trained"]
     assert main([*argv, *flags, "--overwrite", "--no-progress"]) == 0
     compression = load_config(out).compression
-    assert (compression.gramian, compression.lr_scale) == ("data", 1.4)
+    assert (compression.gramian, compression.lr_scale, compression.mode_scale) == (
+        "data",
+        1.4,
+        "trained",
+    )
     sizes = ["--state-dims", "6,4", "--critic-state-dims", "12,8", "--total-steps", "64"]
     assert main([*argv, *sizes, "--overwrite", "--no-progress"]) == 0
     config = load_config(out)

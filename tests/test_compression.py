@@ -12,6 +12,7 @@ from compressm_rl.compression import CompressionConfig, LayerRef, compress_polic
 from compressm_rl.compression.pipeline import (
     action_kl,
     fit_actor_kl,
+    parameter_split,
     plan_reductions,
     trial_policy,
 )
@@ -76,6 +77,38 @@ def test_mid_episode_reduction_keeps_actions_when_states_are_mapped():
     assert error_mapped < 1e-3, error_mapped
     assert error_reset > 10 * error_mapped  # mapping is what keeps the episode on course
     assert unmapped.shape[1] != mapped.shape[1]
+
+
+def test_trained_mode_scale_keeps_the_actions_and_gives_each_mode_the_trained_split():
+    """``mode_scale: trained`` is the same reduced policy in other coordinates: equal
+    actions from the same mapped state, every mode at the full layer's median B/C split
+    (the balanced coordinates spread it)."""
+    obs = torch.randn(3, 30, 6)
+    actions, splits = {}, {}
+    for mode_scale in ("balanced", "trained"):
+        policy = _policy_with_weak_modes()
+        full_split = {
+            ref: np.median(parameter_split(ref.of(policy).system())) for ref in lru_layers(policy)
+        }
+        state = policy.initial_state(3)
+        for t in range(10):
+            _, _, actor = policy.act(obs[:, t], state.actor, deterministic=True)
+            state = state._replace(actor=actor)
+        config = CompressionConfig(tol=1e-3, min_state=1, mode_scale=mode_scale)
+        carried, _ = compress_policy(policy, None, config, state)
+        actor, out = carried.actor, []
+        for t in range(10, 30):
+            action, _, actor = policy.act(obs[:, t], actor, deterministic=True)
+            out.append(action)
+        actions[mode_scale] = torch.stack(out)
+        splits[mode_scale] = {
+            ref: parameter_split(ref.of(policy).system()) / full_split[ref]
+            for ref in lru_layers(policy)
+        }
+    torch.testing.assert_close(actions["trained"], actions["balanced"], atol=1e-4, rtol=1e-4)
+    for ref, split in splits["trained"].items():
+        np.testing.assert_allclose(split, 1.0, rtol=1e-3, err_msg=str(ref))
+    assert max(np.ptp(np.log(s)) for s in splits["balanced"].values()) > 1.0
 
 
 def test_guard_rolls_back_a_forced_bad_reduction():
@@ -175,6 +208,7 @@ def test_actor_only_compression_leaves_the_critic_and_its_state_alone():
         (dict(tol=0.1, at=[0.5, 0.2, 1.5]), "at"),
         (dict(tol=0.1, min_state=0), "min_state"),
         (dict(tol=0.1, max_kl=-1.0), "max_kl"),
+        (dict(tol=0.1, mode_scale="unit"), "mode_scale"),
     ],
 )
 def test_out_of_range_compression_settings_are_named(settings, field):

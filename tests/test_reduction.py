@@ -293,6 +293,28 @@ def test_full_rank_state_map_is_exact():
     np.testing.assert_allclose(y_red, y_full, atol=1e-9 * np.abs(y_full).max())
 
 
+def test_scaled_modes_are_the_same_layer_with_the_same_state_map():
+    lam, B, C, D = random_layer(16, 4, 1, n_real=4)
+    res = red.balanced_truncation(lam, B, C, D, rank=12, pair_real=1.0)
+    assert res.n_paired > 0  # paired and real modes are scaled too
+    scale = np.random.default_rng(2).uniform(0.1, 10.0, res.state_dim)
+    scaled = red.scale_modes(res, scale)
+    np.testing.assert_allclose(
+        np.linalg.norm(scaled.B, axis=1), scale * np.linalg.norm(res.B, axis=1)
+    )
+    np.testing.assert_array_equal(scaled.lam, res.lam)
+    assert scaled.bound == res.bound
+    rng = np.random.default_rng(3)
+    _, h0 = simulate(lam, B, C, D, rng.standard_normal((30, 4)))
+    u = rng.standard_normal((40, 4))
+    y, _ = simulate(res.lam, res.B, res.C, res.D, u, res.map_state(h0))
+    y_scaled, _ = simulate(scaled.lam, scaled.B, scaled.C, scaled.D, u, scaled.map_state(h0))
+    np.testing.assert_allclose(y_scaled, y, atol=1e-10 * np.abs(y).max())
+    for bad in (np.zeros(res.state_dim), np.ones(res.state_dim + 1)):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            red.scale_modes(res, bad)
+
+
 # ---------------------------------------------------------------- parameters and hygiene
 
 

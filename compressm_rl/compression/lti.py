@@ -30,7 +30,7 @@ written here. ``slycot.ab09ad('D', ...)`` is the independent reference used in t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -503,6 +503,25 @@ class ReductionResult:
         h = np.asarray(h)
         x = np.concatenate([h.real, h.imag], axis=-1)
         return x @ self.W.T
+
+
+def scale_modes(result: ReductionResult, scale: np.ndarray) -> ReductionResult:
+    """The same reduced layer with each state rescaled, ``z_i -> s_i z_i`` (exact).
+
+    ``scale`` real ``[m]``, > 0. B rows and W rows are multiplied by ``s_i``, C columns
+    divided by it, so the input-output map, every bound and the mapped states' outputs are
+    unchanged; only how each mode's gain ``|b_i||c_i|`` is split between B and C moves. A
+    real scale keeps real modes real and paired modes paired.
+    """
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.shape != (result.state_dim,) or not np.all(np.isfinite(scale) & (scale > 0)):
+        raise ValueError(f"scale must be finite and > 0, shape ({result.state_dim},)")
+    return replace(
+        result,
+        B=result.B * scale[:, None],
+        C=result.C / scale[None, :],
+        W=result.W * scale[:, None],
+    )
 
 
 def select_rank(hsv: np.ndarray, tol: float, min_rank: int = 1) -> int:

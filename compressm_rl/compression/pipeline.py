@@ -11,7 +11,8 @@ walks every LRU layer of the chosen parts once:
    across layers, or equal shares); white-noise HSVs or, with ``gramian: data``, ones
    weighted by the covariance of the recorded inputs. A layer is skipped when the cut
    removes too little (< 5% of its states by ``tol``; none by budget), or when the
-   re-diagonalisation is ill-conditioned;
+   re-diagonalisation is ill-conditioned. With ``mode_scale: trained`` each reduced mode
+   is rescaled (exactly) to the split of its gain between B and C that training had made;
 3. **guard**: the reduced layer's relative output error on the recorded inputs must stay
    under ``max_output_error``; for the actor, KL(full ‖ reduced) of the action
    distribution on the rollout must stay under ``max_kl``; above it the actor's cut is
@@ -55,16 +56,18 @@ from compressm_rl.compression.lti import (
     hankel_singular_values,
     hinf_norm,
     input_covariance,
+    scale_modes,
 )
 from compressm_rl.settings import check_types
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
-from policies.lti import MAX_RADIUS, DiagonalSystem
+from policies.lti import MAX_RADIUS, DiagonalSystem, lru_parameters
 
 MIN_REMOVED_FRACTION = 0.05
 MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
 PARTS = ("actor", "critic")
 GRAMIANS = ("white", "data")
+MODE_SCALES = ("balanced", "trained")
 
 
 @dataclass
@@ -104,6 +107,11 @@ class CompressionConfig:
     # the actor's KL guard then judges the healed cut. 0: no healing.
     heal_steps: int = 0
     heal_lr: float = 1e-3
+    # How each reduced mode's gain is split between its B and C parameters (an exact
+    # similarity, the function is the same): "balanced" as the balanced, re-diagonalised
+    # coordinates leave it; "trained": every mode at the full layer's median ‖B_i‖/‖C_i‖
+    # in the LRU's parameters, the split training had made (``parameter_split``).
+    mode_scale: str = "balanced"
     # The lr (annealed or constant) times this once the actor is cut: a smaller policy moves
     # less per update at one lr. Measured with no gain at 1.4 (docs/design.md §7). 1: off.
     lr_scale: float = 1.0
@@ -149,6 +157,8 @@ class CompressionConfig:
             raise bad("parts", self.parts, "'actor', 'critic' or both (actor,critic)")
         if self.gramian not in GRAMIANS:
             raise bad("gramian", self.gramian, "'white' (white-noise HSVs) or 'data'")
+        if self.mode_scale not in MODE_SCALES:
+            raise bad("mode_scale", self.mode_scale, "'balanced' or 'trained'")
         if self.heal_steps and "actor" not in self.parts:
             raise ValueError(
                 f"compression heal_steps = {self.heal_steps} heals the actor, but parts = "
@@ -476,17 +486,32 @@ def cut_layer(
     plan: ReductionPlan, ref: LayerRef, config: CompressionConfig, **rank_or_tol
 ) -> ReductionResult:
     """Balanced truncation of one planned layer at ``rank=`` or ``tol=``, with the
-    config's conditioning, radius and real-mode settings and the layer's Gramian."""
-    n = plan.systems[ref].state_dim
-    return balanced_truncation(
-        *plan.systems[ref],
+    config's conditioning, radius, real-mode and mode-scale settings and the layer's
+    Gramian."""
+    full = plan.systems[ref]
+    result = balanced_truncation(
+        *full,
         **rank_or_tol,
-        min_rank=min(2 * config.min_state, 2 * n),
+        min_rank=min(2 * config.min_state, 2 * full.state_dim),
         max_cond=config.max_cond,
         max_radius=MAX_RADIUS,
         pair_real=config.pair_real,
         input_covariance=plan.input_covariances.get(ref),
     )
+    if config.mode_scale == "trained":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.sqrt(np.median(parameter_split(full)) / parameter_split(result.system))
+        # A mode with no input or no output has no split to move (and no gain).
+        result = scale_modes(result, np.where(np.isfinite(scale) & (scale > 0), scale, 1.0))
+    return result
+
+
+def parameter_split(system: DiagonalSystem) -> np.ndarray:
+    """``‖B_i‖ / ‖C_i‖`` per mode ``[n]`` in the LRU's parameters (``B = B̃ / γ``,
+    ``policies.lru``): how a mode's gain is split between the two tensors Adam steps on."""
+    params = lru_parameters(system.lam, system.B)
+    b = np.sqrt(np.sum(params["B_re"] ** 2 + params["B_im"] ** 2, axis=1))
+    return b / np.linalg.norm(system.C, axis=0)
 
 
 def _weighted_norm(plan: ReductionPlan, ref: LayerRef) -> float:
