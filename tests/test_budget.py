@@ -173,6 +173,20 @@ def test_cut_and_heal_brings_the_reduced_actor_back_toward_the_full_one():
         assert torch.equal(value, critic_before[key]), key
 
 
+def test_healing_that_does_not_lower_the_kl_is_not_applied():
+    """A cut of near-silent modes leaves a near-zero KL; Adam still steps by about the lr
+    on its near-zero gradient, so healing would add KL. The cut stays unhealed."""
+    obs, reset = torch.randn(4, 48, 6), torch.zeros(4, 48, dtype=torch.bool)
+    full = _policy_with_uneven_layers()
+    policy = _policy_with_uneven_layers()
+    config = CompressionConfig(budget=20, parts=["actor"], min_state=1, heal_steps=30, heal_lr=3e-3)
+    _, events = compress_policy(policy, None, config, obs=obs, reset=reset)
+    event = events[1]  # actor.1 loses its weak modes; actor.0 keeps every state
+    assert policy.actor.state_dims == [16, 4] and event.status.startswith("applied")
+    assert event.kl_healed > event.kl, (event.kl, event.kl_healed)
+    assert action_kl(full, policy, obs, reset) == pytest.approx(event.kl, rel=1e-4, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     "settings, match",
     [

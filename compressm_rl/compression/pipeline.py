@@ -25,7 +25,8 @@ walks every LRU layer of the chosen parts once:
    and the optimiser follows the new parameters (their Adam state restarts whole,
    moments and step count: old modes do not map one to one onto new ones);
 5. **heal** (``heal_steps`` > 0): the reduced actor is distilled toward the full one on
-   the rollout (``heal_actor``); the KL guard then judges healed trial copies.
+   the rollout (``heal_actor``); the KL guard then judges healed trial copies. Where
+   healing does not lower the KL, the cut stays unhealed.
 
 Each layer's decision is one ``ReductionEvent`` (a record of ``compression.json``).
 """
@@ -217,7 +218,8 @@ class ReductionEvent:
     with the same weighting, so that ``relative_bound`` reads in the units of
     ``output_error``. ``target`` is the part's state count the event aimed at (budget
     mode). ``output_error`` is None where no guard ran, ``kl`` None outside the actor's KL
-    guard, ``kl_healed`` None without cut-and-heal; ``step`` and the returns around the
+    guard, ``kl_healed`` None without cut-and-heal (where it is not below ``kl`` the
+    healing was not applied); ``step`` and the returns around the
     event are filled in by the runner.
     """
 
@@ -309,7 +311,8 @@ def compress_policy(
 class CutKL(NamedTuple):
     """KL(full ‖ reduced) of the actions for an actor cut, mean over the rollout (nats):
     ``raw``, and with cut-and-heal the KL after healing and the healed actor's weights
-    (``actor`` and ``actor_head`` state dicts); None without healing."""
+    (``actor`` and ``actor_head`` state dicts); None without healing. ``weights`` is None
+    too where healing did not lower the KL: the cut then stays unhealed."""
 
     raw: float
     healed: float | None = None
@@ -317,8 +320,8 @@ class CutKL(NamedTuple):
 
     @property
     def judged(self) -> float:
-        """What the KL guard compares with ``max_kl``: the healed KL where there is one."""
-        return self.raw if self.healed is None else self.healed
+        """What the KL guard compares with ``max_kl``: the healed KL where it is applied."""
+        return self.raw if self.weights is None else self.healed
 
 
 class Decision(NamedTuple):
@@ -669,12 +672,17 @@ def cut_kl(
     if not config.heal_steps:
         return CutKL(kl)
     heal_actor(trial, policy, obs, reset, config.heal_steps, config.heal_lr)
+    healed = action_kl(policy, trial, obs, reset)
+    # A near-exact cut gives a near-zero gradient that Adam still steps by about the lr:
+    # 50 steps at 1e-3 raised a KL of 1e-14 to 2e-3 (Hopper-v5-P). Keep the better one.
+    if not healed < kl:
+        return CutKL(kl, healed)
     # On the CPU: a data-parallel run sends them to every rank as a pickled object.
     weights = {
         name: {k: v.cpu() for k, v in getattr(trial, name).state_dict().items()}
         for name in ("actor", "actor_head")
     }
-    return CutKL(kl, action_kl(policy, trial, obs, reset), weights)
+    return CutKL(kl, healed, weights)
 
 
 def heal_actor(
