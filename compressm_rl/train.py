@@ -359,7 +359,9 @@ def _compress(
             state.policy, state.config.compression, obs, reset, events_left
         )
     decision = broadcast_object(decision, world)
-    carry.state = apply_reductions(state.policy, state.optimizer, decision, carry.state)
+    carry.state = apply_reductions(
+        state.policy, state.optimizer, decision, carry.state, state.config.compression.adam_restart
+    )
     events = decision.events
     before = _mean_or_none(recent_returns)
     events = [replace(e, step=state.global_step, return_before=before) for e in events]
