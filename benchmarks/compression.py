@@ -4,7 +4,6 @@
         [--steps 1000000] [--tol 0.15 | --compress-to N [--allocation global|uniform]]
         [--gramian white|data] [--heal-steps K] [--parts actor,critic]
         [--at 0.02,0.04,0.06,0.08] [--min-state 4] [--lr-scale 1.4] [--mode-scale trained]
-        [--adam-restart warm]
         [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2] [--without-small]
         [--ppo '{desired_kl: 0.01, anneal_lr: false}']
 
@@ -14,8 +13,7 @@ Per env and seed, four policies:
    per layer) or to a state budget per part (``--compress-to``, with ``--allocation``),
    on white-noise or data-weighted HSVs (``--gramian``), with cut-and-heal if
    ``--heal-steps``, with its lr multiplied by ``--lr-scale`` after the first cut, and
-   each reduced mode's B/C split as ``--mode-scale`` says and its Adam state as
-   ``--adam-restart`` says,
+   each reduced mode's B/C split as ``--mode-scale`` says,
 3. small from scratch at (2)'s final actor sizes (the critic too, unless ``--parts actor``),
 4. post-training compression of (1) to those sizes (no fine-tuning).
 ``--without-small`` leaves (3) out, for a check of (2)/(1) alone (e.g. over longer
@@ -215,7 +213,6 @@ def train_all(
             heal_steps=args.heal_steps,
             lr_scale=args.lr_scale,
             mode_scale=args.mode_scale,
-            adam_restart=args.adam_restart,
             parts=args.parts.split(","),
             at=at,
         )
@@ -261,9 +258,6 @@ def main() -> None:
     parser.add_argument("--lr-scale", type=float, default=1.0, help="(2)'s lr after a cut, x")
     parser.add_argument(
         "--mode-scale", default="balanced", choices=["balanced", "trained"], help="(2)'s B/C split"
-    )
-    parser.add_argument(
-        "--adam-restart", default="fresh", choices=["fresh", "warm"], help="(2)'s Adam at a cut"
     )
     parser.add_argument("--reuse-from", type=Path, help="link (1) and (3) from this --out")
     parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")

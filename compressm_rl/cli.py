@@ -96,12 +96,6 @@ def _add_train(sub) -> None:
         "(trained); the function is the same",
     )
     p.add_argument(
-        "--compress-adam-restart",
-        choices=["fresh", "warm"],
-        help="Adam state of a cut layer's tensors: fresh (default: moments and step count "
-        "restart) or warm (old step count and mean second moment, zero first moment)",
-    )
-    p.add_argument(
         "--compress-at",
         type=_floats,
         help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
@@ -199,7 +193,6 @@ def _train(args) -> int:
         "heal_steps": args.heal_steps,
         "lr_scale": args.compress_lr_scale,
         "mode_scale": args.compress_mode_scale,
-        "adam_restart": args.compress_adam_restart,
         "at": args.compress_at,
         "min_state": args.min_state,
         "parts": args.compress_parts,

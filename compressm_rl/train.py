@@ -359,9 +359,7 @@ def _compress(
             state.policy, state.config.compression, obs, reset, events_left
         )
     decision = broadcast_object(decision, world)
-    carry.state = apply_reductions(
-        state.policy, state.optimizer, decision, carry.state, state.config.compression.adam_restart
-    )
+    carry.state = apply_reductions(state.policy, state.optimizer, decision, carry.state)
     events = decision.events
     before = _mean_or_none(recent_returns)
     events = [replace(e, step=state.global_step, return_before=before) for e in events]

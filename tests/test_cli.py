@@ -110,10 +110,8 @@ def test_config_file_values_are_not_shadowed_by_flag_defaults(tmp_path):
     assert config.compression.gramian == "white"  # the default, unless asked
     flags = ["--total-steps", "64", "--compress-tol", "0.1", "--compress-gramian", "data"]
     flags += ["--compress-lr-scale", "1.4", "--compress-mode-scale", "trained"]
-    flags += ["--compress-adam-restart", "warm"]
     assert main([*argv, *flags, "--overwrite", "--no-progress"]) == 0
     compression = load_config(out).compression
-    assert compression.adam_restart == "warm"
     assert (compression.gramian, compression.lr_scale, compression.mode_scale) == (
         "data",
         1.4,

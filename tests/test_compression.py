@@ -209,7 +209,6 @@ def test_actor_only_compression_leaves_the_critic_and_its_state_alone():
         (dict(tol=0.1, min_state=0), "min_state"),
         (dict(tol=0.1, max_kl=-1.0), "max_kl"),
         (dict(tol=0.1, mode_scale="unit"), "mode_scale"),
-        (dict(tol=0.1, adam_restart="keep"), "adam_restart"),
     ],
 )
 def test_out_of_range_compression_settings_are_named(settings, field):
@@ -265,39 +264,6 @@ def test_adam_restarts_on_resized_tensors_so_their_first_update_is_lr():
         for p in group["params"]:
             for key in ("exp_avg", "exp_avg_sq"):
                 assert optimizer.state[p][key].shape == p.shape
-
-
-def test_a_warm_adam_restart_keeps_the_step_count_and_the_old_step_size():
-    """``adam_restart: warm``: a replaced tensor keeps its step count, takes the old second
-    moment's mean and a zero first moment, so its first update is ~0.1 of the old steps'
-    size (β₁ = 0.9), not a fresh start's lr."""
-    policy = _policy_with_weak_modes()
-    lr = 1e-3
-    optimizer = make_optimizer(policy, lr)
-    obs, reset = torch.randn(2, 16, 6), torch.zeros(2, 16, dtype=torch.bool)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        state0 = policy.initial_state(2)
-        log_prob, _ = policy.evaluate_actions(obs, state0.actor, reset, torch.ones(2, 16, 2))
-        values, _ = policy.values(obs, state0.critic, reset)
-        (-log_prob.mean() + values.square().mean()).backward()
-        optimizer.step()
-
-    for _ in range(60):
-        step()
-    old = policy.actor.blocks[0].lru.B_re
-    old_v = float(optimizer.state[old]["exp_avg_sq"].mean())
-    compress_policy(policy, optimizer, CompressionConfig(tol=0.3, min_state=1, adam_restart="warm"))
-    resized = policy.actor.blocks[0].lru.B_re
-    assert resized.shape[0] < 24
-    state = optimizer.state[resized]
-    assert float(state["step"]) == 60 and not state["exp_avg"].any()
-    torch.testing.assert_close(state["exp_avg_sq"], torch.full_like(resized, old_v))
-    before = resized.detach().clone()
-    step()
-    ratio = ((resized.detach() - before).abs() / lr).flatten()
-    assert ratio.median() < 0.5, ratio.median()  # a fresh start's first step is ≈ lr
 
 
 def test_compressed_policy_trains_on_and_events_are_recorded(tmp_path, tiny_config):

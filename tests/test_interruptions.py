@@ -203,7 +203,7 @@ FIELDS = (
         ("compression", f)
         for f in ("tol", "at", "min_state", "max_kl", "parts", "pair_real", "gramian", "lr_scale")
     ]
-    + [("compression", f) for f in ("mode_scale", "adam_restart")]
+    + [("compression", "mode_scale")]
 )
 
 

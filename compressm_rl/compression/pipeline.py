@@ -69,7 +69,6 @@ MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
 PARTS = ("actor", "critic")
 GRAMIANS = ("white", "data")
 MODE_SCALES = ("balanced", "trained")
-ADAM_RESTARTS = ("fresh", "warm")
 
 
 @dataclass
@@ -114,10 +113,6 @@ class CompressionConfig:
     # coordinates leave it; "trained": every mode at the full layer's median ‖B_i‖/‖C_i‖
     # in the LRU's parameters, the split training had made (``parameter_split``).
     mode_scale: str = "balanced"
-    # The Adam state of a replaced tensor: "fresh" (moments and step count restart) or
-    # "warm" (the old step count, the old second moment's mean, a zero first moment: the
-    # new tensor's steps start at the size the old one's had, ``follow_parameters``).
-    adam_restart: str = "fresh"
     # The lr (annealed or constant) times this once the actor is cut: a smaller policy moves
     # less per update at one lr. Measured with no gain at 1.4 (docs/design.md §7). 1: off.
     lr_scale: float = 1.0
@@ -165,8 +160,6 @@ class CompressionConfig:
             raise bad("gramian", self.gramian, "'white' (white-noise HSVs) or 'data'")
         if self.mode_scale not in MODE_SCALES:
             raise bad("mode_scale", self.mode_scale, "'balanced' or 'trained'")
-        if self.adam_restart not in ADAM_RESTARTS:
-            raise bad("adam_restart", self.adam_restart, "'fresh' or 'warm'")
         if self.heal_steps and "actor" not in self.parts:
             raise ValueError(
                 f"compression heal_steps = {self.heal_steps} heals the actor, but parts = "
@@ -312,8 +305,7 @@ def compress_policy(
         The mapped state (None if none was given) and one event per layer.
     """
     decision = decide_reductions(policy, config, obs, reset, events_left)
-    mapped = apply_reductions(policy, optimizer, decision, carried, config.adam_restart)
-    return mapped, decision.events
+    return apply_reductions(policy, optimizer, decision, carried), decision.events
 
 
 class CutKL(NamedTuple):
@@ -387,16 +379,15 @@ def apply_reductions(
     optimizer: torch.optim.Optimizer | None,
     decision: Decision,
     carried: RecurrentState | None = None,
-    adam_restart: str = "fresh",
 ) -> RecurrentState | None:
-    """Write the decided reductions into ``policy`` (the optimiser follows, its state
-    restarted as ``adam_restart`` says), then the healed actor's weights if any, and map
-    the ``carried`` state; returns the mapped state (None if none was given)."""
+    """Write the decided reductions into ``policy`` (the optimiser follows), then the
+    healed actor's weights if any, and map the ``carried`` state; returns the mapped state
+    (None if none was given)."""
     mapped = None if carried is None else map_carried_state(policy, carried, decision.accepted)
     for ref, result in decision.accepted.items():
         replaced = ref.of(policy).load_system(result.system)
         if optimizer is not None:
-            follow_parameters(optimizer, replaced, warm=adam_restart == "warm")
+            follow_parameters(optimizer, replaced)
     if decision.healed_actor is not None:  # in place: the optimiser keeps its parameters
         policy.actor.load_state_dict(decision.healed_actor["actor"])
         policy.actor_head.load_state_dict(decision.healed_actor["actor_head"])
@@ -811,31 +802,17 @@ def map_carried_state(
 
 
 def follow_parameters(
-    optimizer: torch.optim.Optimizer,
-    replaced: dict[torch.nn.Parameter, torch.nn.Parameter],
-    warm: bool = False,
+    optimizer: torch.optim.Optimizer, replaced: dict[torch.nn.Parameter, torch.nn.Parameter]
 ) -> None:
-    """Put each new parameter in its old one's place in ``optimizer`` (same param group).
+    """Put each new parameter in its old one's place in ``optimizer`` (same param group)
+    with no optimiser state, so Adam starts it afresh: moments *and* step count.
 
-    By default with no optimiser state, so Adam starts it afresh: moments *and* step
-    count. The old modes do not map onto the new ones, so the moments cannot carry over;
-    and a step count kept beside zeroed moments breaks Adam's bias correction (v̂ = v /
-    (1 − β₂ᵗ) then under-corrects the fresh v: the first updates came out 0.7·lr after 60
-    steps and 1.8·lr after 400, against lr for a fresh start).
-
-    ``warm``: the old step count with, as second moment, the old one's mean over the
-    tensor and a zero first moment. Bias correction then matches the kept step count;
-    the first update is about 0.1 of the old steps' size (β₁ = 0.9 on a zero first
-    moment) and reaches it within ~20 steps, where a fresh start moves every entry by
-    the lr at once.
+    The old modes do not map onto the new ones, so the moments cannot carry over; and a
+    step count kept beside zeroed moments breaks Adam's bias correction (v̂ = v / (1 − β₂ᵗ)
+    then under-corrects the fresh v: the first updates came out 0.7·lr after 60 steps and
+    1.8·lr after 400, against lr for a fresh start).
     """
     for old, new in replaced.items():
         for group in optimizer.param_groups:
             group["params"] = [new if p is old else p for p in group["params"]]
-        state = optimizer.state.pop(old, None)
-        if warm and state and "exp_avg_sq" in state:
-            optimizer.state[new] = {
-                "step": state["step"].clone(),
-                "exp_avg": torch.zeros_like(new),
-                "exp_avg_sq": torch.full_like(new, float(state["exp_avg_sq"].mean())),
-            }
+        optimizer.state.pop(old, None)
