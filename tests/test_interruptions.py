@@ -124,7 +124,6 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     compression = {"tol": 0.3, "at": [0.1, 0.3, 0.5]}
     config = tiny_yaml(tmp_path, total, compression=compression, checkpoint_every=3)
     args = ["train", "--env", "InvertedPendulum-v5", "--config", str(config), "--out", str(run)]
-    started = time.monotonic()
     for kill in range(4):  # each process makes progress, then dies at a random moment
         proc = cli(*args) if kill == 0 else cli("train", "--resume", str(run), "--no-progress")
         wait_for_rows(run, len(metric_steps(run)) + 1, proc)
@@ -135,7 +134,6 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     proc = cli("train", "--resume", str(run), "--no-progress")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert time.monotonic() - started < 120
 
     assert metric_steps(run) == list(range(ITERATION, total + 1, ITERATION))
     state = load_checkpoint(run)
