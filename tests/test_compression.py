@@ -27,6 +27,7 @@ from compressm_rl.runs import (
 )
 from compressm_rl.train import train
 from policies.actor_critic import ActorCritic
+from policies.lti import MAX_RADIUS
 
 
 def _policy_with_weak_modes(seed=0, n=24, weak=12):
@@ -87,6 +88,10 @@ def test_trained_mode_scale_keeps_the_actions_and_gives_each_mode_the_trained_sp
     actions, splits = {}, {}
     for mode_scale in ("balanced", "trained"):
         policy = _policy_with_weak_modes()
+        lru = policy.actor.blocks[0].lru
+        with torch.no_grad():  # modes at the radius clamp: one reads a rounding above it
+            lru.nu_log[:6] = -20.0
+        assert np.abs(lru.system().lam).max() > MAX_RADIUS
         full_split = {
             ref: np.median(parameter_split(ref.of(policy).system())) for ref in lru_layers(policy)
         }

@@ -62,7 +62,7 @@ from compressm_rl.compression.lti import (
 from compressm_rl.settings import check_types
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
-from policies.lti import MAX_RADIUS, DiagonalSystem, lru_parameters
+from policies.lti import MAX_RADIUS, DiagonalSystem
 
 MIN_REMOVED_FRACTION = 0.05
 MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
@@ -511,10 +511,12 @@ def cut_layer(
 
 def parameter_split(system: DiagonalSystem) -> np.ndarray:
     """``‖B_i‖ / ‖C_i‖`` per mode ``[n]`` in the LRU's parameters (``B = B̃ / γ``,
-    ``policies.lru``): how a mode's gain is split between the two tensors Adam steps on."""
-    params = lru_parameters(system.lam, system.B)
-    b = np.sqrt(np.sum(params["B_re"] ** 2 + params["B_im"] ** 2, axis=1))
-    return b / np.linalg.norm(system.C, axis=0)
+    ``policies.lru``): how a mode's gain is split between the two tensors Adam steps on.
+    A layer read from float32 can sit a rounding above ``MAX_RADIUS`` (3.7e-8 at the clamp);
+    γ is taken at the clamp there."""
+    radius = np.minimum(np.abs(system.lam), MAX_RADIUS)
+    gamma = np.sqrt(1.0 - radius**2)  # policies.lru's γ = sqrt(1 − |λ|²)
+    return np.linalg.norm(system.B, axis=1) / gamma / np.linalg.norm(system.C, axis=0)
 
 
 def _weighted_norm(plan: ReductionPlan, ref: LayerRef) -> float:
