@@ -114,8 +114,8 @@ class CompressionConfig:
     # in the LRU's parameters, the split training had made (``parameter_split``).
     mode_scale: str = "balanced"
     # The lr (annealed or constant) times this once the actor is cut: a smaller policy moves
-    # less per update at one lr. At 1.4: no gain in balanced coordinates, 1.25× their
-    # return with mode_scale "trained" (Hopper-v5-P, docs/design.md §7). 1: off.
+    # less per update at one lr. At 1.4 no measurable gain, in balanced or trained
+    # coordinates (Hopper-v5-P, 6 seeds, docs/design.md §7). 1: off.
     lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
