@@ -23,12 +23,13 @@ Reports deterministic return (30 episodes), the training return of the last 50
 iterations (the stochastic policy's episodes, ~250 of them: less noisy than 10
 deterministic ones), final per-layer n, wall-clock training time and training env
 steps/s after the last reduction, and plots the training curves and per-seed returns
-(``compression.png`` in ``--out``), with paired bootstrap 90% intervals of the ratios of
-mean returns (2)/(1) and (2)/(3). Runs already in ``--out`` are reused (and their
-evaluations, kept in ``evaluation.json``), so the script can be stopped and restarted, with
-Ctrl-C or by killing the script: on Linux its training processes get SIGTERM when it dies,
-save their last iteration and exit (so a restarted script never resumes a run that an
-orphan is still training).
+(``compression.png`` in ``--out``), with bootstrap 90% intervals of the ratios of mean
+returns (2)/(1) (paired by seed where (2) kept (1)'s trajectory up to its first cut) and
+(2)/(3) (unpaired: they share only the seed of their first rollout). Runs already in
+``--out`` are reused (and their evaluations, kept in ``evaluation.json``), so the script
+can be stopped and restarted, with Ctrl-C or by killing the script: on Linux its training
+processes get SIGTERM when it dies, save their last iteration and exit (so a restarted
+script never resumes a run that an orphan is still training).
 
 With ``--workers 2`` (the default on a machine with two or more cores) (1) and (2) of a
 seed start at the same time, one process per core, so that their wall-clock ratio is
@@ -38,8 +39,10 @@ neighbour to its end (at these sizes (3) outlasts (1)). Such a seed directory ge
 ``side_by_side`` marker, reported with the results. Methods are compared at equal size
 by giving each its own ``--out`` and the same ``--compress-to``; ``--reuse-from DIR``
 links (1) and (3) from another method's directory instead of training them again (so
-every method is paired with the same full and small runs; no wall-clock ratio side by
-side then).
+every method is compared with the same full and small runs; no wall-clock ratio side by
+side then). Such a (1) pairs with (2) only if the same code on the same kind of CPU made
+both: the report says where (2) left (1)'s trajectory before its first cut, and reads
+(2)/(1) unpaired then.
 """
 
 from __future__ import annotations
@@ -169,6 +172,24 @@ def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed:
     returns = evaluate(controller, env_id, episodes=EVAL_EPISODES, seed=first_seed)
     atomic_write_text(cache, json.dumps({"key": key, "returns": returns.tolist()}))
     return returns
+
+
+def parting_step(full_dir: Path, compressed_dir: Path) -> int | None:
+    """The env step at which (2) left (1)'s trajectory before its first cut, or None if it
+    had not. (1) and (2) of a seed are the same run up to the cut, bit for bit, when one
+    code on one machine trains both; a (1) linked with ``--reuse-from`` from a run made by
+    other code (or on another CPU) parts from it at once: session 11's parametrisation
+    kernels, within 1.2e-7 of the numpy code, changed the first rollout's returns in the
+    8th digit, and the runs are independent samples by 1M steps."""
+    first_cut = min((e.step for e in EventLog(compressed_dir).read()), default=None)
+    full_rows = MetricsLog(full_dir).read()
+    for full_row, row in zip(full_rows, MetricsLog(compressed_dir).read(), strict=False):
+        step = int(row["global_step"])
+        if first_cut is not None and step > first_cut:
+            return None
+        if row["episode_return"] != full_row["episode_return"]:
+            return step
+    return None
 
 
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
@@ -334,32 +355,52 @@ def main() -> None:
         ratio = wall["2-compressed"]["wall_s"] / wall["1-full"]["wall_s"]
         star = "*" if wall["1-full"]["side_by_side"] else ""
         print(f"  {env_id} seed {seed}: {ratio:.3f}{star}")
-    print("\nPaired bootstrap over seeds (20,000 resamples), ratio of means [90% interval]:")
+    # (2) and (3) share only their seed's first rollout, so that ratio is always unpaired;
+    # (2)/(1) is paired where every seed's (2) kept (1)'s trajectory up to its first cut.
+    parted = {
+        (env_id, seed): parting_step(base / "1-full", base / "2-compressed")
+        for env_id, seed, base in runs
+    }
+    for (env_id, seed), step in parted.items():
+        if step is not None:
+            print(
+                f"\n{env_id} seed {seed}: (2) left (1)'s trajectory at step {step}, before its "
+                "first cut: (1) was trained by other code or on another CPU (--reuse-from?), "
+                "so (2)/(1) is not paired; retrain (1) in this --out to pair them"
+            )
+    print("\nBootstrap over seeds (20,000 resamples), ratio of means [90% interval]:")
     for env_id in args.envs.split(","):
         by = {
             label: [r for r in results if r["env"] == env_id and r["label"] == label]
             for label in labels
         }
+        paired_full = all(step is None for (e, _), step in parted.items() if e == env_id)
         for key, name in (("return", "deterministic"), ("train_return", "training")):
             cells = []
             for ref in ("1-full", "3-small")[: 1 if args.without_small else 2]:
                 a = [r[key] for r in by["2-compressed"]]
                 b = [r[key] for r in by[ref]]
-                ratio, low, high = bootstrap_ratio(np.array(a), np.array(b))
-                cells.append(f"(2)/({ref[0]}) {ratio:.2f} [{low:.2f}, {high:.2f}]")
+                paired = ref == "1-full" and paired_full
+                ratio, low, high = bootstrap_ratio(np.array(a), np.array(b), paired=paired)
+                cells.append(
+                    f"(2)/({ref[0]}) {ratio:.2f} [{low:.2f}, {high:.2f}]"
+                    + ("" if paired else " unpaired")
+                )
             print(f"  {env_id}, {name} return: " + "; ".join(cells))
     plot(results, runs, at, labels, args.out / "compression.png")
     print(f"\nplot: {args.out / 'compression.png'}")
 
 
 def bootstrap_ratio(
-    a: np.ndarray, b: np.ndarray, resamples: int = 20_000, seed: int = 0
+    a: np.ndarray, b: np.ndarray, paired: bool = True, resamples: int = 20_000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """``mean(a) / mean(b)`` over paired seeds (``a[i]``, ``b[i]`` share seed i) and its
-    90% percentile interval from resampling the seeds with replacement."""
+    """``mean(a) / mean(b)`` and its 90% percentile interval from resampling the seeds with
+    replacement: pairs ``(a[i], b[i])`` together if ``paired``, else ``a`` and ``b`` each
+    on its own (runs that share nothing but a seed number)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(a), size=(resamples, len(a)))
-    ratios = a[picks].mean(1) / b[picks].mean(1)
+    other = picks if paired else rng.integers(0, len(b), size=(resamples, len(b)))
+    ratios = a[picks].mean(1) / b[other].mean(1)
     low, high = np.percentile(ratios, [5, 95])
     return float(a.mean() / b.mean()), float(low), float(high)
 
