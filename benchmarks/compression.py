@@ -178,9 +178,9 @@ def parting_step(full_dir: Path, compressed_dir: Path) -> int | None:
     """The env step at which (2) left (1)'s trajectory before its first cut, or None if it
     had not. (1) and (2) of a seed are the same run up to the cut, bit for bit, when one
     code on one machine trains both; a (1) linked with ``--reuse-from`` from a run made by
-    other code (or on another CPU) parts from it at once: session 11's parametrisation
-    kernels, within 1.2e-7 of the numpy code, changed the first rollout's returns in the
-    8th digit, and the runs are independent samples by 1M steps."""
+    other code (or on another CPU) parts from it at once: the numba parametrisation
+    kernels (commit 1100691, within 1.2e-7 of the numpy code they replaced) changed the
+    first rollout's return in the 8th digit, and by 1M steps such runs are independent."""
     first_cut = min((e.step for e in EventLog(compressed_dir).read()), default=None)
     full_rows = MetricsLog(full_dir).read()
     for full_row, row in zip(full_rows, MetricsLog(compressed_dir).read(), strict=False):
