@@ -25,7 +25,8 @@ deterministic ones), final per-layer n, wall-clock training time and training en
 steps/s after the last reduction, and plots the training curves and per-seed returns
 (``compression.png`` in ``--out``), with bootstrap 90% intervals of the ratios of mean
 returns (2)/(1) (paired by seed where (2) kept (1)'s trajectory up to its first cut) and
-(2)/(3) (unpaired: they share only the seed of their first rollout). Runs already in
+(2)/(3) (unpaired: they share only the seed of their first rollout); the intervals are
+expanded for the few seeds (``bootstrap_ratio``). Runs already in
 ``--out`` are reused (and their evaluations, kept in ``evaluation.json``), so the script
 can be stopped and restarted, with Ctrl-C or by killing the script: on Linux its training
 processes get SIGTERM when it dies, save their last iteration and exit (so a restarted
@@ -60,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy import stats
 
 from compressm_rl.compression import CompressionConfig
 from compressm_rl.posthoc import compress_run
@@ -174,16 +176,15 @@ def deterministic_returns(run_dir: Path, policy: ActorCritic, env_id: str, seed:
     return returns
 
 
-def parting_step(full_dir: Path, compressed_dir: Path) -> int | None:
-    """The env step at which (2) left (1)'s trajectory before its first cut, or None if it
-    had not. (1) and (2) of a seed are the same run up to the cut, bit for bit, when one
-    code on one machine trains both; a (1) linked with ``--reuse-from`` from a run made by
-    other code (or on another CPU) parts from it at once: the numba parametrisation
-    kernels (commit 1100691, within 1.2e-7 of the numpy code they replaced) changed the
-    first rollout's return in the 8th digit, and by 1M steps such runs are independent."""
-    first_cut = min((e.step for e in EventLog(compressed_dir).read()), default=None)
-    full_rows = MetricsLog(full_dir).read()
-    for full_row, row in zip(full_rows, MetricsLog(compressed_dir).read(), strict=False):
+def parting_step(full_rows: list[dict], rows: list[dict], first_cut: int | None) -> int | None:
+    """The env step at which (2)'s metrics ``rows`` left (1)'s ``full_rows`` before (2)'s
+    first cut at step ``first_cut``, or None if they had not. (1) and (2) of a seed are the
+    same run up to the cut, bit for bit, when one code on one machine trains both; a (1)
+    linked with ``--reuse-from`` from a run made by other code (or on another CPU) parts
+    from it at once: the numba parametrisation kernels (commit 1100691, within 1.2e-7 of
+    the numpy code they replaced) changed the first rollout's return in the 8th digit, and
+    by 1M steps such runs are independent samples."""
+    for full_row, row in zip(full_rows, rows, strict=False):
         step = int(row["global_step"])
         if first_cut is not None and step > first_cut:
             return None
@@ -358,7 +359,11 @@ def main() -> None:
     # (2) and (3) share only their seed's first rollout, so that ratio is always unpaired;
     # (2)/(1) is paired where every seed's (2) kept (1)'s trajectory up to its first cut.
     parted = {
-        (env_id, seed): parting_step(base / "1-full", base / "2-compressed")
+        (env_id, seed): parting_step(
+            MetricsLog(base / "1-full").read(),
+            MetricsLog(base / "2-compressed").read(),
+            min((e.step for e in EventLog(base / "2-compressed").read()), default=None),
+        )
         for env_id, seed, base in runs
     }
     for (env_id, seed), step in parted.items():
@@ -368,7 +373,7 @@ def main() -> None:
                 "first cut: (1) was trained by other code or on another CPU (--reuse-from?), "
                 "so (2)/(1) is not paired; retrain (1) in this --out to pair them"
             )
-    print("\nBootstrap over seeds (20,000 resamples), ratio of means [90% interval]:")
+    print("\nBootstrap over seeds (20,000 resamples), ratio of means [expanded 90% interval]:")
     for env_id in args.envs.split(","):
         by = {
             label: [r for r in results if r["env"] == env_id and r["label"] == label]
@@ -394,14 +399,22 @@ def main() -> None:
 def bootstrap_ratio(
     a: np.ndarray, b: np.ndarray, paired: bool = True, resamples: int = 20_000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """``mean(a) / mean(b)`` and its 90% percentile interval from resampling the seeds with
+    """``mean(a) / mean(b)`` and its 90% interval from resampling the seeds with
     replacement: pairs ``(a[i], b[i])`` together if ``paired``, else ``a`` and ``b`` each
-    on its own (runs that share nothing but a seed number)."""
+    on its own (runs that share nothing but a seed number).
+
+    The interval is Hesterberg's expanded percentile interval: the plain 5th/95th
+    percentiles of a bootstrap over n = 6 seeds cover the true ratio only ~82% of the time
+    (they miss the small-sample t and n/(n-1) factors), so the tails are taken at
+    Φ(sqrt(n/(n-1)) t_{0.05, n-1}) instead (1.4% at n = 6: ~92% coverage, simulated on
+    two normal samples of one mean; ~36% wider than the plain interval)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(a), size=(resamples, len(a)))
     other = picks if paired else rng.integers(0, len(b), size=(resamples, len(b)))
     ratios = a[picks].mean(1) / b[other].mean(1)
-    low, high = np.percentile(ratios, [5, 95])
+    n = min(len(a), len(b))
+    tail = stats.norm.cdf(np.sqrt(n / (n - 1)) * stats.t.ppf(0.05, n - 1))
+    low, high = np.percentile(ratios, [100 * tail, 100 * (1 - tail)])
     return float(a.mean() / b.mean()), float(low), float(high)
 
 
