@@ -1,0 +1,145 @@
+"""Runs from several ``benchmarks/compression.py --out`` directories against one reference.
+
+    python benchmarks/compare.py --env Hopper-v5-P --seeds 0,1,2,3,4,5 \\
+        --reference benchmarks/out/s10-hopperP-64-data-heal:1-full+benchmarks/out/s16-hopperP-full:1-full \\
+        "lr x 1.4=benchmarks/out/s14-hopperP-64-lr14:2-compressed" ... \\
+        [--plot benchmarks/figures/NAME.png]
+
+A sample is ``OUT:LABEL`` (``LABEL`` one of ``compression.py``'s ``1-full`` ... ``4-posthoc``,
+the seeds read from ``OUT/ENV-sSEED/LABEL``); samples joined with ``+`` are pooled (two
+six-seed samples of one recipe are a twelve-seed one); ``NAME=`` names a row. Each row
+gets its training return (last 50 iterations) and deterministic return (30 episodes, the
+evaluation ``compression.py`` caches in the run) and their ratios to the reference's, with
+unpaired expanded 90% bootstrap intervals: runs from different ``--out`` directories share
+at most their first cut's worth of steps (session 16: a six-seed sample of the full policy
+read 1.19 [0.99, 1.45] of another six of the same recipe), so pairing them by seed would
+pretend a likeness they do not have. ``--plot`` draws the ratios, and the reference
+samples' training curves beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from compression import TRAIN_RETURN_ITERATIONS, bootstrap_ratio, summarise
+
+from compressm_rl.runs import MetricsLog
+
+
+def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
+    """The run directories of ``OUT:LABEL[+OUT:LABEL...]``, every seed of every part."""
+    dirs = []
+    for part in sample.split("+"):
+        out, sep, label = part.rpartition(":")
+        if not sep or not out:
+            raise SystemExit(f"{part!r}: a sample is OUT:LABEL, e.g. benchmarks/out/x:1-full")
+        dirs += [Path(out) / f"{env_id}-s{seed}" / label for seed in seeds]
+    missing = [str(d) for d in dirs if not (d / "checkpoint.pt").exists()]
+    if missing:
+        raise SystemExit(f"no finished run in {', '.join(missing)}")
+    return dirs
+
+
+def returns(dirs: list[Path], env_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Training and deterministic return of each run (``compression.summarise``)."""
+    rows = [summarise(d, env_id, int(d.parent.name.rsplit("-s", 1)[1]), d.name) for d in dirs]
+    return np.array([r["train_return"] for r in rows]), np.array([r["return"] for r in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", required=True)
+    parser.add_argument("--seeds", default="0,1,2,3,4,5")
+    parser.add_argument("--reference", required=True, help="OUT:LABEL[+OUT:LABEL...]")
+    parser.add_argument("rows", nargs="+", help="[NAME=]OUT:LABEL[+OUT:LABEL...]")
+    parser.add_argument("--plot", type=Path, help="PNG of the ratios and reference curves")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    named = [row.split("=", 1) if "=" in row else [row, row] for row in args.rows]
+    samples = {name: runs_of(sample, args.env, seeds) for name, sample in named}
+    ref_dirs = runs_of(args.reference, args.env, seeds)  # all checked before evaluating
+
+    ref_train, ref_det = returns(ref_dirs, args.env)
+    print(
+        f"reference {args.reference}: {len(ref_dirs)} runs, training return "
+        f"{ref_train.mean():.0f}, deterministic {ref_det.mean():.0f}\n"
+    )
+    print(
+        "| row | runs | training / deterministic return | training / reference | deterministic / reference |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    ratios = {}
+    for name, dirs in samples.items():
+        train_return, det_return = returns(dirs, args.env)
+        ratios[name] = bootstrap_ratio(train_return, ref_train, paired=False)
+        det = bootstrap_ratio(det_return, ref_det, paired=False)
+        print(
+            f"| {name} | {len(dirs)} | {_mean(train_return)} / {_mean(det_return)} | "
+            f"{_interval(ratios[name])} | {_interval(det)} |"
+        )
+    print("\n(ratio of means [unpaired expanded 90% bootstrap interval])")
+    if args.plot is not None:
+        plot(args.env, args.reference, ref_dirs, ratios, args.plot)
+        print(f"plot: {args.plot}")
+
+
+def _interval(ratio: tuple[float, float, float]) -> str:
+    return "–" if np.isnan(ratio[0]) else f"{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]"
+
+
+def _mean(x: np.ndarray) -> str:
+    return "–" if np.isnan(x).any() else f"{x.mean():.0f}"  # post-training: no training
+
+
+def plot(env_id: str, reference: str, ref_dirs: list[Path], ratios: dict, path: Path) -> None:
+    """Left: each reference sample's training curves (thin: seeds, thick: mean of a
+    20-iteration running mean); right: every row's training-return ratio and interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, forest) = plt.subplots(
+        1, 2, figsize=(13, 0.6 + 0.35 * max(8, len(ratios))), width_ratios=[1, 1.25]
+    )
+    per_sample = len(ref_dirs) // len(reference.split("+"))
+    for i, sample in enumerate(reference.split("+")):
+        dirs = ref_dirs[i * per_sample : (i + 1) * per_sample]
+        smoothed = []
+        for d in dirs:
+            rows = MetricsLog(d).read()
+            ret = np.array([float(r["episode_return"] or "nan") for r in rows])
+            # an iteration where no episode ended repeats the previous iteration's return
+            last_seen = np.maximum.accumulate(np.where(np.isnan(ret), 0, np.arange(len(ret))))
+            smoothed.append(np.convolve(np.nan_to_num(ret[last_seen]), np.ones(20) / 20, "valid"))
+        length = min(len(x) for x in smoothed)
+        steps = np.array([int(r["global_step"]) for r in rows])[19 : 19 + length]
+        for x in smoothed:
+            curves.plot(steps, x[:length], color=f"C{i}", alpha=0.25, lw=0.8)
+        mean = np.mean([x[:length] for x in smoothed], axis=0)
+        curves.plot(steps, mean, color=f"C{i}", lw=2, label=f"{sample} ({len(dirs)} seeds)")
+    curves.set(xlabel="env steps", ylabel="training return (20-iteration mean)")
+    curves.set_title(f"{env_id}: the reference's samples", fontsize=10)
+    curves.legend(fontsize=7)
+    y = np.arange(len(ratios))[::-1]
+    for yi, (ratio, low, high) in zip(y, ratios.values(), strict=True):
+        forest.errorbar(
+            ratio, yi, xerr=[[ratio - low], [high - ratio]], fmt="o", color="k", capsize=3
+        )
+    forest.axvline(1.0, color="grey", lw=1)
+    forest.axvline(0.95, color="grey", ls=":", lw=1)
+    forest.set_yticks(y, list(ratios), fontsize=8)
+    forest.set_xlabel(
+        f"training return (last {TRAIN_RETURN_ITERATIONS} iterations) / the reference's\n"
+        "(unpaired expanded 90% interval; dotted: 0.95)"
+    )
+    forest.set_title("each row against the reference", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
