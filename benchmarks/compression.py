@@ -407,7 +407,7 @@ def bootstrap_ratio(
     percentiles of a bootstrap over n = 6 seeds cover the true ratio only ~82% of the time
     (they miss the small-sample t and n/(n-1) factors), so the tails are taken at
     Φ(sqrt(n/(n-1)) t_{0.05, n-1}) instead (1.4% at n = 6: ~92% coverage, simulated on
-    two normal samples of one mean; ~36% wider than the plain interval)."""
+    two normal samples of one mean; ~35% wider than the plain interval)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(a), size=(resamples, len(a)))
     other = picks if paired else rng.integers(0, len(b), size=(resamples, len(b)))
