@@ -2,19 +2,20 @@
 
     python benchmarks/compare.py --env Hopper-v5-P --seeds 0,1,2,3,4,5 \\
         --reference benchmarks/out/s10-hopperP-64-data-heal:1-full+benchmarks/out/s16-hopperP-full:1-full \\
-        "lr x 1.4=benchmarks/out/s14-hopperP-64-lr14:2-compressed" ... \\
+        --row "lr x 1.4" benchmarks/out/s14-hopperP-64-lr14:2-compressed ... \\
         [--plot benchmarks/figures/NAME.png]
 
 A sample is ``OUT:LABEL`` (``LABEL`` one of ``compression.py``'s ``1-full`` ... ``4-posthoc``,
 the seeds read from ``OUT/ENV-sSEED/LABEL``); samples joined with ``+`` are pooled (two
-six-seed samples of one recipe are a twelve-seed one); ``NAME=`` names a row. Each row
-gets its training return (last 50 iterations) and deterministic return (30 episodes, the
-evaluation ``compression.py`` caches in the run) and their ratios to the reference's, with
-unpaired expanded 90% bootstrap intervals: runs from different ``--out`` directories share
-at most their first cut's worth of steps (session 16: a six-seed sample of the full policy
-read 1.19 [0.99, 1.45] of another six of the same recipe), so pairing them by seed would
-pretend a likeness they do not have. ``--plot`` draws the ratios, and the reference
-samples' training curves beside them.
+six-seed samples of one recipe are a twelve-seed one). Each ``--row NAME SAMPLE`` gets its
+training return (last 50 iterations) and deterministic return (30 episodes, the evaluation
+``compression.py`` caches in the run) and their ratios to the reference's, with unpaired
+expanded 90% bootstrap intervals: a pooled reference has no seed-by-seed partner for a
+row, and runs from different ``--out`` directories share at most the steps before a first
+cut (session 16: a six-seed sample of the full policy read 1.19 [0.99, 1.45] of another
+six of the same recipe). ``--plot`` draws the ratios, and the reference samples' training
+curves beside them. A row that is part of the reference is not an independent sample of
+it; its ratio is left out.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ from pathlib import Path
 import numpy as np
 from compression import TRAIN_RETURN_ITERATIONS, bootstrap_ratio, summarise
 
-from compressm_rl.runs import MetricsLog
+from compressm_rl.runs import MetricsLog, load_checkpoint, load_config
 
 
 def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
-    """The run directories of ``OUT:LABEL[+OUT:LABEL...]``, every seed of every part."""
+    """The finished run directories of ``OUT:LABEL[+OUT:LABEL...]``, every seed of every
+    part; a missing or unfinished run ends the script with its path."""
     dirs = []
     for part in sample.split("+"):
         out, sep, label = part.rpartition(":")
         if not sep or not out:
             raise SystemExit(f"{part!r}: a sample is OUT:LABEL, e.g. benchmarks/out/x:1-full")
         dirs += [Path(out) / f"{env_id}-s{seed}" / label for seed in seeds]
-    missing = [str(d) for d in dirs if not (d / "checkpoint.pt").exists()]
-    if missing:
-        raise SystemExit(f"no finished run in {', '.join(missing)}")
+    for d in dirs:
+        if not (d / "checkpoint.pt").exists():
+            raise SystemExit(f"no run in {d}")
+        ppo = load_config(d).ppo
+        if load_checkpoint(d).global_step < ppo.total_steps - ppo.steps_per_iteration:
+            raise SystemExit(f"{d} has not finished training: resume it first")
     return dirs
 
 
@@ -53,12 +58,23 @@ def main() -> None:
     parser.add_argument("--env", required=True)
     parser.add_argument("--seeds", default="0,1,2,3,4,5")
     parser.add_argument("--reference", required=True, help="OUT:LABEL[+OUT:LABEL...]")
-    parser.add_argument("rows", nargs="+", help="[NAME=]OUT:LABEL[+OUT:LABEL...]")
+    parser.add_argument(
+        "--row",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("NAME", "SAMPLE"),
+        help="a row: its name and OUT:LABEL[+OUT:LABEL...]",
+    )
     parser.add_argument("--plot", type=Path, help="PNG of the ratios and reference curves")
     args = parser.parse_args()
+    names = [name for name, _ in args.row]
+    if len(set(names)) < len(names):
+        parser.error(f"two rows share a name: {sorted({n for n in names if names.count(n) > 1})}")
+    if args.plot is not None and not args.plot.parent.is_dir():
+        parser.error(f"--plot: no directory {args.plot.parent}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    named = [row.split("=", 1) if "=" in row else [row, row] for row in args.rows]
-    samples = {name: runs_of(sample, args.env, seeds) for name, sample in named}
+    samples = {name: runs_of(sample, args.env, seeds) for name, sample in args.row}
     ref_dirs = runs_of(args.reference, args.env, seeds)  # all checked before evaluating
 
     ref_train, ref_det = returns(ref_dirs, args.env)
@@ -73,8 +89,12 @@ def main() -> None:
     ratios = {}
     for name, dirs in samples.items():
         train_return, det_return = returns(dirs, args.env)
-        ratios[name] = bootstrap_ratio(train_return, ref_train, paired=False)
-        det = bootstrap_ratio(det_return, ref_det, paired=False)
+        inside = {d.resolve() for d in dirs} & {d.resolve() for d in ref_dirs}
+        no_ratio = (float("nan"),) * 3
+        ratios[name] = (
+            no_ratio if inside else bootstrap_ratio(train_return, ref_train, paired=False)
+        )
+        det = no_ratio if inside else bootstrap_ratio(det_return, ref_det, paired=False)
         print(
             f"| {name} | {len(dirs)} | {_mean(train_return)} / {_mean(det_return)} | "
             f"{_interval(ratios[name])} | {_interval(det)} |"
