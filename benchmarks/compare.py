@@ -24,9 +24,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from compression import TRAIN_RETURN_ITERATIONS, bootstrap_ratio, summarise
+from compression import (
+    TRAIN_RETURN_ITERATIONS,
+    bootstrap_ratio,
+    is_done,
+    running_returns,
+    summarise,
+)
 
-from compressm_rl.runs import MetricsLog, load_checkpoint, load_config
+from compressm_rl.runs import load_config
 
 
 def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
@@ -41,8 +47,7 @@ def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
     for d in dirs:
         if not (d / "checkpoint.pt").exists():
             raise SystemExit(f"no run in {d}")
-        ppo = load_config(d).ppo
-        if load_checkpoint(d).global_step < ppo.total_steps - ppo.steps_per_iteration:
+        if not is_done(load_config(d), d):
             raise SystemExit(f"{d} has not finished training: resume it first")
     return dirs
 
@@ -127,18 +132,10 @@ def plot(env_id: str, reference: str, ref_dirs: list[Path], ratios: dict, path: 
     per_sample = len(ref_dirs) // len(reference.split("+"))
     for i, sample in enumerate(reference.split("+")):
         dirs = ref_dirs[i * per_sample : (i + 1) * per_sample]
-        smoothed = []
-        for d in dirs:
-            rows = MetricsLog(d).read()
-            ret = np.array([float(r["episode_return"] or "nan") for r in rows])
-            # an iteration where no episode ended repeats the previous iteration's return
-            last_seen = np.maximum.accumulate(np.where(np.isnan(ret), 0, np.arange(len(ret))))
-            smoothed.append(np.convolve(np.nan_to_num(ret[last_seen]), np.ones(20) / 20, "valid"))
-        length = min(len(x) for x in smoothed)
-        steps = np.array([int(r["global_step"]) for r in rows])[19 : 19 + length]
+        steps, smoothed = running_returns(dirs, window=20)
         for x in smoothed:
-            curves.plot(steps, x[:length], color=f"C{i}", alpha=0.25, lw=0.8)
-        mean = np.mean([x[:length] for x in smoothed], axis=0)
+            curves.plot(steps, x, color=f"C{i}", alpha=0.25, lw=0.8)
+        mean = smoothed.mean(0)
         curves.plot(steps, mean, color=f"C{i}", lw=2, label=f"{sample} ({len(dirs)} seeds)")
     curves.set(xlabel="env steps", ylabel="training return (20-iteration mean)")
     curves.set_title(f"{env_id}: the reference's samples", fontsize=10)

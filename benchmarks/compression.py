@@ -92,7 +92,7 @@ def run_once(config: TrainConfig, run_dir: Path) -> None:
     """Train unless a finished run is already there (resume an unfinished one); one line
     of progress per run (two bars from two processes would garble each other)."""
     try:
-        if not _is_done(config, run_dir) and not _orphaned():
+        if not is_done(config, run_dir) and not _orphaned():
             resume = (run_dir / "checkpoint.pt").exists()
             _say(f"{run_dir}: {'resuming' if resume else 'training'}")
             train(config, run_dir, resume=resume, progress=False)
@@ -132,7 +132,9 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _is_done(config: TrainConfig, run_dir: Path) -> bool:
+def is_done(config: TrainConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run of ``config`` trained to its last iteration (a run
+    of other settings there ends the script)."""
     if not (run_dir / "checkpoint.pt").exists():
         return False
     if not trained_with(run_dir, config):  # e.g. another --ppo
@@ -426,6 +428,23 @@ def bootstrap_ratio(
     return ratio, float(low), float(high)
 
 
+def running_returns(run_dirs: list[Path], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs' training return as a ``window``-iteration running mean, cut to the
+    shortest run: env steps ``[T]`` and returns ``[len(run_dirs), T]``. An iteration where
+    no episode ended repeats the previous iteration's return."""
+    smoothed = []
+    for run_dir in run_dirs:
+        rows = MetricsLog(run_dir).read()
+        ret = np.array([float(r["episode_return"] or "nan") for r in rows])
+        last_seen = np.maximum.accumulate(np.where(np.isnan(ret), 0, np.arange(len(ret))))
+        smoothed.append(
+            np.convolve(np.nan_to_num(ret[last_seen]), np.ones(window) / window, "valid")
+        )
+    length = min(len(x) for x in smoothed)
+    steps = np.array([int(r["global_step"]) for r in rows])[window - 1 : window - 1 + length]
+    return steps, np.array([x[:length] for x in smoothed])
+
+
 def plot(
     results: list[dict], runs: list[tuple], at: list[float], labels: tuple[str, ...], path: Path
 ) -> None:
@@ -442,17 +461,7 @@ def plot(
     for (curves, paired), env_id in zip(axes, envs, strict=True):
         seeds = [(seed, base) for e, seed, base in runs if e == env_id]
         for label in (label for label in labels if label != "4-posthoc"):
-            smoothed = []
-            for _, base in seeds:
-                rows = MetricsLog(base / label).read()
-                ret = np.array([float(r["episode_return"] or "nan") for r in rows])
-                # an iteration where no episode ended repeats the previous iteration's return
-                last_seen = np.maximum.accumulate(np.where(np.isnan(ret), 0, np.arange(len(ret))))
-                ret = np.nan_to_num(ret[last_seen])
-                smoothed.append(np.convolve(ret, np.ones(10) / 10, "valid"))
-            length = min(len(x) for x in smoothed)
-            smoothed = np.array([x[:length] for x in smoothed])
-            steps = np.array([int(r["global_step"]) for r in rows])[9 : 9 + length]
+            steps, smoothed = running_returns([base / label for _, base in seeds], window=10)
             mean, std = smoothed.mean(0), smoothed.std(0)
             line = curves.plot(steps, mean, label=label)[0]
             curves.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
