@@ -54,7 +54,7 @@ def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
 
 def returns(dirs: list[Path], env_id: str) -> tuple[np.ndarray, np.ndarray]:
     """Training and deterministic return of each run (``compression.summarise``)."""
-    rows = [summarise(d, env_id, int(d.parent.name.rsplit("-s", 1)[1]), d.name) for d in dirs]
+    rows = [summarise(d, env_id, load_config(d).seed, d.name) for d in dirs]
     return np.array([r["train_return"] for r in rows]), np.array([r["return"] for r in rows])
 
 
