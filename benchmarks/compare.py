@@ -9,13 +9,14 @@ A sample is ``OUT:LABEL`` (``LABEL`` one of ``compression.py``'s ``1-full`` ... 
 the seeds read from ``OUT/ENV-sSEED/LABEL``); samples joined with ``+`` are pooled (two
 six-seed samples of one recipe are a twelve-seed one). Each ``--row NAME SAMPLE`` gets its
 training return (last 50 iterations) and deterministic return (30 episodes, the evaluation
-``compression.py`` caches in the run) and their ratios to the reference's, with unpaired
-expanded 90% bootstrap intervals: a pooled reference has no seed-by-seed partner for a
-row, and runs from different ``--out`` directories share at most the steps before a first
-cut (session 16: a six-seed sample of the full policy read 1.19 [0.99, 1.45] of another
-six of the same recipe). ``--plot`` draws the ratios, and the reference samples' training
-curves beside them. A row that is part of the reference is not an independent sample of
-it; its ratio is left out.
+``compression.py`` caches in the run) and their ratios to the reference's, with expanded
+90% bootstrap intervals. A row is paired with the reference, run by run, where each of its
+runs kept the trajectory of the reference's run up to its first cut (``run_parting_step``:
+one code trained both, from one seed); otherwise the interval is unpaired: runs made by
+other code share no steps with the reference (session 16: a six-seed sample of the full
+policy read 1.19 [0.99, 1.45] of another six of the same recipe). ``--plot`` draws the
+ratios, and the reference samples' training curves beside them. A row that is part of the
+reference is not an independent sample of it; its ratio is left out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from compression import (
     TRAIN_RETURN_ITERATIONS,
     bootstrap_ratio,
     is_done,
+    run_parting_step,
     running_returns,
     summarise,
 )
@@ -50,6 +52,14 @@ def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
         if not is_done(load_config(d), d):
             raise SystemExit(f"{d} has not finished training: resume it first")
     return dirs
+
+
+def kept_trajectories(dirs: list[Path], ref_dirs: list[Path]) -> bool:
+    """Whether run ``i`` of ``dirs`` kept run ``i`` of ``ref_dirs``'s trajectory up to its
+    first cut, for every ``i``: then the two samples are paired by seed."""
+    return len(dirs) == len(ref_dirs) and all(
+        run_parting_step(ref, d) is None for ref, d in zip(ref_dirs, dirs, strict=True)
+    )
 
 
 def returns(dirs: list[Path], env_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,15 +106,20 @@ def main() -> None:
         train_return, det_return = returns(dirs, args.env)
         inside = {d.resolve() for d in dirs} & {d.resolve() for d in ref_dirs}
         no_ratio = (float("nan"),) * 3
-        ratios[name] = (
-            no_ratio if inside else bootstrap_ratio(train_return, ref_train, paired=False)
+        paired = not inside and kept_trajectories(dirs, ref_dirs)
+        row = f"{name} (paired)" if paired else name
+        ratios[row] = (
+            no_ratio if inside else bootstrap_ratio(train_return, ref_train, paired=paired)
         )
-        det = no_ratio if inside else bootstrap_ratio(det_return, ref_det, paired=False)
+        det = no_ratio if inside else bootstrap_ratio(det_return, ref_det, paired=paired)
         print(
-            f"| {name} | {len(dirs)} | {_mean(train_return)} / {_mean(det_return)} | "
-            f"{_interval(ratios[name])} | {_interval(det)} |"
+            f"| {row} | {len(dirs)} | {_mean(train_return)} / {_mean(det_return)} | "
+            f"{_interval(ratios[row])} | {_interval(det)} |"
         )
-    print("\n(ratio of means [unpaired expanded 90% bootstrap interval])")
+    print(
+        "\n(ratio of means [expanded 90% bootstrap interval], unpaired unless the row says "
+        "paired: its runs kept the reference's trajectories up to their first cut)"
+    )
     if args.plot is not None:
         plot(args.env, args.reference, ref_dirs, ratios, args.plot)
         print(f"plot: {args.plot}")
@@ -150,7 +165,7 @@ def plot(env_id: str, reference: str, ref_dirs: list[Path], ratios: dict, path: 
     forest.set_yticks(y, list(ratios), fontsize=8)
     forest.set_xlabel(
         f"training return (last {TRAIN_RETURN_ITERATIONS} iterations) / the reference's\n"
-        "(unpaired expanded 90% interval; dotted: 0.95)"
+        "(expanded 90% interval, unpaired unless marked; dotted: 0.95)"
     )
     forest.set_title("each row against the reference", fontsize=10)
     fig.tight_layout()

@@ -195,6 +195,16 @@ def parting_step(full_rows: list[dict], rows: list[dict], first_cut: int | None)
     return None
 
 
+def run_parting_step(full_dir: Path, run_dir: Path) -> int | None:
+    """``parting_step`` of two run directories, ``run_dir``'s first cut read from its
+    event log (a run with no cut is compared over its whole log)."""
+    return parting_step(
+        MetricsLog(full_dir).read(),
+        MetricsLog(run_dir).read(),
+        min((e.step for e in EventLog(run_dir).read()), default=None),
+    )
+
+
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
     policy, meta = load_policy(run_dir)
     returns = deterministic_returns(run_dir, policy, env_id, seed)
@@ -361,11 +371,7 @@ def main() -> None:
     # (2) and (3) share only their seed's first rollout, so that ratio is always unpaired;
     # (2)/(1) is paired where every seed's (2) kept (1)'s trajectory up to its first cut.
     parted = {
-        (env_id, seed): parting_step(
-            MetricsLog(base / "1-full").read(),
-            MetricsLog(base / "2-compressed").read(),
-            min((e.step for e in EventLog(base / "2-compressed").read()), default=None),
-        )
+        (env_id, seed): run_parting_step(base / "1-full", base / "2-compressed")
         for env_id, seed, base in runs
     }
     for (env_id, seed), step in parted.items():

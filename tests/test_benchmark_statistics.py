@@ -63,3 +63,39 @@ def test_parting_step_finds_where_a_linked_full_run_left_the_trajectory():
     assert compression_benchmark.parting_step(full, other, first_cut=4) == 4
     assert compression_benchmark.parting_step(full, other, first_cut=2) is None
     assert compression_benchmark.parting_step(full, other, first_cut=None) == 4
+
+
+def test_compare_pairs_a_row_only_where_every_run_kept_the_reference_trajectory(tmp_path):
+    """``compare.py`` pairs a row with the reference where each run logged the reference
+    run's returns up to its first cut (read from its event log), and only then."""
+    import sys
+
+    from compressm_rl.compression import LayerRef, ReductionEvent
+    from compressm_rl.runs import EventLog, MetricsLog
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.pop(0)
+
+    def run(name: str, returns: list[float], cut: int | None = None) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        for step, ret in zip((2, 4, 6), returns, strict=True):
+            MetricsLog(run_dir).append({"global_step": step, "episode_return": ret})
+        if cut is not None:
+            EventLog(run_dir).append(
+                [ReductionEvent(LayerRef("actor", 0), 8, 4, "applied", step=cut)]
+            )
+        return run_dir
+
+    full = [run("full0", [1.0, 2.0, 3.0]), run("full1", [1.5, 2.5, 3.5])]
+    kept = [run("cut0", [1.0, 2.0, 9.0], cut=4), run("cut1", [1.5, 2.5, 0.5], cut=4)]
+    parted = [kept[0], run("cut1b", [1.5, 2.6, 0.5], cut=4)]
+    uncut = [run("small0", [1.0, 2.0, 9.0]), run("small1", [1.5, 2.5, 0.5])]
+    assert compare.kept_trajectories(kept, full)
+    assert not compare.kept_trajectories(parted, full)  # parted before its cut
+    assert not compare.kept_trajectories(uncut, full)  # no cut: the whole log must agree
+    assert not compare.kept_trajectories(kept[:1], full)  # no partner for every run
+    assert compare.kept_trajectories(full, full)
