@@ -32,7 +32,12 @@ def _ints(text: str) -> list[int]:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a policy with recurrent PPO")
     p.add_argument("--env", help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P (not with --resume)")
-    p.add_argument("--total-steps", type=int, help="env steps (default: the task preset)")
+    p.add_argument(
+        "--total-steps",
+        type=int,
+        help="env steps (default: the task preset); with --resume: the run's new length (the "
+        "lr anneal follows it; the compression schedule keeps the steps it started with)",
+    )
     # No argparse defaults here: an unset flag leaves the --config file's value, else
     # TrainConfig's default (given in the help).
     p.add_argument("--seed", type=int, help="default 0")
@@ -125,26 +130,60 @@ def _add_train(sub) -> None:
         "(torchrun); each rank steps --num-envs envs, gradients are averaged (default 1)",
     )
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue a run from its checkpoint")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue a run from its checkpoint, with its own settings (only --total-steps, "
+        "--device, --physics-threads, --nproc and --no-progress may be given with it)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_train, command_parser=p)
+
+
+# What `train --resume` takes besides the run: the machine's settings, how many ranks,
+# and a new length. Every other flag is the run's own (config.yaml) and is refused.
+RESUME_FLAGS = ("--resume", "--device", "--physics-threads", "--nproc", "--no-progress")
+RESUME_FLAGS += ("--total-steps",)
+
+
+def _given_flags(args) -> list[str]:
+    """The flags of ``args.command_parser`` given on the command line (a value other than
+    the default), by their long names; abbreviations count as given."""
+    return [
+        action.option_strings[-1]
+        for action in args.command_parser._actions
+        if action.option_strings
+        and action.dest != "help"
+        and getattr(args, action.dest, action.default) != action.default
+    ]
 
 
 def _train(args) -> int:
     from dataclasses import replace
 
     from compressm_rl.device import resolve_device
-    from compressm_rl.runs import TrainConfig, load_config
+    from compressm_rl.runs import TrainConfig, load_config, locked_run_dir
     from compressm_rl.runs.checkpoint import CHECKPOINT
-    from compressm_rl.runs.config import MACHINE_SETTINGS
+    from compressm_rl.runs.config import MACHINE_SETTINGS, check_replaceable
     from compressm_rl.train import train
 
     if args.resume:
+        refused = [flag for flag in _given_flags(args) if flag not in RESUME_FLAGS]
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)} cannot be given with --resume: a run keeps the settings "
+                f"in {args.resume / 'config.yaml'} (with --resume: {', '.join(RESUME_FLAGS[1:])})"
+            )
         config = load_config(args.resume)
         # A run may move between machines: their settings given here replace the run's.
         given = {name: getattr(args, name) for name in MACHINE_SETTINGS}
         config = replace(config, **{k: v for k, v in given.items() if v is not None})
+        if args.total_steps is not None:  # a longer (or shorter) run: checked by TrainConfig
+            data = config.to_dict()
+            data["ppo"]["total_steps"] = args.total_steps
+            config = TrainConfig.from_dict(data)
         resolve_device(config.device)  # checked before anything is written
         if not (args.resume / CHECKPOINT).exists():
             print(
@@ -153,6 +192,8 @@ def _train(args) -> int:
                 file=sys.stderr,
             )
         if _launched(args):
+            with locked_run_dir(args.resume):  # busy: one line from here, not from each rank
+                pass
             return _launch(args)
         train(config, args.resume, resume=True, progress=not args.no_progress)
         print(f"run saved in {args.resume}")
@@ -203,12 +244,11 @@ def _train(args) -> int:
     config = TrainConfig.from_dict(data)  # every setting checked before anything is created
     resolve_device(config.device)  # and that this machine has the device
     out = args.out or Path("runs") / f"{args.env}-s{config.seed}"
-    if (out / "config.yaml").exists() and not args.overwrite:
-        raise ValueError(
-            f"{out} already holds a run; pass --resume {out} to continue it "
-            "or --overwrite to replace it"
-        )
+    check_replaceable(out, args.overwrite)
     if _launched(args):
+        if out.exists():  # busy: one line from here rather than from each rank
+            with locked_run_dir(out):
+                pass
         return _launch(args)
     train(config, out, progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -218,8 +258,13 @@ def _train(args) -> int:
 
 def _launched(args) -> bool:
     """Whether this `train` asks for several ranks and is not one of them yet."""
-    if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc = {args.nproc} is out of range: at least 1")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.nproc is not None and not 1 <= args.nproc <= (cpus or 1):
+        raise ValueError(
+            f"--nproc = {args.nproc} is out of range: 1 to {cpus}, the CPUs this process may "
+            "use (each rank steps its own envs and model; more ranks than cores only "
+            "time-share them, and each holds its own memory)"
+        )
     return (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ
 
 
@@ -230,6 +275,7 @@ def _launch(args) -> int:
     import subprocess
 
     from compressm_rl.rl.distributed import free_loopback_port
+    from compressm_rl.rl.launch import LAUNCHER_PID
 
     argv, skip = [], False
     for arg in args.argv:  # the command as given, without --nproc
@@ -239,18 +285,17 @@ def _launch(args) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
+    command = [sys.executable, "-m", "compressm_rl.rl.launch", "--nnodes", "1"]
     command += ["--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1"]
     command += ["--master-port", str(free_loopback_port()), "-m", "compressm_rl.cli", *argv]
     # torchrun in its own session: a Ctrl-C reaches this process only, which passes it on
     # once, and torchrun gives each rank exactly one signal (it sends SIGKILL itself after
     # its shutdown timeout). subprocess.run would kill torchrun 0.25 s after a SIGINT and
     # orphan the ranks mid-save.
-    launcher = subprocess.Popen(command, start_new_session=True)
-    received: list[int] = []
+    env = {**os.environ, LAUNCHER_PID: str(os.getpid())}  # it dies with this process
+    launcher = subprocess.Popen(command, start_new_session=True, env=env)
 
     def pass_on(signum: int, _frame) -> None:
-        received.append(signum)
         launcher.send_signal(signum)
 
     previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -259,8 +304,7 @@ def _launch(args) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    # torchrun exits 1 on a signal; report it as a shell would (130 for SIGINT).
-    return 128 + received[0] if received and status else status
+    return status  # 130 / 143 after a stop, as a shell reports it (rl.launch)
 
 
 # ----- eval, report, compress -----------------------------------------------------------
@@ -322,6 +366,7 @@ def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="balanced truncation of a finished run (post-training)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--tol", type=float, help="drop this fraction of Σ HSV per layer")
     group.add_argument(
@@ -335,7 +380,9 @@ def _add_compress(sub) -> None:
 def _compress(args) -> int:
     from compressm_rl.posthoc import compress_run
 
-    events = compress_run(args.run_dir, args.out, tol=args.tol, state_dims=args.state_dims)
+    events = compress_run(
+        args.run_dir, args.out, tol=args.tol, state_dims=args.state_dims, overwrite=args.overwrite
+    )
     for e in events:
         print(f"{e.layer}: n {e.n_before} -> {e.n_after}  bound {e.bound:.3g}  {e.status}")
     print(f"compressed run saved in {args.out}")
@@ -378,6 +425,12 @@ def _add_export(sub) -> None:
         help="write the .onnx file to --out even when parity fails (by default --out is "
         "left as it was, so a file there always means a checked export; ONNX only)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --out file that is not a previous export (ONNX only; a previous "
+        "export is always replaced)",
+    )
     p.set_defaults(handler=_export)
 
 
@@ -386,8 +439,8 @@ def _export(args) -> int:
     from export.onnx_export import DEFAULT_OPSET
     from export.parity import ParityError
 
-    if args.format == "c" and (args.opset is not None or args.keep_failed):
-        raise ValueError("--opset and --keep-failed apply to --format onnx only")
+    if args.format == "c" and (args.opset is not None or args.keep_failed or args.overwrite):
+        raise ValueError("--opset, --keep-failed and --overwrite apply to --format onnx only")
     checks = dict(
         parity_steps=args.parity_steps,
         parity_batch=args.parity_batch,
@@ -403,7 +456,12 @@ def _export(args) -> int:
         else:
             opset = args.opset or DEFAULT_OPSET
             policy, meta, report = export_run(
-                args.run_dir, out, opset=opset, keep_failed=args.keep_failed, **checks
+                args.run_dir,
+                out,
+                opset=opset,
+                keep_failed=args.keep_failed,
+                overwrite=args.overwrite,
+                **checks,
             )
     except ParityError as err:
         kept = f"written to {out} anyway" if args.keep_failed else f"{out} left as it was"
@@ -504,8 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from compressm_rl.rl.distributed import NonFiniteWeights, PeerStopped
     from compressm_rl.stopping import TrainingStopped
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of torchrun's: it dies with the job
+        from compressm_rl.rl.process import die_with_parent
+
+        die_with_parent()
     try:
         return args.handler(args)
     except (ValueError, OSError) as err:  # bad input, missing file, run directory busy
@@ -515,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # one line for a data-parallel job
             print(stopped, file=sys.stderr)
         return stopped.exit_status
+    except PeerStopped:  # a rank other than 0 whose peer left: that one said why
+        return 1
+    except NonFiniteWeights as err:  # training diverged: the last checkpoint is before it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print("stopped at once (Ctrl-C); files on disk are as last written", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ from compressm_rl.runs import TorchController, load_policy
 from compressm_rl.runs.files import atomic_write, atomic_write_dir
 from envs import make_env
 from export.bench import bench_callable
-from export.onnx_export import DEFAULT_OPSET, build_model
+from export.onnx_export import DEFAULT_OPSET, PRODUCER, build_model
 from export.parity import ParityError, check_parity
 from policies.actor_critic import ActorCritic
 
@@ -28,17 +28,28 @@ def export_run(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     keep_failed: bool = False,
+    overwrite: bool = False,
 ) -> tuple[ActorCritic, dict, dict | None]:
     """Export ``run_dir``'s actor to ``out`` and check it in closed loop, step by step
     against a float64 copy of the policy (``export.parity.check_parity``).
+
+    An existing ``out`` is replaced only if it is a previous export of this tool, or with
+    ``overwrite``; anything else there raises ValueError before any work.
 
     Returns the policy, the run's metadata and the parity report (None when
     ``parity_steps`` is 0). Raises ``ParityError`` when the export is out of tolerance;
     ``out`` is then left as it was, unless ``keep_failed`` puts the failed file there.
     """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give the .onnx file to write")
+    if out.exists() and not overwrite and not is_onnx_export(out):
+        raise ValueError(
+            f"{out} exists and is not an ONNX export of this tool; choose another --out, or "
+            "pass --overwrite to replace it"
+        )
     policy, meta = load_policy(run_dir)
     model = build_model(policy, meta["env_id"], meta["global_step"], opset=opset)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     reports: list[dict] = []
     failed: list[ParityError] = []
@@ -60,6 +71,17 @@ def export_run(
         raise failed[0]
     report = reports[0] if reports else None
     return policy, meta, report
+
+
+def is_onnx_export(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model written by this tool (its producer name)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnx raises several types for a file that is not a model
+        return False
+    return model.producer_name == PRODUCER
 
 
 def export_c_run(

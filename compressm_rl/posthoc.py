@@ -3,7 +3,6 @@ measured against (same balanced truncation, applied once at the end, no fine-tun
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from compressm_rl.compression import ReductionEvent, lru_layers
@@ -14,13 +13,18 @@ from compressm_rl.compression.lti import (
 )
 from compressm_rl.rl import make_optimizer
 from compressm_rl.runs import EventLog, load_checkpoint, save_checkpoint
-from compressm_rl.runs.config import CONFIG
+from compressm_rl.runs.config import CONFIG, check_replaceable
+from compressm_rl.runs.files import atomic_write, clear_run_dir, locked_run_dir
 from compressm_rl.runs.metrics import METRICS
 from policies.lti import MAX_RADIUS, DiagonalSystem
 
 
 def compress_run(
-    run_dir: Path, out_dir: Path, tol: float | None = None, state_dims: list[int] | None = None
+    run_dir: Path,
+    out_dir: Path,
+    tol: float | None = None,
+    state_dims: list[int] | None = None,
+    overwrite: bool = False,
 ) -> list[ReductionEvent]:
     """Reduce every LRU layer of ``run_dir``'s policy and save it as a new run ``out_dir``.
 
@@ -29,12 +33,18 @@ def compress_run(
     target unless no rank that fits can be re-diagonalised, so methods compare at equal
     sizes). The new run's optimiser starts afresh (moments of the old modes do not carry
     over).
+
+    ``out_dir`` follows ``train``'s rules (``runs.config.check_replaceable``): a run
+    there is replaced only with ``overwrite``, under its lock, and never ``run_dir`` itself.
     """
     if (tol is None) == (state_dims is None):
         raise ValueError("give exactly one of tol and state_dims")
     if tol is not None and not 0.0 < tol < 1.0:
         raise ValueError(f"tol = {tol} is out of range: a fraction of the HSV sum in (0, 1)")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.resolve() == run_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the run being compressed: choose a new directory")
+    check_replaceable(out_dir, overwrite)  # before any work: nothing of another run lost
     state = load_checkpoint(run_dir)
     policy = state.policy
     layers = lru_layers(policy)
@@ -66,14 +76,20 @@ def compress_run(
         lru.load_system(result.system)
 
     out_dir.mkdir(parents=True, exist_ok=True)  # after every layer is cut: no half-made run
-    for name in (CONFIG, METRICS):
-        if (run_dir / name).exists():
-            shutil.copy(run_dir / name, out_dir / name)
-    state.optimizer = make_optimizer(policy, state.config.ppo.lr)
-    save_checkpoint(out_dir, state)
-    log = EventLog(out_dir)
-    log.clear()
-    log.append(events)
+    with locked_run_dir(out_dir):  # a run being trained there is never written under it
+        check_replaceable(out_dir, overwrite)  # again, now that nobody else can write it
+        if overwrite:
+            clear_run_dir(out_dir)
+        for name in (CONFIG, METRICS):
+            if (run_dir / name).exists():
+                atomic_write(
+                    out_dir / name, lambda f, name=name: f.write((run_dir / name).read_bytes())
+                )
+        state.optimizer = make_optimizer(policy, state.config.ppo.lr)
+        save_checkpoint(out_dir, state)
+        log = EventLog(out_dir)
+        log.clear()
+        log.append(events)
     return events
 
 

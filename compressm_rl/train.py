@@ -50,7 +50,7 @@ from compressm_rl.runs.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from compressm_rl.runs.config import CONFIG, trained_with
+from compressm_rl.runs.config import CONFIG, check_replaceable, load_config, trained_with
 from compressm_rl.runs.files import clear_run_dir, remove_stale_temporaries
 from compressm_rl.runs.report import plot_hsv
 from compressm_rl.stopping import StopOnSignals, TrainingStopped
@@ -96,9 +96,10 @@ def train(
         progress: show a progress bar with env steps/s and the recent return.
         max_iterations: stop after this many iterations in this call (for tests and
             for simulating an interrupted run); the run stays resumable.
-        overwrite: empty ``run_dir`` first if it holds a run (``config.yaml``), once its
-            lock is held, so a run that another process is training is never deleted
-            under it; a directory that holds no run is never emptied.
+        overwrite: replace the run in ``run_dir``: the files this tool wrote there are
+            removed (``runs.files.clear_run_dir``) once its lock is held, so a run that
+            another process is training is never deleted under it; other files stay, and
+            a ``config.yaml`` that is not a run's is refused (``check_replaceable``).
 
     A run without a checkpoint yet (stopped before its first) resumes from step 0.
 
@@ -114,6 +115,8 @@ def train(
             (``compressm_rl.stopping``).
     """
     device = resolve_device(config.device)  # before any side effect: a clear error, no directory
+    if overwrite and not resume:
+        check_replaceable(run_dir, overwrite=True)  # never empties what is not a run
     world = init_world(device)  # torchrun's job, or a world of one
     run_dir = Path(run_dir)
     try:
@@ -124,7 +127,7 @@ def train(
         with locked_run_dir(run_dir):  # held by rank 0 for the whole job
             remove_stale_temporaries(run_dir)  # from a process killed mid-write
             if overwrite and not resume and (run_dir / CONFIG).exists():
-                clear_run_dir(run_dir)  # a run's directory, never any other
+                clear_run_dir(run_dir)  # only the files this tool wrote
             barrier(world)
             return _train(config, run_dir, resume, progress, max_iterations, device, world)
     finally:
@@ -165,7 +168,7 @@ def _train(
     # MuJoCo episodes in flight at a checkpoint are not saved: a resumed run restarts them.
     obs, _ = envs.reset(seed=seed + state.iteration)
     carry = start_carry(state.policy, envs, obs)
-    recent_returns: deque[float] = deque(maxlen=20)
+    recent_returns: deque[float] = deque(state.recent_returns, maxlen=20)
     bar = progress_display(num_iterations * steps_per_iteration, state.global_step, progress)
     start_time, start_step, wall_before = time.perf_counter(), state.global_step, state.wall_time
     result: IterationResult | None = None  # the last iteration of this call
@@ -174,6 +177,7 @@ def _train(
     def completed() -> dict:  # what a stop saves: the state after the last full iteration
         state.wall_time = wall_before + time.perf_counter() - start_time
         state.rng = rng_state()
+        state.recent_returns = list(recent_returns)
         return checkpoint_payload(state)
 
     last, saved_step = completed(), None
@@ -184,11 +188,11 @@ def _train(
             try:
                 with stop.interruptible():  # a stop abandons this part; `last` is kept
                     new_events = []
-                    if result is not None and _reduction_due(state):  # guards need a rollout
+                    # The guards run on the last rollout (kept in the state, so in the
+                    # checkpoint: a resumed run cuts where an uninterrupted one does).
+                    if _reduction_due(state) and state.guard_obs is not None:
                         left = num_iterations - state.iteration
-                        new_events = _compress(
-                            state, carry, result, recent_returns, run_dir, left, world
-                        )
+                        new_events = _compress(state, carry, recent_returns, run_dir, left, world)
                     if cfg.desired_kl is None:  # else the update adapts the lr itself
                         lr = scheduled_lr(config, state.iteration, num_iterations, state.policy)
                         for group in state.optimizer.param_groups:
@@ -197,7 +201,12 @@ def _train(
                     result = iteration(
                         state.policy, state.optimizer, envs, carry, state.reward_norm, cfg, world
                     )
-                    check_in_sync(state.policy, world)  # every rank took the same step
+                    check_in_sync(  # every rank took the same step, to finite weights
+                        state.policy,
+                        world,
+                        update=state.iteration + 1,
+                        step=state.global_step + steps_per_iteration,
+                    )
             except Exception:
                 if stop.signum is None:  # a real error (a worker env killed by the signal
                     raise  # is not one)
@@ -205,6 +214,7 @@ def _train(
             state.iteration += 1
             state.global_step += steps_per_iteration
             iterations_done += 1
+            _keep_guard_batch(state, result, world)
 
             finished = result.rollout.finished_returns
             recent_returns.extend(finished)
@@ -279,11 +289,15 @@ def _resume(
     """The run's checkpoint on ``device``, RNG restored, logs cut back to the checkpoint's
     step; a run stopped before its first checkpoint starts again from step 0. The device
     and the physics threads may differ from the run's (they are the machine's settings)."""
-    if not trained_with(run_dir, config):
+    # The run's length may change on resume (`train --resume DIR --total-steps N`).
+    saved_steps = load_config(run_dir).ppo.total_steps
+    if not trained_with(run_dir, replace(config, ppo=replace(config.ppo, total_steps=saved_steps))):
         raise ValueError(
             f"{run_dir} was trained with a different config; resume it with its own "
             f"config.yaml (compressm-rl train --resume {run_dir})"
         )
+    if config.ppo.total_steps != saved_steps and world.is_main:
+        save_config(run_dir, config)
     if not (run_dir / CHECKPOINT).exists():
         return _start(config, run_dir, envs, device, world)
     state = load_checkpoint(run_dir, device)
@@ -302,6 +316,17 @@ def _resume(
         MetricsLog(run_dir).truncate_after(state.global_step)
         EventLog(run_dir).drop_from(state.global_step)
     return state
+
+
+def _keep_guard_batch(state: TrainingState, result: IterationResult, world: World) -> None:
+    """Keep the rollout just collected (every rank's, gathered) in ``state`` while a
+    reduction is due at the next iteration: the compression guards' data."""
+    if _reduction_due(state):  # the same on every rank: gather_batches is a collective
+        rollout = result.rollout
+        state.guard_obs = gather_batches(rollout.obs.transpose(0, 1), world)
+        state.guard_reset = gather_batches(rollout.episode_start.transpose(0, 1), world)
+    else:
+        state.guard_obs = state.guard_reset = None
 
 
 def _reduction_due(state: TrainingState) -> bool:
@@ -330,7 +355,6 @@ def scheduled_lr(
 def _compress(
     state: TrainingState,
     carry: EnvCarry,
-    last: IterationResult,
     recent_returns: deque[float],
     run_dir: Path,
     iterations_left: int,
@@ -339,6 +363,7 @@ def _compress(
     """Between rollouts: shrink the LRU layers, map the envs' ongoing states, plot the
     spectra. The events are logged after the next rollout, with the return it reached.
 
+    The guards run on the last rollout, ``state.guard_obs`` / ``guard_reset``.
     Works wherever the policy lives: layers are read as float64 numpy on the CPU
     (``LRU.system``) and written back on the policy's device (``LRU.load_system``), the
     optimiser follows the new parameters there; the rollout's observations are on the
@@ -348,8 +373,7 @@ def _compress(
     and sends the decision to all (with cut-and-heal, the healed actor's weights too);
     every rank applies it to its identical policy and optimiser and maps its own envs'
     states."""
-    obs = gather_batches(last.rollout.obs.transpose(0, 1), world)
-    reset = gather_batches(last.rollout.episode_start.transpose(0, 1), world)
+    obs, reset = state.guard_obs, state.guard_reset
     # One event per iteration at most: points the run has no iterations left for do not
     # count, so a budget's last event is one that happens.
     events_left = min(len(state.reduction_steps) - state.next_reduction, iterations_left)
@@ -364,6 +388,7 @@ def _compress(
     before = _mean_or_none(recent_returns)
     events = [replace(e, step=state.global_step, return_before=before) for e in events]
     state.next_reduction += 1
+    state.guard_obs = state.guard_reset = None
     if world.is_main:
         title = f"{state.config.env_id}: reduction {state.next_reduction}"
         plot_hsv(

@@ -26,20 +26,29 @@ raising ``mujoco.FatalError``, and Python ``mjcb_*`` callbacks must not be set.
 
 The C source is built once with the host's C compiler (``cc``, or ``$CC``) into the
 user's cache directory, keyed by its hash, platform and compiler, and loaded with ctypes,
-whose calls release the GIL. Where that is not possible (no compiler, no POSIX threads,
-MuJoCo's library not found), :func:`parallel_physics` returns None with the reason and the
-envs step one by one.
+whose calls release the GIL. The cache directory is opened once without following a
+symbolic link and used through that descriptor; it, and the library in it, must be the
+user's own and writable by no one else, and the library is loaded through the descriptor
+that was checked, so another user can neither plant nor swap in code (a shared ``/tmp``
+with ``fs.protected_symlinks=0`` included). Where that is not possible (no compiler, no
+POSIX threads, MuJoCo's library not found, a cache directory or library that fails those
+checks), :func:`parallel_physics` returns None with the reason and the envs step one by
+one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import os
 import platform
+import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -211,20 +220,107 @@ def _mujoco_library() -> ctypes.CDLL:
 _library: ctypes.CDLL | None = None
 
 
-def _cache_directory() -> Path:
-    """``$XDG_CACHE_HOME/compressm-rl`` (``~/.cache``), or a per-user temporary one where
-    the home directory is not writable."""
+def _cache_directory() -> tuple[int, Path]:
+    """An open descriptor of ``$XDG_CACHE_HOME/compressm-rl`` (``~/.cache``), or of a
+    per-user temporary one where that cannot be created, and its path (for messages).
+
+    The directory is opened once, without following a symbolic link, and checked through
+    the descriptor (a directory, this user's, writable by nobody else); everything after
+    works relative to that descriptor, so swapping the path afterwards changes nothing.
+    """
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compressm-rl"
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        return cache
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / f"compressm-rl-{os.getuid()}"
-        fallback.mkdir(mode=0o700, exist_ok=True)
-        info = fallback.stat()  # a shared /tmp: load only a library this user built
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:
-            raise OSError(f"{fallback} belongs to another user or is writable by others") from None
-        return fallback
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _make_private_directory(cache)
+    except OSError:  # no writable home directory
+        cache = Path(tempfile.gettempdir()) / f"compressm-rl-{os.getuid()}"
+        _make_private_directory(cache)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(cache, flags)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(
+                f"the build cache {cache} is a symbolic link or not a directory; refusing to "
+                "use it (remove it, or point XDG_CACHE_HOME at a directory of your own)"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise OSError(f"the build cache {cache} belongs to another user; refusing to use it")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise OSError(
+                f"the build cache {cache} is writable by other users; refusing to use it "
+                f"(chmod go-w {shlex.quote(str(cache))})"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, cache
+
+
+def _make_private_directory(path: Path) -> None:
+    """``mkdir path`` (mode 0700) unless something is already there: a symbolic link is
+    left as it is (not followed) and refused when opened."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
+def _open_library(directory: int, name: str, where: Path) -> int | None:
+    """A descriptor of the built library ``name`` in the open ``directory``, opened without
+    following a link and checked (a regular file of this user's, writable by nobody else),
+    or None where there is none yet."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(f"{where / name} is a symbolic link; refusing to load it") from None
+        raise
+    info = os.fstat(fd)
+    problem = (
+        "is not a regular file"
+        if not stat.S_ISREG(info.st_mode)
+        else "belongs to another user"
+        if info.st_uid != os.getuid()
+        else "is writable by other users"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        else None
+    )
+    if problem:
+        os.close(fd)
+        raise OSError(f"{where / name} {problem}; refusing to load it (delete it to rebuild)")
+    return fd
+
+
+def _compile(compiler: list[str], directory: int, name: str) -> None:
+    """Compile ``C_SOURCE`` in a private temporary directory and put the library in the
+    open cache ``directory`` as ``name``: written under a fresh name there, then renamed
+    over ``name`` (atomic: a concurrent build leaves one whole file)."""
+    with tempfile.TemporaryDirectory(prefix="compressm-rl-build-") as tmp:  # mode 0700
+        source, built = Path(tmp) / "step_all.c", Path(tmp) / "step_all.so"
+        source.write_text(C_SOURCE)
+        flags = ["-O2", "-shared", "-fPIC", "-pthread"]
+        command = [*compiler, *flags, str(source), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{compiler[0]} failed: {result.stderr.strip()[-400:]}")
+        data = built.read_bytes()
+    partial = f".{name}.{os.getpid()}.{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(partial, flags, 0o700, dir_fd=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(partial, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial, dir_fd=directory)
+        raise
 
 
 def _build() -> ctypes.CDLL:
@@ -239,20 +335,29 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (cc) on PATH; install gcc or set CC")
     # One build per source, platform and compiler (a home directory may be shared).
     key = f"{C_SOURCE}{sys.platform}{platform.machine()}{compiler}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache = _cache_directory()
-    target = cache / f"step_all-{digest}.so"
-    if not target.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            source, built = Path(tmp) / "step_all.c", Path(tmp) / "step_all.so"
-            source.write_text(C_SOURCE)
-            flags = ["-O2", "-shared", "-fPIC", "-pthread"]
-            command = [*compiler, *flags, str(source), "-o", str(built)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode:
-                raise RuntimeError(f"{compiler[0]} failed: {result.stderr.strip()[-400:]}")
-            os.replace(built, target)  # atomic: a concurrent build leaves one whole file
-    library = ctypes.CDLL(str(target))
+    name = f"step_all-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    directory, where = _cache_directory()
+    try:
+        fd = _open_library(directory, name, where)
+        if fd is None:
+            _compile(compiler, directory, name)
+            fd = _open_library(directory, name, where)
+            if fd is None:
+                raise OSError(f"{where / name} vanished after it was built")
+    finally:
+        os.close(directory)
+    # Load the very file checked above, through its descriptor: nothing can be swapped in
+    # between. The descriptor stays open for the process, so the loader (which recognises
+    # a library already loaded by its path) never meets this path naming another file.
+    if Path(f"/proc/self/fd/{fd}").exists():
+        path = f"/proc/self/fd/{fd}"
+    else:  # no /proc (macOS): by name, in a directory only this user can write to
+        path = str(where / name)
+    try:
+        library = ctypes.CDLL(path)
+    except BaseException:
+        os.close(fd)
+        raise
     library.step_all.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
     library.step_all.restype = ctypes.c_int
     _library = library

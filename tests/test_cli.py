@@ -156,4 +156,4 @@ def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
     assert main([*argv, "--total-steps", "64", "--state-dim", "4", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep me" and (out / "sub").is_dir()
     assert main([*argv, "--total-steps", "64", "--state-dim", "4", "--overwrite"]) == 0
-    assert not (out / "notes.txt").exists()  # now it held a run: replaced whole
+    assert (out / "notes.txt").read_text() == "keep me"  # the run replaced, nothing else

@@ -115,6 +115,66 @@ def test_collectives_on_two_gloo_ranks_launched_by_torchrun(tmp_path):
     assert r0["diverged"] and r1["diverged"]  # both ranks see it
 
 
+# Each rank: identical models, then NaN / infinity put into them; what check_in_sync says.
+NON_FINITE_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from compressm_rl.rl import distributed as D
+    from policies.actor_critic import ActorCritic
+
+    world = D.init_world("cpu")
+    torch.manual_seed(0)
+    policy = ActorCritic(5, 2, -np.ones(2), np.ones(2), width=8, state_dims=[3, 2])
+    D.broadcast_module(policy, world)
+    D.check_in_sync(policy, world)  # in sync and finite: passes
+
+    def outcome(**step):
+        try:
+            D.check_in_sync(policy, world, **step)
+            return None
+        except Exception as error:  # the same class and message on every rank, or a bug
+            return [type(error).__name__, str(error)]
+
+    nu = policy.actor.blocks[1].lru.nu_log
+    with torch.no_grad():
+        kept = nu.clone()
+        nu[0] = float("nan")  # a blow-up: the same NaN on every rank
+    same_nan = outcome()
+    with torch.no_grad():
+        nu.copy_(kept)
+        if world.rank == 1:  # one rank's statistics overflow
+            policy.obs_norm.var[2] = float("inf")
+    one_inf = outcome(update=7, step=896)
+    json.dump({"same_nan": same_nan, "one_inf": one_inf},
+              open(f"{sys.argv[1]}/rank{world.rank}.json", "w"))
+    D.shutdown(world)
+    """
+)
+
+
+def test_non_finite_weights_are_reported_as_a_diverged_training_not_a_bug(tmp_path):
+    """NaN in identical weights on every rank is a training blow-up, not ranks out of step
+    (NaN != NaN): every rank raises ``NonFiniteWeights`` naming the tensor and the update."""
+    script = tmp_path / "worker.py"
+    script.write_text(NON_FINITE_WORKER)
+    proc = torchrun(script, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
+    assert r0 == r1  # every rank takes the same decision, with the same words
+    kind, message = r0["same_nan"]
+    assert kind == "NonFiniteWeights", message
+    assert message.startswith("parameter 'actor.blocks.1.lru.nu_log' holds NaN (on every rank)")
+    assert "training diverged" in message and "bug" not in message
+    kind, message = r0["one_inf"]
+    assert kind == "NonFiniteWeights", message
+    assert message.startswith(
+        "buffer 'obs_norm.var' holds infinity at update 7, env step 896 (on rank 1): "
+        "training diverged; lower the learning rate"
+    )
+
+
 def test_merge_moments_equals_the_statistics_of_all_the_data():
     rng = np.random.default_rng(0)
     first, *parts = (rng.normal(loc=k, scale=k + 1, size=(20 + 7 * k, 4)) for k in range(4))
@@ -259,6 +319,7 @@ def test_ctrl_c_stops_a_two_rank_job_saved_and_it_resumes(tmp_path):
     assert job.returncode == 130, stderr[-3000:]
     assert time.monotonic() - start < 60
     assert stderr.count("stopped by SIGINT") == 1
+    assert "Traceback" not in stderr and len(stderr.splitlines()) <= 3, stderr
     from compressm_rl.runs import load_checkpoint
 
     rows = metrics.read_text().splitlines()[1:]
@@ -274,6 +335,76 @@ def test_ctrl_c_stops_a_two_rank_job_saved_and_it_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [int(line.split(",")[1]) for line in metrics.read_text().splitlines()[1:]]
     assert steps == list(range(128, 769, 128))
+
+
+def _train_command(tmp_path: Path, run: Path, total_steps: int) -> list[str]:
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "ppo": TINY_PPO}))
+    command = [sys.executable, "-m", "compressm_rl.cli", "train", "--env", "Hopper-v5"]
+    command += ["--total-steps", str(total_steps), "--config", str(config), "--out", str(run)]
+    return [*command, "--nproc", "2", "--no-progress"]
+
+
+def test_nproc_is_bounded_by_the_cpus(tmp_path, capsys):
+    from compressm_rl.cli import main
+
+    assert main(["train", "--env", "Hopper-v5", "--out", str(tmp_path / "r"), "--nproc", "1000"])
+    assert "--nproc = 1000 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_busy_run_directory_is_one_line_with_two_ranks(tmp_path):
+    from compressm_rl.runs import locked_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with locked_run_dir(run):  # another process trains there
+        job = subprocess.run(
+            _train_command(tmp_path, run, 256), cwd=ROOT, capture_output=True, text=True
+        )
+    assert job.returncode == 2, job.stderr[-3000:]
+    assert job.stderr.count("another process is training") == 1, job.stderr
+    assert "Traceback" not in job.stderr and len(job.stderr.splitlines()) == 1, job.stderr
+
+
+def test_the_ranks_die_with_a_killed_launcher(tmp_path):
+    """`kill -9` of `train --nproc 2`: torchrun and the ranks stop (SIGTERM: saved) and
+    release the run directory, instead of training on detached."""
+    import os
+    import signal
+    import time
+
+    from compressm_rl.runs import locked_run_dir
+
+    run = tmp_path / "run"
+    job = subprocess.Popen(_train_command(tmp_path, run, 100_000), cwd=ROOT)
+    metrics, deadline = run / "metrics.csv", time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert job.poll() is None and time.monotonic() < deadline, "no iteration finished"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with locked_run_dir(run):
+                break  # the ranks are gone: rank 0 held the lock until it exited
+        except OSError:
+            assert time.monotonic() < deadline, "the ranks still train after their launcher died"
+            time.sleep(0.2)
+    while leftovers := [p for p in os.listdir("/proc") if p.isdigit() and _runs_in(p, run)]:
+        assert time.monotonic() < deadline, f"processes {leftovers} outlived their launcher"
+        time.sleep(0.2)
+
+
+def _runs_in(pid: str, run: Path) -> bool:
+    """Whether process ``pid`` runs a command naming ``run`` (a zombie names nothing)."""
+    try:
+        return str(run) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
 
 
 def test_a_rank_that_dies_ends_the_job_non_zero(tmp_path):

@@ -175,21 +175,68 @@ class RanksDiverged(RuntimeError):
     """The ranks' models differ: a collective was skipped or a decision taken locally."""
 
 
+class NonFiniteWeights(RuntimeError):
+    """A parameter or buffer holds NaN or infinity: training diverged (not a bug in the
+    data parallelism). Raised on every rank alike."""
+
+
 @torch.no_grad()
-def check_in_sync(module: nn.Module, world: World) -> None:
-    """Raise ``RanksDiverged`` unless every rank holds the same parameters and buffers
-    (a float64 checksum per rank, gathered; one small collective per call)."""
+def check_in_sync(
+    module: nn.Module, world: World, update: int | None = None, step: int | None = None
+) -> None:
+    """Raise ``NonFiniteWeights`` if any rank's parameters or buffers hold NaN or infinity
+    (naming the first such tensor, and ``update``/``step``, the update and env step just
+    taken, where given), else ``RanksDiverged`` unless every rank holds the same ones (a
+    float64 checksum per rank, gathered; one small collective per call, and one more where
+    a checksum is not finite)."""
     if not world.distributed:
         return
-    weights = [t.detach().double().reshape(-1) for t in [*module.parameters(), *module.buffers()]]
+    named = [*module.named_parameters(), *module.named_buffers()]
+    weights = [t.detach().double().reshape(-1) for _, t in named]
     flat = torch.cat(weights).cpu()
     positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
     local = torch.stack([flat.sum(), (flat * positions.sqrt()).sum()])
     gathered = [torch.empty_like(local) for _ in range(world.size)]
     dist.all_gather(gathered, local)
+    # Sums of float32 weights in float64 are finite exactly when every weight is; every
+    # rank sees the same sums, so all of them take the extra collective, or none does.
+    if not all(bool(torch.isfinite(g).all()) for g in gathered):
+        parameters = sum(1 for _ in module.parameters())
+        _raise_non_finite(named, parameters, world, update, step)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         sums = ", ".join(f"rank {k}: {g[0].item():.17g}" for k, g in enumerate(gathered))
         raise RanksDiverged(f"the ranks' models differ ({sums}); this is a bug, please report it")
+
+
+def _raise_non_finite(
+    named: list, parameters: int, world: World, update: int | None, step: int | None
+) -> None:
+    """Raise ``NonFiniteWeights``, with the same message on every rank, for the first
+    non-finite tensor of the lowest rank that holds one (``named``: parameters, the first
+    ``parameters`` of them, then buffers). Returns where none does (a checksum overflowed)."""
+    first, nan = -1, 0
+    for i, (_, tensor) in enumerate(named):
+        if not bool(torch.isfinite(tensor).all()):
+            first, nan = i, int(bool(torch.isnan(tensor).any()))
+            break
+    local = torch.tensor([float(first), float(nan)], dtype=torch.float64)
+    found = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(found, local)
+    ranks = [k for k, f in enumerate(found) if f[0].item() >= 0]
+    if not ranks:
+        return
+    index, nan = int(found[ranks[0]][0].item()), bool(found[ranks[0]][1].item())
+    kind = "parameter" if index < parameters else "buffer"
+    where = [f"update {update}" if update is not None else None]
+    where.append(f"env step {step}" if step is not None else None)
+    at = ", ".join(w for w in where if w)
+    on = "every rank" if len(ranks) == world.size else "rank " + ", ".join(map(str, ranks))
+    raise NonFiniteWeights(
+        f"{kind} {named[index][0]!r} holds {'NaN' if nan else 'infinity'}"
+        f"{f' at {at}' if at else ''} (on {on}): training diverged; lower the learning rate "
+        "(ppo.lr) or the gradient clip (ppo.max_grad_norm), or check the env's rewards and "
+        "observations for non-finite values"
+    )
 
 
 def gather_batches(x: torch.Tensor, world: World) -> torch.Tensor:
@@ -219,9 +266,18 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+class PeerStopped(RuntimeError):
+    """Another rank left the job at a barrier (it reports why itself)."""
+
+
 def barrier(world: World) -> None:
+    """Wait for every rank. Raises ``PeerStopped`` if one left the job instead (e.g. rank 0
+    found the run directory busy): that rank's own message is the one to show."""
     if world.distributed:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as err:  # gloo: "Connection closed by peer"
+            raise PeerStopped(f"rank {world.rank}: another rank left the job ({err})") from None
 
 
 def shutdown(world: World) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import signal
 import sys
 
 import torch
@@ -45,3 +47,22 @@ def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes) and mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux's
+    ``PR_SET_PDEATHSIG``), so that a data-parallel job never outlives the command that
+    launched it (``kill -9`` of the launcher included). ``parent``: the pid expected as
+    the parent; if it already died, ``sig`` is raised now. Returns False where this is
+    not Linux (nothing set)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
+        signal.raise_signal(sig)  # the parent died before the request took effect
+    return True

@@ -34,6 +34,13 @@ class TrainingState:
     ``next_reduction`` indexes the next one due. ``wall_time`` is training seconds so
     far; ``rng`` the global torch/numpy RNG states when saved (``rng_state``, rank 0's
     in a data-parallel run of ``world_size`` ranks).
+
+    ``guard_obs`` and ``guard_reset`` (``[envs, T, obs_dim]``, ``[envs, T]``, every rank's
+    envs) are the last rollout's observations and episode starts while a reduction is due
+    at the next iteration: the compression guards run on them, so a run resumed from this
+    checkpoint makes that reduction at the same step, on the same data, as one that was
+    never stopped. ``recent_returns`` (up to 20 episode returns) feeds the progress bar and
+    the events' ``return_before``.
     """
 
     config: TrainConfig
@@ -47,6 +54,9 @@ class TrainingState:
     wall_time: float = 0.0
     rng: dict | None = None
     world_size: int = 1
+    guard_obs: torch.Tensor | None = None
+    guard_reset: torch.Tensor | None = None
+    recent_returns: list[float] = field(default_factory=list)
 
 
 def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
@@ -76,6 +86,9 @@ def checkpoint_payload(state: TrainingState) -> dict:
         "reward_norm": state.reward_norm.state_dict() if state.reward_norm is not None else {},
         "rng": state.rng if state.rng is not None else rng_state(),
         "config": state.config.to_dict(),
+        "guard_obs": state.guard_obs,
+        "guard_reset": state.guard_reset,
+        "recent_returns": [float(r) for r in state.recent_returns],
     }
     return copy.deepcopy(_on_cpu(payload))
 
@@ -147,7 +160,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> TrainingS
         wall_time=float(payload.get("wall_time", 0.0)),
         rng=payload["rng"],
         world_size=int(payload.get("world_size", 1)),
+        guard_obs=_to(payload.get("guard_obs"), device),
+        guard_reset=_to(payload.get("guard_reset"), device),
+        recent_returns=[float(r) for r in payload.get("recent_returns", [])],
     )
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def load_policy(run_dir: Path) -> tuple[ActorCritic, dict]:

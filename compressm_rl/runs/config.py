@@ -198,3 +198,28 @@ def load_config(run_dir: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
     return TrainConfig.from_dict(data)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """The rule for writing a new run into ``out`` (``train --out``, ``compress --out``):
+    a directory without ``config.yaml`` takes a new run; one with a run of this tool is
+    replaced only with ``overwrite`` (and then only the files this tool wrote:
+    ``runs.files.clear_run_dir``); one whose ``config.yaml`` is not a run's is never
+    touched. Raises ValueError naming the case and the way out; writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory: choose another --out")
+    if not (out / CONFIG).exists():
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out} already holds a run; pass --resume {out} to continue it or --overwrite "
+            "to replace it"
+        )
+    try:
+        load_config(out)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{out} holds a {CONFIG} that is not a compressm-rl run's ({err}); --overwrite "
+            "replaces only a run of this tool: choose another --out"
+        ) from None

@@ -49,15 +49,37 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Delete everything in ``run_dir`` but its lock (call while holding the lock)."""
-    for child in Path(run_dir).iterdir():
-        if child.name == LOCK:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+# What this tool writes into a run directory, all told: the trainer's files, the report,
+# and `export`'s and `bench --out-dir`'s default outputs. `--overwrite` removes these and
+# nothing else: a file the tool did not write is never deleted.
+RUN_OUTPUTS = (
+    *TRAINER_FILES,
+    "report.md",
+    "learning_curve.png",
+    "policy.onnx",
+    "latency.md",
+    "latency.json",
+    "latency_hist.png",
+)
+C_EXPORT_DIR = "policy_c"  # removed only while it holds a C export's policy.c
+
+
+def clear_run_dir(run_dir: Path) -> list[Path]:
+    """Delete the files this tool wrote in ``run_dir`` (``RUN_OUTPUTS``, and the default C
+    export directory) and nothing else; call while holding the lock, on a directory known
+    to hold a run (``runs.config.check_replaceable``). Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for pattern in RUN_OUTPUTS:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    c_export = run_dir / C_EXPORT_DIR
+    if c_export.is_dir() and not c_export.is_symlink() and (c_export / "policy.c").is_file():
+        shutil.rmtree(c_export)
+        removed.append(c_export)
+    return removed
 
 
 def atomic_write(
