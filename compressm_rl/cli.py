@@ -512,6 +512,11 @@ def _bench(args) -> int:
     from compressm_rl.runs.files import atomic_write, atomic_write_text
     from export.bench import machine_info, markdown_table, run_benchmarks, save_histogram, to_json
 
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(
+            f"--steps {args.steps} --warmup {args.warmup} is out of range: at least 1 timed "
+            "step and 0 warm-up steps"
+        )
     results = run_benchmarks(args.models, args.steps, args.warmup, args.provider)
     if args.run:
         from compressm_rl.deploy import bench_torch
@@ -564,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from compressm_rl.rl.distributed import NonFiniteWeights, PeerStopped
     from compressm_rl.stopping import TrainingStopped
+    from export.c_build import ToolchainError
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of torchrun's: it dies with the job
         from compressm_rl.rl.process import die_with_parent
@@ -578,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # one line for a data-parallel job
             print(stopped, file=sys.stderr)
         return stopped.exit_status
+    except ToolchainError as err:  # a C export that does not build (one line naming it)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except PeerStopped:  # a rank other than 0 whose peer left: that one said why
         return 1
     except NonFiniteWeights as err:  # training diverged: the last checkpoint is before it

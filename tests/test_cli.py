@@ -157,3 +157,61 @@ def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me" and (out / "sub").is_dir()
     assert main([*argv, "--total-steps", "64", "--state-dim", "4", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep me"  # the run replaced, nothing else
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-iteration InvertedPendulum run (an SSM of 4 states a layer)."""
+    from compressm_rl.train import train
+    from conftest import make_tiny_config
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    train(make_tiny_config(state_dim=4), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_bench_steps_out_of_range_is_one_line(tiny_run, tmp_path, capsys, steps):
+    out = tmp_path / "p.onnx"
+    assert main(["export", str(tiny_run), "--parity-steps", "0", "--out", str(out)]) == 0
+    assert main(["bench", str(tmp_path / "p.onnx"), "--steps", steps]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_eval_on_another_task_names_the_sizes(tiny_run, capsys):
+    assert main(["eval", str(tiny_run), "--env", "Hopper-v5", "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "observations of size 4" in err and "size 11" in err, err
+
+
+@pytest.mark.parametrize("damage", ["missing key", "wrong shape"])
+def test_a_hand_built_checkpoint_is_named_not_half_loaded(tiny_run, tmp_path, capsys, damage):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    if damage == "missing key":
+        del payload["optimizer"]
+    else:
+        name = next(k for k in payload["policy"] if k.endswith("weight"))
+        payload["policy"][name] = torch.zeros(3, 3)
+    torch.save(payload, run / "checkpoint.pt")
+    assert main(["eval", str(run), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not hold a complete compressm-rl training state" in err
+
+
+def test_a_c_export_that_does_not_compile_is_one_line(tiny_run, tmp_path, capsys):
+    out = tmp_path / "c"
+    export = ["export", str(tiny_run), "--format", "c", "--parity-steps", "0", "--out"]
+    assert main([*export, str(out)]) == 0
+    capsys.readouterr()
+    source = out / "policy.c"
+    source.write_text(source.read_text() + "\nthis is not C;\n")
+    for command in (["eval", str(out), "--episodes", "1"], ["bench", str(out), "--steps", "10"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "policy.c" in err, err

@@ -173,6 +173,44 @@ def test_a_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch
     assert not list(run.glob(".checkpoint.pt.*"))
 
 
+def test_a_full_disk_during_torch_save_is_one_line(tmp_path, monkeypatch, tiny_config, capsys):
+    """ENOSPC inside torch.save (its writer turns it into "unexpected pos"): the command
+    says the disk is full in one line, and the previous checkpoint is intact."""
+    from compressm_rl.cli import main
+    from compressm_rl.runs import files
+
+    run = tmp_path / "run"
+    config = tiny_config(total_steps=4 * ITERATION, checkpoint_every=1)
+    train(config, run, progress=False, max_iterations=2)
+    before = (run / "checkpoint.pt").read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # the file system takes 10 kB, then reports ENOSPC
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 10_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(files.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device while writing" in err, err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, tiny_config):
     run = tmp_path / "run"
     config = tiny_config(total_steps=3 * ITERATION, checkpoint_every=1)

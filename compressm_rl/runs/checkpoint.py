@@ -111,7 +111,21 @@ def _on_cpu(value):
 def write_checkpoint(run_dir: Path, payload: dict) -> Path:
     """Write a ``checkpoint_payload`` to ``run_dir/checkpoint.pt`` atomically."""
     path = Path(run_dir) / CHECKPOINT
-    atomic_write(path, lambda f: torch.save(payload, f))
+
+    def write(f) -> None:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as err:  # torch's writer hides a failed write (ENOSPC, EIO)
+            failed = err.__context__  # behind "unexpected pos": say what happened
+            if not isinstance(failed, OSError):
+                raise
+            raise OSError(
+                failed.errno,
+                f"{failed.strerror} while writing {path}; the previous checkpoint is kept: "
+                "free space and resume the run",
+            ) from None
+
+    atomic_write(path, write)
     return path
 
 
@@ -135,6 +149,19 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> TrainingS
         ) from err
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a compressm-rl checkpoint (format {FORMAT_VERSION})")
+    try:
+        return _state_from(payload, device)
+    except (KeyError, TypeError, RuntimeError, IndexError) as err:  # a key or a shape off
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise ValueError(
+            f"checkpoint {path} does not hold a complete compressm-rl training state "
+            f"({type(err).__name__}: {what}); restore it from a copy, or delete it to train "
+            "the run again"
+        ) from None
+
+
+def _state_from(payload: dict, device: torch.device | str) -> TrainingState:
+    """The live objects of a checkpoint's payload (raises on a missing key or shape)."""
     config = TrainConfig.from_dict(payload["config"])
     policy = ActorCritic.from_architecture(
         payload["architecture"], payload["action_low"], payload["action_high"]

@@ -87,8 +87,22 @@ def load_controller(target: Path) -> tuple[Controller, str]:
 
 
 def evaluate(controller: Controller, env_id: str, episodes: int = 10, seed: int = 0) -> np.ndarray:
-    """Undiscounted returns of ``episodes`` deterministic episodes, ``[episodes]`` float64."""
+    """Undiscounted returns of ``episodes`` deterministic episodes, ``[episodes]`` float64.
+
+    Raises ValueError if the controller's observation or action size is not the env's
+    (e.g. a policy trained on another task)."""
     env = make_env(env_id)
+    sizes = {
+        "observation": (_size(controller, "obs_dim"), env.observation_space.shape[0]),
+        "action": (_size(controller, "act_dim"), env.action_space.shape[0]),
+    }
+    for what, (policy_size, env_size) in sizes.items():
+        if policy_size is not None and policy_size != env_size:
+            env.close()
+            raise ValueError(
+                f"the policy takes {what}s of size {policy_size} and {env_id}'s are of size "
+                f"{env_size}: it was trained on another task (leave --env out to use its own)"
+            )
     returns = np.zeros(episodes)
     try:
         for k in range(episodes):
@@ -102,3 +116,11 @@ def evaluate(controller: Controller, env_id: str, episodes: int = 10, seed: int 
     finally:
         env.close()
     return returns
+
+
+def _size(controller: Controller, name: str) -> int | None:
+    """``obs_dim`` / ``act_dim`` of any controller that has one (a TorchController's policy)."""
+    value = getattr(controller, name, None)
+    if value is None and isinstance(controller, TorchController):
+        value = getattr(controller.policy, name)
+    return None if value is None else int(value)
