@@ -162,8 +162,9 @@ def test_overwrite_never_empties_a_directory_that_holds_no_run(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A one-iteration InvertedPendulum run (an SSM of 4 states a layer)."""
-    from compressm_rl.train import train
     from conftest import make_tiny_config
+
+    from compressm_rl.train import train
 
     run = tmp_path_factory.mktemp("cli") / "run"
     train(make_tiny_config(state_dim=4), run, progress=False)
