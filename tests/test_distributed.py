@@ -192,6 +192,19 @@ def test_a_world_of_one_communicates_nothing():
     assert world.is_main and not world.distributed
 
 
+def test_a_non_finite_weight_in_a_world_of_one_is_named():
+    import torch
+
+    from compressm_rl.rl.distributed import NonFiniteWeights, check_in_sync
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    check_in_sync(module, World(), update=4, step=256)  # finite: nothing to say
+    with torch.no_grad():
+        module[1].bias[0] = float("inf")
+    with pytest.raises(NonFiniteWeights, match=r"parameter '1.bias' holds infinity at update 4"):
+        check_in_sync(module, World(), update=4, step=256)
+
+
 # ----- the runner on two ranks ------------------------------------------------------------
 TINY = {"state_dim": 8, "width": 16, "seed": 3}
 TINY_PPO = {"num_envs": 2, "rollout_steps": 32, "seq_len": 16, "epochs": 2, "minibatches": 2}

@@ -188,16 +188,16 @@ def check_in_sync(
     (naming the first such tensor, and ``update``/``step``, the update and env step just
     taken, where given), else ``RanksDiverged`` unless every rank holds the same ones (a
     float64 checksum per rank, gathered; one small collective per call, and one more where
-    a checksum is not finite)."""
-    if not world.distributed:
-        return
+    a checksum is not finite). In a world of one only the finiteness is checked."""
     named = [*module.named_parameters(), *module.named_buffers()]
     weights = [t.detach().double().reshape(-1) for _, t in named]
     flat = torch.cat(weights).cpu()
     positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
     local = torch.stack([flat.sum(), (flat * positions.sqrt()).sum()])
-    gathered = [torch.empty_like(local) for _ in range(world.size)]
-    dist.all_gather(gathered, local)
+    gathered = [local]
+    if world.distributed:
+        gathered = [torch.empty_like(local) for _ in range(world.size)]
+        dist.all_gather(gathered, local)
     # Sums of float32 weights in float64 are finite exactly when every weight is; every
     # rank sees the same sums, so all of them take the extra collective, or none does.
     if not all(bool(torch.isfinite(g).all()) for g in gathered):
@@ -220,8 +220,10 @@ def _raise_non_finite(
             first, nan = i, int(bool(torch.isnan(tensor).any()))
             break
     local = torch.tensor([float(first), float(nan)], dtype=torch.float64)
-    found = [torch.empty_like(local) for _ in range(world.size)]
-    dist.all_gather(found, local)
+    found = [local]
+    if world.distributed:
+        found = [torch.empty_like(local) for _ in range(world.size)]
+        dist.all_gather(found, local)
     ranks = [k for k, f in enumerate(found) if f[0].item() >= 0]
     if not ranks:
         return
