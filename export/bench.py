@@ -9,8 +9,10 @@ p50/p90/p99/max in µs and steps/s. Two floor rows time an Identity graph, the l
 do per call (through IOBinding, the path ``OnnxPolicy`` uses, and through ``session.run``).
 A C export (its directory or ``policy.c``) is compiled with a generated timing harness and
 timed inside C (``export.c_build.bench_c``), on the same observations, with the clock's own
-floor as a row. The identity model is embedded as serialised bytes so the ``onnx`` package
-is not needed.
+floor as a row. It is built with the portable ``export.c_build.HOST_FLAGS``, the build the
+export's README documents for a deployment target; ``--native`` adds ``-march=native``
+(this machine's full instruction set: faster where FMA/AVX pay, and only valid here). The
+identity model is embedded as serialised bytes so the ``onnx`` package is not needed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ from typing import BinaryIO
 import numpy as np
 import onnxruntime as ort
 
-from export.c_build import bench_c, is_c_export, read_header_dims, read_metadata, source_dir
+from export.c_build import (
+    HOST_FLAGS,
+    NATIVE_FLAGS,
+    ToolchainError,
+    bench_c,
+    is_c_export,
+    read_header_dims,
+    read_metadata,
+    source_dir,
+)
 from export.runtime import OnnxPolicy, make_session
 
 # Identity graph, x [batch, n] float32 -> y, opset 13, IR 7 (written once with onnx.helper).
@@ -134,8 +145,9 @@ def onnx_row_info(policy: OnnxPolicy) -> dict:
     )
 
 
-def c_row_info(sources: Path) -> dict:
-    """What a latency row says of a C export (``source_dir``) besides its times."""
+def c_row_info(sources: Path, flags: list[str] | None = None) -> dict:
+    """What a latency row says of a C export (``source_dir``) besides its times, with the
+    compiler flags it was built with (``HOST_FLAGS`` if None)."""
     meta = read_metadata(sources)
     return dict(
         kind="c",
@@ -143,6 +155,7 @@ def c_row_info(sources: Path) -> dict:
         state_dims=json.loads(meta.get("layer_state_dims", "[]")),
         nodes=int(meta["num_nodes"]) if "num_nodes" in meta else None,
         obs_dim=read_header_dims(sources)[0],
+        c_flags=" ".join(HOST_FLAGS if flags is None else flags),
     )
 
 
@@ -291,12 +304,17 @@ def bench_c_export(
     warmup: int = DEFAULT_WARMUP,
     seed: int = 0,
     name: str | None = None,
+    native: bool = False,
 ) -> tuple[dict, dict]:
     """Latency of a C export's ``policy_step`` timed inside C, and the timer's floor row
-    (two ``clock_gettime`` calls with nothing between)."""
+    (two ``clock_gettime`` calls with nothing between). Built with the portable
+    ``HOST_FLAGS``, or with ``native`` ``NATIVE_FLAGS`` (``-march=native``: this machine
+    only). Raises ``ToolchainError`` (one line: the file and the compiler's first error)
+    when it does not build."""
     sources = source_dir(path)
-    result = bench_c(sources, steps, warmup, seed)
-    row = latency_stats(name or f"C {sources.name}", result.times_ns, **c_row_info(sources))
+    flags = NATIVE_FLAGS if native else HOST_FLAGS
+    result = bench_c(sources, steps, warmup, seed, flags=flags)
+    row = latency_stats(name or f"C {sources.name}", result.times_ns, **c_row_info(sources, flags))
     floor = latency_stats("C clock floor (clock_gettime pair)", result.floor_ns, kind="floor")
     return row, floor
 
@@ -307,8 +325,10 @@ def run_benchmarks(
     warmup: int = DEFAULT_WARMUP,
     provider: str = "CPUExecutionProvider",
     io_binding: bool = True,
+    native: bool = False,
 ) -> list[dict]:
-    """Identity floors first, then each model (ONNX or C export), all in this process."""
+    """Identity floors first, then each model (ONNX or C export), all in this process
+    (``native``: C exports built with ``-march=native``, see ``bench_c_export``)."""
     results = [
         bench_identity(steps, warmup, provider, io_binding=True),
         bench_identity(steps, warmup, provider, io_binding=False),
@@ -316,7 +336,7 @@ def run_benchmarks(
     c_floor = None
     for path in paths:
         if is_c_export(path):
-            row, c_floor = bench_c_export(path, steps, warmup)
+            row, c_floor = bench_c_export(path, steps, warmup, native=native)
             results.append(row)
         else:
             results.append(bench_session(path, steps, warmup, provider, io_binding))
@@ -334,14 +354,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed first steps")
     parser.add_argument("--provider", default="CPUExecutionProvider")
     parser.add_argument("--no-io-binding", action="store_true", help="time session.run instead")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="build C exports with -march=native (this machine's instruction set; the "
+        "default is the portable build a deployment target gets)",
+    )
     parser.add_argument("--json", metavar="OUT", help="write results and machine info here")
     parser.add_argument("--hist", metavar="PNG", help="latency histogram (needs matplotlib)")
     args = parser.parse_args(argv)
     try:
         results = run_benchmarks(
-            args.models, args.steps, args.warmup, args.provider, not args.no_io_binding
+            args.models,
+            args.steps,
+            args.warmup,
+            args.provider,
+            not args.no_io_binding,
+            native=args.native,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ToolchainError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     machine = machine_info(args.provider)

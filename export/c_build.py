@@ -5,10 +5,14 @@ Needs only numpy and a C compiler (no torch, gymnasium, onnx): it runs on the ta
 device like ``export.bench``. Every build goes into a fresh directory; nothing is written
 next to the sources.
 
-Flags (measured, docs/design.md §8): ``-O3 -march=native -fno-trapping-math
--ffp-contract=fast``. ``-fno-trapping-math`` lets gcc turn the clamps of erf/exp into
-vector min/max, so GELU vectorises (1.2 µs vs 3.3 µs a step, n = 25, AMD EPYC); it changes
-no result. ``-ffp-contract=fast`` fuses multiply-adds (rounding once instead of twice).
+Flags (measured, docs/design.md §8): ``HOST_FLAGS``, ``-O3 -fno-trapping-math
+-ffp-contract=fast``, portable: the object runs on every CPU of the architecture.
+``-fno-trapping-math`` lets gcc turn the clamps of erf/exp into vector min/max, so GELU
+vectorises (1.2 µs vs 3.3 µs a step, n = 25, AMD EPYC); it changes no result.
+``-ffp-contract=fast`` fuses multiply-adds (rounding once instead of twice) where the
+instruction set has them. ``NATIVE_FLAGS`` adds ``-march=native``, opt-in, for a build
+that runs only on the machine that built it: it may use FMA, AVX2 or AVX-512, and dies
+with SIGILL on a CPU without them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 SOURCE_NAME, HEADER_NAME = "policy.c", "policy.h"
 METADATA_TAG = "compressm-rl metadata:"  # a line of policy.c: this tag, then the JSON
 C_STANDARD = ["-std=c99", "-Wall", "-Wextra", "-Werror"]
-HOST_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast"]
+HOST_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]  # portable
+NATIVE_FLAGS = [*HOST_FLAGS, "-march=native"]  # only for the machine that builds it
 AARCH64_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-static"]
 CORTEX_M4_FLAGS = [
     "-mcpu=cortex-m4",
@@ -124,7 +129,32 @@ int main(int argc, char **argv)
 
 
 class ToolchainError(RuntimeError):
-    """A compiler or emulator is missing, or a build or run failed."""
+    """A compiler or emulator is missing, or a build or run failed.
+
+    ``str(error)`` is one line: what failed (naming the file) and the tool's first error
+    line. ``command``, ``returncode`` and ``stderr`` hold the whole story (None for a
+    missing tool).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        command: list[str] | None = None,
+        returncode: int | None = None,
+        stderr: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.command, self.returncode, self.stderr = command, returncode, stderr
+
+
+def first_error_line(stderr: str) -> str:
+    """The line of a compiler's (or program's) output that says what went wrong: the first
+    with ``error`` in it, else the first non-empty one; "" for no output."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"\berror\b", line, re.IGNORECASE):
+            return line
+    return lines[0] if lines else ""
 
 
 def find_tool(name: str) -> str:
@@ -162,8 +192,15 @@ def _run(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess
     result = subprocess.run(command, capture_output=True, **kwargs)
     if result.returncode != 0:
         stderr = result.stderr.decode(errors="replace") if isinstance(result.stderr, bytes) else ""
+        first = first_error_line(stderr)
+        status = (
+            f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+        )
         raise ToolchainError(
-            f"{what} failed (exit {result.returncode}): {' '.join(command)}\n{stderr}"
+            f"{what} failed ({status})" + (f": {first}" if first else ""),
+            command,
+            result.returncode,
+            stderr,
         )
     return result
 
@@ -229,6 +266,88 @@ def read_metadata(sources: Path) -> dict[str, str]:
             f"export it with `compressm-rl export RUN_DIR --format c --out DIR`"
         )
     return json.loads(match.group(1))
+
+
+def safe_action(meta: dict[str, str]) -> np.ndarray:
+    """The action a policy step gives for non-finite input: 0 clipped into the action
+    bounds (metadata ``action_low``/``action_high``, JSON lists; 0 where absent), float32
+    ``[act_dim]``. The C step (``policy.h``) and ``export.runtime.StepPolicy`` both use it.
+
+    Raises ValueError for bounds that are not ``act_dim`` numbers with low <= high, or
+    that leave it non-finite.
+    """
+    act_dim = int(meta["act_dim"])
+    bounds = []
+    for key, default in (("action_low", -np.inf), ("action_high", np.inf)):
+        text = meta.get(key)
+        try:
+            value = np.full(act_dim, default) if text is None else json.loads(text)
+            value = np.asarray(value, np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"metadata {key} {text!r} is not a list of numbers: {err}") from err
+        if value.shape != (act_dim,) or np.isnan(value).any():
+            raise ValueError(f"metadata {key} {text!r} is not {act_dim} numbers")
+        bounds.append(value)
+    low, high = bounds
+    if (low > high).any():
+        raise ValueError(f"metadata action bounds {low.tolist()} > {high.tolist()}")
+    with np.errstate(over="ignore"):
+        action = np.clip(np.zeros(act_dim), low, high).astype(np.float32)
+    if not np.isfinite(action).all():
+        raise ValueError(f"no finite safe action within bounds {low.tolist()}, {high.tolist()}")
+    return action
+
+
+_FLOAT_ARRAY = re.compile(r"static const float (\w+)\[\d+\] = \{([^}]*)\};")
+_FLOAT_LITERAL = re.compile(
+    r"[+-]?(?:0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?\d+"
+    r"|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)[fF]?"
+)
+_GENERATED_ITEM = r"\s*-?(?:0x1(?:\.[0-9a-f]*)?p[+-]\d+|0\.0)f\s*"
+_GENERATED_BODY = re.compile(rf"(?:{_GENERATED_ITEM},)*{_GENERATED_ITEM},?\s*")
+_EXPONENT_BEYOND_FLOAT32 = re.compile(r"p\+(?:12[7-9]|1[3-9]\d|[2-9]\d\d|\d{4,})")
+_NON_FINITE_NAMES = re.compile(
+    r"\b(?:NAN|INFINITY|HUGE_VALF?|HUGE_VALL|nan[fl]?|inf[fl]?|__builtin_(?:nan|inf|huge_val)\w*)\b"
+)
+
+
+def check_weights_finite(sources: Path) -> None:
+    """ValueError naming the array if ``policy.c``'s weights are not all finite float32
+    literals (NaN, inf, a literal beyond float32's range, or an expression such as
+    ``0.0f/0.0f`` or ``NAN``), or if its code names NaN or infinity anywhere."""
+    path = sources / SOURCE_NAME
+    # Comments out (blanked, so line numbers stay).
+    code = re.sub(r"/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m[0]), path.read_text(), flags=re.S)
+    hint = (
+        "a policy with NaN or inf weights computes NaN; re-export it with `compressm-rl "
+        "export RUN_DIR --format c --out DIR` from a checkpoint with finite weights"
+    )
+    for match in _FLOAT_ARRAY.finditer(code):
+        body = match.group(2)
+        # As written by the emitter (hex floats of float32 values, no exponent above 127):
+        # finite, known in one scan. Anything else is parsed literal by literal.
+        if _GENERATED_BODY.fullmatch(body) and not _EXPONENT_BEYOND_FLOAT32.search(body):
+            continue
+        for index, item in enumerate(body.split(",")):
+            item = item.strip()
+            if not item and index:  # a trailing comma
+                continue
+            value = None
+            if _FLOAT_LITERAL.fullmatch(item):
+                text = item.rstrip("fF")
+                value = float.fromhex(text) if "x" in text.lower() else float(text)
+            with np.errstate(over="ignore"):
+                finite = value is not None and bool(np.isfinite(np.float32(value)))
+            if not finite:
+                raise ValueError(
+                    f"{path}: weight array {match.group(1)} element {index} is {item!r}, not "
+                    f"a finite float32 literal; {hint}"
+                )
+    rest = _FLOAT_ARRAY.sub(lambda m: "\n" * m[0].count("\n"), code)  # arrays: checked
+    named = _NON_FINITE_NAMES.search(rest)
+    if named:
+        line = rest.count("\n", 0, named.start()) + 1
+        raise ValueError(f"{path}:{line}: the code uses {named.group(0)} (NaN or inf); {hint}")
 
 
 def run_io(
@@ -339,7 +458,7 @@ def cortex_m4_size(path: str | os.PathLike) -> dict:
         command = [find_tool("arm-none-eabi-gcc"), *C_STANDARD, *CORTEX_M4_FLAGS, "-c"]
         _run(
             [*command, "-I", str(sources), str(sources / SOURCE_NAME), "-o", str(obj)],
-            "cross-compiling",
+            f"cross-compiling {sources / SOURCE_NAME}",
         )
         sections = _run([size_tool, "-A", str(obj)], "arm-none-eabi-size").stdout.decode()
         sizes = {"code": 0, "weights": 0, "ram": 0}

@@ -6,13 +6,24 @@ the graph's order, at batch 1. The header is the whole interface::
     #define POLICY_OBS_DIM    11
     #define POLICY_ACTION_DIM 3
     #define POLICY_STATE_DIM  100      /* 0 for an MLP policy */
-    void policy_step(const float *obs, const float *state, float *action, float *state_out);
+    #define POLICY_OK 0                /* and POLICY_NONFINITE_INPUT 1, _RESULT 2 */
+    int policy_step(const float *obs, const float *state, float *action, float *state_out);
 
 ``state`` all zeros is an episode start; raw observations in, bounded actions out, exactly
 the ONNX graph's function. ``state`` and ``state_out`` may be the same array (every read of
 ``state`` happens before ``state_out`` is written). No heap, no writable globals (weights
 are ``static const``, temporaries live on the stack and are reused once dead), nothing
-from the C library but ``sqrtf``, ``memcpy`` and ``memset`` (which compilers inline).
+from the C library but ``C_LIBRARY_SYMBOLS`` (``copysignf``, ``fabsf``, ``sqrtf``,
+``memcpy``, ``memset``; compilers inline most of them).
+
+Non-finite input: the step returns ``POLICY_NONFINITE_INPUT`` when any element of ``obs``
+or ``state`` is NaN or ±inf (computing nothing from them), ``POLICY_NONFINITE_RESULT``
+when finite inputs give a non-finite action or state (overflow), and in both cases writes
+the safe outputs: the action 0 clipped into the bounds (``export.c_build.safe_action``)
+and a zero ``state_out``. So the action is always finite and within the bounds, and the
+state always finite. Constants in the graph must be finite (``ValueError`` naming the
+tensor otherwise). Strings from the model (env id, metadata) reach the C only inside
+comments, reduced to characters that cannot end one (``comment_text``, ``comment_json``).
 
 Why our own emitter instead of a general ONNX-to-C compiler (docs/design.md §8): the
 graphs hold ~12 kinds of node at batch 1, where the work is matrix-vector products and
@@ -24,9 +35,13 @@ layer) and an MLP 3.3 µs (AMD EPYC, ``-O3 -march=native``). Here a product is w
 stream through (no reassociation a compiler must be allowed, so gcc vectorises it without
 ``-ffast-math``; narrow products split k over up to 4 accumulator sets), and erf/exp are
 branch-free rational and polynomial approximations (Eigen's erf, Cephes' exp) that
-vectorise too: GELU, tanh and erf within 6e-7 of float64. 1.2 µs and 0.4 µs for the two
-policies above (``python benchmarks/latency.py``). ``emx-onnx-cgen`` stays in the tests as an independent reference
-(``tests/test_c_export.py``) and in ``benchmarks/latency.py`` as a row.
+vectorise too: erf within 5e-7 of float64 and in [-1, 1], tanh within 1e-7, GELU within
+1.3e-6 (absolute; relative where |GELU| > 1: 1 + erf cancels for x < -3, where erf's
+few-ulp error is the whole of GELU) and never positive for x < 0 (checked on a dense grid,
+with and without FMA, by ``tests/test_c_export.py``). 1.2 µs and 0.4 µs for the two
+policies above (``-march=native``, ``python benchmarks/latency.py``). ``emx-onnx-cgen``
+stays in the tests as an independent reference (``tests/test_c_export.py``) and in
+``benchmarks/latency.py`` as a row.
 
 Only the ops this project's exporter writes are supported; any other op, attribute or
 shape raises ``UnsupportedGraphError`` naming the node.
@@ -43,7 +58,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.c_build import METADATA_TAG
+from export.c_build import (
+    AARCH64_FLAGS,
+    CORTEX_M4_FLAGS,
+    HOST_FLAGS,
+    METADATA_TAG,
+    safe_action,
+)
 
 BLOCK = 64  # outputs of a matrix-vector product held in registers at once
 
@@ -84,11 +105,15 @@ _PRELUDE = r"""#include <math.h>
  * polynomial, 2^k written into the exponent bits. Branch-free, so loops vectorise. */
 static inline float cm_exp_nonpositive(float x)
 {
-    x = x < -87.0f ? -87.0f : x;
+    x = x < -87.0f ? -87.0f : x; /* NaN stays NaN, and so does the result */
     /* k = floor(x log2(e) + 1/2) as a truncation of a positive number (no libm floorf,
      * vectorisable); within rounding of an integer it may be one more, which leaves |f|
-     * a hair above ln2/2, where the polynomial is still accurate. */
-    const int32_t ki = (int32_t)(x * 1.44269504088896341f + 128.5f) - 128;
+     * a hair above ln2/2, where the polynomial is still accurate. k is taken from x
+     * clamped to [-87, 0] with NaN sent to -87 (a comparison with NaN is false), so the
+     * float-to-int conversion is always in range: converting NaN is undefined in C. */
+    float xk = x > -87.0f ? x : -87.0f;
+    xk = xk < 0.0f ? xk : 0.0f;
+    const int32_t ki = (int32_t)(xk * 1.44269504088896341f + 128.5f) - 128;
     const float k = (float)ki;
     const float f = x - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f * f + 1.3981999507e-3f;
@@ -103,7 +128,10 @@ static inline float cm_exp_nonpositive(float x)
     return p * scale;
 }
 
-/* erf (Eigen's generic_fast_erf_float): x P(x^2) / Q(x^2) on [-4, 4], +-1 beyond. */
+/* erf (Eigen's generic_fast_erf_float): x P(x^2) / Q(x^2) on [-4, 4], +-1 beyond. The
+ * rational form overshoots 1 by an ulp near |x| = 4 (1.00000012 at 3.999 with FMA), which
+ * made GELU positive for x in [-5.66, -5.21]: the result is clamped into [-1, 1] (NaN
+ * stays NaN). */
 static inline float cm_erf(float x)
 {
     x = x < -4.0f ? -4.0f : x;
@@ -119,7 +147,8 @@ static inline float cm_erf(float x)
     q = x2 * q + -1.68282697438203e-03f;
     q = x2 * q + -7.37332916720468e-03f;
     q = x2 * q + -1.42647390514189e-02f;
-    return x * p / q;
+    const float r = x * p / q;
+    return r > 1.0f ? 1.0f : (r < -1.0f ? -1.0f : r);
 }
 
 /* tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}). */
@@ -134,6 +163,20 @@ static inline float cm_gelu(float x)
 {
     return 0.5f * x * (1.0f + cm_erf(x * 0.70710678118654752f));
 }
+
+/* 1 if x[0..n) are all finite (exponent bits not all ones), else 0. An integer test of
+ * the bits: exact under any floating-point flags (-ffinite-math-only may delete an
+ * isfinite() or x != x test), branch-free, vectorisable. */
+static inline int cm_all_finite(const float *x, int n)
+{
+    uint32_t bad = 0;
+    for (int i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, &x[i], sizeof bits);
+        bad |= (uint32_t)((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    return bad == 0u;
+}
 """
 
 _HEADER = """\
@@ -146,6 +189,11 @@ _HEADER = """\
 #define POLICY_ACTION_DIM {action_dim}
 #define POLICY_STATE_DIM {state_dim}
 
+/* What policy_step returns. */
+#define POLICY_OK 0               /* the step's action and state */
+#define POLICY_NONFINITE_INPUT 1  /* obs or state held NaN or +-inf: the safe outputs */
+#define POLICY_NONFINITE_RESULT 2 /* finite inputs, non-finite result: the safe outputs */
+
 #ifdef __cplusplus
 extern "C" {{
 #endif
@@ -153,11 +201,21 @@ extern "C" {{
 /* One control step at batch 1.
  *   obs       [POLICY_OBS_DIM]     raw observation (normalised inside)
  *   state     [POLICY_STATE_DIM]   recurrent state; all zeros at an episode start
- *   action    [POLICY_ACTION_DIM]  deterministic action, within the action bounds
- *   state_out [POLICY_STATE_DIM]   the state to pass as `state` next step
+ *   action    [POLICY_ACTION_DIM]  deterministic action: always finite, within the bounds
+ *   state_out [POLICY_STATE_DIM]   the state to pass as `state` next step: always finite
+ * Returns POLICY_OK, or writes the safe outputs and returns
+ *   POLICY_NONFINITE_INPUT   when any element of obs or state is NaN or +-inf (nothing is
+ *                            computed from them), or
+ *   POLICY_NONFINITE_RESULT  when the inputs are finite but the action or new state is not
+ *                            (inputs so large that the arithmetic overflows, e.g. 3e38 in
+ *                            state; a huge finite obs is clipped by the normaliser).
+ * The safe outputs: action = 0 clipped into the action bounds, here
+ *   {{{safe_action}}},
+ * and state_out = all zeros (an episode start: the next step begins afresh).
  * state and state_out may be the same array. With POLICY_STATE_DIM 0 (an MLP policy)
- * state and state_out are not touched and may be NULL. Reentrant: no globals written. */
-void policy_step(const float *obs, const float *state, float *action, float *state_out);
+ * state and state_out are not touched and may be NULL. Reentrant: no globals written.
+ * From the C library it may call {library} (see README.md). */
+int policy_step(const float *obs, const float *state, float *action, float *state_out);
 
 #ifdef __cplusplus
 }}
@@ -171,8 +229,7 @@ _README = """\
 
 Generated by compressm-rl from the ONNX step graph `{onnx_name}` (env `{env_id}`,
 policy `{policy_type}`, recurrent state sizes per layer {layer_state_dims}).
-Dependency-free C99: no heap, no writable globals; from the C library only `sqrtf`,
-`memcpy` and `memset`.
+Dependency-free C99: no heap, no writable globals.
 
 ```c
 #include "policy.h"
@@ -180,27 +237,85 @@ Dependency-free C99: no heap, no writable globals; from the C library only `sqrt
 float state[POLICY_STATE_DIM + 1] = {{0}};   /* zeros = episode start (+1: C has no [0]) */
 float action[POLICY_ACTION_DIM];
 /* every control step: */
-policy_step(obs, state, action, state);      /* in place is allowed */
+if (policy_step(obs, state, action, state) != POLICY_OK) {{  /* in place is allowed */
+    /* obs or state held NaN/inf (POLICY_NONFINITE_INPUT), or the result overflowed
+     * (POLICY_NONFINITE_RESULT): action is the safe action and state was reset to zeros */
+}}
 /* at an episode start: */
 memset(state, 0, sizeof state);
 ```
 
-Build: `gcc -O3 -march=native -fno-trapping-math -ffp-contract=fast -std=c99 -c policy.c`
-(`-fno-trapping-math` lets gcc vectorise the clamps of erf/exp; it changes no result),
-`aarch64-linux-gnu-gcc -O3 -std=c99 -c policy.c`, or for a Cortex-M4:
-`arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os
--fno-math-errno -std=c99 -c policy.c` (`-fno-math-errno` turns `sqrtf` into one
-instruction). Link with `-lm` where `sqrtf` is not inlined.
+Non-finite input: `policy_step` never returns a NaN or infinite action or state. When any
+element of `obs` or `state` is NaN or ±inf it computes nothing from them and returns
+`POLICY_NONFINITE_INPUT` (1); when the inputs are finite but the action or new state is not
+(values so large that the arithmetic overflows, e.g. 3e38 in `state`; a huge finite `obs` is
+clipped by the normaliser) it returns `POLICY_NONFINITE_RESULT` (2). Either way `action` is
+the safe action, 0 clipped into the action bounds ({{{safe_action}}}), and `state_out` is all
+zeros, an episode start. Otherwise it returns `POLICY_OK` (0) with the policy's action,
+within the action bounds.
+
+Build, portable (the object runs on every CPU of the target architecture):
+`gcc {host_flags} -std=c99 -c policy.c`
+(`-fno-trapping-math` lets gcc vectorise the clamps of erf/exp; it changes no result).
+Add `-march=native` only when building on the machine that runs the policy: it lets gcc
+use every instruction of the build machine (FMA, AVX2, AVX-512, ...), and such an object
+dies with SIGILL (illegal instruction) on a CPU that lacks one; to tune for a known
+deployment CPU name it instead (`-march=x86-64-v3`, `-mcpu=cortex-a72`).
+
+- aarch64: `aarch64-linux-gnu-gcc {aarch64_flags} -std=c99 -c policy.c`
+- Cortex-M4: `arm-none-eabi-gcc {cortex_m4_flags} -std=c99 -c policy.c`
+  (`-fno-math-errno` turns `sqrtf` into one instruction)
+
+From the C library `policy.c` may call {library}, and nothing else.
+Which of them stay calls depends on the compiler and flags (gcc inlines `fabsf` and
+`copysignf` when optimising, and `sqrtf` with `-fno-math-errno`): link with `-lm`, or
+provide these symbols on a bare-metal target.
 
 Check it against the ONNX graph and evaluate it in MuJoCo with compressm-rl:
 `compressm-rl eval {dir_name}` and `compressm-rl bench {dir_name}` (times the step inside C).
 """
 
+# What the generated C may call from the C library (math.h: libm, string.h: libc), for
+# the header and README; tests/test_c_export.py checks it against `nm -u`.
+C_LIBRARY_SYMBOLS = ("copysignf", "fabsf", "sqrtf", "memcpy", "memset")
+
+# Text from the model (env id, file names, metadata) reaches C only inside comments, and
+# only as these characters: no `*` (no `*/` to end a comment, no `/*` to nest one), no
+# backslash, `?` (the `??/` trigraph is a backslash) or line break (no line splice, no
+# preprocessor line), no backtick (the README's Markdown), nothing outside printable
+# ASCII. Everything else becomes `_`.
+_COMMENT_UNSAFE = re.compile(r"[^0-9A-Za-z _.,:;=+@%~/()\[\]{}<>-]")
+
+
+def comment_text(text: str, limit: int = 120) -> str:
+    """``text`` reduced to characters that cannot end or alter a C comment (or the
+    README's Markdown), at most ``limit`` of them."""
+    text = _COMMENT_UNSAFE.sub("_", str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def comment_json(info: dict[str, str]) -> str:
+    """``info`` as one line of JSON that reads back exactly (``json.loads``) and is safe
+    inside a C comment: ASCII only (control characters and line breaks escaped), and the
+    three characters that could end a comment or form a trigraph written as ``\\uXXXX``
+    escapes; a backslash is then always followed by another escape character, never by a
+    line break."""
+    text = json.dumps(info, ensure_ascii=True, sort_keys=True)
+    for char in "*/?":  # only ever inside JSON strings, where \\uXXXX means the same
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    if not re.fullmatch(r"[\x20-\x7e]*", text) or "*/" in text or "??" in text:
+        raise AssertionError(f"metadata comment is not comment-safe: {text!r}")
+    return text
+
 
 # ----- the emitter ---------------------------------------------------------------------
 def _c_float(value: float) -> str:
-    """A float32 value as an exact C hex-float literal."""
-    value = float(np.float32(value))
+    """A float32 value as an exact C hex-float literal (ValueError if not finite: C has no
+    literal for NaN or inf, and a policy's constants are finite)."""
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, refused below
+        value = float(np.float32(value))
+    if not np.isfinite(value):
+        raise ValueError(f"non-finite constant {value} (float32) in the graph")
     if value == 0.0:
         return "-0.0f" if np.signbit(value) else "0.0f"
     return f"{value.hex()}f"
@@ -219,6 +334,8 @@ class _Emitter:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for name, value in self.constants.items():
+            _check_finite_constant(name, value)
         self.lengths: dict[str, int] = {}  # activation name -> length at batch 1
         self.c_names: dict[str, str] = {}  # activation name -> C expression of its buffer
         self.weights: list[str] = []  # static const definitions
@@ -542,6 +659,23 @@ class _Emitter:
             )
 
 
+def _check_finite_constant(name: str, value: np.ndarray) -> None:
+    """ValueError naming the initializer if it holds NaN or inf (as float32)."""
+    if value.dtype.kind not in "fc":
+        return
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf
+        as32 = np.asarray(value).astype(np.complex64 if value.dtype.kind == "c" else np.float32)
+    bad = ~np.isfinite(as32)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"weight tensor {name!r} {list(value.shape)} holds {int(bad.sum())} non-finite "
+            f"value(s) as float32 (NaN or inf; the first, {as32[first]}, at index {list(first)}); "
+            f"refusing to export: a policy with non-finite weights computes NaN. Check the "
+            f"training run (diverged?) or its checkpoint"
+        )
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     """A node's attributes by name, as Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -587,51 +721,88 @@ def generate(
     outputs = {"action": action_dim, **({"state_out": state_dim} if state_dim else {})}
     if emitter.outputs != list(outputs):
         raise UnsupportedGraphError(f"graph outputs {emitter.outputs}, expected {list(outputs)}")
-    copies = []
+    copies, checks = [], []
     for name, length in outputs.items():
         c_name, n = emitter.c_names[name], emitter.lengths[name]
         if n != length:
             raise UnsupportedGraphError(f"output {name!r} has {n} values, expected {length}")
         # Outputs are written last, from stack buffers: state_out may alias state.
         copies.append(f"    memcpy({name}, {c_name}, {length} * sizeof(float));")
+        checks.append(f"cm_all_finite({c_name}, {length})")
+    inputs = ["cm_all_finite(obs, POLICY_OBS_DIM)"]
+    if state_dim:
+        inputs.append("cm_all_finite(state, POLICY_STATE_DIM)")
+    safe = safe_action(meta)
+    safe_outputs = (
+        "/* The safe outputs (policy.h): the safe action, 0 clipped into the bounds, and\n"
+        " * zeros for the state. */\n"
+        f"static const float cm_safe_action[{action_dim}] = {_c_array(safe)};\n\n"
+        "static void cm_safe_outputs(float *action, float *state_out)\n{\n"
+        + f"    memcpy(action, cm_safe_action, {action_dim} * sizeof(float));\n"
+        + (
+            f"    memset(state_out, 0, {state_dim} * sizeof(float));\n"
+            if state_dim
+            else "    (void)state_out;\n"
+        )
+        + "}\n"
+    )
 
-    title = f"compressm-rl policy step ({meta.get('env_id') or 'unknown env'})"
+    env = comment_text(meta.get("env_id") or "unknown env")
+    title = f"compressm-rl policy step ({env})"
+    onnx_name = comment_text(onnx_name)
     unused = "" if state_dim else "    (void)state;\n    (void)state_out;\n"
     function = (
-        "void policy_step(const float *obs, const float *state, float *action, "
+        "int policy_step(const float *obs, const float *state, float *action, "
         "float *state_out)\n{\n"
         + unused
+        + f"    if (!({' && '.join(inputs)})) {{\n"
+        + "        cm_safe_outputs(action, state_out);\n"
+        + "        return POLICY_NONFINITE_INPUT;\n"
+        + "    }\n"
         + "\n".join(emitter.declarations())
         + "\n\n"
         + "\n".join(emitter.body)
         + "\n\n"
+        + f"    if (!({' && '.join(checks)})) {{\n"
+        + "        cm_safe_outputs(action, state_out);\n"
+        + "        return POLICY_NONFINITE_RESULT;\n"
+        + "    }\n"
         + "\n".join(copies)
-        + "\n}\n"
+        + "\n    return POLICY_OK;\n}\n"
     )
     info = dict(sorted(meta.items()))
     source = (
         f"/* {title}\n * Generated by compressm-rl from {onnx_name} (nodes: "
         f"{len(model.graph.node)}, weights: {emitter.weight_bytes} bytes). */\n"
-        f"/* {METADATA_TAG} {json.dumps(info)} */\n"
+        f"/* {METADATA_TAG} {comment_json(info)} */\n"
         + _PRELUDE
         + "\n"
-        + "\n\n".join(emitter.weights)
-        + "\n\n"
+        + "\n\n".join([*emitter.weights, safe_outputs])
+        + "\n"
         + function
     )
+    library = ", ".join(f"`{name}`" for name in C_LIBRARY_SYMBOLS)
+    safe_text = ", ".join(f"{float(v):.9g}" for v in safe)
     header = _HEADER.format(
         title=title,
         onnx_name=onnx_name,
         obs_dim=obs_dim,
         action_dim=action_dim,
         state_dim=state_dim,
+        safe_action=safe_text,
+        library=library.replace("`", ""),
     )
     readme = _README.format(
         title=title,
         onnx_name=onnx_name,
-        env_id=meta.get("env_id", ""),
-        policy_type=meta.get("policy_type", ""),
-        layer_state_dims=meta.get("layer_state_dims", "[]"),
-        dir_name=dir_name,
+        env_id=env,
+        policy_type=comment_text(meta.get("policy_type", "")),
+        layer_state_dims=comment_text(meta.get("layer_state_dims", "[]")),
+        dir_name=comment_text(dir_name, limit=1000),
+        safe_action=safe_text,
+        host_flags=" ".join(HOST_FLAGS),
+        aarch64_flags=" ".join(f for f in AARCH64_FLAGS if f != "-static"),
+        cortex_m4_flags=" ".join(f for f in CORTEX_M4_FLAGS if not f.startswith("-fstack")),
+        library=library,
     )
     return CSources(source, header, readme, obs_dim, action_dim, state_dim, meta)

@@ -13,9 +13,20 @@ and dict handling: ~4 µs of ~18 µs for a 2-layer n=128 LRU on one Xeon core).
 
 Input convention for ``act``: float32 is used as is; other floating dtypes (float64 from
 gymnasium, float16) are cast to float32 silently; integer, bool, complex and object arrays
-are rejected with a ValueError, as are wrong shapes and NaN/inf, checked after the cast
-(float64 1e300 is inf in float32); ``run`` checks its ``state`` the same way
-(``validate=False`` skips the finiteness checks for the last microsecond).
+are rejected with a ValueError, as are wrong shapes.
+
+Non-finite values, the same in ``OnnxPolicy`` and ``export.c_runtime.CPolicy`` (and the
+generated C step's contract, ``policy.h``): with ``validate=True`` (the default) NaN or
+±inf in ``obs`` or ``state`` (checked after the float32 cast: float64 1e300 is inf in
+float32) raises ValueError before the step, and so does a non-finite action or new state
+computed from finite inputs (values so large that the arithmetic overflows, e.g. 3e38 in
+``state``); the held state is then left as it was. With ``validate=False`` nothing is
+raised: every row whose inputs or results are not finite gets the *safe outputs*, the
+action ``safe_action`` (0 clipped into the action bounds) and an all-zero new state (an
+episode start), and ``last_status`` gives each row's code: 0 ``STATUS_OK``, 1
+``STATUS_NONFINITE_INPUT``, 2 ``STATUS_NONFINITE_RESULT``. Either way an action returned
+is finite and within the bounds, and the state carried on is finite. A finite input of any
+size (1e30 in ``obs`` is clipped by the normaliser) is stepped normally.
 
 ``StepPolicy`` holds what does not depend on the runtime (state, checks, interface);
 ``export.c_runtime.CPolicy`` is the same interface over the generated C step.
@@ -31,7 +42,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from export.c_build import safe_action
+
 PRODUCER = "compressm-rl"
+# A step's outcome per row (the C step's return codes, policy.h).
+STATUS_OK, STATUS_NONFINITE_INPUT, STATUS_NONFINITE_RESULT = 0, 1, 2
 SUPPORTED_FORMAT_VERSIONS = ("1",)
 _EXPORT_HINT = "export a trained run with `compressm-rl export RUN_DIR --out FILE.onnx`"
 
@@ -103,21 +118,72 @@ class StepPolicy:
         # Two state buffers used in turn: step k reads one and writes the other.
         self._states = [np.zeros((b, self.state_size), np.float32) for _ in range(2)]
         self._current = 0
+        self._safe_action = safe_action(self._meta)
+        self._all_ok = np.zeros(b, np.int32)
+        self._all_ok.flags.writeable = False
+        self.last_status: np.ndarray = self._all_ok
+        """Each row's outcome in the last ``act``/``run`` call, ``[rows]`` int32: 0
+        ``STATUS_OK``, 1 ``STATUS_NONFINITE_INPUT``, 2 ``STATUS_NONFINITE_RESULT`` (the last
+        two only with ``validate=False``; with ``validate`` they raise)."""
 
     def _compute(
         self, obs: np.ndarray, state: np.ndarray, action: np.ndarray, state_out: np.ndarray
-    ) -> None:
+    ) -> np.ndarray | None:
         """One step on float32 C-contiguous buffers ``[B, obs_dim]``, ``[B, S]`` (read) and
-        ``[B, act_dim]``, ``[B, S]`` (written)."""
+        ``[B, act_dim]``, ``[B, S]`` (written), with the non-finite contract applied (the
+        safe outputs in every row whose inputs or results are not finite); returns each
+        row's status ``[B]`` int32, or None when every row is ``STATUS_OK``."""
         raise NotImplementedError
 
-    def _advance(self) -> None:
+    def _advance(self) -> np.ndarray | None:
         """Step the held buffers: ``_obs`` and the current state in, ``_action`` and the
-        other state buffer out, which then becomes the current one."""
+        other state buffer out (``act`` makes it the current one); as ``_compute``."""
         state = self._states[self._current]
-        self._compute(self._obs, state, self._action, self._states[self._current ^ 1])
-        if self._recurrent:
-            self._current ^= 1
+        return self._compute(self._obs, state, self._action, self._states[self._current ^ 1])
+
+    def _apply_contract(
+        self, obs: np.ndarray, state: np.ndarray, action: np.ndarray, state_out: np.ndarray
+    ) -> np.ndarray | None:
+        """The C step's non-finite contract on outputs computed by another runtime: rows
+        with a non-finite input (status 1) or result (status 2) get the safe outputs.
+        Returns the status ``[B]``, None if all rows are fine. Inputs already validated are
+        not checked again."""
+        results_ok = _all_finite(action) and _all_finite(state_out)
+        if results_ok and (self.validate or (_all_finite(obs) and _all_finite(state))):
+            return None
+        status = np.zeros(obs.shape[0], np.int32)
+
+        def rows(x: np.ndarray) -> np.ndarray:
+            return ~np.isfinite(x).all(axis=1)
+
+        status[rows(action) | rows(state_out)] = STATUS_NONFINITE_RESULT
+        status[rows(obs) | rows(state)] = STATUS_NONFINITE_INPUT
+        bad = status != STATUS_OK
+        action[bad] = self._safe_action
+        state_out[bad] = 0.0
+        return status
+
+    def _set_status(self, status: np.ndarray | None, batch: int) -> None:
+        """Record ``last_status`` (``batch`` rows); with ``validate``, ValueError for rows
+        whose step did not give its own result (raised before ``act`` swaps its state
+        buffers, so the held state stays as it was)."""
+        if status is None:
+            ok = self._all_ok if batch == self.batch_size else np.zeros(batch, np.int32)
+            self.last_status = ok
+            return
+        if not self.validate or not status.any():
+            self.last_status = status
+            return
+        rows = np.nonzero(status)[0].tolist()
+        if (status == STATUS_NONFINITE_INPUT).any():
+            raise ValueError(f"obs or state contains NaN or inf (rows {rows})")
+        raise ValueError(
+            f"the policy step's action or new state is not finite (NaN or inf; rows {rows}) "
+            f"although its inputs are: inputs so large that the arithmetic overflowed (check "
+            f"the environment and the state passed), or non-finite weights. The held state "
+            f"is unchanged; reset() the affected episodes, or pass validate=False to get the "
+            f"safe action ({self._safe_action.tolist()}) and a zero state instead"
+        )
 
     # ----- properties --------------------------------------------------------------
     @property
@@ -136,6 +202,12 @@ class StepPolicy:
     @property
     def recurrent(self) -> bool:
         return self.state_size > 0
+
+    @property
+    def safe_action(self) -> np.ndarray:
+        """The action given for non-finite input: 0 clipped into the action bounds
+        ``[act_dim]`` float32 (a copy)."""
+        return self._safe_action.copy()
 
     @property
     def state(self) -> np.ndarray:
@@ -174,7 +246,9 @@ class StepPolicy:
             self._obs[...] = obs
         if self.validate:  # after the cast: 1e300 is finite in float64, inf in float32
             self._check_finite(self._obs)
-        self._advance()
+        self._set_status(self._advance(), self.batch_size)  # raises before the swap
+        if self._recurrent:
+            self._current ^= 1  # the buffer written this step is read by the next
         return self._action[0].copy() if single else self._action.copy()
 
     def run(
@@ -185,6 +259,8 @@ class StepPolicy:
 
         Float inputs are cast to float32, then (unless ``validate=False``) checked for NaN
         and inf, as in ``act``: a float64 1e300 becomes inf in float32 and is rejected.
+        Non-finite inputs and results are handled as in ``act`` (module docstring);
+        ``last_status`` is set to the ``[B]`` codes.
         """
         obs = self._as_float32(obs, "obs")
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
@@ -195,7 +271,7 @@ class StepPolicy:
         action = np.zeros((batch, self.act_dim), np.float32)
         state_out = np.zeros((batch, self.state_size), np.float32)
         if not self.recurrent:
-            self._compute(obs, state_out, action, state_out)
+            self._set_status(self._compute(obs, state_out, action, state_out), batch)
             return action, state_out
         state = np.zeros((batch, self.state_size), np.float32) if state is None else state
         state = self._as_float32(state, "state")
@@ -206,7 +282,7 @@ class StepPolicy:
             )
         if self.validate:
             self._check_finite(state, "state")
-        self._compute(obs, state, action, state_out)
+        self._set_status(self._compute(obs, state, action, state_out), batch)
         return action, state_out
 
     # ----- internals ---------------------------------------------------------------
@@ -239,22 +315,17 @@ class StepPolicy:
     def _check_finite(x: np.ndarray, name: str = "obs") -> None:
         """ValueError if the float32 ``x`` (``obs`` or ``state``) holds NaN or inf (the
         graph's normalising Gemm would turn an inf into NaN: inf · 0 off the diagonal)."""
-        # x·x is finite iff every x is finite, barring overflow past ~1e19, which the exact
-        # test below then sorts out; one dot product is 3x cheaper than isfinite().all().
-        if not math.isfinite(float(np.dot(x.ravel(), x.ravel()))):
-            bad = ~np.isfinite(x)
-            if bad.any():
-                rows = np.unique(np.nonzero(bad)[0]).tolist()
-                fix = (
-                    "the policy state would be corrupted. Check the environment, or reset() "
-                    "the affected episodes"
-                    if name == "obs"
-                    else "pass the state_out of the previous step, or zeros at an episode start"
-                )
-                raise ValueError(
-                    f"{name} contains NaN or inf, or values beyond float32's range (rows "
-                    f"{rows}); {fix}"
-                )
+        if not _all_finite(x):
+            rows = np.unique(np.nonzero(~np.isfinite(x))[0]).tolist()
+            fix = (
+                "the policy state would be corrupted. Check the environment, or reset() "
+                "the affected episodes"
+                if name == "obs"
+                else "pass the state_out of the previous step, or zeros at an episode start"
+            )
+            raise ValueError(
+                f"{name} contains NaN or inf, or values beyond float32's range (rows {rows}); {fix}"
+            )
 
     @staticmethod
     def _as_float32(x: np.ndarray, name: str) -> np.ndarray:
@@ -262,6 +333,14 @@ class StepPolicy:
         if x.dtype.kind != "f":
             raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value of the float32 ``x`` is finite. x·x is finite iff every x is,
+    barring overflow past ~1e19, which the exact test then sorts out: one ``vdot`` (which,
+    unlike ``dot``, raises no floating-point warning on overflow) is 2x cheaper than
+    ``isfinite().all()`` at these sizes."""
+    return math.isfinite(float(np.vdot(x, x))) or bool(np.isfinite(x).all())
 
 
 class OnnxPolicy(StepPolicy):
@@ -272,8 +351,11 @@ class OnnxPolicy(StepPolicy):
         provider: ORT execution provider (``"CPUExecutionProvider"``).
         batch_size: rows per ``act`` call (envs stepped together); fixed per instance.
         io_binding: bind preallocated buffers (faster); False uses ``session.run``.
-        validate: check every ``act``/``run`` input for NaN/inf after the float32 cast (shape
-            and dtype are always checked).
+        validate: True: NaN/inf in an ``act``/``run`` input (after the float32 cast), or a
+            non-finite result, raises ValueError (the held state is left as it was). False:
+            nothing is raised; such rows get ``safe_action`` and a zero state, their codes
+            in ``last_status``, as the C step does (module docstring). Shape and dtype are
+            always checked.
         threads: ORT intra-op threads (1 is fastest at these sizes).
     """
 
@@ -296,20 +378,20 @@ class OnnxPolicy(StepPolicy):
 
     def _compute(
         self, obs: np.ndarray, state: np.ndarray, action: np.ndarray, state_out: np.ndarray
-    ) -> None:
+    ) -> np.ndarray:
         feeds = {"obs": obs, **({"state": state} if self._recurrent else {})}
         outputs = self.session.run(None, feeds)
         action[...] = outputs[0]
         if self._recurrent:
             state_out[...] = outputs[1]
+        return self._apply_contract(obs, state, action, state_out)
 
-    def _advance(self) -> None:
+    def _advance(self) -> np.ndarray:
         if self._bindings is None:
-            super()._advance()
-            return
+            return super()._advance()
         self.session.run_with_iobinding(self._bindings[self._current])
-        if self._recurrent:
-            self._current ^= 1  # the buffer written this step is read by the next
+        state, state_out = self._states[self._current], self._states[self._current ^ 1]
+        return self._apply_contract(self._obs, state, self._action, state_out)
 
     def _make_bindings(self) -> list:
         """One IOBinding per state buffer parity (the two swap roles every step)."""

@@ -265,6 +265,53 @@ def test_bad_observations_are_rejected_clearly(exported, obs, match):
         policy.act(obs)
 
 
+@pytest.mark.parametrize("io_binding", [True, False])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 3e38])
+@pytest.mark.parametrize("where", ["obs", "state"])
+def test_non_finite_values_follow_the_c_step_contract(exported, where, value, io_binding):
+    """The C step's contract in OnnxPolicy (no compiler needed): with validate=False, a row
+    whose obs or state holds NaN/±inf (status 1), or whose result is not finite (status 2:
+    3e38 in the state overflows the LayerNorm), gets the safe action (0 clipped into the
+    bounds) and a zero state; with validate=True (the default) it raises, state kept."""
+    policy, path = exported["ssm_compressed"]
+    onnx_policy = OnnxPolicy(path, batch_size=3, io_binding=io_binding, validate=False)
+    low, high = policy.action_low.numpy(), policy.action_high.numpy()
+    safe = np.clip(np.zeros_like(low), low, high).astype(np.float32)
+    rng = np.random.default_rng(4)
+    obs = rng.normal(size=(3, 11)).astype(np.float32)
+    state = rng.normal(size=(3, onnx_policy.state_size)).astype(np.float32)
+    (obs if where == "obs" else state)[1] = value
+    expected = 1 if not np.isfinite(value) else (2 if where == "state" else 0)
+    action, state_out = onnx_policy.run(obs, state)
+    assert np.isfinite(action).all() and np.isfinite(state_out).all()
+    assert ((action >= low) & (action <= high)).all()
+    np.testing.assert_array_equal(onnx_policy.last_status, [0, expected, 0])
+    if expected:
+        np.testing.assert_array_equal(action[1], safe)
+        np.testing.assert_array_equal(state_out[1], 0.0)
+    # act(): the same, on the held state.
+    onnx_policy.act(obs[[0, 0, 0]])
+    if where == "obs":
+        action = onnx_policy.act(obs)
+        np.testing.assert_array_equal(onnx_policy.last_status, [0, expected, 0])
+        assert np.isfinite(action).all() and np.isfinite(onnx_policy.state).all()
+        if expected:
+            np.testing.assert_array_equal(onnx_policy.state[1], 0.0)
+    checked = OnnxPolicy(path, io_binding=io_binding)
+    checked.act(obs[0])
+    before = checked.state
+    if expected:
+        with pytest.raises(ValueError, match="NaN or inf|not finite"):
+            checked.run(obs[1:2], state[1:2])
+        if where == "obs":
+            with pytest.raises(ValueError, match="NaN or inf"):
+                checked.act(obs[1])
+    else:
+        checked.act(obs[1])
+    if expected:
+        np.testing.assert_array_equal(checked.state, before)
+
+
 def test_bad_batch_shape_and_reset_mask(exported):
     _, path = exported["mlp"]
     policy = OnnxPolicy(path, batch_size=4)
