@@ -119,8 +119,9 @@ def emx_export(c_dir: Path, out_dir: Path) -> Path | None:
     (out_dir / "policy.h").write_text(header)
     wrapper = (
         f'{meta_line}\n#include "emx.c"\n#include "policy.h"\n'
-        "void policy_step(const float *obs, const float *state, float *action, float *state_out)\n"
-        "{\n    emx_step((const void *)obs, (const void *)state, (void *)action, (void *)state_out);\n}\n"
+        "int policy_step(const float *obs, const float *state, float *action, float *state_out)\n"
+        "{\n    emx_step((const void *)obs, (const void *)state, (void *)action, (void *)state_out);\n"
+        "    return 0;\n}\n"
     )
     (out_dir / "policy.c").write_text(wrapper)
     return out_dir

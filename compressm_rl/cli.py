@@ -498,6 +498,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=5000, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--provider", default="CPUExecutionProvider")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="build the C exports with -march=native (this machine's CPU only; the default "
+        "build is portable)",
+    )
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument(
         "--run", type=Path, metavar="DIR", help="add torch rows for this run (eager, frozen)"
@@ -517,7 +523,9 @@ def _bench(args) -> int:
             f"--steps {args.steps} --warmup {args.warmup} is out of range: at least 1 timed "
             "step and 0 warm-up steps"
         )
-    results = run_benchmarks(args.models, args.steps, args.warmup, args.provider)
+    results = run_benchmarks(
+        args.models, args.steps, args.warmup, args.provider, native=args.native
+    )
     if args.run:
         from compressm_rl.deploy import bench_torch
         from compressm_rl.runs import load_policy
