@@ -14,7 +14,8 @@ compressed sizes, n = [25, 25], not one reduced by balanced truncation).
 
 Rows: the floors (ONNX Runtime's identity graph; the C timer's clock_gettime pair); each
 policy as generated C (``compressm-rl export --format c``: the elementwise graph, built
-with ``export.c_build.HOST_FLAGS``, timed inside C); the compressed policy through
+with ``export.c_build.HOST_FLAGS``, the portable build, and again with ``NATIVE_FLAGS``,
+``-march=native``, timed inside C); the compressed policy through
 emmtrix's general ONNX-to-C compiler ``emx-onnx-cgen`` (same graph, same flags, same
 harness: why the C export has its own emitter); each policy through ``OnnxPolicy.act``
 (IOBinding) and ``session.run``; each policy in torch, eager and with its weights read
@@ -55,6 +56,7 @@ from export.bench import (
 from export.c_build import (
     HOST_FLAGS,
     METADATA_TAG,
+    NATIVE_FLAGS,
     CBenchmark,
     ToolchainError,
     cortex_m4_size,
@@ -149,16 +151,20 @@ class Rows:
         policy = OnnxPolicy(path, io_binding=io_binding)
         self.add_step(name, policy.act, policy.obs_dim, **onnx_row_info(policy))
 
-    def add_c(self, name: str, c_dir: Path, floor: bool = False) -> None:
-        """A C export timed inside C; ``floor`` also adds the clock's floor row."""
-        benchmark = self.stack.enter_context(CBenchmark(c_dir, self.steps, self.warmup))
+    def add_c(
+        self, name: str, c_dir: Path, floor: bool = False, flags: list[str] = HOST_FLAGS
+    ) -> None:
+        """A C export timed inside C, built with ``flags``; ``floor`` also adds the clock's
+        floor row."""
+        benchmark = CBenchmark(c_dir, self.steps, self.warmup, flags=flags)
+        benchmark = self.stack.enter_context(benchmark)
         results: list = []
 
         def run() -> np.ndarray:
             results.append(benchmark.run())
             return results[-1].times_ns
 
-        self.add(name, run, **c_row_info(c_dir))
+        self.add(name, run, **c_row_info(c_dir, flags))
         if floor:
             self.add(
                 "C clock floor (clock_gettime pair)", lambda: results[-1].floor_ns, kind="floor"
@@ -250,6 +256,9 @@ def ratio_lines(results: list[dict]) -> str:
             f"- ORT n=25 / ORT MLP: {ratio(f'ORT {small}', f'ORT {mlp}')}; C n=25 / C MLP: "
             f"{ratio(f'C {small}', f'C {mlp}')}",
             f"- emx-onnx-cgen / ours, n=25: {ratio(f'emx-onnx-cgen {small}', f'C {small}')}",
+            f"- portable / -march=native C: n=25 {ratio(f'C {small}', f'C {small} -march=native')}"
+            f"; n=128 {ratio(f'C {full}', f'C {full} -march=native')}"
+            f"; MLP {ratio(f'C {mlp}', f'C {mlp} -march=native')}",
         ]
     )
 
@@ -286,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.add_step(name, step, 16, kind="floor", nodes=1)
         for i, (name, (_, c_dir)) in enumerate(exports.items()):
             rows.add_c(f"C {name}", c_dir, floor=i == 0)
+            rows.add_c(f"C {name} -march=native", c_dir, flags=NATIVE_FLAGS)
         if emx_dir is not None:
             rows.add_c("emx-onnx-cgen ssm n=[25,25]", emx_dir)
         for name, (onnx_path, _) in exports.items():
