@@ -1,6 +1,7 @@
 """In-training compression: surgery, carried-state mapping, guard, training on afterwards."""
 
 import ast
+import copy
 import json
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def test_trained_mode_scale_keeps_the_actions_and_gives_each_mode_the_trained_sp
     assert max(np.ptp(np.log(s)) for s in splits["balanced"].values()) > 1.0
 
 
-def test_guard_rolls_back_a_forced_bad_reduction():
+def test_guards_skip_a_forced_bad_reduction_and_roll_back_an_actor_cut_over_the_kl():
+    """A cut over the output-error guard is refused before it is ever applied: "skipped"
+    (the plan accepts no cut), not "rolled back" (the KL guard withdrawing one it had)."""
     policy = _policy_with_weak_modes()
     obs = torch.randn(4, 32, 6)
     reset = torch.zeros(4, 32, dtype=torch.bool)
@@ -131,8 +134,9 @@ def test_guard_rolls_back_a_forced_bad_reduction():
         reset,
     )
     assert [ref.of(policy).state_dim for ref in lru_layers(policy)] == sizes
-    assert all(e.status.startswith("rolled back: output error") for e in events), events
+    assert all(e.status.startswith("skipped: output error") for e in events), events
     assert all(e.output_error > 0.05 and e.n_after == e.n_before for e in events), events
+    assert not any(e.applied for e in events)
     # The KL guard alone: output errors allowed, (almost) no action change.
     _, events = compress_policy(
         policy,
@@ -171,6 +175,51 @@ def test_kl_guard_backs_off_to_a_gentler_cut_before_rolling_back():
     for e in actor_events:  # the gentler cut's own error, below the planned cut's
         assert 0 < e.output_error < planned_errors[e.layer] and e.kl == kl
     assert policy.actor.state_dims == [fitted[LayerRef("actor", i)].state_dim for i in range(2)]
+
+
+@pytest.mark.parametrize("worse", [("actor.1",), ("actor.0", "actor.1")])
+def test_a_halved_cut_is_held_to_the_output_error_guard(monkeypatch, worse):
+    """A KL back-off re-truncates each actor layer at a higher rank: a new cut, which the
+    plan's output-error guard never saw. Where a gentler cut's output error is over
+    ``max_output_error`` the layer drops out (rolled back, saying so) before the next KL
+    is measured: no applied cut is over the guard, and the KL recorded is that of the
+    cuts applied. A gentler cut usually fits the recorded inputs better, so the ``worse``
+    layers' gentler cuts are measured as fitting them worse (true error + the guard)."""
+    import compressm_rl.compression.pipeline as pipeline
+
+    policy = _policy_with_weak_modes()
+    obs = torch.randn(4, 32, 6)
+    reset = torch.zeros(4, 32, dtype=torch.bool)
+    config = CompressionConfig(tol=0.9, min_state=1, max_output_error=1e9)
+    plan = plan_reductions(policy, config, obs, reset)
+    planned = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
+    config.max_output_error = 1.0 + max(e.output_error for e in plan.events)  # all pass
+    config.max_kl = 0.5 * action_kl(policy, trial_policy(policy, planned), obs, reset)
+    measure = pipeline.reduced_output_error
+    worse_lrus = {ref.of(policy): planned[ref].state_dim for ref in planned if str(ref) in worse}
+
+    def reduced_output_error(lru, result, recorded, reset):
+        error = measure(lru, result, recorded, reset)
+        if lru in worse_lrus and result.state_dim > worse_lrus[lru]:  # a gentler cut
+            error += config.max_output_error
+        return error
+
+    monkeypatch.setattr(pipeline, "reduced_output_error", reduced_output_error)
+    full = copy.deepcopy(policy)
+    _, events = compress_policy(policy, None, config, None, obs, reset)
+    by_layer = {str(e.layer): e for e in events if e.layer.part == "actor"}
+    for name in worse:  # dropped at the first halving, with the reason
+        e = by_layer[name]
+        assert e.status.startswith("rolled back: KL"), e.status
+        assert "gentler cut's output error" in e.status, e.status
+        assert e.n_after == e.n_before == policy.actor.state_dims[int(name[-1])] == 24
+    for e in events:  # nothing applied is over the guard
+        assert not e.applied or e.output_error <= config.max_output_error, e
+    if len(worse) == 1:  # actor.0 alone backs off; its KL is the one recorded
+        kept = by_layer["actor.0"]
+        assert kept.status.startswith("applied: cut halved"), kept.status
+        assert 0 < kept.n_after == policy.actor.state_dims[0] < 24
+        assert kept.kl == by_layer["actor.1"].kl == action_kl(full, policy, obs, reset)
 
 
 def test_a_layer_with_a_zero_map_is_skipped_with_its_reason_not_fatal():

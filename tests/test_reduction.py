@@ -163,6 +163,19 @@ def test_reduced_layer_is_stable_and_within_the_hinf_bound(layer):
         assert err.max() <= res.bound * (1 + 1e-6) + 1e-9, (rank, err.max(), res.bound)
 
 
+@pytest.mark.parametrize("seed, n_real", [(1, 3), (2, 3), (3, 0), (4, 0), (5, 0)])
+def test_hinf_norm_of_an_exact_cut_error_is_its_rounding(seed, n_real):
+    """``hinf_norm`` of ``G − G_r`` for a full-rank cut (the check of a bound, applied to
+    an error system that cancels to ~1e-12 of ‖G‖, as a fine grid shows): rounding. It raised
+    ValueError on these layers: rounding in its pruning bound let a pruned frequency beat
+    the grid's best, and no peak was left to refine."""
+    lam, B, C, D = random_layer(6, 2, seed, n_real=n_real)
+    res = red.balanced_truncation(lam, B, C, D, rank=12)
+    lam_e = np.concatenate([lam, res.lam])
+    B_e, C_e = np.concatenate([B, res.B]), np.concatenate([C, -res.C], axis=1)
+    assert 0.0 <= red.hinf_norm(lam_e, B_e, C_e) <= 1e-10 * red.hinf_norm(lam, B, C)
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_full_rank_reproduces_the_layer(layer):
     lam, B, C, D = layer

@@ -389,8 +389,14 @@ def _refine_peaks(omega: np.ndarray, sigma: np.ndarray, gain) -> float:
     missing = ends[np.isneginf(sigma[ends])]
     if missing.size:
         sigma[missing] = gain(omega[missing])
-    bracketed = (sigma[peaks] >= sigma[lo]) & (sigma[peaks] >= sigma[hi])  # the best one is
+        best = max(best, float(sigma[missing].max()))
+    # The best one is bracketed, unless a pruned neighbour beats it: the Frobenius bound
+    # (``_grid_gains``) is rounding where G nearly cancels (G − G_r of a near-exact cut,
+    # ~1e-12 of the layer's norm), and then nothing may be left to refine.
+    bracketed = (sigma[peaks] >= sigma[lo]) & (sigma[peaks] >= sigma[hi])
     peaks, lo, hi = peaks[bracketed], lo[bracketed], hi[bracketed]
+    if peaks.size == 0:
+        return best
     a = np.where(peaks == 0, -omega[lo], omega[lo])
     b = np.where(peaks == W - 1, 2.0 * np.pi - omega[hi], omega[hi])
     x, fx = omega[peaks], sigma[peaks]
@@ -647,11 +653,15 @@ def balanced_truncation(
 def _diagonalise(
     A_r: np.ndarray, B_r: np.ndarray, C_r: np.ndarray, max_cond: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Real ``(A_r, B_r, C_r)`` -> diagonal form ``(lam, B, C, V⁻¹ rows kept, cond V)``."""
+    """Real ``(A_r [r, r], B_r [r, H_in], C_r [H_out, r])`` -> diagonal form ``(lam [m],
+    B [m, H_in], C [H_out, m], V⁻¹ rows kept [m, r], cond V)``, all complex128."""
     mu, V = sla.eig(A_r)
     cond_V = float(np.linalg.cond(V))
     if not np.isfinite(cond_V) or cond_V > max_cond:
         raise IllConditionedReduction(cond_V, max_cond)
+    # Complex whatever the spectrum: with only real eigenvalues eig's V is float64, and a
+    # float B, C or W would later drop the imaginary half of a paired slot on assignment.
+    V = V.astype(np.complex128)
     Vinv = np.linalg.inv(V)
     # LAPACK's real eig returns real eigenvalues with Im exactly 0 and conjugate pairs
     # with conjugate eigenvectors, so exact comparisons classify the modes.
@@ -748,7 +758,8 @@ def _pair_real_modes(
         merged.append((first, second, mid))
     if not merged:
         return lam, B, C, W, 0, 0.0
-    lam, B, C, W = lam.copy(), B.copy(), C.copy(), W.copy()
+    # Copies, and complex: assigning b₁ + i b₂ into a float array would keep b₁ alone.
+    lam, B, C, W = (np.array(M, dtype=np.complex128) for M in (lam, B, C, W))
     for first, second, mid in merged:
         lam[first] = mid
         B[first] = B[first].real + 1j * B[second].real

@@ -14,12 +14,13 @@ walks every LRU layer of the chosen parts once:
    re-diagonalisation is ill-conditioned. With ``mode_scale: trained`` each reduced mode
    is rescaled (exactly) to the split of its gain between B and C that training had made;
 3. **guard**: the reduced layer's relative output error on the recorded inputs must stay
-   under ``max_output_error``; for the actor, KL(full ‖ reduced) of the action
-   distribution on the rollout must stay under ``max_kl``; above it the actor's cut is
-   made gentler (each layer sheds half as many states, re-truncated at the higher rank)
-   and tried again, up to ``MAX_KL_BACKOFFS`` times, before the actor's reductions of
-   this event are rolled back (CompreSSM's "pragmatic" mode). The last event of a budget
-   is held to it: its guards are measured, not obeyed;
+   under ``max_output_error`` (else the layer is skipped: its cut is never applied); for
+   the actor, KL(full ‖ reduced) of the action distribution on the rollout must stay
+   under ``max_kl``; above it the actor's cut is made gentler (each layer sheds half as
+   many states, re-truncated at the higher rank; a gentler cut is held to
+   ``max_output_error`` too) and tried again, up to ``MAX_KL_BACKOFFS`` times, before the
+   actor's reductions of this event are rolled back (CompreSSM's "pragmatic" mode). The
+   last event of a budget is held to it: its guards are measured, not obeyed;
 4. **apply**: every carried recurrent state is mapped into the new coordinates
    (``z = W [Re h; Im h]``), the layer becomes the reduced system (``LRU.load_system``),
    and the optimiser follows the new parameters (their Adam state restarts whole,
@@ -210,7 +211,10 @@ def lru_layers(policy: ActorCritic, parts: list[str] | tuple[str, ...] = PARTS) 
 class ReductionEvent:
     """What happened to one layer at one reduction point (a ``compression.json`` record).
 
-    ``status`` starts with "applied", "skipped" or "rolled back" and says why.
+    ``status`` starts with "applied", "skipped" or "rolled back" and says why: "skipped"
+    where the plan accepted no cut (none worth making or possible, or its output error
+    over ``max_output_error``), "rolled back" where the actor's KL guard withdrew a cut the
+    plan had accepted. Neither changes the layer (``n_after == n_before``).
     ``bound`` is the H∞ error bound of the cut (``ReductionResult.bound``), ``cond_v`` the
     condition number of its re-diagonalisation, ``n_clamped`` the modes moved to the
     largest radius an LRU holds and ``n_paired`` the states holding two real modes (None
@@ -467,8 +471,8 @@ def plan_reductions(
             event = replace(event, output_error=error)
             if error > config.max_output_error:
                 over = f"output error {error:.3f} > {config.max_output_error}"
-                if not plan.held_to_budget:
-                    plan.events.append(replace(event, status=f"rolled back: {over}"))
+                if not plan.held_to_budget:  # refused before it was ever applied
+                    plan.events.append(replace(event, status=f"skipped: {over}"))
                     continue
                 status += f" ({over})"
         plan.accepted[ref] = result
@@ -624,13 +628,15 @@ def fit_actor_kl(
     Tries the planned cut, then, while the KL is over budget, cuts with half as many real
     states removed from every actor layer (re-truncated at the higher rank from the
     systems read by the plan; at most ``MAX_KL_BACKOFFS`` halvings). A layer whose gentler
-    cut would remove < 5% of its states, or cannot be re-diagonalised, drops out with a
-    reason. Every layer backs off alike, also one that adds no KL. With cut-and-heal the
-    KL judged is the healed one (``cut_kl``).
+    cut would remove < 5% of its states, cannot be re-diagonalised, or has an output error
+    on the recorded inputs over ``max_output_error`` drops out with a reason, before the
+    next KL is measured (so the KL is that of the cuts returned). Every layer backs off
+    alike, also one that adds no KL. With cut-and-heal the KL judged is the healed one
+    (``cut_kl``).
 
     Returns:
         The accepted reductions (empty if no candidate fits), the last cut's KL, the
-        number of halvings, and the reason per dropped layer.
+        number of halvings, and the reason per dropped layer (also when none fits).
     """
     results = dict(planned)
     dropped: dict[LayerRef, str] = {}
@@ -648,17 +654,26 @@ def fit_actor_kl(
             except IllConditionedReduction as err:
                 dropped[ref] = f"KL {kl:.3f} > {config.max_kl}, and the gentler cut: {err}"
                 continue
-            if candidate.state_dim <= (1 - MIN_REMOVED_FRACTION) * n:
-                gentler[ref] = candidate
-            else:
+            if candidate.state_dim > (1 - MIN_REMOVED_FRACTION) * n:
                 dropped[ref] = (
                     f"KL {kl:.3f} > {config.max_kl}, and a gentler cut removes < 5% of states"
                 )
+                continue
+            # The plan's output-error guard judged the planned cut only; this one is new.
+            if ref in plan.recorded:
+                error = reduced_output_error(ref.of(policy), candidate, plan.recorded[ref], reset)
+                if error > config.max_output_error:
+                    dropped[ref] = (
+                        f"KL {kl:.3f} > {config.max_kl}, and the gentler cut's output error "
+                        f"{error:.3f} > {config.max_output_error}"
+                    )
+                    continue
+            gentler[ref] = candidate
         if not gentler:
             break
         results = gentler
     if kl > config.max_kl:
-        return {}, cut, halvings, {}
+        return {}, cut, halvings, dropped
     return results, cut, halvings, dropped
 
 
