@@ -29,106 +29,17 @@ def _ints(text: str) -> list[int]:
 
 
 # ----- train ----------------------------------------------------------------------------
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a policy with recurrent PPO")
+def _add_train(sub, with_settings: bool = True) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a policy with recurrent PPO (and compress it in training)",
+        description="Train an SSM (or MLP) policy with recurrent PPO on a Gymnasium MuJoCo "
+        "task, optionally compressing it in training. Every run setting below is a "
+        "TrainConfig field (docs/reference.md): a flag overrides the --config file, which "
+        "overrides the default.",
+    )
     p.add_argument("--env", help="Gymnasium id, e.g. Hopper-v5 or Hopper-v5-P (not with --resume)")
-    p.add_argument(
-        "--total-steps",
-        type=int,
-        help="env steps (default: the task preset); with --resume: the run's new length (the "
-        "lr anneal follows it; the compression schedule keeps the steps it started with)",
-    )
-    # No argparse defaults here: an unset flag leaves the --config file's value, else
-    # TrainConfig's default (given in the help).
-    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="run directory (default runs/ENV-sSEED)")
-    p.add_argument("--policy", choices=["ssm", "mlp"], help="default ssm")
-    p.add_argument("--state-dim", type=int, help="n, complex states per LRU layer (default 128)")
-    p.add_argument(
-        "--state-dims",
-        type=_ints,
-        help="n per layer, e.g. 32,24 (overrides --state-dim and --layers)",
-    )
-    p.add_argument(
-        "--critic-state-dims",
-        type=_ints,
-        help="the critic's n per layer (default: the actor's), e.g. a small actor beside "
-        "a full-size critic",
-    )
-    p.add_argument("--width", type=int, help="H, features per layer (default 64)")
-    p.add_argument("--layers", type=int, help="default 2")
-    p.add_argument("--num-envs", type=int, help="parallel envs (default: preset)")
-    p.add_argument("--num-workers", type=int, help="subprocess envs, AsyncVectorEnv (default 0)")
-    p.add_argument(
-        "--physics-threads",
-        type=int,
-        help="threads for the MuJoCo step of in-process locomotion envs: pays where the "
-        "process has that many cores to itself (default 1; bit-identical; with --resume: "
-        "the run's, unless given)",
-    )
-    p.add_argument(
-        "--compress-tol", type=float, help="compress in training: drop this fraction of Σ HSV"
-    )
-    p.add_argument(
-        "--compress-to",
-        type=int,
-        help="compress in training to a state budget instead: N complex states per part "
-        "(actor, critic) over all its layers after the last reduction (not with --compress-tol)",
-    )
-    p.add_argument(
-        "--compress-allocation",
-        choices=["global", "uniform"],
-        help="with --compress-to: rank states across layers by 2σ/‖G‖∞ (global, default) "
-        "or give each layer an equal share (uniform)",
-    )
-    p.add_argument(
-        "--heal-steps",
-        type=int,
-        help="cut-and-heal: Adam steps distilling the reduced actor toward the full one "
-        "after each cut (default 0: none)",
-    )
-    p.add_argument(
-        "--compress-lr-scale",
-        type=float,
-        help="multiply the lr by this once the actor is cut (default 1: unchanged; a "
-        "compressed policy moves less per update at one lr; not with ppo desired_kl)",
-    )
-    p.add_argument(
-        "--compress-mode-scale",
-        choices=["balanced", "trained"],
-        help="how a reduced mode's gain is split between its B and C parameters: as the "
-        "balanced coordinates leave it (default) or at the full layer's median split "
-        "(trained); the function is the same",
-    )
-    p.add_argument(
-        "--compress-at",
-        type=_floats,
-        help="reduction points as fractions of total steps (default 0.02,0.04,0.06,0.08)",
-    )
-    p.add_argument("--min-state", type=int, help="floor on complex states per layer (default 4)")
-    p.add_argument(
-        "--compress-gramian",
-        choices=["white", "data"],
-        help="HSVs to cut on: white-noise Gramians (default) or data: weighted by each "
-        "layer's recorded inputs (Enns)",
-    )
-    p.add_argument(
-        "--compress-parts",
-        type=lambda s: s.split(","),
-        help="what to compress: actor,critic (default) or actor (the deployed part) alone",
-    )
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda", "auto"],
-        help="where the update runs (the rollout steps on the CPU); auto: cuda when "
-        "available (default auto; with --resume: the run's, unless given)",
-    )
-    p.add_argument(
-        "--nproc",
-        type=int,
-        help="data-parallel ranks on this machine, launched through torch.distributed.run "
-        "(torchrun); each rank steps --num-envs envs, gradients are averaged (default 1)",
-    )
     p.add_argument("--config", type=Path, help="YAML with TrainConfig keys (flags win)")
     p.add_argument(
         "--resume",
@@ -138,8 +49,25 @@ def _add_train(sub) -> None:
         "--device, --physics-threads, --nproc and --no-progress may be given with it)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel ranks on this machine, launched through torch.distributed.run "
+        "(torchrun); each rank steps --num-envs envs, gradients are averaged (default 1)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train, command_parser=p)
+    if not with_settings:  # `compressm-rl --help` and other commands: no torch to load
+        return
+    from compressm_rl.compression import CompressionConfig
+    from compressm_rl.rl.config import PPOConfig
+    from compressm_rl.runs.config import TrainConfig
+    from compressm_rl.settings import add_flags
+
+    add_flags(p.add_argument_group("run"), TrainConfig)
+    preset = {name: "the task preset" for name in ("total_steps", "num_envs")}
+    add_flags(p.add_argument_group("PPO (the rest: ppo keys in --config)"), PPOConfig, preset)
+    add_flags(p.add_argument_group("in-training compression"), CompressionConfig)
 
 
 # What `train --resume` takes besides the run: the machine's settings, how many ranks,
@@ -161,87 +89,57 @@ def _given_flags(args) -> list[str]:
 
 
 def _train(args) -> int:
+    return _resume_run(args) if args.resume else _new_run(args)
+
+
+def _resume_run(args) -> int:
     from dataclasses import replace
 
     from compressm_rl.device import resolve_device
     from compressm_rl.runs import TrainConfig, load_config, locked_run_dir
     from compressm_rl.runs.checkpoint import CHECKPOINT
-    from compressm_rl.runs.config import MACHINE_SETTINGS, check_replaceable
+    from compressm_rl.runs.config import MACHINE_SETTINGS
     from compressm_rl.train import train
 
-    if args.resume:
-        refused = [flag for flag in _given_flags(args) if flag not in RESUME_FLAGS]
-        if refused:
-            raise ValueError(
-                f"{', '.join(refused)} cannot be given with --resume: a run keeps the settings "
-                f"in {args.resume / 'config.yaml'} (with --resume: {', '.join(RESUME_FLAGS[1:])})"
-            )
-        config = load_config(args.resume)
-        # A run may move between machines: their settings given here replace the run's.
-        given = {name: getattr(args, name) for name in MACHINE_SETTINGS}
-        config = replace(config, **{k: v for k, v in given.items() if v is not None})
-        if args.total_steps is not None:  # a longer (or shorter) run: checked by TrainConfig
-            data = config.to_dict()
-            data["ppo"]["total_steps"] = args.total_steps
-            config = TrainConfig.from_dict(data)
-        resolve_device(config.device)  # checked before anything is written
-        if not (args.resume / CHECKPOINT).exists():
-            print(
-                f"{args.resume} has no checkpoint yet (stopped before its first): training "
-                "it from step 0 with its saved config",
-                file=sys.stderr,
-            )
-        if _launched(args):
-            with locked_run_dir(args.resume):  # busy: one line from here, not from each rank
-                pass
-            return _launch(args)
-        train(config, args.resume, resume=True, progress=not args.no_progress)
-        print(f"run saved in {args.resume}")
-        return 0
+    refused = [flag for flag in _given_flags(args) if flag not in RESUME_FLAGS]
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)} cannot be given with --resume: a run keeps the settings "
+            f"in {args.resume / 'config.yaml'} (with --resume: {', '.join(RESUME_FLAGS[1:])})"
+        )
+    config = load_config(args.resume)
+    # A run may move between machines: their settings given here replace the run's.
+    given = {name: getattr(args, name) for name in MACHINE_SETTINGS}
+    config = replace(config, **{k: v for k, v in given.items() if v is not None})
+    if args.total_steps is not None:  # a longer (or shorter) run: checked by TrainConfig
+        data = config.to_dict()
+        data["ppo"]["total_steps"] = args.total_steps
+        config = TrainConfig.from_dict(data)
+    resolve_device(config.device)  # checked before anything is written
+    if not (args.resume / CHECKPOINT).exists():
+        print(
+            f"{args.resume} has no checkpoint yet (stopped before its first): training "
+            "it from step 0 with its saved config",
+            file=sys.stderr,
+        )
+    if _launched(args):
+        with locked_run_dir(args.resume):  # busy: one line from here, not from each rank
+            pass
+        return _launch(args)
+    train(config, args.resume, resume=True, progress=not args.no_progress)
+    print(f"run saved in {args.resume}")
+    return 0
+
+
+def _new_run(args) -> int:
+    from compressm_rl.device import resolve_device
+    from compressm_rl.runs import locked_run_dir
+    from compressm_rl.runs.config import check_replaceable
+    from compressm_rl.train import train
+
     if args.env is None:
         raise ValueError("--env is required to start a run (or pass --resume DIR to continue one)")
-    data: dict = {}
-    if args.config:
-        import yaml
-
-        try:
-            data = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{args.config} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{args.config} must hold a mapping of TrainConfig keys")
-    flags = {
-        "env_id": args.env,
-        "total_steps": args.total_steps,
-        "seed": args.seed,
-        "policy": args.policy,
-        "state_dim": args.state_dim,
-        "state_dims": args.state_dims,
-        "critic_state_dims": args.critic_state_dims,
-        "width": args.width,
-        "layers": args.layers,
-        "num_workers": args.num_workers,
-        "physics_threads": args.physics_threads,
-        "device": args.device,
-    }
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if args.num_envs is not None:
-        data["ppo"] = {**(data.get("ppo") or {}), "num_envs": args.num_envs}
-    compression = {
-        "tol": args.compress_tol,
-        "budget": args.compress_to,
-        "allocation": args.compress_allocation,
-        "heal_steps": args.heal_steps,
-        "lr_scale": args.compress_lr_scale,
-        "mode_scale": args.compress_mode_scale,
-        "at": args.compress_at,
-        "min_state": args.min_state,
-        "parts": args.compress_parts,
-        "gramian": args.compress_gramian,
-    }
-    compression = {k: v for k, v in compression.items() if v is not None}
-    data["compression"] = {**(data.get("compression") or {}), **compression}
-    config = TrainConfig.from_dict(data)  # every setting checked before anything is created
+    config = _config_from(args)  # every setting checked before anything is created
     resolve_device(config.device)  # and that this machine has the device
     out = args.out or Path("runs") / f"{args.env}-s{config.seed}"
     check_replaceable(out, args.overwrite)
@@ -254,6 +152,33 @@ def _train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run saved in {out}")
     return 0
+
+
+def _config_from(args):
+    """The ``TrainConfig`` of ``train``'s flags over its ``--config`` file."""
+    import yaml
+
+    from compressm_rl.compression import CompressionConfig
+    from compressm_rl.rl.config import PPOConfig
+    from compressm_rl.runs.config import TrainConfig
+    from compressm_rl.settings import given_flags
+
+    data: dict = {}
+    if args.config:
+        try:
+            data = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{args.config} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config} must hold a mapping of TrainConfig keys")
+    data.update(env_id=args.env, **given_flags(args, TrainConfig))
+    for section, cls in (("ppo", PPOConfig), ("compression", CompressionConfig)):
+        if not isinstance(data.get(section) or {}, dict):
+            raise ValueError(f"{args.config}: {section} must be a mapping of settings")
+        data[section] = {**(data.get(section) or {}), **given_flags(args, cls)}
+    if "total_steps" in data:  # a top-level total_steps is the ppo one (TrainConfig.from_dict)
+        data["ppo"].setdefault("total_steps", data.pop("total_steps"))
+    return TrainConfig.from_dict(data)
 
 
 def _launched(args) -> bool:
@@ -553,7 +478,9 @@ def _bench(args) -> int:
 
 
 # ----- entry point ----------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_settings: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``with_settings`` False leaves out `train`'s run settings (which
+    load torch), for a fast ``--help`` of the other commands."""
     parser = argparse.ArgumentParser(
         prog="compressm-rl",
         description="Train SSM policies with recurrent PPO, compress them with balanced "
@@ -561,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_report, _add_compress, _add_export, _add_bench):
+    _add_train(sub, with_settings)
+    for add in (_add_eval, _add_report, _add_compress, _add_export, _add_bench):
         add(sub)
     return parser
 
@@ -569,9 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # One BLAS thread: the float64 reductions are small; on 2 cores more threads ran 20x slower.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(with_settings=command == "train")
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`
+    args.argv = argv  # for `train --nproc`
     if args.command is None:
         parser.print_help()
         return 0

@@ -1,9 +1,9 @@
-"""Compression of LRU policies by balanced truncation: the LTI maths on arrays (``lti``)
-and the in-training pipeline over an actor-critic (``pipeline``)."""
+"""Compression of LRU policies by balanced truncation: the settings (``config``), the LTI
+maths on arrays (``lti``) and the in-training pipeline over an actor-critic (``pipeline``)."""
 
+from compressm_rl.compression.config import CompressionConfig
 from compressm_rl.compression.lti import hinf_norm
 from compressm_rl.compression.pipeline import (
-    CompressionConfig,
     LayerRef,
     ReductionEvent,
     apply_reductions,

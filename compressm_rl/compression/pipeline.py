@@ -43,13 +43,13 @@ import torch
 from torch import Tensor
 
 from compressm_rl.compression.budget import (
-    ALLOCATIONS,
     allocate_ranks,
     event_target,
     state_scores,
     uniform_shares,
     weakest_kept,
 )
+from compressm_rl.compression.config import PARTS, CompressionConfig
 from compressm_rl.compression.lti import (
     IllConditionedReduction,
     ReductionResult,
@@ -60,126 +60,12 @@ from compressm_rl.compression.lti import (
     input_covariance,
     scale_modes,
 )
-from compressm_rl.settings import check_types
 from policies.actor_critic import ActorCritic, RecurrentState
 from policies.lru import LRU, LRUStack
 from policies.lti import MAX_RADIUS, DiagonalSystem
 
 MIN_REMOVED_FRACTION = 0.05
 MAX_KL_BACKOFFS = 3  # halvings of the actor's cut before a rollback
-PARTS = ("actor", "critic")
-GRAMIANS = ("white", "data")
-MODE_SCALES = ("balanced", "trained")
-
-
-@dataclass
-class CompressionConfig:
-    """When and how much to reduce: by energy (``tol``, per layer) or to a state budget
-    (``budget``, per part); neither disables compression.
-
-    Every value is checked when the config is built (``ValueError`` naming the field,
-    the value and the valid range).
-    """
-
-    tol: float | None = None  # fraction of Σ HSV dropped per layer, in (0, 1)
-    # Or a state budget: each part in ``parts`` ends the last event with this many complex
-    # states over all its layers (compression.budget; ``--compress-to``). Methods can then be
-    # compared at equal size. The last event is held to it: its guards are measured, not obeyed.
-    budget: int | None = None
-    # With a budget: "global" ranks states across a part's layers by 2σ_j/‖G_l‖_∞ (LAST's
-    # idea on balanced coordinates); "uniform" gives every layer an equal share.
-    allocation: str = "global"
-    # Early: the action KL of a cut grows as the policy's σ shrinks (Hopper-v5, τ = 0.15:
-    # KL 0.04 at 6% of training, 0.2-0.3 at 15-20%), and the small model trains for longer.
-    at: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08])
-    min_state: int = 4  # floor on complex states per layer
-    max_output_error: float = 0.5  # relative, per layer, on recorded inputs
-    max_kl: float = 0.1  # KL(full ‖ reduced) of the actor, mean over the rollout
-    max_cond: float = 1e3  # cond(V) of the re-diagonalisation; above it the layer is skipped
-    # Real modes held two to a state (they would sit at a zero-gradient saddle, half their
-    # state unused), within this fraction of the cut's bound (compression.lti: pair_real).
-    pair_real: float = 0.25
-    # What to shrink: the actor is what gets deployed; the critic only speeds up training.
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
-    # HSVs to cut on: "white" (white-noise Gramians, the baseline) or "data" (controllability
-    # Gramian weighted by the covariance of each layer's inputs on the last rollout, Enns).
-    gramian: str = "white"
-    # Cut-and-heal: after the actor is cut, this many Adam steps distil the reduced actor
-    # toward the full one (KL of the actions on the last rollout) before PPO continues;
-    # the actor's KL guard then judges the healed cut. 0: no healing.
-    heal_steps: int = 0
-    heal_lr: float = 1e-3
-    # How each reduced mode's gain is split between its B and C parameters (an exact
-    # similarity, the function is the same): "balanced" as the balanced, re-diagonalised
-    # coordinates leave it; "trained": every mode at the full layer's median ‖B_i‖/‖C_i‖
-    # in the LRU's parameters, the split training had made (``parameter_split``).
-    mode_scale: str = "balanced"
-    # The lr (annealed or constant) times this once the actor is cut: a smaller policy moves
-    # less per update at one lr. At 1.4 no measurable gain, in balanced or trained
-    # coordinates (Hopper-v5-P, 6 seeds, docs/design.md §7). 1: off.
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_types(self, "compression ")
-
-        def bad(name: str, value, valid: str) -> ValueError:
-            return ValueError(f"compression {name} = {value!r} is out of range: {valid}")
-
-        if self.tol is not None and not 0.0 < self.tol < 1.0:
-            raise bad("tol", self.tol, "a fraction of the HSV sum in (0, 1), e.g. 0.1")
-        if self.tol is not None and self.budget is not None:
-            raise ValueError(
-                f"compression tol = {self.tol} and budget = {self.budget} are both set: "
-                "give one (tol: cut each layer by energy; budget: states to end with)"
-            )
-        if self.budget is not None and self.budget < 1:
-            raise bad("budget", self.budget, "complex states per part, at least 1")
-        if self.allocation not in ALLOCATIONS:
-            raise bad("allocation", self.allocation, "'global' or 'uniform'")
-        if self.allocation != "global" and self.budget is None:
-            raise ValueError(
-                f"compression allocation = {self.allocation!r} needs a budget (--compress-to): "
-                "it says how a state budget is shared among layers"
-            )
-        if self.heal_steps < 0:
-            raise bad("heal_steps", self.heal_steps, "0 (no healing) or more Adam steps")
-        if not self.heal_lr > 0.0:
-            raise bad("heal_lr", self.heal_lr, "a positive learning rate")
-        if not 0.0 < self.lr_scale < 100.0:
-            raise bad("lr_scale", self.lr_scale, "a multiplier of the lr in (0, 100), e.g. 1.4")
-        if not self.at or any(not 0.0 <= f < 1.0 for f in self.at):
-            raise bad("at", self.at, "fractions of total steps in [0, 1), e.g. 0.02,0.04")
-        if self.min_state < 1:
-            raise bad("min_state", self.min_state, "at least 1 complex state per layer")
-        for name in ("max_output_error", "max_kl", "max_cond"):
-            if not getattr(self, name) > 0.0:
-                raise bad(name, getattr(self, name), "a positive number")
-        if not self.pair_real >= 0.0:
-            raise bad("pair_real", self.pair_real, "0 (never pair real modes) or more")
-        if not self.parts or not set(self.parts) <= set(PARTS):
-            raise bad("parts", self.parts, "'actor', 'critic' or both (actor,critic)")
-        if self.gramian not in GRAMIANS:
-            raise bad("gramian", self.gramian, "'white' (white-noise HSVs) or 'data'")
-        if self.mode_scale not in MODE_SCALES:
-            raise bad("mode_scale", self.mode_scale, "'balanced' or 'trained'")
-        if self.heal_steps and "actor" not in self.parts:
-            raise ValueError(
-                f"compression heal_steps = {self.heal_steps} heals the actor, but parts = "
-                f"{self.parts}; add actor to parts or drop heal_steps"
-            )
-
-    @classmethod
-    def from_dict(cls, data: dict) -> CompressionConfig:
-        unknown = set(data) - set(asdict(cls()))
-        if unknown:
-            raise ValueError(
-                f"unknown compression setting(s) {sorted(unknown)}; known: {sorted(asdict(cls()))}"
-            )
-        return cls(**data)
-
-    @property
-    def enabled(self) -> bool:
-        return self.tol is not None or self.budget is not None
 
 
 @dataclass(frozen=True)

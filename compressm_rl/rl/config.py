@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from compressm_rl.settings import check_types
+from compressm_rl.settings import check_types, setting
 from envs.tasks import split_env_id
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -28,25 +28,27 @@ class PPOConfig:
     the value and the valid range.
     """
 
-    total_steps: int = 1_000_000
-    num_envs: int = 8
-    rollout_steps: int = 256  # per env and iteration
-    seq_len: int = 64  # steps per replayed sequence (divides rollout_steps)
-    epochs: int = 10
-    minibatches: int = 4
-    lr: float = 3e-4
-    anneal_lr: bool = True
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_coef: float = 0.2
-    ent_coef: float = 0.0
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = None
+    total_steps: int = setting(1_000_000, "env steps, all envs and ranks", flag="--total-steps")
+    num_envs: int = setting(8, "envs stepped together (per rank)", flag="--num-envs")
+    rollout_steps: int = setting(256, "steps per env and iteration")
+    seq_len: int = setting(64, "steps per replayed sequence (divides rollout_steps)")
+    epochs: int = setting(10, "passes over each rollout")
+    minibatches: int = setting(4, "minibatches per epoch")
+    lr: float = setting(3e-4, "Adam learning rate")
+    anneal_lr: bool = setting(True, "anneal the lr linearly to 0 over the run")
+    gamma: float = setting(0.99, "discount")
+    gae_lambda: float = setting(0.95, "GAE λ")
+    clip_coef: float = setting(0.2, "PPO's ratio clip")
+    ent_coef: float = setting(0.0, "entropy bonus")
+    vf_coef: float = setting(0.5, "value loss weight")
+    max_grad_norm: float = setting(0.5, "gradient clip (global norm)")
+    target_kl: float | None = setting(None, "stop an iteration's epochs above this approximate KL")
     # rsl_rl's adaptive schedule: the lr follows each minibatch's KL (ppo.adapted_lr)
-    desired_kl: float | None = None
-    norm_reward: bool = True
-    init_log_std: float = 0.0
+    desired_kl: float | None = setting(
+        None, "rsl_rl's adaptive lr: follow each minibatch's KL toward this (anneal_lr off)"
+    )
+    norm_reward: bool = setting(True, "scale rewards by the running return's std")
+    init_log_std: float = setting(0.0, "the action distribution's initial log σ")
 
     def __post_init__(self) -> None:
         check_types(self, "ppo ")

@@ -7,7 +7,7 @@ reproduced without knowing which defaults were in force when it started.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -16,7 +16,7 @@ from compressm_rl.compression import CompressionConfig
 from compressm_rl.device import DEVICES
 from compressm_rl.rl.config import PPOConfig, preset_for
 from compressm_rl.runs.files import atomic_write_text
-from compressm_rl.settings import check_types
+from compressm_rl.settings import check_types, setting
 from envs import check_env_id
 
 CONFIG = "config.yaml"
@@ -38,26 +38,45 @@ class TrainConfig:
     """
 
     env_id: str
-    seed: int = 0
-    policy: str = "ssm"  # "ssm" (LRU stacks) or "mlp"
-    state_dim: int = 128  # n, complex states per LRU layer
-    state_dims: list[int] | None = None  # per-layer n; overrides state_dim and layers
-    # The critic's per-layer n where it differs from the actor's (e.g. a small deployed
-    # actor beside a full-size critic, which is not deployed).
-    critic_state_dims: list[int] | None = None
-    width: int = 64  # H, features per layer
-    layers: int = 2
-    num_workers: int = 0  # > 0: envs in subprocesses (AsyncVectorEnv)
-    # mj_step of the in-process locomotion envs on this many threads (envs/physics.py):
-    # bit-identical results, so a setting of the machine like torch_threads.
-    physics_threads: int = 1
-    torch_threads: int = 1
-    # Where the update runs: "cpu", "cuda", or "auto" (CUDA when available). A setting of
-    # the machine, not of the run: resuming may change it (compressm_rl/device.py).
-    device: str = "auto"
-    checkpoint_every: int = 10  # PPO iterations
-    ppo: PPOConfig | None = None  # None: the task's preset (rl/presets.yaml)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    seed: int = setting(0, "seeds the policy, the envs and the action noise", flag="--seed")
+    policy: str = setting(
+        "ssm", "ssm (stacked LRU layers) or mlp", flag="--policy", choices=("ssm", "mlp")
+    )
+    state_dim: int = setting(128, "n, complex states per LRU layer", flag="--state-dim")
+    state_dims: list[int] | None = setting(
+        None, "n per layer, e.g. 32,24 (overrides state_dim and layers)", flag="--state-dims"
+    )
+    # E.g. a small deployed actor beside a full-size critic, which is not deployed.
+    critic_state_dims: list[int] | None = setting(
+        None,
+        "the critic's n per layer where it differs from the actor's",
+        flag="--critic-state-dims",
+    )
+    width: int = setting(64, "H, features per layer", flag="--width")
+    layers: int = setting(2, "LRU (or MLP) layers", flag="--layers")
+    num_workers: int = setting(
+        0, "envs in this many subprocesses (AsyncVectorEnv; 0: in-process)", flag="--num-workers"
+    )
+    # Bit-identical results: a setting of the machine like torch_threads (envs/physics.py).
+    physics_threads: int = setting(
+        1,
+        "threads for the MuJoCo step of in-process locomotion envs: pays where the process "
+        "has that many cores to itself (bit-identical)",
+        flag="--physics-threads",
+    )
+    torch_threads: int = setting(1, "torch threads of the training process")
+    # A setting of the machine, not of the run: resuming may change it (compressm_rl/device.py).
+    device: str = setting(
+        "auto",
+        "where the update runs (the rollout steps on the CPU); auto: cuda when available",
+        flag="--device",
+        choices=DEVICES,
+    )
+    checkpoint_every: int = setting(10, "PPO iterations between checkpoints")
+    ppo: PPOConfig | None = setting(None, "PPO settings: the task's preset, these on top")
+    compression: CompressionConfig = setting(
+        CompressionConfig(), "in-training compression (off unless tol or budget is set)"
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "")
