@@ -6,7 +6,7 @@
 Each policy plays ``--episodes`` episodes (reset seeds 1000, 1001, ...) per noise scale:
 the action is ``clip(mean + scale · std · ε)``, scale 0 the deterministic action, scale 1
 the training policy's own noise. The actor is stepped eagerly; ``compression.py``
-evaluates through the frozen ``TorchController`` (since session 13), whose float32
+evaluates through the frozen ``TorchController``, whose float32
 rounding can turn a chaotic episode another way (docs/design.md §9). Prints per run the mean return
 per scale and the share of steps whose mean action lies outside the bounds, then per
 policy label the mean over seeds: whether a method's deterministic return falls below its

@@ -1,5 +1,5 @@
 """What one collective costs on this machine: the price data-parallel PPO pays at every
-gradient step (issue #16).
+gradient step.
 
     python benchmarks/collectives.py [--env Hopper-v5] [--ranks 2] [--calls 300]
 

@@ -1,8 +1,8 @@
 """Runs from several ``benchmarks/compression.py --out`` directories against one reference.
 
     python benchmarks/compare.py --env Hopper-v5-P --seeds 0,1,2,3,4,5 \\
-        --reference benchmarks/out/s10-hopperP-64-data-heal:1-full+benchmarks/out/s16-hopperP-full:1-full \\
-        --row "lr x 1.4" benchmarks/out/s14-hopperP-64-lr14:2-compressed ... \\
+        --reference runs/benchmarks/full-a:1-full+runs/benchmarks/full-b:1-full \\
+        --row "lr x 1.4" runs/benchmarks/lr14:2-compressed ... \\
         [--plot benchmarks/figures/NAME.png]
 
 A sample is ``OUT:LABEL`` (``LABEL`` one of ``compression.py``'s ``1-full`` ... ``4-posthoc``,
@@ -13,8 +13,8 @@ training return (last 50 iterations) and deterministic return (30 episodes, the 
 90% bootstrap intervals. A row is paired with the reference, run by run, where each of its
 runs kept the trajectory of the reference's run up to its first cut (``run_parting_step``:
 one code trained both, from one seed); otherwise the interval is unpaired: runs made by
-other code share no steps with the reference (session 16: a six-seed sample of the full
-policy read 1.19 [0.99, 1.45] of another six of the same recipe). ``--plot`` draws the
+other code share no steps with the reference (two six-seed samples of the full Hopper-v5-P
+policy by different code read 1.19 [0.99, 1.45] of each other). ``--plot`` draws the
 ratios, and the reference samples' training curves beside them. A row that is part of the
 reference is not an independent sample of it; its ratio is left out.
 """
@@ -44,7 +44,7 @@ def runs_of(sample: str, env_id: str, seeds: list[int]) -> list[Path]:
     for part in sample.split("+"):
         out, sep, label = part.rpartition(":")
         if not sep or not out:
-            raise SystemExit(f"{part!r}: a sample is OUT:LABEL, e.g. benchmarks/out/x:1-full")
+            raise SystemExit(f"{part!r}: a sample is OUT:LABEL, e.g. runs/benchmarks/x:1-full")
         dirs += [Path(out) / f"{env_id}-s{seed}" / label for seed in seeds]
     for d in dirs:
         if not (d / "checkpoint.pt").exists():

@@ -1,20 +1,24 @@
-"""In-training compression against its baselines, side by side (issue 4).
+"""In-training compression against its baselines, side by side.
 
     python benchmarks/compression.py [--envs Hopper-v5,Hopper-v5-P] [--seeds 0,1]
-        [--steps 1000000] [--tol 0.15 | --compress-to N [--allocation global|uniform]]
-        [--gramian white|data] [--heal-steps K] [--parts actor,critic]
-        [--at 0.02,0.04,0.06,0.08] [--min-state 4] [--lr-scale 1.4] [--mode-scale trained]
-        [--out benchmarks/out/compression] [--reuse-from DIR] [--workers 2] [--without-small]
-        [--ppo '{desired_kl: 0.01, anneal_lr: false}']
+        [--total-steps 1000000] (--compress-tol 0.1 | --compress-to N) [any other
+        `compressm-rl train` compression flag: --compress-gramian data --heal-steps 50 ...]
+        [--out runs/benchmarks/compression] [--reuse-from DIR] [--workers 2]
+        [--without-small] [--ppo '{desired_kl: 0.01, anneal_lr: false}']
+
+The compression flags are `compressm-rl train`'s, with its defaults (both are derived from
+``CompressionConfig``).
 
 Per env and seed, four policies:
 1. uncompressed (n = 128 per layer),
-2. compressed in training at the fractions ``--at`` of training: by energy (``--tol``,
-   per layer) or to a state budget per part (``--compress-to``, with ``--allocation``),
-   on white-noise or data-weighted HSVs (``--gramian``), with cut-and-heal if
-   ``--heal-steps``, with its lr multiplied by ``--lr-scale`` after the first cut, and
-   each reduced mode's B/C split as ``--mode-scale`` says,
-3. small from scratch at (2)'s final actor sizes (the critic too, unless ``--parts actor``),
+2. compressed in training at the fractions ``--compress-at`` of training: by energy
+   (``--compress-tol``, per layer) or to a state budget per part (``--compress-to``, with
+   ``--compress-allocation``), on white-noise or data-weighted HSVs
+   (``--compress-gramian``), with cut-and-heal if ``--heal-steps``, with its lr multiplied
+   by ``--compress-lr-scale`` after the first cut, and each reduced mode's B/C split as
+   ``--compress-mode-scale`` says,
+3. small from scratch at (2)'s final actor sizes (the critic too, unless
+   ``--compress-parts actor``),
 4. post-training compression of (1) to those sizes (no fine-tuning).
 ``--without-small`` leaves (3) out, for a check of (2)/(1) alone (e.g. over longer
 training) that does not pay for (3)'s training. ``--ppo`` overrides PPO settings (on top
@@ -76,6 +80,7 @@ from compressm_rl.runs import (
 )
 from compressm_rl.runs.config import trained_with
 from compressm_rl.runs.files import atomic_write_text
+from compressm_rl.settings import add_flags, given_flags
 from compressm_rl.stopping import TrainingStopped
 from compressm_rl.train import train
 from policies.actor_critic import ActorCritic
@@ -83,8 +88,8 @@ from policies.actor_critic import ActorCritic
 LABELS = ("1-full", "2-compressed", "3-small", "4-posthoc")
 TRAIN_RETURN_ITERATIONS = 50
 # A 10-episode deterministic return moved by up to 790 between two episode sets
-# (Hopper-v5-P, session 11). 30 episodes of 1,000 steps cost ~15-25 s a policy with
-# TorchController's frozen step (~1 min on the eager path, before session 13).
+# (Hopper-v5-P). 30 episodes of 1,000 steps cost ~15-25 s a policy with
+# TorchController's frozen step (~1 min on the eager path).
 EVAL_EPISODES = 30
 
 
@@ -233,25 +238,15 @@ def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:
 
 
 def train_all(
-    pool: ProcessPoolExecutor, runs: list, at: list[float], args: argparse.Namespace
+    pool: ProcessPoolExecutor,
+    runs: list,
+    compression: CompressionConfig,
+    args: argparse.Namespace,
 ) -> None:
     """Train (1)-(3) of every ``(env_id, seed, base)`` in ``runs`` on ``pool`` and make (4)."""
     for env_id, seed, base in runs:
-        settings = dict(env_id=env_id, total_steps=args.steps, seed=seed, ppo=args.ppo)
+        settings = dict(env_id=env_id, total_steps=args.total_steps, seed=seed, ppo=args.ppo)
         full = TrainConfig.from_dict(settings)
-        compression = CompressionConfig(
-            tol=None if args.compress_to else (args.tol or 0.15),
-            budget=args.compress_to,
-            allocation=args.allocation,
-            gramian=args.gramian,
-            heal_steps=args.heal_steps,
-            lr_scale=args.lr_scale,
-            mode_scale=args.mode_scale,
-            parts=args.parts.split(","),
-            at=at,
-        )
-        if args.min_state is not None:
-            compression = replace(compression, min_state=args.min_state)
         compressed = replace(full, compression=compression)
         # (3) is small where (2) ends small: with --parts actor the critic keeps its size.
         actor_only = "critic" not in compression.parts
@@ -278,25 +273,17 @@ def train_all(
             compress_run(base / "1-full", base / "4-posthoc", state_dims=final_dims)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", default="Hopper-v5,Hopper-v5-P")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", type=int, default=1_000_000)
-    parser.add_argument("--tol", type=float, help="energy cut per layer (default 0.15)")
-    parser.add_argument("--compress-to", type=int, help="state budget per part instead of --tol")
-    parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
-    parser.add_argument("--gramian", default="white", choices=["white", "data"])
-    parser.add_argument("--heal-steps", type=int, default=0, help="cut-and-heal distillation")
-    parser.add_argument("--parts", default="actor,critic", help="what (2) compresses")
-    parser.add_argument("--lr-scale", type=float, default=1.0, help="(2)'s lr after a cut, x")
-    parser.add_argument(
-        "--mode-scale", default="balanced", choices=["balanced", "trained"], help="(2)'s B/C split"
+    parser.add_argument("--total-steps", type=int, default=1_000_000)
+    add_flags(
+        parser.add_argument_group("(2)'s compression, as in `compressm-rl train`"),
+        CompressionConfig,
     )
     parser.add_argument("--reuse-from", type=Path, help="link (1) and (3) from this --out")
-    parser.add_argument("--at", default="0.02,0.04,0.06,0.08", help="reduction points")
-    parser.add_argument("--min-state", type=int, help="floor on n per layer (default: 4)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compression"))
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/compression"))
     parser.add_argument("--without-small", action="store_true", help="leave (3) out")
     parser.add_argument(
         "--ppo", type=yaml.safe_load, default={}, help="PPO overrides, a YAML mapping"
@@ -304,16 +291,27 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="training processes"
     )
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
-    if args.tol is not None and args.compress_to is not None:
-        parser.error("--tol and --compress-to are two ways to size the cut: give one")
+    try:
+        compression = CompressionConfig.from_dict(given_flags(args, CompressionConfig))
+    except ValueError as err:
+        parser.error(str(err))
+    if not compression.enabled:
+        parser.error("give --compress-tol or --compress-to: how far (2) is compressed")
     if not isinstance(args.ppo, dict):
         parser.error(f"--ppo takes a YAML mapping such as '{{lr: 1.0e-3}}', not {args.ppo!r}")
-    if args.lr_scale != 1.0 and args.ppo.get("desired_kl") is not None:
-        parser.error("--lr-scale scales the lr after a cut; --ppo desired_kl adapts it: give one")
+    if compression.lr_scale != 1.0 and args.ppo.get("desired_kl") is not None:
+        parser.error(
+            "--compress-lr-scale scales the lr after a cut; --ppo desired_kl adapts it: give one"
+        )
     try:  # every setting checked before a run directory is made
         for env_id in args.envs.split(","):
-            TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.steps, ppo=args.ppo))
+            TrainConfig.from_dict(dict(env_id=env_id, total_steps=args.total_steps, ppo=args.ppo))
     except ValueError as err:
         parser.error(str(err))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -322,7 +320,6 @@ def main() -> None:
         for env_id in args.envs.split(",")
         for seed in (int(s) for s in args.seeds.split(","))
     ]
-    at = [float(f) for f in args.at.split(",")]
     # spawn, not fork: a forked child of a process that ran OpenMP regions can hang.
     context = multiprocessing.get_context("spawn")
     try:
@@ -332,7 +329,7 @@ def main() -> None:
             initializer=_stop_with_parent,
             initargs=(os.getpid(),),
         ) as pool:
-            train_all(pool, runs, at, args)
+            train_all(pool, runs, compression, args)
     except (KeyboardInterrupt, BrokenProcessPool):
         raise SystemExit(
             "stopped (Ctrl-C, a signal, or a training process that died: see above); "
@@ -401,7 +398,7 @@ def main() -> None:
                     + ("" if paired else " unpaired")
                 )
             print(f"  {env_id}, {name} return: " + "; ".join(cells))
-    plot(results, runs, at, labels, args.out / "compression.png")
+    plot(results, runs, compression.at, labels, args.out / "compression.png")
     print(f"\nplot: {args.out / 'compression.png'}")
 
 

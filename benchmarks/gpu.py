@@ -1,4 +1,4 @@
-"""The GPU check of ``--device cuda`` (issue #16), one command, a few minutes on a GPU:
+"""The GPU check of ``--device cuda``, one command, a few minutes on a GPU:
 
     python benchmarks/gpu.py [--steps 50000] [--reps 3] [--repeats 7]
 

@@ -2,7 +2,7 @@
 frozen), side by side in one process, and the C step's size on a Cortex-M4.
 
     python benchmarks/latency.py [--steps 5000] [--sweep 4,8,16,32,64,128]
-        [--out-dir benchmarks/out/latency]
+        [--out-dir runs/benchmarks/latency]
 
 Hopper-v5 sizes (obs 11, act 3), width H = 64. Policies carry random weights: latency
 depends on the shapes only, not on training (a "compressed" policy here is one built at the
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="n per layer ('' skips)")
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/out/latency"))
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmarks/latency"))
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     steps, warmup = args.steps, args.warmup

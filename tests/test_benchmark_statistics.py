@@ -99,3 +99,25 @@ def test_compare_pairs_a_row_only_where_every_run_kept_the_reference_trajectory(
     assert not compare.kept_trajectories(uncut, full)  # no cut: the whole log must agree
     assert not compare.kept_trajectories(kept[:1], full)  # no partner for every run
     assert compare.kept_trajectories(full, full)
+
+
+def test_the_benchmark_takes_trains_compression_flags_and_defaults():
+    """One vocabulary: `benchmarks/compression.py` spells and defaults every compression
+    setting as `compressm-rl train` does (both derived from CompressionConfig)."""
+    from compressm_rl.cli import build_parser
+
+    def options(parser) -> dict:
+        return {o: a for a in parser._actions for o in a.option_strings}
+
+    train = options(build_parser()._subparsers._group_actions[0].choices["train"])
+    bench = options(compression_benchmark.build_parser())
+    compression_flags = [o for o in train if o.startswith("--compress") or "heal" in o]
+    assert "--compress-to" in compression_flags and "--compress-gramian" in compression_flags
+    for flag in [*compression_flags, "--min-state", "--total-steps"]:
+        assert flag in bench, flag
+        if flag != "--total-steps":  # the benchmark's own default: 1M steps, not a preset
+            assert (bench[flag].default, bench[flag].help) == (
+                train[flag].default,
+                train[flag].help,
+            )
+    assert not {"--tol", "--gramian", "--allocation", "--at", "--steps"} & set(bench)

@@ -1,4 +1,4 @@
-"""``--device cpu|cuda|auto`` (issue #16): on the CPU nothing changes, the rollout moves to
+"""``--device cpu|cuda|auto``: on the CPU nothing changes, the rollout moves to
 the learner's device once per iteration, a missing CUDA is a clear error before anything
 is written, and checkpoints resume on any device. CPU only: real MuJoCo, tiny runs."""
 
