@@ -125,10 +125,11 @@ def _default_of(f):
 
 
 def reference_table(cls, section: str) -> str:
-    """A Markdown table of every field of ``cls``: YAML key, flag, default, meaning."""
+    """A Markdown table of every field of ``cls``: YAML key, flag, default, meaning (the
+    nested settings sections, ``ppo`` and ``compression``, have tables of their own)."""
     rows = [f"| `{section}` key | flag | default | meaning |", "|---|---|---|---|"]
     for f in fields(cls):
-        if not f.metadata.get("help"):
+        if not f.metadata.get("help") or "Config" in str(f.type):  # a section: its own table
             continue
         flag = f"`{f.metadata['flag']}`" if f.metadata.get("flag") else ""
         default = _shown(_default_of(f))

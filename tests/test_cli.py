@@ -216,3 +216,14 @@ def test_a_c_export_that_does_not_compile_is_one_line(tiny_run, tmp_path, capsys
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "policy.c" in err, err
+
+
+def test_the_reference_is_generated_from_the_code():
+    """docs/reference.md is what `python -m compressm_rl.reference` prints today: a new or
+    changed flag or setting without a regenerated reference fails here."""
+    from pathlib import Path
+
+    from compressm_rl.reference import render
+
+    committed = (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+    assert committed == render(), "run: python -m compressm_rl.reference > docs/reference.md"
