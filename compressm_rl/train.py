@@ -143,70 +143,23 @@ def _train(
     device: torch.device,
     world: World,
 ) -> ActorCritic:
-    # Longer than most functions here on purpose: the iteration loop reads top to bottom
-    # in one place (CleanRL's style); each step it takes is one call.
-    cfg = config.ppo
-    configure_process(config.torch_threads)
-    torch.manual_seed(config.seed)  # the same initial policy on every rank
-    np.random.seed(config.seed)
-    # Each rank its own envs and action noise; rank 0's are those of a one-process run.
-    seed = config.seed + RANK_SEED_STRIDE * world.rank
-    envs = make_vec_env(
-        config.env_id, cfg.num_envs, seed, config.num_workers, config.physics_threads
-    )
-    state = (_resume if resume else _start)(config, run_dir, envs, device, world)
-    broadcast_module(state.policy, world)  # bit-identical from the start
-    if world.rank:
-        torch.manual_seed(seed + state.iteration)
-        np.random.seed(seed + state.iteration)
-    writes = world.is_main  # rank 0 writes metrics, events, checkpoints and plots
-    metrics, events = MetricsLog(run_dir), EventLog(run_dir)
-
+    # The iteration loop reads top to bottom here (CleanRL's style); each step is one call.
+    state, envs, seed = _prepare(config, run_dir, resume, device, world)
     # total_steps counts every rank's env steps: an iteration collects world.size rollouts.
-    steps_per_iteration = cfg.steps_per_iteration * world.size
-    num_iterations = max(1, cfg.total_steps // steps_per_iteration)
+    steps_per_iteration = config.ppo.steps_per_iteration * world.size
+    num_iterations = max(1, config.ppo.total_steps // steps_per_iteration)
     # MuJoCo episodes in flight at a checkpoint are not saved: a resumed run restarts them.
     obs, _ = envs.reset(seed=seed + state.iteration)
     carry = start_carry(state.policy, envs, obs)
-    recent_returns: deque[float] = deque(state.recent_returns, maxlen=20)
-    bar = progress_display(num_iterations * steps_per_iteration, state.global_step, progress)
-    start_time, start_step, wall_before = time.perf_counter(), state.global_step, state.wall_time
-    result: IterationResult | None = None  # the last iteration of this call
-    iterations_done = 0
-
-    def completed() -> dict:  # what a stop saves: the state after the last full iteration
-        state.wall_time = wall_before + time.perf_counter() - start_time
-        state.rng = rng_state()
-        state.recent_returns = list(recent_returns)
-        return checkpoint_payload(state)
-
-    last, saved_step = completed(), None
+    log = _Log(state, run_dir, world, num_iterations * steps_per_iteration, progress)
+    last, saved_step, iterations_done = log.completed(), None, 0
     with StopOnSignals(escalate=not world.distributed) as stop:
         while state.iteration < num_iterations and stop.signum is None:
             if max_iterations is not None and iterations_done >= max_iterations:
                 break
             try:
                 with stop.interruptible():  # a stop abandons this part; `last` is kept
-                    new_events = []
-                    # The guards run on the last rollout (kept in the state, so in the
-                    # checkpoint: a resumed run cuts where an uninterrupted one does).
-                    if _reduction_due(state) and state.guard_obs is not None:
-                        left = num_iterations - state.iteration
-                        new_events = _compress(state, carry, recent_returns, run_dir, left, world)
-                    if cfg.desired_kl is None:  # else the update adapts the lr itself
-                        lr = scheduled_lr(config, state.iteration, num_iterations, state.policy)
-                        for group in state.optimizer.param_groups:
-                            group["lr"] = lr
-                    iter_start = time.perf_counter()
-                    result = iteration(
-                        state.policy, state.optimizer, envs, carry, state.reward_norm, cfg, world
-                    )
-                    check_in_sync(  # every rank took the same step, to finite weights
-                        state.policy,
-                        world,
-                        update=state.iteration + 1,
-                        step=state.global_step + steps_per_iteration,
-                    )
+                    result, new_events = _iterate(state, envs, carry, log, num_iterations, world)
             except Exception:
                 if stop.signum is None:  # a real error (a worker env killed by the signal
                     raise  # is not one)
@@ -215,33 +168,17 @@ def _train(
             state.global_step += steps_per_iteration
             iterations_done += 1
             _keep_guard_batch(state, result, world)
-
-            finished = result.rollout.finished_returns
-            recent_returns.extend(finished)
-            if new_events and writes:  # the return right after a reduction, for compression.json
-                after = _mean_or_none(finished)
-                events.append([replace(e, return_after=after) for e in new_events])
-            elapsed = time.perf_counter() - start_time
-            if writes:
-                seconds = time.perf_counter() - iter_start
-                row = _metrics_row(state, result, wall_before + elapsed, seconds, world.size)
-                metrics.append(row)
-            bar.update(steps_per_iteration)
-            bar.set_postfix(
-                sps=f"{(state.global_step - start_step) / elapsed:.0f}",
-                ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "-",
-                n=",".join(str(n) for n in state.policy.actor.state_dims) or "0",
-            )
-            last = completed()
+            log.iteration_done(result, new_events)
+            last = log.completed()
             due = (
                 state.iteration % config.checkpoint_every == 0 or state.iteration == num_iterations
             )
-            if due and writes:
+            if due and world.is_main:
                 write_checkpoint(run_dir, last)
                 saved_step = state.global_step
-        bar.close()
+        log.close()
         unsaved = last["global_step"] != saved_step and (iterations_done or stop.signum is not None)
-        if unsaved and writes:
+        if unsaved and world.is_main:
             write_checkpoint(run_dir, last)  # the iterations since the last checkpoint, kept
         try:
             envs.close()
@@ -251,6 +188,107 @@ def _train(
         if stop.signum is not None:
             raise TrainingStopped(stop.signum, last["global_step"], run_dir)
     return state.policy.cpu()
+
+
+def _prepare(
+    config: TrainConfig, run_dir: Path, resume: bool, device: torch.device, world: World
+) -> tuple[TrainingState, gym.vector.VectorEnv, int]:
+    """The process set up, this rank's envs made and the run started or resumed: the
+    training state, the envs and this rank's env seed."""
+    configure_process(config.torch_threads)
+    torch.manual_seed(config.seed)  # the same initial policy on every rank
+    np.random.seed(config.seed)
+    # Each rank its own envs and action noise; rank 0's are those of a one-process run.
+    seed = config.seed + RANK_SEED_STRIDE * world.rank
+    cfg = config.ppo
+    envs = make_vec_env(
+        config.env_id, cfg.num_envs, seed, config.num_workers, config.physics_threads
+    )
+    state = (_resume if resume else _start)(config, run_dir, envs, device, world)
+    broadcast_module(state.policy, world)  # bit-identical from the start
+    if world.rank:
+        torch.manual_seed(seed + state.iteration)
+        np.random.seed(seed + state.iteration)
+    return state, envs, seed
+
+
+def _iterate(
+    state: TrainingState,
+    envs: gym.vector.VectorEnv,
+    carry: EnvCarry,
+    log: _Log,
+    num_iterations: int,
+    world: World,
+) -> tuple[IterationResult, list[ReductionEvent]]:
+    """One iteration: compress where a reduction is due, set the lr, one PPO iteration,
+    check the ranks. Returns its result and the reductions made before it."""
+    config, new_events = state.config, []
+    # The guards run on the last rollout (kept in the state, so in the checkpoint: a
+    # resumed run cuts where an uninterrupted one does).
+    if _reduction_due(state) and state.guard_obs is not None:
+        left = num_iterations - state.iteration
+        new_events = _compress(state, carry, log.recent_returns, log.run_dir, left, world)
+    if config.ppo.desired_kl is None:  # else the update adapts the lr itself
+        lr = scheduled_lr(config, state.iteration, num_iterations, state.policy)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+    log.iteration_started()
+    result = iteration(
+        state.policy, state.optimizer, envs, carry, state.reward_norm, config.ppo, world
+    )
+    steps = config.ppo.steps_per_iteration * world.size
+    check_in_sync(  # every rank took the same step, to finite weights
+        state.policy, world, update=state.iteration + 1, step=state.global_step + steps
+    )
+    return result, new_events
+
+
+class _Log:
+    """What a training call reports: ``metrics.csv`` rows and ``compression.json`` events
+    (rank 0 writes them), the progress bar, the recent episode returns, the wall-clock."""
+
+    def __init__(
+        self, state: TrainingState, run_dir: Path, world: World, total: int, progress: bool
+    ) -> None:
+        self.state, self.run_dir, self.world = state, run_dir, world
+        self.metrics, self.events = MetricsLog(run_dir), EventLog(run_dir)
+        self.recent_returns: deque[float] = deque(state.recent_returns, maxlen=20)
+        self.bar = progress_display(total, state.global_step, progress)
+        self.start_time, self.start_step = time.perf_counter(), state.global_step
+        self.wall_before, self.iteration_start = state.wall_time, self.start_time
+
+    def iteration_started(self) -> None:
+        self.iteration_start = time.perf_counter()
+
+    def iteration_done(self, result: IterationResult, new_events: list[ReductionEvent]) -> None:
+        """Log the iteration just counted in ``state``."""
+        state, writes = self.state, self.world.is_main
+        finished = result.rollout.finished_returns
+        self.recent_returns.extend(finished)
+        if new_events and writes:  # the return right after a reduction, for compression.json
+            after = _mean_or_none(finished)
+            self.events.append([replace(e, return_after=after) for e in new_events])
+        elapsed = time.perf_counter() - self.start_time
+        if writes:
+            seconds = time.perf_counter() - self.iteration_start
+            row = _metrics_row(state, result, self.wall_before + elapsed, seconds, self.world.size)
+            self.metrics.append(row)
+        self.bar.update(state.config.ppo.steps_per_iteration * self.world.size)
+        self.bar.set_postfix(
+            sps=f"{(state.global_step - self.start_step) / elapsed:.0f}",
+            ret=f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "-",
+            n=",".join(str(n) for n in state.policy.actor.state_dims) or "0",
+        )
+
+    def completed(self) -> dict:
+        """What a stop saves: the state after the last full iteration."""
+        self.state.wall_time = self.wall_before + time.perf_counter() - self.start_time
+        self.state.rng = rng_state()
+        self.state.recent_returns = list(self.recent_returns)
+        return checkpoint_payload(self.state)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _start(

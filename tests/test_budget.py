@@ -15,7 +15,7 @@ from compressm_rl.compression.budget import (
     uniform_shares,
     weakest_kept,
 )
-from compressm_rl.compression.pipeline import action_kl
+from compressm_rl.compression.measurements import action_kl
 from compressm_rl.runs import EventLog, load_policy
 from compressm_rl.train import train
 from policies.actor_critic import ActorCritic
@@ -106,21 +106,24 @@ def test_the_held_event_marks_every_part_and_says_where_a_budget_is_missed(monke
     """Critic layers at the last event are held too (their guard measured, not obeyed); a
     layer whose smaller cuts fail keeps its cut one rank up (not all its states, with the
     other layer cut to its floor), and the events say the part ends off its target."""
-    import compressm_rl.compression.pipeline as pipeline
+    from compressm_rl.compression import kl_guard
+    from compressm_rl.compression import plan as planning
+    from compressm_rl.compression.lti import IllConditionedReduction
 
     policy = _policy_with_uneven_layers()
     obs, reset = torch.randn(4, 32, 6), torch.zeros(4, 32, dtype=torch.bool)
-    real_cut = pipeline.cut_layer
+    real_cut = planning.cut_layer
     first_rank = {}
 
     def cut_layer(plan, ref, config, **kw):  # actor.1 cannot be cut below its first rank
         if ref.part == "actor" and ref.index == 1 and "rank" in kw:
             first_rank.setdefault(ref, kw["rank"])
             if kw["rank"] < first_rank[ref]:
-                raise pipeline.IllConditionedReduction(1e9, 1e3)
+                raise IllConditionedReduction(1e9, 1e3)
         return real_cut(plan, ref, config, **kw)
 
-    monkeypatch.setattr(pipeline, "cut_layer", cut_layer)
+    for module in (planning, kl_guard):  # where the cuts are made
+        monkeypatch.setattr(module, "cut_layer", cut_layer)
     config = CompressionConfig(budget=12, min_state=2, max_output_error=1e-9)
     _, events = compress_policy(policy, None, config, obs=obs, reset=reset)
     by_layer = {str(e.layer): e for e in events}

@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from compressm_rl.compression import CompressionConfig, LayerRef, compress_policy, lru_layers
-from compressm_rl.compression.pipeline import (
-    action_kl,
-    fit_actor_kl,
-    parameter_split,
-    plan_reductions,
-    trial_policy,
-)
+from compressm_rl.compression.kl_guard import fit_actor_kl
+from compressm_rl.compression.measurements import action_kl, trial_policy
+from compressm_rl.compression.plan import parameter_split, plan_reductions
 from compressm_rl.rl import make_optimizer
 from compressm_rl.runs import (
     EventLog,
@@ -185,7 +181,8 @@ def test_a_halved_cut_is_held_to_the_output_error_guard(monkeypatch, worse):
     is measured: no applied cut is over the guard, and the KL recorded is that of the
     cuts applied. A gentler cut usually fits the recorded inputs better, so the ``worse``
     layers' gentler cuts are measured as fitting them worse (true error + the guard)."""
-    import compressm_rl.compression.pipeline as pipeline
+    from compressm_rl.compression import kl_guard, measurements, pipeline
+    from compressm_rl.compression import plan as planning
 
     policy = _policy_with_weak_modes()
     obs = torch.randn(4, 32, 6)
@@ -195,7 +192,7 @@ def test_a_halved_cut_is_held_to_the_output_error_guard(monkeypatch, worse):
     planned = {ref: r for ref, r in plan.accepted.items() if ref.part == "actor"}
     config.max_output_error = 1.0 + max(e.output_error for e in plan.events)  # all pass
     config.max_kl = 0.5 * action_kl(policy, trial_policy(policy, planned), obs, reset)
-    measure = pipeline.reduced_output_error
+    measure = measurements.reduced_output_error
     worse_lrus = {ref.of(policy): planned[ref].state_dim for ref in planned if str(ref) in worse}
 
     def reduced_output_error(lru, result, recorded, reset):
@@ -204,7 +201,8 @@ def test_a_halved_cut_is_held_to_the_output_error_guard(monkeypatch, worse):
             error += config.max_output_error
         return error
 
-    monkeypatch.setattr(pipeline, "reduced_output_error", reduced_output_error)
+    for module in (planning, kl_guard, pipeline):  # where the guards look it up
+        monkeypatch.setattr(module, "reduced_output_error", reduced_output_error)
     full = copy.deepcopy(policy)
     _, events = compress_policy(policy, None, config, None, obs, reset)
     by_layer = {str(e.layer): e for e in events if e.layer.part == "actor"}

@@ -1,4 +1,4 @@
-"""The H∞ norm of one LRU layer (``lti.hinf_norm``) against SLICOT, and the report's plot
+"""The H∞ norm of one LRU layer (``hinf.hinf_norm``) against SLICOT, and the report's plot
 of each cut's error.
 
 Reference: python-control's ``control.norm(sys, p="inf")``, i.e. SLICOT ab13dd through
@@ -21,6 +21,7 @@ from test_reduction import decaying_layer, random_layer
 from threadpoolctl import threadpool_limits
 
 from compressm_rl.compression import ReductionEvent, hinf_norm
+from compressm_rl.compression import gramians as gram
 from compressm_rl.compression import lti as red
 from compressm_rl.runs.config import save_config
 from compressm_rl.runs.events import EVENTS
@@ -41,7 +42,7 @@ def one_blas_thread():
 def slicot_norm(lam, B, C) -> float:
     """‖G‖_∞ of the layer's strictly proper part by SLICOT ab13dd (python-control)."""
     return float(
-        control.norm(red.real_realization(lam, B, C), p="inf", tol=SLICOT_TOL, method="slycot")
+        control.norm(gram.real_realization(lam, B, C), p="inf", tol=SLICOT_TOL, method="slycot")
     )
 
 

@@ -1,4 +1,4 @@
-"""Two real modes held in one state (``lti._pair_real_modes``): both survive, and the
+"""Two real modes held in one state (``mode_fitting.pair_real_modes``): both survive, and the
 reduced layer stays within ``ReductionResult.bound``.
 
 When every eigenvalue of a reduced layer is real, ``scipy.linalg.eig`` returns float64

@@ -15,8 +15,9 @@ from lti_responses import frequency_response, simulate
 from test_reduction import LAYERS, random_layer
 
 from compressm_rl.compression import CompressionConfig, lru_layers
+from compressm_rl.compression import gramians as gram
 from compressm_rl.compression import lti as red
-from compressm_rl.compression.pipeline import plan_reductions
+from compressm_rl.compression.plan import plan_reductions
 from compressm_rl.runs import TrainConfig
 from policies.lti import real_form
 
@@ -32,14 +33,14 @@ def random_covariance(H: int, seed: int, rank: int | None = None) -> np.ndarray:
 def test_weighted_gramian_solves_the_lyapunov_equation_with_the_input_covariance(layer):
     lam, B, C, _ = layer
     cov = random_covariance(B.shape[1], seed=7)
-    P, Q = red.gramians(lam, B, C, input_covariance=cov)
+    P, Q = gram.gramians(lam, B, C, input_covariance=cov)
     A, Bx, Cx, _ = real_form(lam, B, C)
     P_ref = sla.solve_discrete_lyapunov(A, Bx @ cov @ Bx.T)
     np.testing.assert_allclose(P, P_ref, rtol=0, atol=1e-10 * np.abs(P_ref).max())
     # The observability side is the standard one.
-    np.testing.assert_allclose(Q, red.gramians(lam, B, C)[1], rtol=0, atol=0)
+    np.testing.assert_allclose(Q, gram.gramians(lam, B, C)[1], rtol=0, atol=0)
     # python-control (SLICOT sb03md) on (A, B_x L, C_x) agrees too.
-    Pk, _ = red.gramians(lam, B, C, "control", input_covariance=cov)
+    Pk, _ = gram.gramians(lam, B, C, "control", input_covariance=cov)
     np.testing.assert_allclose(P, Pk, rtol=0, atol=1e-10 * np.abs(Pk).max())
 
 
@@ -47,11 +48,11 @@ def test_weighted_gramian_solves_the_lyapunov_equation_with_the_input_covariance
 def test_identity_covariance_gives_the_white_noise_hsvs(layer):
     lam, B, C, _ = layer
     H = B.shape[1]
-    white = red.hankel_singular_values(lam, B, C)
-    weighted = red.hankel_singular_values(lam, B, C, input_covariance=np.eye(H))
+    white = gram.hankel_singular_values(lam, B, C)
+    weighted = gram.hankel_singular_values(lam, B, C, input_covariance=np.eye(H))
     np.testing.assert_allclose(weighted, white, rtol=0, atol=1e-12 * white[0])
     # Scaling Σ_u by s scales every HSV by √s: the rank rule is scale-free.
-    scaled = red.hankel_singular_values(lam, B, C, input_covariance=4.0 * np.eye(H))
+    scaled = gram.hankel_singular_values(lam, B, C, input_covariance=4.0 * np.eye(H))
     np.testing.assert_allclose(scaled, 2.0 * white, rtol=0, atol=1e-12 * white[0])
 
 
@@ -59,14 +60,14 @@ def test_input_covariance_is_the_second_moment_of_the_recorded_inputs():
     rng = np.random.default_rng(0)
     u = rng.standard_normal((5, 30, 3)).astype(np.float32) + 0.5
     flat = u.reshape(-1, 3).astype(np.float64)
-    np.testing.assert_allclose(red.input_covariance(u), flat.T @ flat / flat.shape[0])
+    np.testing.assert_allclose(gram.input_covariance(u), flat.T @ flat / flat.shape[0])
     with pytest.raises(ValueError, match="finite"):
-        red.input_covariance(np.full((4, 3), np.nan))
+        gram.input_covariance(np.full((4, 3), np.nan))
     lam, B, C, _ = random_layer(4, 3, 0)
     with pytest.raises(ValueError, match="positive semi-definite"):
-        red.gramians(lam, B, C, input_covariance=-np.eye(3))
+        gram.gramians(lam, B, C, input_covariance=-np.eye(3))
     with pytest.raises(ValueError, match=r"\[H, H\]"):
-        red.gramians(lam, B, C, input_covariance=np.eye(2))
+        gram.gramians(lam, B, C, input_covariance=np.eye(2))
 
 
 def layer_with_unexcited_modes(seed: int = 0, rotate: bool = True):
@@ -90,8 +91,8 @@ def layer_with_unexcited_modes(seed: int = 0, rotate: bool = True):
 @pytest.mark.parametrize("rotate", [False, True], ids=["axis_aligned", "rotated"])
 def test_modes_the_inputs_never_excite_are_cut_exactly(rotate):
     (lam, B, C, D), used, cov = layer_with_unexcited_modes(rotate=rotate)
-    white = red.hankel_singular_values(lam, B, C)
-    hsv = red.hankel_singular_values(lam, B, C, input_covariance=cov)
+    white = gram.hankel_singular_values(lam, B, C)
+    hsv = gram.hankel_singular_values(lam, B, C, input_covariance=cov)
     # 6 excited complex modes = 12 real states; the other 8 weighted HSVs vanish.
     assert white[19] > 1e-5 * white[0]  # white noise excites every mode
     assert hsv[11] > 1e-5 * hsv[0]
@@ -129,7 +130,7 @@ def test_weighted_bound_holds_for_the_weighted_error(layer, rank):
         [np.linspace(0.0, np.pi, 2001), np.angle(lam[np.abs(lam) > 0.9]) % np.pi]
     )
     err = frequency_response(lam, B, C, D, omegas) - frequency_response(*result.system, omegas)
-    L = red._psd_factor(cov)
+    L = gram._psd_factor(cov)
     weighted = max(np.linalg.norm(e @ L, 2) for e in err)
     assert weighted <= result.bound * (1 + 1e-9) + 1e-12
     assert np.abs(np.abs(result.lam)).max() < 1.0
@@ -159,9 +160,9 @@ def test_pipeline_plans_on_data_gramians_and_records_the_method():
     assert all(e.gramian == "data" for e in data.events)
     for ref in lru_layers(policy):
         u = data.recorded[ref][0].double().numpy()
-        cov = red.input_covariance(u)
+        cov = gram.input_covariance(u)
         np.testing.assert_array_equal(data.input_covariances[ref], cov)
-        expected = red.hankel_singular_values(*data.systems[ref][:3], input_covariance=cov)
+        expected = gram.hankel_singular_values(*data.systems[ref][:3], input_covariance=cov)
         event = next(e for e in data.events if e.layer == ref)
         np.testing.assert_allclose(event.hsv, expected, rtol=1e-12)
         assert type(event).from_dict(event.to_dict()) == event
