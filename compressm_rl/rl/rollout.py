@@ -114,9 +114,8 @@ def collect_rollout(
     # one place; helpers per step would also cost ~1 µs each at 2,048 steps.
     raw_obs, obs, actions, log_probs, rewards, dones, starts, states = ([] for _ in range(8))
     discounted: list[np.ndarray] = []
-    truncations: list[tuple[int, int, Tensor]] = []
-    finished_returns: list[float] = []
-    finished_lengths: list[int] = []
+    truncations: list[tuple[int, int, Tensor]] = []  # (t, env, final obs normalised)
+    finished_returns, finished_lengths = [], []
     critic_state0 = carry.state.critic.clone()
     actor_state = carry.state.actor
     low, high = envs.single_action_space.low, envs.single_action_space.high
@@ -159,19 +158,7 @@ def collect_rollout(
     carry.state = RecurrentState(actor_state, carry.state.critic)  # critic advanced later
     next_obs_t = normalize(carry.obs)
     sync_normalizer(policy.obs_norm, np.stack(raw_obs), world)
-    scaled_rewards = np.stack(rewards)
-    if reward_norm is not None:
-        # Step t's reward is divided by the std of the discounted returns seen up to and
-        # including step t (SB3's VecNormalize), computed for all steps at once. With data
-        # parallelism the scale within the rollout is this rank's; the statistics carried
-        # on are merged from every rank's returns.
-        returns_seen = np.stack(discounted)
-        before = statistics(reward_norm) if world.distributed else None
-        variances = reward_norm.update_each(returns_seen)
-        if world.distributed:
-            merge_normalizer(reward_norm, before, returns_seen, world)
-        scale = np.sqrt(variances + reward_norm.eps)[:, None]
-        scaled_rewards = np.clip(scaled_rewards / scale, -10, 10)
+    scaled_rewards = _scale_rewards(np.stack(rewards), np.stack(discounted), reward_norm, world)
     return Rollout(
         obs=torch.stack(obs),
         actions=torch.stack(actions),
@@ -187,6 +174,27 @@ def collect_rollout(
         finished_returns=finished_returns,
         finished_lengths=finished_lengths,
     )
+
+
+def _scale_rewards(
+    rewards: np.ndarray,
+    returns_seen: np.ndarray,
+    reward_norm: RunningNormalizer | None,
+    world: World,
+) -> np.ndarray:
+    """``[T, N]`` rewards scaled: step t's divided by the std of the discounted returns
+    seen up to and including step t (SB3's VecNormalize), for all steps at once, and
+    clipped to ±10; unchanged without ``reward_norm``. With data parallelism the scale
+    within the rollout is this rank's; the statistics carried on are merged from every
+    rank's returns."""
+    if reward_norm is None:
+        return rewards
+    before = statistics(reward_norm) if world.distributed else None
+    variances = reward_norm.update_each(returns_seen)
+    if world.distributed:
+        merge_normalizer(reward_norm, before, returns_seen, world)
+    scale = np.sqrt(variances + reward_norm.eps)[:, None]
+    return np.clip(rewards / scale, -10, 10)
 
 
 class CriticPass(NamedTuple):
