@@ -8,7 +8,8 @@ iterations (``compressm_rl.rl.iteration``) with the variants taken in turn, ever
 repetition, so that all see the same machine load:
 
 - ``autograd``: the update's actor-critic pass in autograd ops (``grouped_forward``
-  with the fused pass switched off), glibc's allocator at its static defaults;
+  with the fused pass switched off, and the rollout's step in torch ops: ``fused_pass``),
+  glibc's allocator at its static defaults;
 - ``fused``: the fused pass (``policies.lru_fused``), allocator at its defaults;
 - ``fused + keep``: and freed memory kept for reuse (``keep_freed_memory``);
 - ``+ batched envs``: and the envs stepped by one ``envs.locomotion.LocomotionStep``
@@ -24,6 +25,9 @@ over ``--reps`` (after one warm-up), one torch thread.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 from phases import make_setups, policy_variants  # benchmarks/ is on sys.path when run as a script
@@ -34,6 +38,18 @@ from compressm_rl.rl.process import configure_process, keep_freed_memory, set_ma
 from envs.locomotion import locomotion_step
 from export.bench import cpu_model
 from policies import lru_fused
+
+
+@contextlib.contextmanager
+def fused_pass(on: bool) -> Iterator[None]:
+    """Off: ``grouped_forward`` (the update) and ``LRUStack.frozen_step`` (the rollout) find
+    the kernels unusable, so ``fused=None`` takes the autograd and torch paths, as
+    ``fused=False``; on: as shipped (the kernels wherever ``lru_fused.usable``)."""
+    if on:
+        yield
+        return
+    with mock.patch.object(lru_fused, "usable", lambda *args, **kwargs: False):
+        yield
 
 
 def set_allocator(keep: bool) -> None:
@@ -76,14 +92,13 @@ def main() -> None:
             for variant, (fused, keep, batched, threads) in VARIANTS.items():
                 if name.startswith("MLP") and variant == "autograd":
                     continue  # the MLP has no LRU pass: "fused" is its baseline
-                lru_fused.enabled = fused
                 set_allocator(keep)
                 envs.batched_step = batched_steps[(name, threads)] if batched else None
-                result = iteration(policy, optimizer, envs, carry, reward_norm, cfg)
+                with fused_pass(fused):
+                    result = iteration(policy, optimizer, envs, carry, reward_norm, cfg)
                 if rep:
                     for phase, seconds in result.seconds.items():
                         times[(name, variant)][phase].append(seconds)
-    lru_fused.enabled = True
 
     print(f"machine: {cpu_model()}, {args.env}, 1 torch thread, median of {args.reps}")
     print("\n| policy | variant | " + " | ".join(PHASES) + " | total ms |")

@@ -26,9 +26,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.bench import _IDENTITY_MODEL, cpu_model, time_steps
+from export.bench import cpu_model, identity_step, time_steps
 from export.onnx_export import build_model
-from export.runtime import OnnxPolicy, make_session, session_options
+from export.runtime import OnnxPolicy, session_options
 from policies.actor_critic import ActorCritic
 
 OBS_DIM, ACT_DIM, WIDTH = 11, 3, 64
@@ -65,23 +65,6 @@ def ort_nodes(model: onnx.ModelProto, directory: Path) -> tuple[int, list[str]]:
     return len(optimized.graph.node), fused
 
 
-def identity_step():
-    session = make_session(_IDENTITY_MODEL)
-    x, y = np.zeros((1, OBS_DIM), np.float32), np.zeros((1, OBS_DIM), np.float32)
-    binding = session.io_binding()
-    values = ort.OrtValue.ortvalue_from_numpy(x), ort.OrtValue.ortvalue_from_numpy(y)
-    binding.bind_ortvalue_input("x", values[0])
-    binding.bind_ortvalue_output("y", values[1])
-
-    def step(obs: np.ndarray) -> np.ndarray:
-        x[0] = obs
-        session.run_with_iobinding(binding)
-        return y[0].copy()
-
-    step.keep = (session, values, binding)  # type: ignore[attr-defined]
-    return step
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="25,128", help="n per layer, comma separated")
@@ -94,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         models.update(variants(n))
     directory = Path(tempfile.mkdtemp())
-    steps = {"identity floor": identity_step()}
+    _, floor = identity_step(width=OBS_DIM)  # IOBinding, as OnnxPolicy.act
+    steps = {"identity floor": floor}
     print("| graph | nodes | after ORT | ORT fused | folds |\n|---|---:|---:|---|---|")
     for i, (name, model) in enumerate(models.items()):
         path = directory / f"{i}.onnx"

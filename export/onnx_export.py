@@ -54,19 +54,22 @@ The layer is read once as ``LRU.system()``: the float32 numbers torch computes w
 (λ's rounding is the error that compounds over time: with |λ| = 0.9999 over 600
 HalfCheetah steps a float64-rounded λ left 6e-6 state drift against torch, torch's own λ
 8e-7); products are formed in float64 and cast once to float32.
+
+The graph's primitives (``GraphBuilder``: unique names, Gemm, GELU; Split, LayerNorm) are
+in ``export.onnx_builder``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from export.onnx_builder import GraphBuilder, f64, layer_norm, split
 from policies.actor_critic import ActorCritic
 from policies.lti import DiagonalSystem, merged_step_matrices, real_form
 
@@ -110,89 +113,24 @@ def ort_folds(state_dims: list[int], width: int) -> tuple[str, ...]:
     return tuple(f for f in FOLDS if f in folds)
 
 
-class _GraphBuilder:
-    """Collects nodes and float32 initialisers with unique names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._names: set[str] = {"obs", "state"}  # graph inputs
-
-    def _unique(self, name: str) -> str:
-        base, k = name, 1
-        while name in self._names:
-            name, k = f"{base}_{k}", k + 1
-        self._names.add(name)
-        return name
-
-    def const(self, name: str, value: np.ndarray | float, dtype=np.float32) -> str:
-        """Add an initialiser (cast once to ``dtype``) and return its name."""
-        name = self._unique(name)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def op(
-        self,
-        op_type: str,
-        inputs: list[str],
-        name: str,
-        n_out: int = 1,
-        names: list[str] | None = None,
-        **attrs,
-    ) -> str | list[str]:
-        """Add a node; returns its output name (or names when ``n_out > 1``).
-
-        A single output is named ``name`` when that name is free (graph outputs rely on it);
-        ``names`` names several outputs.
-        """
-        names = names or [name if n_out == 1 else f"{name}_{i}" for i in range(n_out)]
-        outputs = [self._unique(n) for n in names]
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outputs, name=self._unique(f"{name}_node"), **attrs)
-        )
-        return outputs[0] if n_out == 1 else outputs
-
-    def gemm(self, x: str, weight: np.ndarray, bias: np.ndarray | str | None, name: str) -> str:
-        """``x @ weight + bias``; ``weight`` ``[in, out]``; ``bias`` a constant or a tensor name."""
-        inputs = [x, self.const(f"{name}.W", weight)]
-        if bias is not None:
-            inputs.append(bias if isinstance(bias, str) else self.const(f"{name}.b", bias))
-        return self.op("Gemm", inputs, name)
-
-    def gelu(self, x: str, opset: int, name: str) -> str:
-        """Exact (erf) GELU, as ``torch.nn.functional.gelu``'s default."""
-        if opset >= 20:
-            return self.op("Gelu", [x], name)
-        # 0.5 x (1 + erf(x / √2)): the pattern ORT's GeluFusion turns back into one node.
-        t = self.op("Div", [x, self.const(f"{name}.sqrt2", math.sqrt(2.0))], f"{name}_div")
-        t = self.op("Erf", [t], f"{name}_erf")
-        t = self.op("Add", [t, self.const(f"{name}.one", 1.0)], f"{name}_add")
-        t = self.op("Mul", [x, t], f"{name}_mul")
-        return self.op("Mul", [t, self.const(f"{name}.half", 0.5)], name)
-
-
-def _f64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().to(torch.float64).numpy()
-
-
-def _obs_normalisation(g: _GraphBuilder, policy: ActorCritic, obs: str) -> str:
+def _obs_normalisation(g: GraphBuilder, policy: ActorCritic, obs: str) -> str:
     """``clip((obs - mean) / sqrt(var + eps), ±clip)`` as Gemm(diag(1/std), -mean/std) + Clip.
 
     (Folding it into the first layer needs per-dimension raw bounds, Max + Min: measured
     slower, docs/design.md §8.)
     """
     norm = policy.obs_norm
-    std = np.sqrt(_f64(norm.var) + norm.eps)
+    std = np.sqrt(f64(norm.var) + norm.eps)
     # One Gemm with a diagonal matrix instead of Sub + Div: one node less, same numbers
     # up to float32 rounding (the off-diagonal zeros add exactly nothing).
-    x = g.gemm(obs, np.diag(1.0 / std), -_f64(norm.mean) / std, "obs_norm")
+    x = g.gemm(obs, np.diag(1.0 / std), -f64(norm.mean) / std, "obs_norm")
     clip = float(norm.clip)
     return g.op(
         "Clip", [x, g.const("obs_clip_lo", -clip), g.const("obs_clip_hi", clip)], "obs_clip"
     )
 
 
-def _state_transition(g: _GraphBuilder, state: str, systems: list[DiagonalSystem]) -> str:
+def _state_transition(g: GraphBuilder, state: str, systems: list[DiagonalSystem]) -> str:
     """``A x`` for every layer at once: ``[B, S] -> [B, S]`` (block-diagonal A, layout kept).
 
     Elementwise complex multiply in real form: O(S), for states too large for ``dense_a``.
@@ -212,28 +150,6 @@ def _state_transition(g: _GraphBuilder, state: str, systems: list[DiagonalSystem
     t1 = g.op("Mul", [state, g.const("lambda_re", np.concatenate(coef_self))], "ax_self")
     t2 = g.op("Mul", [swapped, g.const("lambda_im", np.concatenate(coef_swap))], "ax_swap")
     return g.op("Add", [t1, t2], "state_transition")
-
-
-def _split(
-    g: _GraphBuilder, x: str, sizes: list[int], name: str, names: list[str] | None = None
-) -> list[str]:
-    if len(sizes) == 1:
-        return [x]
-    splits = g.const(f"{name}_sizes", sizes, np.int64)
-    return g.op("Split", [x, splits], name, n_out=len(sizes), axis=1, names=names)
-
-
-def _layer_norm(
-    g: _GraphBuilder, u: str, norm: torch.nn.LayerNorm, i: int, scale=None, bias=None
-) -> str:
-    """LayerNorm over the features; ``scale``/``bias`` replace the module's affine (a
-    ``bias`` of False writes none)."""
-    scale = _f64(norm.weight) if scale is None else scale
-    bias = _f64(norm.bias) if bias is None else bias
-    inputs = [u, g.const(f"ln{i}.w", scale)]
-    if bias is not False:
-        inputs.append(g.const(f"ln{i}.b", bias))
-    return g.op("LayerNormalization", inputs, f"ln{i}", axis=-1, epsilon=float(norm.eps))
 
 
 def _merged_layout(sizes: list[int], width: int, chain: bool) -> tuple[list[int], list[int], int]:
@@ -257,7 +173,7 @@ def _merged_layout(sizes: list[int], width: int, chain: bool) -> tuple[list[int]
 
 
 def _lru_merged(
-    g: _GraphBuilder, stack, u: str, state: str, chain: bool, ln_affine: bool, opset: int
+    g: GraphBuilder, stack, u: str, state: str, chain: bool, ln_affine: bool, opset: int
 ) -> str:
     """The LRU blocks on the merged path; returns the features ``[B, H]``.
 
@@ -278,45 +194,26 @@ def _lru_merged(
     systems = [block.lru.system() for block in stack.blocks]
     width, layers = int(stack.width), len(systems)
     sizes = [2 * system.state_dim for system in systems]
-    state_col, out_col, total = _merged_layout(sizes, width, chain)
-    carry_t = np.zeros((sum(sizes), total))
-    carry_bias = np.zeros(total)
-    weights = []
-    row = 0
-    for i, (system, block, n2) in enumerate(zip(systems, stack.blocks, sizes, strict=True)):
-        from_state, from_input = merged_step_matrices(*system)
-        carry_t[row : row + n2, state_col[i] : state_col[i] + n2] = from_state[:, :n2]
-        carry_t[row : row + n2, out_col[i] : out_col[i] + width] = from_state[:, n2:]
-        row += n2
-        # Layer i's input weight over the columns it reads: from ``i·H`` on when chained,
-        # its own block otherwise.
-        first = i * width if chain else state_col[i]
-        span = total - first if chain else n2 + width
-        w = np.zeros((width, span))
-        w[:, state_col[i] - first : state_col[i] - first + n2] = from_input[:, :n2]
-        w[:, out_col[i] - first : out_col[i] - first + width] = from_input[:, n2:]
-        if ln_affine:
-            carry_bias[first : first + span] += _f64(block.norm.bias) @ w
-            w = _f64(block.norm.weight)[:, None] * w
-        weights.append(w)
+    carry_t, carry_bias, weights = _merged_weights(systems, stack.blocks, width, chain, ln_affine)
+    total = carry_t.shape[1]
     carry_inputs = [state, g.const("carry_T", carry_t)]
     if ln_affine:
         carried = g.op("Gemm", [*carry_inputs, g.const("carry_b", carry_bias)], "state_carry")
     else:
         carried = g.op("MatMul", carry_inputs, "state_carry")
     if not chain:
-        carried = _split(g, carried, [n2 + width for n2 in sizes], "carry_split")
+        carried = split(g, carried, [n2 + width for n2 in sizes], "carry_split")
     new_states = []
     for i, block in enumerate(stack.blocks):
         last = i == layers - 1
         if ln_affine:
-            z = _layer_norm(g, u, block.norm, i, scale=np.ones(width), bias=False)
+            z = layer_norm(g, u, block.norm, i, scale=np.ones(width), bias=False)
         else:
-            z = _layer_norm(g, u, block.norm, i)
+            z = layer_norm(g, u, block.norm, i)
         bias = carried if chain else carried[i]
         hy = g.gemm(z, weights[i], bias, f"lru{i}")
         if chain and not last:
-            y, carried = _split(
+            y, carried = split(
                 g,
                 hy,
                 [width, total - (i + 1) * width],
@@ -325,7 +222,7 @@ def _lru_merged(
             )
         else:
             h_name = "state_out" if chain or layers == 1 else f"lru{i}_state"
-            h, y = _split(
+            h, y = split(
                 g,
                 hy,
                 [sizes[i] if not chain else sum(sizes), width],
@@ -339,6 +236,37 @@ def _lru_merged(
     return u
 
 
+def _merged_weights(
+    systems: list[DiagonalSystem], blocks, width: int, chain: bool, ln_affine: bool
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The merged path's constants (float64): the carry's weight ``[S, S + L·H]``
+    (transposed) and bias, and each layer's input weight over the columns it reads
+    (``_lru_merged``)."""
+    sizes = [2 * system.state_dim for system in systems]
+    state_col, out_col, total = _merged_layout(sizes, width, chain)
+    carry_t = np.zeros((sum(sizes), total))
+    carry_bias = np.zeros(total)
+    weights = []
+    row = 0
+    for i, (system, block, n2) in enumerate(zip(systems, blocks, sizes, strict=True)):
+        from_state, from_input = merged_step_matrices(*system)
+        carry_t[row : row + n2, state_col[i] : state_col[i] + n2] = from_state[:, :n2]
+        carry_t[row : row + n2, out_col[i] : out_col[i] + width] = from_state[:, n2:]
+        row += n2
+        # Layer i's input weight over the columns it reads: from ``i·H`` on when chained,
+        # its own block otherwise.
+        first = i * width if chain else state_col[i]
+        span = total - first if chain else n2 + width
+        w = np.zeros((width, span))
+        w[:, state_col[i] - first : state_col[i] - first + n2] = from_input[:, :n2]
+        w[:, out_col[i] - first : out_col[i] - first + width] = from_input[:, n2:]
+        if ln_affine:
+            carry_bias[first : first + span] += f64(block.norm.bias) @ w
+            w = f64(block.norm.weight)[:, None] * w
+        weights.append(w)
+    return carry_t, carry_bias, weights
+
+
 def _skip_d_foldable(d: np.ndarray) -> bool:
     """Whether ``D`` can move into the LayerNorm's affine: every |D| large enough that
     ``1/D`` and ``w·D`` stay normal float32 numbers with room to spare."""
@@ -346,7 +274,7 @@ def _skip_d_foldable(d: np.ndarray) -> bool:
 
 
 def _lru_elementwise(
-    g: _GraphBuilder,
+    g: GraphBuilder,
     stack,
     u: str,
     state: str,
@@ -381,7 +309,7 @@ def _lru_elementwise(
     else:
         ax = _state_transition(g, state, systems)
     chain = chain and layers > 1
-    carried = ax if chain else _split(g, ax, sizes, "ax_split")
+    carried = ax if chain else split(g, ax, sizes, "ax_split")
     new_states = []
     offset = 0
     for i, (block, system) in enumerate(zip(stack.blocks, systems, strict=True)):
@@ -397,11 +325,11 @@ def _lru_elementwise(
         bias = carried if chain else carried[i]
         d = system.D
         if skip_d:
-            w, b = _f64(block.norm.weight), _f64(block.norm.bias)
-            dz = _layer_norm(g, u, block.norm, i, scale=w * d, bias=b * d)
+            w, b = f64(block.norm.weight), f64(block.norm.bias)
+            dz = layer_norm(g, u, block.norm, i, scale=w * d, bias=b * d)
             h = g.gemm(dz, b_x.T / d[:, None], bias, h_name)
         else:
-            z = _layer_norm(g, u, block.norm, i)
+            z = layer_norm(g, u, block.norm, i)
             h = g.gemm(z, b_x.T, bias, h_name)
             dz = g.op("Mul", [z, g.const(f"lru{i}.D", d)], f"lru{i}_skip")
         y = g.gemm(h, c_x.T, dz, f"lru{i}_out")
@@ -413,10 +341,10 @@ def _lru_elementwise(
     return u
 
 
-def _mlp_body(g: _GraphBuilder, body, x: str) -> str:
+def _mlp_body(g: GraphBuilder, body, x: str) -> str:
     for i, layer in enumerate(body.net):
         if isinstance(layer, torch.nn.Linear):
-            x = g.gemm(x, _f64(layer.weight).T, _f64(layer.bias), f"mlp{i}")
+            x = g.gemm(x, f64(layer.weight).T, f64(layer.bias), f"mlp{i}")
         elif isinstance(layer, torch.nn.Tanh):
             x = g.op("Tanh", [x], f"mlp{i}_tanh")
         else:
@@ -424,10 +352,10 @@ def _mlp_body(g: _GraphBuilder, body, x: str) -> str:
     return x
 
 
-def _action_head(g: _GraphBuilder, policy: ActorCritic, features: str) -> str:
+def _action_head(g: GraphBuilder, policy: ActorCritic, features: str) -> str:
     head = policy.actor_head
-    mean = g.gemm(features, _f64(head.weight).T, _f64(head.bias), "actor_head")
-    low, high = _f64(policy.action_low), _f64(policy.action_high)
+    mean = g.gemm(features, f64(head.weight).T, f64(head.bias), "actor_head")
+    low, high = f64(policy.action_low), f64(policy.action_high)
     if np.all(low == low[0]) and np.all(high == high[0]):
         # Same bound on every dimension: one Clip with scalar bounds.
         return g.op(
@@ -460,8 +388,7 @@ def build_model(
         raise ValueError(
             f"opset must be in [{MIN_OPSET}, {onnx.defs.onnx_opset_version()}], got {opset}"
         )
-    g = _GraphBuilder()
-    obs_dim, act_dim = policy.obs_dim, policy.act_dim
+    g = GraphBuilder()
     state_size = int(policy.actor.state_size)
     recurrent = policy.policy_type == "ssm"
     if recurrent != (state_size > 0):
@@ -469,27 +396,7 @@ def build_model(
 
     x = _obs_normalisation(g, policy, "obs")
     if recurrent:
-        stack = policy.actor
-        if folds is None:
-            folds = (
-                DEFAULT_FOLDS if merged is not None else ort_folds(stack.state_dims, stack.width)
-            )
-        folds = _check_folds(folds)
-        u = g.gemm(x, _f64(stack.encoder.weight).T, _f64(stack.encoder.bias), "encoder")
-        layers = len(stack.blocks)
-        if merged:
-            variant = "merged"
-            chain, ln_affine = "chain" in folds and layers > 1, "ln_affine" in folds
-            applied = {"chain": chain, "ln_affine": ln_affine}
-            features = _lru_merged(g, stack, u, "state", chain, ln_affine, opset)
-        else:
-            variant = "elementwise"
-            skip_d = "skip_d" in folds and all(
-                _skip_d_foldable(_f64(block.lru.D)) for block in stack.blocks
-            )
-            dense_a, chain = "dense_a" in folds, "chain" in folds and layers > 1
-            applied = {"chain": chain, "skip_d": skip_d, "dense_a": dense_a}
-            features = _lru_elementwise(g, stack, u, "state", skip_d, dense_a, chain, opset)
+        features, variant, applied = _lru_body(g, policy.actor, x, merged, folds, opset)
     else:
         _check_folds(() if folds is None else folds)
         variant, applied = "mlp", {}
@@ -497,9 +404,44 @@ def build_model(
     action = _action_head(g, policy, features)
     assert action == "action" and (not recurrent or "state_out" in g._names)
 
+    model = _model_proto(g, policy, opset)
+    meta = _metadata(policy, env_id, training_steps, opset, num_nodes=len(g.nodes))
+    meta["graph_variant"] = variant
+    meta["graph_folds"] = ",".join(f for f in FOLDS if applied.get(f))
+    helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _lru_body(
+    g: GraphBuilder, stack, x: str, merged: bool | None, folds, opset: int
+) -> tuple[str, str, dict[str, bool]]:
+    """The encoder and the LRU blocks on the path ``build_model`` picks; returns the
+    features, the path's name and the folds it applied."""
+    if folds is None:
+        folds = DEFAULT_FOLDS if merged is not None else ort_folds(stack.state_dims, stack.width)
+    folds = _check_folds(folds)
+    u = g.gemm(x, f64(stack.encoder.weight).T, f64(stack.encoder.bias), "encoder")
+    layers = len(stack.blocks)
+    if merged:
+        chain, ln_affine = "chain" in folds and layers > 1, "ln_affine" in folds
+        applied = {"chain": chain, "ln_affine": ln_affine}
+        return _lru_merged(g, stack, u, "state", chain, ln_affine, opset), "merged", applied
+    skip_d = "skip_d" in folds and all(_skip_d_foldable(f64(block.lru.D)) for block in stack.blocks)
+    dense_a, chain = "dense_a" in folds, "chain" in folds and layers > 1
+    applied = {"chain": chain, "skip_d": skip_d, "dense_a": dense_a}
+    features = _lru_elementwise(g, stack, u, "state", skip_d, dense_a, chain, opset)
+    return features, "elementwise", applied
+
+
+def _model_proto(g: GraphBuilder, policy: ActorCritic, opset: int) -> onnx.ModelProto:
+    """The graph's nodes and initialisers as a model: inputs, outputs, opset, IR version
+    and producer (no metadata yet)."""
+    obs_dim, act_dim = policy.obs_dim, policy.act_dim
+    state_size = int(policy.actor.state_size)
     inputs = [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", obs_dim])]
     outputs = [helper.make_tensor_value_info("action", TensorProto.FLOAT, ["batch", act_dim])]
-    if recurrent:
+    if policy.policy_type == "ssm":
         inputs.append(
             helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", state_size])
         )
@@ -519,11 +461,6 @@ def build_model(
     )
     # The oldest IR version that can hold this opset: loadable by the oldest ORT that can run it.
     model.ir_version = helper.find_min_ir_version_for(opsets)
-    meta = _metadata(policy, env_id, training_steps, opset, num_nodes=len(g.nodes))
-    meta["graph_variant"] = variant
-    meta["graph_folds"] = ",".join(f for f in FOLDS if applied.get(f))
-    helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
-    onnx.checker.check_model(model, full_check=True)
     return model
 
 
@@ -551,8 +488,8 @@ def _metadata(
         "training_steps": int(training_steps),
         "num_nodes": num_nodes,
         "opset": opset,
-        "action_low": json.dumps(_f64(policy.action_low).tolist()),
-        "action_high": json.dumps(_f64(policy.action_high).tolist()),
+        "action_low": json.dumps(f64(policy.action_low).tolist()),
+        "action_high": json.dumps(f64(policy.action_high).tolist()),
     }
 
 

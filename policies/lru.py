@@ -318,7 +318,7 @@ class LRUStack(nn.Module):
         from policies import lru_fused  # numba: imported when first needed
 
         if fused is None:
-            fused = lru_fused.enabled and lru_fused.usable([self])
+            fused = lru_fused.usable([self])
         if fused:
             return lru_fused.frozen_step(self)
         enc_w, enc_b = self.encoder.weight.T.clone(), self.encoder.bias.clone()
@@ -395,7 +395,7 @@ def grouped_forward(
     from policies import lru_fused  # numba: imported when first needed
 
     if fused is None:
-        fused = lru_fused.enabled and lru_fused.usable(stacks, x)
+        fused = lru_fused.usable(stacks, x)
     if fused:
         return lru_fused.fused_grouped_forward(stacks, x, states, reset)
     weight = torch.stack([s.encoder.weight for s in stacks])  # [G, H, in]

@@ -30,7 +30,8 @@ g = ∂L/∂out:
     g_u = g + LayerNorm'(g_z ⊙ w)
 
 GELU is the exact erf form; in float32 erf is Eigen's rational approximation and exp
-Cephes' (both < 1e-6 off, vectorisable), in float64 ``math.erf`` and ``math.exp``.
+Cephes' (both < 1e-6 off, vectorisable), in float64 ``math.erf`` and ``math.exp``
+(``policies.kernel_math``).
 Tested in ``tests/test_lru_fused.py``.
 """
 
@@ -42,96 +43,14 @@ from collections.abc import Callable
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic, overload
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from policies.lti import MIN_DECAY
+from policies.fused_parametrisation import layer_weights, parameter_grads
+from policies.kernel_math import erf_scalar, exp_scalar
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
-
-
-def _erf(x):  # pragma: no cover - replaced inside compiled code by the overload below
-    return math.erf(x)
-
-
-@overload(_erf, inline="always")
-def _erf_impl(x):
-    if x == types.float32:
-        # Eigen's generic_fast_erf_float: x·P(x²)/Q(x²) on [-4, 4] (erf = ±1 beyond).
-        def fast(x):
-            x = min(max(x, np.float32(-4.0)), np.float32(4.0))
-            x2 = x * x
-            p = x2 * np.float32(-2.72614225801306e-10) + np.float32(2.77068142495902e-08)
-            p = x2 * p + np.float32(-2.10102402082508e-06)
-            p = x2 * p + np.float32(-5.69250639462346e-05)
-            p = x2 * p + np.float32(-7.34990630326855e-04)
-            p = x2 * p + np.float32(-2.95459980854025e-03)
-            p = x2 * p + np.float32(-1.60960333262415e-02)
-            q = x2 * np.float32(-1.45660718464996e-05) + np.float32(-2.13374055278905e-04)
-            q = x2 * q + np.float32(-1.68282697438203e-03)
-            q = x2 * q + np.float32(-7.37332916720468e-03)
-            q = x2 * q + np.float32(-1.42647390514189e-02)
-            return x * p / q
-
-        return fast
-    return lambda x: math.erf(x)
-
-
-def _exp(x):  # pragma: no cover - replaced inside compiled code by the overload below
-    return math.exp(x)
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 ``bits`` (a bitcast LLVM can vectorise)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@overload(_exp, inline="always")
-def _exp_impl(x):
-    if x == types.float32:
-        # Cephes' expf: e^x = 2^k e^f, |f| ≤ ln2/2, e^f by a degree-7 polynomial (relative
-        # error ~1e-7), 2^k by writing the exponent bits. For x ≤ 0 (GELU' uses e^{-v²/2}).
-        def fast(x):
-            x = max(x, np.float32(-87.0))
-            k = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
-            f = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
-            p = np.float32(1.9875691500e-4) * f + np.float32(1.3981999507e-3)
-            p = p * f + np.float32(8.3334519073e-3)
-            p = p * f + np.float32(4.1665795894e-2)
-            p = p * f + np.float32(1.6666665459e-1)
-            p = p * f + np.float32(5.0000001201e-1)
-            p = p * f * f + f + np.float32(1.0)
-            return p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
-
-        return fast
-    return lambda x: math.exp(x)
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
-def exp(x: np.ndarray) -> np.ndarray:
-    """The kernels' exp on a 1-D array of values ≤ 0 (float32: the approximation)."""
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = _exp(x[i])
-    return out
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
-def erf(x: np.ndarray) -> np.ndarray:
-    """The kernels' erf on a 1-D array (float32: the approximation; float64: exact)."""
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = _erf(x[i])
-    return out
 
 
 # Rows per tile: whole sequences, ~256 rows. One BLAS thread runs [R, 64] @ [64, 50] at
@@ -194,7 +113,7 @@ def _forward_kernel(  # pragma: no cover - compiled
                 for k in range(width):
                     x = y[r - r0, k] + d[g, k] * z[r - r0, k]
                     v[g, r, k] = x
-                    out[g, r, k] = u[g, r, k] + half * x * (1 + _erf(x * sqrt_half))
+                    out[g, r, k] = u[g, r, k] + half * x * (1 + erf_scalar(x * sqrt_half))
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
@@ -224,76 +143,120 @@ def _backward_kernel(  # pragma: no cover - compiled
     """Inputs as ``_forward_kernel`` saved them, and ``grad`` = ∂L/∂out. Writes grad_u
     ``[G, B·T, H]`` and grad_h0 ``[G, B, 2n]``; adds into grad_norm_w, grad_norm_b,
     grad_d ``[G, H]``, grad_lam ``[G, 2, n]`` (float64), grad_w_in ``[G, 2n, H]`` and
-    grad_w_out ``[G, H, 2n]`` (zeroed by the caller)."""
+    grad_w_out ``[G, H, 2n]`` (zeroed by the caller). Per tile: the output's gradient
+    (``_output_grads``), the reverse scan (``_reverse_scan``), the LayerNorm's
+    (``_layer_norm_grads``)."""
     groups, rows, width = grad.shape
     batch, steps = reset.shape
-    n = lam.shape[2]
     dtype = grad.dtype
-    half, sqrt_half = dtype.type(0.5), dtype.type(_SQRT_HALF)
-    inv_sqrt_2pi = dtype.type(_INV_SQRT_2PI)
     per_tile = max(1, TILE_ROWS // steps)
     for g in range(groups):
-        lam_re, lam_im = lam[g, 0], lam[g, 1]
-        acc_re, acc_im = grad_lam[g, 0], grad_lam[g, 1]
         for first in range(0, batch, per_tile):
             last = min(batch, first + per_tile)
             r0, r1 = first * steps, last * steps
             z = np.empty((r1 - r0, width), dtype)
             grad_v = np.empty((r1 - r0, width), dtype)
-            for r in range(r0, r1):
-                for k in range(width):
-                    z[r - r0, k] = normed[g, r, k] * norm_w[g, k] + norm_b[g, k]
-                    x = v[g, r, k]
-                    slope = half * (1 + _erf(x * sqrt_half)) + x * inv_sqrt_2pi * _exp(
-                        -half * x * x
-                    )
-                    grad_v[r - r0, k] = grad[g, r, k] * slope
-                    grad_d[g, k] += grad_v[r - r0, k] * z[r - r0, k]
+            _output_grads(grad, normed, norm_w, norm_b, v, d, g, r0, r1, z, grad_v, grad_d)
             hs = h[g, r0:r1]
             grad_w_out[g] += np.dot(grad_v.T, hs)
             delta = np.dot(grad_v, w_out[g])  # ∂L/∂h from the output, then the reverse scan
-            for b in range(first, last):
-                for t in range(steps - 1, -1, -1):
-                    r = (b - first) * steps + t
-                    if t < steps - 1 and not reset[b, t + 1]:
-                        for j in range(n):
-                            re, im = delta[r + 1, j], delta[r + 1, n + j]
-                            delta[r, j] += lam_re[j] * re + lam_im[j] * im
-                            delta[r, n + j] += lam_re[j] * im - lam_im[j] * re
-                    if reset[b, t]:
-                        if t == 0:
-                            grad_h0[g, b, :] = 0
-                        continue
-                    prev = h0[g, b] if t == 0 else hs[r - 1]
-                    for j in range(n):
-                        dr, di = delta[r, j], delta[r, n + j]
-                        acc_re[j] += dr * prev[j] + di * prev[n + j]
-                        acc_im[j] += di * prev[j] - dr * prev[n + j]
-                    if t == 0:
-                        for j in range(n):
-                            dr, di = delta[r, j], delta[r, n + j]
-                            grad_h0[g, b, j] = lam_re[j] * dr + lam_im[j] * di
-                            grad_h0[g, b, n + j] = lam_re[j] * di - lam_im[j] * dr
+            _reverse_scan(delta, hs, h0, reset, lam, g, first, last, grad_lam, grad_h0)
             grad_w_in[g] += np.dot(delta.T, z)
             grad_z = np.dot(delta, w_in[g])
-            for r in range(r0, r1):
-                mean_gn, mean_gnx = 0.0, 0.0
-                for k in range(width):
-                    gz = grad_z[r - r0, k] + grad_v[r - r0, k] * d[g, k]
-                    grad_norm_w[g, k] += gz * normed[g, r, k]
-                    grad_norm_b[g, k] += gz
-                    gn = gz * norm_w[g, k]
-                    grad_z[r - r0, k] = gn
-                    mean_gn += gn
-                    mean_gnx += gn * normed[g, r, k]
-                mean_gn /= width
-                mean_gnx /= width
-                inv = rstd[g, r]
-                for k in range(width):
-                    x = normed[g, r, k]
-                    grad_u[g, r, k] = grad[g, r, k] + dtype.type(
-                        inv * (grad_z[r - r0, k] - mean_gn - x * mean_gnx)
-                    )
+            _layer_norm_grads(
+                grad, grad_z, grad_v, normed, rstd, norm_w, d, g, r0, r1,
+                grad_norm_w, grad_norm_b, grad_u,
+            )  # fmt: skip
+
+
+# The backward kernel's parts, inlined into it at numba's IR level (inline="always"): it
+# compiles as one function, as before the split, with bit-for-bit the same results. As
+# separate calls the numbers matched when compiled in the process, but a kernel loaded
+# from numba's cache rounded differently (the speed is the same either way).
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy", inline="always")
+def _output_grads(  # pragma: no cover - compiled
+    grad, normed, norm_w, norm_b, v, d, g, r0, r1, z, grad_v, grad_d
+):
+    """Rows r0..r1 of group g (``_backward_kernel``): z = ẑ · w + b again, g_v = g ⊙ GELU'(v)
+    into ``z`` and ``grad_v`` (tile rows), and g_D added into ``grad_d``."""
+    width = grad.shape[2]
+    dtype = grad.dtype
+    half, sqrt_half = dtype.type(0.5), dtype.type(_SQRT_HALF)
+    inv_sqrt_2pi = dtype.type(_INV_SQRT_2PI)
+    for r in range(r0, r1):
+        for k in range(width):
+            z[r - r0, k] = normed[g, r, k] * norm_w[g, k] + norm_b[g, k]
+            x = v[g, r, k]
+            slope = half * (1 + erf_scalar(x * sqrt_half)) + x * inv_sqrt_2pi * exp_scalar(
+                -half * x * x
+            )
+            grad_v[r - r0, k] = grad[g, r, k] * slope
+            grad_d[g, k] += grad_v[r - r0, k] * z[r - r0, k]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy", inline="always")
+def _reverse_scan(  # pragma: no cover - compiled
+    delta, hs, h0, reset, lam, g, first, last, grad_lam, grad_h0
+):
+    """The tile's sequences first..last of group g, in reverse (``_backward_kernel``):
+    δ_t = ∂L/∂h_t + conj(λ) δ_{t+1} in place in ``delta`` (tile rows; no carry into a
+    reset step), g_λ = Σ_t δ_t conj(h_{t-1}) added into ``grad_lam``, and
+    g_h0 = conj(λ) δ_0 written into ``grad_h0`` (0 where step 0 resets)."""
+    steps = reset.shape[1]
+    n = lam.shape[2]
+    lam_re, lam_im = lam[g, 0], lam[g, 1]
+    acc_re, acc_im = grad_lam[g, 0], grad_lam[g, 1]
+    for b in range(first, last):
+        for t in range(steps - 1, -1, -1):
+            r = (b - first) * steps + t
+            if t < steps - 1 and not reset[b, t + 1]:
+                for j in range(n):
+                    re, im = delta[r + 1, j], delta[r + 1, n + j]
+                    delta[r, j] += lam_re[j] * re + lam_im[j] * im
+                    delta[r, n + j] += lam_re[j] * im - lam_im[j] * re
+            if reset[b, t]:
+                if t == 0:
+                    grad_h0[g, b, :] = 0
+                continue
+            prev = h0[g, b] if t == 0 else hs[r - 1]
+            for j in range(n):
+                dr, di = delta[r, j], delta[r, n + j]
+                acc_re[j] += dr * prev[j] + di * prev[n + j]
+                acc_im[j] += di * prev[j] - dr * prev[n + j]
+            if t == 0:
+                for j in range(n):
+                    dr, di = delta[r, j], delta[r, n + j]
+                    grad_h0[g, b, j] = lam_re[j] * dr + lam_im[j] * di
+                    grad_h0[g, b, n + j] = lam_re[j] * di - lam_im[j] * dr
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy", inline="always")
+def _layer_norm_grads(  # pragma: no cover - compiled
+    grad, grad_z, grad_v, normed, rstd, norm_w, d, g, r0, r1, grad_norm_w, grad_norm_b, grad_u
+):
+    """Rows r0..r1 of group g (``_backward_kernel``): g_z = g_v ⊙ D + δ B̃ (``grad_z``
+    holds δ B̃, tile rows; overwritten), g_w and g_b added into ``grad_norm_w`` and
+    ``grad_norm_b``, and g_u = g + LayerNorm'(g_z ⊙ w) written into ``grad_u``."""
+    width = grad.shape[2]
+    dtype = grad.dtype
+    for r in range(r0, r1):
+        mean_gn, mean_gnx = 0.0, 0.0
+        for k in range(width):
+            gz = grad_z[r - r0, k] + grad_v[r - r0, k] * d[g, k]
+            grad_norm_w[g, k] += gz * normed[g, r, k]
+            grad_norm_b[g, k] += gz
+            gn = gz * norm_w[g, k]
+            grad_z[r - r0, k] = gn
+            mean_gn += gn
+            mean_gnx += gn * normed[g, r, k]
+        mean_gn /= width
+        mean_gnx /= width
+        inv = rstd[g, r]
+        for k in range(width):
+            x = normed[g, r, k]
+            grad_u[g, r, k] = grad[g, r, k] + dtype.type(
+                inv * (grad_z[r - r0, k] - mean_gn - x * mean_gnx)
+            )
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
@@ -302,7 +265,7 @@ def _step_kernel(  # pragma: no cover - compiled
 ):
     """One step of a stack for a batch. x ``[B, in]``; state, new_state ``[B, S]`` (the
     flat layout: per layer ``[Re h (n_l), Im h (n_l)]``); enc_w ``[H, in]``, enc_b ``[H]``;
-    per layer l, padded to N states as ``_layer_weights`` makes them: norm_w, norm_b, d
+    per layer l, padded to N states as ``layer_weights`` makes them: norm_w, norm_b, d
     ``[L, H]``, lam ``[L, 2, N]``, w_in ``[L, 2N, H]``, w_out ``[L, H, 2N]``; sizes
     ``[L]`` the true n_l. Writes features ``[B, H]`` and new_state."""
     batch, width = x.shape[0], enc_b.shape[0]
@@ -341,7 +304,7 @@ def _step_kernel(  # pragma: no cover - compiled
         for b in range(batch):
             for k in range(width):
                 v = y[b, k] + d[layer, k] * z[b, k]
-                u[b, k] += half * v * (1 + _erf(v * sqrt_half))
+                u[b, k] += half * v * (1 + erf_scalar(v * sqrt_half))
         offset += 2 * n
     features[:] = u
 
@@ -353,7 +316,7 @@ def frozen_step(stack) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
     blocks = [[_np(t).copy() for t in _block_parameters(block)] for block in stack.blocks]
     sizes = np.array(stack.state_dims, np.int64)
     real = blocks[0][0].dtype.type
-    weights = _layer_weights(blocks, list(sizes), real)
+    weights = layer_weights(blocks, list(sizes), real)
     enc_w, enc_b = _np(stack.encoder.weight).copy(), _np(stack.encoder.bias).copy()
     eps = stack.blocks[0].norm.eps
     norm_w, norm_b, lam, w_in, w_out, d = (
@@ -405,13 +368,9 @@ def _block_parameters(block) -> list[Tensor]:
     return [norm.weight, norm.bias] + [getattr(lru, name) for name in BLOCK_PARAMETERS[2:]]
 
 
-# What ``grouped_forward(fused=None)`` picks on CPU (a switch, as torch.backends' flags,
-# for A/B measurements: ``benchmarks/fused.py``).
-enabled = True
-
-
 def usable(stacks, x: Tensor | None = None) -> bool:
-    """Whether the kernels can run these stacks (on ``x``): CPU, float32 or float64."""
+    """Whether the kernels can run these stacks (on ``x``): CPU, float32 or float64. What
+    ``grouped_forward`` and ``LRUStack.frozen_step`` pick with ``fused=None``."""
     weight = stacks[0].encoder.weight
     on_cpu = weight.device.type == "cpu" and (x is None or x.device.type == "cpu")
     return on_cpu and weight.dtype in (torch.float32, torch.float64)
@@ -489,7 +448,7 @@ class FusedStacks(torch.autograd.Function):
                 for a in arrays
             ]
             sizes = [d[layer] for d in dims]
-            weights = _layer_weights(blocks, sizes, real)
+            weights = layer_weights(blocks, sizes, real)
             n = weights["lam"].shape[2]
             h0 = np.zeros((groups, batch, 2 * n), real)
             for g, size in enumerate(sizes):
@@ -533,7 +492,7 @@ class FusedStacks(torch.autograd.Function):
             )  # fmt: skip
             first = 2 + layer * len(BLOCK_PARAMETERS)
             for g, size in enumerate(sizes):
-                grads = _parameter_grads(
+                grads = parameter_grads(
                     blocks[g], weights, g, size, g_norm_w, g_norm_b, g_lam, g_w_in, g_w_out, g_d
                 )
                 param_grads[g][first : first + len(BLOCK_PARAMETERS)] = grads
@@ -560,103 +519,3 @@ class FusedStacks(torch.autograd.Function):
             ],
             *[to_torch(np.ascontiguousarray(t)) for grads in param_grads for t in grads],
         )
-
-
-def _layer_weights(blocks: list[list[np.ndarray]], sizes: list[int], real) -> dict:
-    """One layer of every stack as the kernels' planar arrays, padded to n = max size with
-    exact zeros (λ = 0, B̃ = 0, C = 0: a padded state stays 0 and adds nothing)."""
-    groups, n = len(blocks), max(sizes)
-    width = blocks[0][0].shape[0]
-    out = {
-        "norm_w": np.stack([b[0] for b in blocks]),
-        "norm_b": np.stack([b[1] for b in blocks]),
-        "d": np.stack([b[8] for b in blocks]),
-        "lam": np.zeros((groups, 2, n), real),
-        "w_in": np.zeros((groups, 2 * n, width), real),
-        "w_out": np.zeros((groups, width, 2 * n), real),
-        "gamma": np.zeros((groups, n), real),
-        "radius": np.zeros((groups, n), real),
-        "exp_nu": np.zeros((groups, n), real),
-    }
-    for g, (block, m) in enumerate(zip(blocks, sizes, strict=True)):
-        if block[4].shape[0] != m:  # the kernel writes m rows unchecked
-            raise ValueError(f"layer of stack {g} has {block[4].shape[0]} states, not {m}")
-        _parametrise_kernel(
-            *block[2:8], MIN_DECAY, out["lam"][g], out["w_in"][g], out["w_out"][g],
-            out["gamma"][g], out["radius"][g], out["exp_nu"][g],
-        )  # fmt: skip
-    return out
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _parametrise_kernel(  # pragma: no cover - compiled
-    nu_log, theta, b_re, b_im, c_re, c_im, min_decay, lam, w_in, w_out, gamma, radius, exp_nu
-):
-    """One layer's m states into one group's padded planar arrays: λ ``[2, N]``, B̃ = γB
-    ``[2N, H]``, C as (Re C, -Im C) ``[H, 2N]``, and γ, |λ|, e^ν ``[N]`` for the backward.
-    ``policies.lru``'s forward map (d = max(e^ν, MIN_DECAY), λ = e^{-d+iθ},
-    γ = sqrt(-expm1(-2d))), computed in float64 and stored in the arrays' dtype: one
-    call instead of ~15 numpy calls (~60 µs a layer at n = 25)."""
-    m, width = b_re.shape
-    n = lam.shape[1]
-    for j in range(m):
-        e = math.exp(np.float64(nu_log[j]))
-        decay = max(e, min_decay)
-        r = math.exp(-decay)
-        g = math.sqrt(-math.expm1(-2.0 * decay))
-        lam[0, j] = r * math.cos(np.float64(theta[j]))
-        lam[1, j] = r * math.sin(np.float64(theta[j]))
-        gamma[j], radius[j], exp_nu[j] = g, r, e
-        for k in range(width):
-            w_in[j, k] = g * b_re[j, k]
-            w_in[n + j, k] = g * b_im[j, k]
-    for k in range(width):
-        for j in range(m):
-            w_out[k, j] = c_re[k, j]
-            w_out[k, n + j] = -c_im[k, j]
-
-
-def _parameter_grads(block, weights, g, m, g_norm_w, g_norm_b, g_lam, g_w_in, g_w_out, g_d):
-    """One stack's layer gradients, in ``BLOCK_PARAMETERS`` order, from the kernel's
-    gradients of the planar arrays (the chain rule in ``FusedStacks``' docstring)."""
-    real = g_w_in.dtype
-    b_re, b_im = block[4], block[5]
-    width = b_re.shape[1]
-    g_nu, g_theta = np.empty(m, real), np.empty(m, real)
-    g_b_re, g_b_im = np.empty((m, width), real), np.empty((m, width), real)
-    g_c_re, g_c_im = np.empty((width, m), real), np.empty((width, m), real)
-    _parametrisation_grads_kernel(
-        b_re, b_im, weights["gamma"][g], weights["radius"][g], weights["exp_nu"][g],
-        weights["lam"][g], g_lam[g], g_w_in[g], g_w_out[g], MIN_DECAY,
-        g_nu, g_theta, g_b_re, g_b_im, g_c_re, g_c_im,
-    )  # fmt: skip
-    return [g_norm_w[g], g_norm_b[g], g_nu, g_theta, g_b_re, g_b_im, g_c_re, g_c_im, g_d[g]]
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _parametrisation_grads_kernel(  # pragma: no cover - compiled
-    b_re, b_im, gamma, radius, exp_nu, lam, g_lam, g_w_in, g_w_out, min_decay,
-    g_nu, g_theta, g_b_re, g_b_im, g_c_re, g_c_im,
-):  # fmt: skip
-    """The parametrisation's chain rule (``FusedStacks``' docstring) for one group's m
-    states, in float64, written into the gradient arrays."""
-    m, width = b_re.shape
-    n = lam.shape[1]
-    for j in range(m):
-        g_gamma = 0.0
-        for k in range(width):
-            g_gamma += g_w_in[j, k] * np.float64(b_re[j, k]) + g_w_in[n + j, k] * np.float64(
-                b_im[j, k]
-            )
-            g_b_re[j, k] = gamma[j] * g_w_in[j, k]
-            g_b_im[j, k] = gamma[j] * g_w_in[n + j, k]
-        gl_re, gl_im = g_lam[0, j], g_lam[1, j]
-        lam_re, lam_im = np.float64(lam[0, j]), np.float64(lam[1, j])
-        g_theta[j] = gl_im * lam_re - gl_re * lam_im
-        r = np.float64(radius[j])
-        g_decay = -(gl_re * lam_re + gl_im * lam_im) + g_gamma * r * r / gamma[j]
-        g_nu[j] = g_decay * exp_nu[j] if exp_nu[j] >= min_decay else 0.0
-    for k in range(width):
-        for j in range(m):
-            g_c_re[k, j] = g_w_out[k, j]
-            g_c_im[k, j] = -g_w_out[k, n + j]

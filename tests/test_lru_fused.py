@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from policies.kernel_math import erf, exp
 from policies.lru import LRUStack, grouped_forward
-from policies.lru_fused import TILE_ROWS, erf, exp, fused_grouped_forward
+from policies.lru_fused import TILE_ROWS, fused_grouped_forward
 from policies.lti import MIN_DECAY
 
 
