@@ -24,6 +24,31 @@ is one step's rounding whatever the history, while a wrong graph (a weight, the 
 layout, a reset) is wrong at the step where it acts. The end-to-end torch vs candidate
 difference is still reported, as information. Imports torch and gymnasium: a
 development-side tool, not for the device.
+
+``atol`` and ``rtol`` (1e-5, 1e-4) are far above float32 rounding (~1e-7 relative): a
+graph with one weight 0.1% off can stay inside them. So the candidate is also judged
+against what float32 rounding explains, per output element ``p`` (each action dimension,
+each state element) over the whole rollout (all steps and envs), once it has run::
+
+    RMS_cand(p) <= factor · max(RMS_torch(p), eps · RMS(scale(p))) + RMS(norm(p))
+
+``RMS_cand`` and ``RMS_torch`` are the root mean square one-step errors against float64 of
+the candidate and of torch float32, each from its own state: torch float32 is the
+measure of what float32 rounding does to this policy on this rollout. ``eps`` is
+float32's machine epsilon (2⁻²³) and ``eps · RMS(scale)`` the floor where torch's error
+is degenerate (an action clamped at its bound, a state that stays 0: float32 is exact
+there and torch's error 0). ``norm(p)`` is what rounding the observation normaliser's
+terms can add (``Float64Actor.normaliser_rounding``): where a dimension's mean is far
+from 0 in units of its std (Hopper's torso height: m = 1.25, s = 0.015, terms of ~80)
+one rounding of a float32 constant (m, or m/s) moves the normalised value by ~5e-6 for
+the whole rollout, and torch's rounding can be near 0 by luck where the export's is not:
+without this term a correct export reached 14x torch's error. ``factor`` is
+``ROUNDING_FACTOR`` (5), for ONNX and C alike: the C step's own erf/exp/tanh add no
+error beyond ONNX Runtime's at these sizes. Measured (``benchmarks/parity_sweep.py``,
+width-64 Hopper-v5 policies: an SSM, a compressed SSM and an MLP, 200 each): correct
+exports use at most ~0.4 of the allowance; scaling the largest element of one
+initialiser by 1.001 exceeds it (ratio >= ~2) wherever the element acts on the outputs
+by more than the normaliser's rounding does.
 """
 
 from __future__ import annotations
@@ -38,10 +63,27 @@ import torch
 from export.runtime import OnnxPolicy
 from policies.actor_critic import ActorCritic
 
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp, relative
+# The candidate's RMS one-step error may be this many times torch float32's (both against
+# float64), plus the normaliser's rounding; ONNX and C alike. Measured
+# (benchmarks/parity_sweep.py, width-64 Hopper-v5 SSM, compressed SSM and MLP): correct
+# exports are up to ~6x torch's RMS error where the normaliser's rounding dominates
+# (~2x typically) and use at most ~0.4 of the allowance; 1.001 on the largest element of
+# an initialiser gives >= ~2x it. 10 halves that margin for no gain on correct exports.
+ROUNDING_FACTOR = 5.0
+
 
 class ParityError(RuntimeError):
     """An exported policy (or torch float32 itself) differs from the float64 step of the
-    same policy from the same state beyond the tolerance."""
+    same policy from the same state beyond the tolerance.
+
+    ``rounding_used``: where the rounding rule failed (``check_parity``), the ratio of the
+    candidate's RMS error to its allowance at the element named; otherwise None.
+    """
+
+    def __init__(self, message: str, rounding_used: float | None = None) -> None:
+        super().__init__(message)
+        self.rounding_used = rounding_used
 
 
 class Float64Actor:
@@ -79,6 +121,54 @@ class Float64Actor:
             # the float32 paths it judges.
             raise TypeError(f"float64 reference computed in {action.dtype}/{new_state.dtype}")
         return action.numpy(), new_state.numpy()
+
+    @torch.no_grad()
+    def normaliser_rounding(
+        self, obs: np.ndarray, state: np.ndarray, episode_start: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What rounding the observation normaliser to float32 can do to the step's
+        outputs: ``(action [B, act_dim], new state [B, S])``, float64, >= 0.
+
+        For each observation dimension j the normalised value ``n_j = (x_j - m_j)/s_j``
+        moves by one rounding of each of its terms, ``u·(|x_j| + |m_j|)/s_j`` with ``u =
+        eps/2`` the unit roundoff (0 where it is clipped: the clip bound is exact), and
+        the first-order changes of every output are added in absolute value:
+        ``Σ_j |∂out/∂n_j|·u·(|x_j| + |m_j|)/s_j``, the derivatives by forward differences
+        of this float64 step (one call on ``B·(1 + obs_dim)`` rows). A float32
+        normaliser rounds ``m`` (or ``m/s``) once for the whole rollout, and ``x/s``
+        every step: where ``|m|/s`` is large (Hopper's torso height, ~70) that fixed
+        error dominates the step's rounding, and differs between two correct
+        implementations (torch's can be near 0 by luck, the export's not).
+        """
+        norm = self.policy.obs_norm
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float64))
+        n = norm(x)
+        rows, dims = n.shape
+        size = (x.abs() + norm.mean.abs()) * (EPS32 / 2) / torch.sqrt(norm.var + norm.eps)
+        size = torch.where(n.abs() < norm.clip, size, torch.zeros_like(size))
+        step = 2.0**-20 * torch.clamp(n.abs(), min=1.0)
+        nudged = n[:, None, :].repeat(1, dims + 1, 1)  # row 0 as is, row 1 + j: n_j moved
+        j = torch.arange(dims)
+        nudged[:, 1 + j, j] += step
+        state_t = torch.as_tensor(np.asarray(state, dtype=np.float64))
+        start = torch.zeros(rows, dtype=torch.bool)
+        if episode_start is not None:
+            start = torch.as_tensor(episode_start, dtype=torch.bool)
+        action, _, new_state = self.policy.act(
+            nudged.reshape(rows * (dims + 1), dims),
+            state_t.repeat_interleave(dims + 1, dim=0),
+            start.repeat_interleave(dims + 1),
+            deterministic=True,
+        )
+        weight = (size / step)[:, :, None]  # [B, obs_dim, 1]
+
+        def spread(out: torch.Tensor) -> np.ndarray:
+            if out.shape[1] == 0:  # an MLP's state
+                return np.zeros((rows, 0))
+            out = out.reshape(rows, dims + 1, -1)
+            return ((out[:, 1:] - out[:, :1]).abs() * weight).sum(1).numpy()
+
+        return spread(action), spread(new_state)
 
     def state_scale(self, new_state: np.ndarray, incoming: np.ndarray) -> np.ndarray:
         """The tolerance scale of each element of ``new_state`` ``[B, S]`` (float64, from
@@ -120,12 +210,54 @@ def _state_element(j: int, state_dims: list[int]) -> str:
     return "?"
 
 
+class _Errors:
+    """One path's one-step errors at each element of one output (action or state), over
+    the rollout: sums of squares (of the error, its scale and the normaliser's rounding)
+    and where the error was largest."""
+
+    def __init__(self, dim: int) -> None:
+        self.count = 0
+        self.err2, self.scale2, self.norm2 = np.zeros(dim), np.zeros(dim), np.zeros(dim)
+        self.worst = np.full(dim, -1.0)
+        self.step, self.env = np.zeros(dim, int), np.zeros(dim, int)
+        self.got, self.ref = np.zeros(dim), np.zeros(dim)
+
+    def add(
+        self,
+        step: int,
+        err: np.ndarray,
+        got: np.ndarray,
+        ref: np.ndarray,
+        scale: np.ndarray,
+        norm: np.ndarray | None,
+    ) -> None:
+        self.count += err.shape[0]
+        self.err2 += (err * err).sum(0)
+        self.scale2 += (scale * scale).sum(0)
+        if norm is not None:
+            self.norm2 += (norm * norm).sum(0)
+        rows, cols = err.argmax(0), np.arange(err.shape[1])
+        larger = err[rows, cols] > self.worst
+        self.worst[larger] = err[rows, cols][larger]
+        self.step[larger], self.env[larger] = step, rows[larger]
+        self.got[larger], self.ref[larger] = got[rows, cols][larger], ref[rows, cols][larger]
+
+    def rms(self, sums: np.ndarray) -> np.ndarray:
+        return np.sqrt(sums / max(self.count, 1))
+
+
 class _Judge:
     """One float32 path's one-step check, and the worst figures it has seen."""
 
     def __init__(self, label: str, atol: float, rtol: float, state_dims: list[int]) -> None:
         self.label, self.atol, self.rtol, self.state_dims = label, atol, rtol, state_dims
         self.max_abs = self.max_rel = self.max_state = self.tolerance_used = 0.0
+        self.errors: dict[str, _Errors] = {}
+
+    def element(self, what: str, j: int) -> str:
+        if what == "action":
+            return f"action dim {j}"
+        return f"state element {j} ({_state_element(j, self.state_dims)})"
 
     def check(
         self,
@@ -135,12 +267,15 @@ class _Judge:
         ref: np.ndarray,
         scale: np.ndarray,
         other_err: np.ndarray,
+        norm: np.ndarray | None = None,
     ) -> None:
-        """Raise ``ParityError`` unless ``|got - ref| <= atol + rtol·scale`` everywhere.
+        """Raise ``ParityError`` unless ``|got - ref| <= atol + rtol·scale`` everywhere;
+        then add the step's errors to the rollout's (``errors``, for ``_rounding_check``).
 
         ``where``: ``(env_id, step)``; ``what``: ``"action"`` or ``"state"``; ``got``
         float32 and ``ref`` float64 ``[B, dim]``; ``other_err``: the other float32 path's
-        one-step errors, quoted in the message for comparison.
+        one-step errors, quoted in the message for comparison; ``norm``: the normaliser's
+        rounding (``Float64Actor.normaliser_rounding``), the candidate's only.
         """
         if got.size == 0:
             return
@@ -150,18 +285,17 @@ class _Judge:
         if bad.any():
             k, j = (int(i) for i in np.argwhere(bad)[0])
             if what == "action":
-                element, scale_name = f"action dim {j}", "|float64|"
+                scale_name = "|float64|"
             else:
-                element = f"state element {j} ({_state_element(j, self.state_dims)})"
                 scale_name = f"|h| (= {scale[k, j]:.4g})"
             raise ParityError(
                 f"{where[0]}: {self.label} {what} mismatch at step {where[1]}, env {k}, "
-                f"{element}: {self.label} {got[k, j]:.8g} vs float64 {ref[k, j]:.8g} from the "
-                f"same obs and incoming state (abs err {err[k, j]:.3g}, allowed atol "
-                f"{self.atol} + rtol {self.rtol}·{scale_name} = {allowed[k, j]:.3g}; "
-                f"{int(bad.sum())} of {bad.size} {what} elements out, max abs err this step "
-                f"{np.nanmax(err):.3g}; the other float32 path's one-step error there: "
-                f"{other_err[k, j]:.3g})"
+                f"{self.element(what, j)}: {self.label} {got[k, j]:.8g} vs float64 "
+                f"{ref[k, j]:.8g} from the same obs and incoming state (abs err "
+                f"{err[k, j]:.3g}, allowed atol {self.atol} + rtol {self.rtol}·{scale_name} = "
+                f"{allowed[k, j]:.3g}; {int(bad.sum())} of {bad.size} {what} elements out, "
+                f"max abs err this step {np.nanmax(err):.3g}; the other float32 path's "
+                f"one-step error there: {other_err[k, j]:.3g})"
             )
         self.tolerance_used = max(self.tolerance_used, float((err / allowed).max()))
         if what == "action":
@@ -169,6 +303,54 @@ class _Judge:
             self.max_rel = max(self.max_rel, float((err / (np.abs(ref) + self.atol)).max()))
         else:
             self.max_state = max(self.max_state, float(err.max()))
+        errors = self.errors.setdefault(what, _Errors(err.shape[1]))
+        errors.add(where[1], err, got, ref, scale, norm)
+
+
+def _rounding_check(
+    env_id: str, candidate: _Judge, torch_float32: _Judge, factor: float
+) -> tuple[float, float]:
+    """Raise ``ParityError`` where the candidate's RMS one-step error at an output element
+    exceeds what float32 rounding explains (module docstring)::
+
+        RMS_cand > factor · max(RMS_torch, eps · RMS(scale)) + RMS(norm)
+
+    naming the element with the largest ratio and the step of its largest error. Returns
+    ``(used, vs_torch)``: the largest ratio of ``RMS_cand`` to that allowance (above 1
+    fails), and to ``max(RMS_torch, eps · RMS(scale))`` (the multiple of float32's own
+    error, information).
+    """
+    used, vs_torch, worst = 0.0, 0.0, None
+    for what, cand in candidate.errors.items():
+        rms = cand.rms(cand.err2)
+        torch_errors = torch_float32.errors[what]
+        t_rms = torch_errors.rms(torch_errors.err2)
+        floor = EPS32 * cand.rms(cand.scale2)
+        rounding = np.maximum(t_rms, floor)
+        allowed = factor * rounding + cand.rms(cand.norm2)
+        # A zero allowance (an element that is 0 at every step, exactly, in torch too)
+        # admits no error at all.
+        ratio = np.divide(rms, allowed, out=np.where(rms > 0, np.inf, 0.0), where=allowed > 0)
+        multiple = np.divide(rms, rounding, out=np.where(rms > 0, np.inf, 0.0), where=rounding > 0)
+        vs_torch = max(vs_torch, float(multiple.max()))
+        j = int(ratio.argmax())
+        if worst is None or ratio[j] > used:
+            used = float(ratio[j])
+            worst = (what, cand, j, rms[j], t_rms[j], floor[j], multiple[j], allowed[j])
+    if used > 1.0:
+        what, cand, j, rms, t_rms, floor, multiple, allowed = worst
+        raise ParityError(
+            f"{env_id}: {candidate.label} {what} mismatch at step {cand.step[j]}, env "
+            f"{cand.env[j]}, {candidate.element(what, j)}: beyond float32 rounding over the "
+            f"rollout. Its one-step errors against float64 have RMS {rms:.3g} over "
+            f"{cand.count} steps x envs, {multiple:.3g}x float32's (torch float32's RMS "
+            f"{t_rms:.3g}, floor eps·RMS|scale| {floor:.3g}); allowed {factor:g}x that + the "
+            f"normaliser's rounding {cand.rms(cand.norm2)[j]:.3g} = {allowed:.3g}. Its "
+            f"largest error, at that step: {candidate.label} {cand.got[j]:.8g} vs float64 "
+            f"{cand.ref[j]:.8g} (abs err {cand.worst[j]:.3g})",
+            rounding_used=used,
+        )
+    return used, vs_torch
 
 
 def _gym_make(env_id: str):
@@ -188,8 +370,10 @@ def check_parity(
     atol: float = 1e-5,
     make_env: Callable[[str], object] | None = None,
     provider: str = "CPUExecutionProvider",
+    rounding_factor: float = ROUNDING_FACTOR,
 ) -> dict:
-    """Run ``batch`` envs for ``steps`` steps; raise on any one-step mismatch.
+    """Run ``batch`` envs for ``steps`` steps; raise on any one-step mismatch, then on any
+    output element whose errors over the rollout float32 rounding does not explain.
 
     Args:
         policy: the torch policy the candidate was exported from (copied to CPU if needed).
@@ -210,24 +394,35 @@ def check_parity(
         make_env: ``env_id -> gymnasium.Env`` (default ``gymnasium.make``; pass
             ``envs.make_env`` for this project's POMDP ids).
         provider: ORT execution provider (a path candidate only).
+        rounding_factor: after the rollout, the candidate's RMS one-step error at each
+            output element may be this many times float32's (torch float32's RMS error,
+            floored at ``eps`` times the RMS scale), plus the normaliser's rounding
+            (module docstring). Enforced for the candidate only.
 
     Returns:
         ``{"env_id", "steps", "batch", "episodes_started", "max_abs_err", "max_rel_err",
-        "max_state_abs_err", "max_tolerance_used", "max_torch_abs_err",
-        "max_torch_state_abs_err", "max_torch_tolerance_used",
-        "torch_vs_candidate_max_abs_err", "rtol", "atol"}``. ``max_abs_err``,
-        ``max_rel_err`` (``|Δ| / (|ref| + atol)``, finite where the action is 0) and
-        ``max_state_abs_err`` are the candidate's worst one-step action and state errors
-        against float64, ``max_torch_*`` torch float32's; ``*_tolerance_used`` is the
-        worst ``err / allowed`` over actions and states (above 1 fails).
+        "max_state_abs_err", "max_tolerance_used", "rounding_used", "rms_err_vs_float32",
+        "rounding_factor", "max_torch_abs_err", "max_torch_state_abs_err",
+        "max_torch_tolerance_used", "torch_vs_candidate_max_abs_err", "rtol", "atol"}``.
+        ``max_abs_err``, ``max_rel_err`` (``|Δ| / (|ref| + atol)``, finite where the
+        action is 0) and ``max_state_abs_err`` are the candidate's worst one-step action
+        and state errors against float64, ``max_torch_*`` torch float32's;
+        ``rounding_used`` is the largest ratio of the candidate's RMS error at an element
+        to its rounding allowance, ``rms_err_vs_float32`` the largest multiple of
+        float32's RMS error (``max(RMS_torch, eps·RMS(scale))``) without the normaliser's
+        term; ``max_torch_tolerance_used`` is torch's worst ``err / allowed`` (atol +
+        rtol), ``max_tolerance_used`` the candidate's, or its ``rounding_used`` if larger
+        (above 1 fails).
         ``torch_vs_candidate_max_abs_err`` is the end-to-end action difference between
         the two float32 paths, each on its own state: information only (float32 rounding
         integrated over the rollout, not a one-step error).
 
     Raises:
         ParityError: at the first step where an action or state element of the candidate
-            or of torch float32 is out of tolerance (the candidate is judged first), or
-            when the candidate's sizes are not the policy's.
+            or of torch float32 is out of tolerance (the candidate is judged first); after
+            the rollout, where the candidate's RMS error at an element is beyond the
+            rounding allowance (naming the step of its largest error there); or when the
+            candidate's sizes are not the policy's.
         ValueError: ``batch`` differs from an object candidate's ``batch_size``.
     """
     make_env = make_env or _gym_make
@@ -297,11 +492,15 @@ def check_parity(
                 scales = (np.abs(ref_act[r]), reference.state_scale(ref_state[r], incoming))
                 refs[key] = (ref_act[r], ref_state[r]), scales
                 errs[key] = [np.abs(g - w) for g, w in zip(got[key], refs[key][0], strict=True)]
+            # The candidate's allowance for the normaliser's rounding, from its own state.
+            norm = reference.normaliser_rounding(obs32, held["candidate"], start)
             for key, judge in judges.items():  # the candidate first
                 other = errs["torch" if key == "candidate" else "candidate"]
                 (want_act, want_state), (act_scale, state_scale) = refs[key]
-                judge.check((env_id, t), "action", got[key][0], want_act, act_scale, other[0])
-                judge.check((env_id, t), "state", got[key][1], want_state, state_scale, other[1])
+                mine = norm if key == "candidate" else (None, None)
+                where = (env_id, t)
+                judge.check(where, "action", got[key][0], want_act, act_scale, other[0], mine[0])
+                judge.check(where, "state", got[key][1], want_state, state_scale, other[1], mine[1])
             end_to_end = max(end_to_end, float(np.abs(cand_act - torch_act).max()))
             held = {key: got[key][1] for key in got}
 
@@ -317,6 +516,7 @@ def check_parity(
         for env in envs:
             env.close()
     cand, torch_judge = judges["candidate"], judges["torch"]
+    rounding_used, vs_torch = _rounding_check(env_id, cand, torch_judge, rounding_factor)
     return {
         "env_id": env_id,
         "steps": steps,
@@ -325,7 +525,10 @@ def check_parity(
         "max_abs_err": cand.max_abs,
         "max_rel_err": cand.max_rel,
         "max_state_abs_err": cand.max_state,
-        "max_tolerance_used": cand.tolerance_used,
+        "max_tolerance_used": max(cand.tolerance_used, rounding_used),
+        "rounding_used": rounding_used,
+        "rms_err_vs_float32": vs_torch,
+        "rounding_factor": rounding_factor,
         "max_torch_abs_err": torch_judge.max_abs,
         "max_torch_state_abs_err": torch_judge.max_state,
         "max_torch_tolerance_used": torch_judge.tolerance_used,

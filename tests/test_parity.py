@@ -4,7 +4,10 @@ checks: real ONNX Runtime sessions, real MuJoCo envs, graphs broken on purpose."
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,12 +17,19 @@ from onnx import helper, numpy_helper
 from test_export import make_policy
 
 from export.onnx_export import to_onnx
-from export.parity import Float64Actor, ParityError, check_parity
+from export.parity import ROUNDING_FACTOR, Float64Actor, ParityError, check_parity
 from export.runtime import OnnxPolicy
 from policies.actor_critic import ActorCritic
 
 ENV = "Hopper-v5"
 STATE_DIMS = [37, 5]  # a compressed size
+
+# The small policies and the perturbation of benchmarks/parity_sweep.py.
+_spec = importlib.util.spec_from_file_location(
+    "parity_sweep", Path(__file__).parents[1] / "benchmarks" / "parity_sweep.py"
+)
+parity_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(parity_sweep)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,8 @@ def test_float64_reference_stays_float64_and_matches_torch(hopper):
 def test_one_weight_off_by_a_thousandth_fails(hopper, tmp_path, name, expect):
     """The graph of a copy whose largest ``name`` element is 1.001 times the original's.
 
-    (Weights chosen to fail by 5-30x the tolerance here: one of 64 terms 0.1% off moves a
-    sum by ~1e-5 relative, below rtol, so not every weight's 0.1% shows.)"""
+    (Weights that fail atol/rtol at the step named; every initialiser of a graph:
+    ``test_every_initialiser_a_thousandth_off_fails``.)"""
     policy, _ = hopper
     wrong = copy.deepcopy(policy)
     with torch.no_grad():
@@ -134,6 +144,104 @@ def test_a_broken_torch_path_is_caught_too(hopper):
     with pytest.raises(ParityError, match=r"torch float32 (action|state) mismatch at step") as err:
         check_parity(broken, path, ENV, steps=300, batch=2)
     assert "at step 0," not in str(err.value)  # at the first episode end, not before
+
+
+# ----- beyond float32 rounding ---------------------------------------------------------------
+# A seed per kind at which atol/rtol alone let some 1.001 weights pass (ssm: lru0_out.W,
+# lru1_out.W; compressed: lru1_out.W; mlp: mlp0.b, mlp2.W, mlp2.b).
+SWEPT_SEED = {"ssm": 9, "compressed": 1, "mlp": 5}
+
+
+@pytest.fixture(scope="module")
+def small():
+    """``(kind, seed) -> policy``, built once: ``parity_sweep.make_policy``, width 64 (an
+    SSM of n = [32, 32], one compressed to 12 + 12 by balanced truncation, an MLP)."""
+    policies = {}
+
+    def get(kind: str, seed: int) -> ActorCritic:
+        if (kind, seed) not in policies:
+            policies[kind, seed] = parity_sweep.make_policy(kind, seed)
+        return policies[kind, seed]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", parity_sweep.KINDS)
+def test_every_initialiser_a_thousandth_off_fails(small, kind, tmp_path):
+    """One initialiser at a time, its largest-magnitude element times 1.001: the check
+    fails for every one. atol/rtol (1e-5 + 1e-4·|ref|, ~1000x float32's rounding) stop
+    most at their first steps; the others run to the end and fail the rounding rule."""
+    seed = SWEPT_SEED[kind]
+    policy = small(kind, seed)
+    model = parity_sweep.graph(policy, "onnx")
+    names = parity_sweep.float_initializers(model)
+    assert {"obs_norm.b", "obs_clip_lo", "obs_clip_hi", "action_lo", "actor_head.W"} < set(names)
+    passed, messages = [], []
+    for name in names:
+        path = tmp_path / f"{name}.onnx"
+        onnx.save_model(parity_sweep.perturbed(model, name, 1e-3), str(path))
+        try:
+            report = check_parity(policy, path, ENV, steps=200, batch=2, seed=1000 + seed)
+        except ParityError as err:
+            messages.append(str(err))
+            continue
+        passed.append(f"{name} (rounding allowance used {report['rounding_used']:.3g})")
+    assert not passed, f"{kind}: 0.1% off and still passing: {passed}"
+    beyond = [m for m in messages if "beyond float32 rounding" in m]
+    print("\n".join(beyond))
+    assert beyond, "every one out of atol/rtol: this policy does not test the rounding rule"
+    pattern = r"Hopper-v5: onnx (action|state) mismatch at step \d+, env \d, "
+    assert all(re.match(pattern, m) for m in beyond)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "c"])
+def test_correct_small_exports_pass_well_inside_the_rounding_allowance(small, backend, tmp_path):
+    """Unperturbed exports (benchmarks/parity_sweep.py runs 200 a kind): ONNX two
+    policies a kind, C one (a compile each). Measured at most ~0.45 of the allowance
+    (~0.25 typically), the C step's own erf/exp/tanh included."""
+    if backend == "c" and shutil.which("gcc") is None:
+        pytest.skip("needs gcc (apt-get install gcc)")
+    for kind in parity_sweep.KINDS:
+        for seed in (SWEPT_SEED[kind], 0) if backend == "onnx" else (SWEPT_SEED[kind],):
+            policy = small(kind, seed)
+            model = parity_sweep.graph(policy, backend)
+            candidate = parity_sweep.candidate(model, backend, tmp_path / f"{kind}{seed}", 2)
+            report = check_parity(policy, candidate, ENV, steps=200, batch=2, seed=1000 + seed)
+            print(f"{kind} {backend} seed {seed}: {report['rounding_used']:.3g}")
+            assert 0 < report["rounding_used"] < 0.6
+            assert report["rounding_factor"] == ROUNDING_FACTOR
+
+
+def test_normaliser_rounding_is_the_first_order_bound(hopper):
+    """``Float64Actor.normaliser_rounding`` against autograd: Σ_j |∂out/∂n_j|·u·(|x_j| +
+    |m_j|)/s_j with u = eps/2, zero for a clipped dimension."""
+    policy, _ = hopper
+    reference = Float64Actor(policy)
+    rng = np.random.default_rng(2)
+    norm = reference.policy.obs_norm
+    obs = norm.mean.numpy() + rng.normal(0, 1, (2, policy.obs_dim)) * norm.var.sqrt().numpy()
+    obs[1, 3] = norm.mean[3].item() + 20 * norm.var[3].sqrt().item()  # clipped at +10
+    obs = obs.astype(np.float32)
+    state = rng.normal(0, 1, (2, policy.actor.state_size))
+    action, new_state = reference.normaliser_rounding(obs, state, np.array([False, True]))
+    eps = np.finfo(np.float32).eps
+    for row in range(2):
+        x = torch.as_tensor(obs[row], dtype=torch.float64)
+        n = norm(x)
+        start = torch.tensor([bool(row)])
+        s = torch.as_tensor(state[row : row + 1])
+
+        def step(n_row, s=s, start=start):
+            a, _, h = reference.policy.act(n_row[None], s, start, deterministic=True)
+            return torch.cat([a[0], h[0]])
+
+        jacobian = torch.autograd.functional.jacobian(step, n).abs()
+        size = eps / 2 * (x.abs() + norm.mean.abs()) / torch.sqrt(norm.var + norm.eps)
+        size[n.abs() >= norm.clip] = 0.0
+        want = (jacobian * size).sum(1).numpy()
+        got = np.concatenate([action[row], new_state[row]])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-22)
+    assert (action >= 0).all() and action.max() > 0
 
 
 # ----- any candidate with the stepping interface --------------------------------------------
