@@ -53,11 +53,11 @@ from export.bench import (
     time_steps,
     to_json,
 )
+from export.c_bench import CBenchmark
 from export.c_build import (
     HOST_FLAGS,
     METADATA_TAG,
     NATIVE_FLAGS,
-    CBenchmark,
     ToolchainError,
     cortex_m4_size,
 )

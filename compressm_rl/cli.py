@@ -321,8 +321,8 @@ def _add_export(sub) -> None:
         help="export a run's policy to one ONNX step graph (or C sources), checked",
         description="Export the actor of a trained run to ONNX (obs normalisation and action "
         "bounds baked in), or with --format c to dependency-free C99 generated from that "
-        "graph (policy.c, policy.h, README.md and the policy.onnx it came from, in one "
-        "directory). Then run closed-loop MuJoCo rollouts with episode resets, judging every "
+        "graph (policy.c, policy.h, README.md, bench.c with a Makefile for `make bench` on any "
+        "board, and the policy.onnx it came from, in one directory). Then run closed-loop MuJoCo rollouts with episode resets, judging every "
         "step against a float64 reference. Exits with status 1 on a mismatch.",
     )
     p.add_argument("run_dir", type=Path, help="run directory (as written by `compressm-rl train`)")
@@ -393,7 +393,7 @@ def _export(args) -> int:
         print(f"error: the export does not match its reference: {err} ({kept})", file=sys.stderr)
         return 1
     if args.format == "c":
-        what = f"{out}/policy.c, policy.h, README.md, policy.onnx"
+        what = f"{out}/policy.c, policy.h, README.md, bench.c, Makefile, policy.onnx"
     else:
         what = f"{out} ({out.stat().st_size / 1024:.1f} KiB)"
     print(
@@ -414,10 +414,14 @@ def _export(args) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="per-step latency of exported policies, ONNX Runtime and C (batch 1)",
+        help="per-step latency of exported policies, here or on a target device (batch 1)",
         description="Time OnnxPolicy.act at batch 1 for each .onnx file, and each C export's "
-        "policy_step inside C (a generated timing harness built with gcc), side by side, with "
-        "ONNX Runtime's identity-graph floor and optionally the torch policy of a run.",
+        "policy_step inside C (bench.c, built with gcc), side by side, with ONNX Runtime's "
+        "identity-graph floor and optionally the torch policy of a run. With --target, "
+        "--ssh or --runner: C exports cross-built for the target, checked against this "
+        "machine's build, and timed on the device (aarch64 without a device: under "
+        "qemu-aarch64, tagged emulated); --target cortex-m4: on QEMU's mps2-an386 board "
+        "(flash, RAM, stack, instructions per step).",
     )
     p.add_argument("models", nargs="+", help=".onnx files or C export directories")
     p.add_argument("--steps", type=int, default=5000, help="timed steps per model")
@@ -428,6 +432,22 @@ def _add_bench(sub) -> None:
         action="store_true",
         help="build the C exports with -march=native (this machine's CPU only; the default "
         "build is portable)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("native", "aarch64", "cortex-m4"),
+        help="build for and time on this target (C exports only; default: this machine)",
+    )
+    p.add_argument("--ssh", metavar="USER@HOST", help="run on this device over ssh")
+    p.add_argument("--ssh-config", metavar="FILE", help="ssh -F FILE (port, key, host key file)")
+    p.add_argument(
+        "--runner",
+        metavar="CMD",
+        help="run on the device through CMD, which runs its last argument as a shell command "
+        'there (e.g. "adb shell")',
+    )
+    p.add_argument(
+        "--cpu", help="tune the target build for this core (-mcpu/-march), e.g. cortex-a72"
     )
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument(
@@ -440,40 +460,10 @@ def _add_bench(sub) -> None:
 
 
 def _bench(args) -> int:
-    from compressm_rl.runs.files import atomic_write, atomic_write_text
-    from export.bench import machine_info, markdown_table, run_benchmarks, save_histogram, to_json
+    from compressm_rl.latency import BenchOptions, bench
 
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError(
-            f"--steps {args.steps} --warmup {args.warmup} is out of range: at least 1 timed "
-            "step and 0 warm-up steps"
-        )
-    results = run_benchmarks(
-        args.models, args.steps, args.warmup, args.provider, native=args.native
-    )
-    if args.run:
-        from compressm_rl.deploy import bench_torch
-        from compressm_rl.runs import load_policy
-
-        policy, _ = load_policy(args.run)
-        for frozen, kind in ((False, "eager"), (True, "frozen")):
-            name = f"torch {kind} ({args.run.name})"
-            results.append(bench_torch(policy, name, args.steps, args.warmup, frozen=frozen))
-    machine = machine_info(args.provider)
-    table = markdown_table(results, machine)
-    print(table)
-    if args.json:
-        atomic_write_text(Path(args.json), to_json(results, machine))
-    if args.out_dir:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out_dir / "latency.md", table + "\n")
-        atomic_write_text(args.out_dir / "latency.json", to_json(results, machine))
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("matplotlib is not installed: no histogram written", file=sys.stderr)
-        else:
-            atomic_write(args.out_dir / "latency_hist.png", lambda f: save_histogram(results, f))
+    keys = BenchOptions.__dataclass_fields__
+    print(bench(args.models, BenchOptions(**{k: getattr(args, k) for k in keys})))
     return 0
 
 

@@ -116,6 +116,8 @@ def export_c_run(
         "policy.c": sources.source.encode(),
         "policy.h": sources.header.encode(),
         "README.md": sources.readme.encode(),
+        "bench.c": sources.bench.encode(),
+        "Makefile": sources.makefile.encode(),
         "policy.onnx": model.SerializeToString(),
     }
     reports: list[dict] = []

@@ -8,7 +8,7 @@ batch 1 on random observations, one call at a time, as a controller would call i
 p50/p90/p99/max in µs and steps/s. Two floor rows time an Identity graph, the least ORT can
 do per call (through IOBinding, the path ``OnnxPolicy`` uses, and through ``session.run``).
 A C export (its directory or ``policy.c``) is compiled with a generated timing harness and
-timed inside C (``export.c_build.bench_c``), on the same observations, with the clock's own
+timed inside C (``export.c_bench.bench_c``), on the same observations, with the clock's own
 floor as a row. It is built with the portable ``export.c_build.HOST_FLAGS``, the build the
 export's README documents for a deployment target; ``--native`` adds ``-march=native``
 (this machine's full instruction set: faster where FMA/AVX pay, and only valid here). The
@@ -32,11 +32,11 @@ from typing import BinaryIO
 import numpy as np
 import onnxruntime as ort
 
+from export.c_bench import bench_c
 from export.c_build import (
     HOST_FLAGS,
     NATIVE_FLAGS,
     ToolchainError,
-    bench_c,
     is_c_export,
     read_header_dims,
     read_metadata,

@@ -1,5 +1,6 @@
 """Build and run a generated C policy (``policy.c`` / ``policy.h``): host shared library,
-timing and I/O harnesses, aarch64 cross-builds run under qemu, Cortex-M size report.
+the I/O harness, aarch64 cross-builds run under qemu, Cortex-M size report (the timing
+harness is ``export.c_bench``'s ``bench.c``).
 
 Needs only numpy and a C compiler (no torch, gymnasium, onnx): it runs on the target
 device like ``export.bench``. Every build goes into a fresh directory; nothing is written
@@ -23,7 +24,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,56 +74,6 @@ int main(void)
         fwrite(state, sizeof(float), POLICY_STATE_DIM, stdout);
     }
     return 0;
-}
-"""
-
-# Times each policy_step call with CLOCK_MONOTONIC (and, as a floor, an empty timed
-# interval), on observations read from a file, and writes the nanoseconds to a file.
-BENCH_HARNESS = r"""#define _POSIX_C_SOURCE 199309L
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include "policy.h"
-
-static int64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-/* usage: policy_bench OBS_FILE WARMUP STEPS TIMES_FILE FLOOR_FILE */
-int main(int argc, char **argv)
-{
-    if (argc != 6) return 2;
-    long warmup = atol(argv[2]), steps = atol(argv[3]), total = warmup + steps;
-    float *obs = malloc(sizeof(float) * POLICY_OBS_DIM * total);
-    int64_t *times = malloc(sizeof(int64_t) * steps), *floor = malloc(sizeof(int64_t) * steps);
-    FILE *in = fopen(argv[1], "rb");
-    if (!obs || !times || !floor || !in) return 3;
-    if (fread(obs, sizeof(float) * POLICY_OBS_DIM, total, in) != (size_t)total) return 4;
-    fclose(in);
-    float action[POLICY_ACTION_DIM], state[POLICY_STATE_DIM + 1] = {0};
-    volatile float sink = 0.0f;
-    for (long i = 0; i < total; ++i) {
-        const int64_t start = now_ns();
-        policy_step(obs + i * POLICY_OBS_DIM, state, action, state);
-        const int64_t stop = now_ns();
-        if (i >= warmup) times[i - warmup] = stop - start;
-        sink += action[0];
-    }
-    for (long i = 0; i < steps; ++i) {
-        const int64_t start = now_ns();
-        floor[i] = now_ns() - start;
-    }
-    FILE *out = fopen(argv[4], "wb"), *out_floor = fopen(argv[5], "wb");
-    if (!out || !out_floor) return 5;
-    fwrite(times, sizeof(int64_t), steps, out);
-    fwrite(floor, sizeof(int64_t), steps, out_floor);
-    fclose(out);
-    fclose(out_floor);
-    return sink != sink; /* NaN actions fail the run */
 }
 """
 
@@ -218,7 +168,7 @@ def compile_c(
     Args:
         sources: directory with ``policy.c`` and ``policy.h``.
         out: the executable or shared library to write (its directory must exist).
-        harness: C source of a ``main`` (``IO_HARNESS``, ``BENCH_HARNESS``) or None.
+        harness: C source of a ``main`` (``IO_HARNESS``) or None.
         cc: the compiler (``gcc``, ``aarch64-linux-gnu-gcc``, ...).
         flags: optimisation flags (``HOST_FLAGS`` by default).
         shared: build a shared library (``-shared -fPIC``) for ``ctypes``.
@@ -375,70 +325,6 @@ def run_io(
     result = _run(command, f"running {executable.name}", input=records.tobytes())
     out = np.frombuffer(result.stdout, np.float32).reshape(len(obs), act_dim + state_dim)
     return out[:, :act_dim].copy(), out[:, act_dim:].copy()
-
-
-@dataclass
-class BenchResult:
-    """Nanoseconds per ``policy_step`` call and per empty timed interval (the timer floor)."""
-
-    times_ns: np.ndarray
-    floor_ns: np.ndarray
-
-
-class CBenchmark:
-    """A C export built with ``BENCH_HARNESS`` once, then timed as often as asked (so rows
-    can be interleaved round by round). Use as a context manager; the build is removed."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        steps: int = 5000,
-        warmup: int = 500,
-        seed: int = 0,
-        flags: list[str] | None = None,
-    ) -> None:
-        sources = source_dir(path)
-        obs_dim = read_header_dims(sources)[0]
-        # Standard-normal observations drawn with ``seed``, as export.bench.time_steps does.
-        rng = np.random.default_rng(seed)
-        observations = rng.standard_normal((warmup + steps, obs_dim)).astype(np.float32)
-        self._tmp = tempfile.TemporaryDirectory(prefix="compressm-c-bench-")
-        tmp = Path(self._tmp.name)
-        try:
-            exe = compile_c(sources, tmp / "policy_bench", BENCH_HARNESS, flags=flags)
-        except BaseException:
-            self._tmp.cleanup()
-            raise
-        observations.tofile(tmp / "obs.bin")
-        self._times, self._floor = tmp / "times.bin", tmp / "floor.bin"
-        self._command = [str(exe), str(tmp / "obs.bin"), str(warmup), str(steps)]
-        self._command += [str(self._times), str(self._floor)]
-
-    def run(self) -> BenchResult:
-        """One timed pass: ``steps`` calls after ``warmup`` untimed ones."""
-        _run(self._command, "the C timing harness")
-        return BenchResult(np.fromfile(self._times, np.int64), np.fromfile(self._floor, np.int64))
-
-    def close(self) -> None:
-        self._tmp.cleanup()
-
-    def __enter__(self) -> CBenchmark:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def bench_c(
-    path: str | os.PathLike,
-    steps: int = 5000,
-    warmup: int = 500,
-    seed: int = 0,
-    flags: list[str] | None = None,
-) -> BenchResult:
-    """Time ``policy_step`` inside C (``BENCH_HARNESS``), one pass (``CBenchmark``)."""
-    with CBenchmark(path, steps, warmup, seed, flags) as benchmark:
-        return benchmark.run()
 
 
 def cortex_m4_size(path: str | os.PathLike) -> dict:

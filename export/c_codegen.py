@@ -1,4 +1,5 @@
-"""The ONNX step graph as dependency-free C99: ``policy.c``, ``policy.h`` and a README.
+"""The ONNX step graph as dependency-free C99: ``policy.c``, ``policy.h``, a README, and
+``bench.c`` with a ``Makefile`` (``make bench``: the step timed on any board, no Python).
 
 The C is generated from the ``.onnx`` model (the one artefact of truth), node by node in
 the graph's order, at batch 1. The header is the whole interface::
@@ -55,10 +56,12 @@ interface against its metadata and assembles the three files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
+from export.c_bench import bench_source, makefile
 from export.c_build import (
     AARCH64_FLAGS,
     CORTEX_M4_FLAGS,
@@ -87,6 +90,8 @@ class CSources:
     source: str
     header: str
     readme: str
+    bench: str
+    makefile: str
     obs_dim: int
     action_dim: int
     state_dim: int
@@ -96,7 +101,8 @@ class CSources:
 def generate(
     model: onnx.ModelProto, onnx_name: str = "policy.onnx", dir_name: str = "DIR"
 ) -> CSources:
-    """``policy.c``, ``policy.h`` and ``README.md`` for a compressm-rl ONNX step graph.
+    """``policy.c``, ``policy.h``, ``README.md``, ``bench.c`` and ``Makefile`` for a
+    compressm-rl ONNX step graph.
 
     Args:
         model: the graph written by ``export.onnx_export.build_model`` (any batch size:
@@ -130,7 +136,9 @@ def generate(
     safe_text = ", ".join(f"{float(v):.9g}" for v in safe)
     header = _header(title, onnx_name, (obs_dim, action_dim, state_dim), safe_text)
     readme = _readme(title, onnx_name, env, meta, dir_name, safe_text)
-    return CSources(source, header, readme, obs_dim, action_dim, state_dim, meta)
+    bench = bench_source(meta, f"C {Path(dir_name).name or 'policy'}")
+    build = makefile(HOST_FLAGS, _aarch64_flags())
+    return CSources(source, header, readme, bench, build, obs_dim, action_dim, state_dim, meta)
 
 
 def _step_dims(meta: dict[str, str]) -> tuple[int, int, int]:
@@ -217,6 +225,11 @@ def _safe_outputs(safe: np.ndarray, action_dim: int, state_dim: int) -> str:
     )
 
 
+def _aarch64_flags() -> list[str]:
+    """The aarch64 build's flags for an object or a dynamically linked program."""
+    return [f for f in AARCH64_FLAGS if f != "-static"]
+
+
 def _library() -> str:
     """``C_LIBRARY_SYMBOLS`` as Markdown code spans, comma separated."""
     return ", ".join(f"`{name}`" for name in C_LIBRARY_SYMBOLS)
@@ -249,7 +262,7 @@ def _readme(
         dir_name=comment_text(dir_name, limit=1000),
         safe_action=safe_text,
         host_flags=" ".join(HOST_FLAGS),
-        aarch64_flags=" ".join(f for f in AARCH64_FLAGS if f != "-static"),
+        aarch64_flags=" ".join(_aarch64_flags()),
         cortex_m4_flags=" ".join(f for f in CORTEX_M4_FLAGS if not f.startswith("-fstack")),
         library=_library(),
     )

@@ -9,7 +9,7 @@ The same interface and input contract as ``export.runtime.OnnxPolicy`` (``act``,
 cast to float32; NaN/inf inputs and non-finite results raise ValueError, or with
 ``validate=False`` give the C step's safe outputs), so evaluation and the parity check take
 either. A call through ``ctypes`` costs ~1 µs, as much as the step itself: time the step
-with ``export.c_build.bench_c``, inside C. Needs numpy and a C compiler only (no torch,
+with ``export.c_bench.bench_c``, inside C. Needs numpy and a C compiler only (no torch,
 gym, onnx).
 """
 

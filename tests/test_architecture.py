@@ -25,7 +25,14 @@ ALLOWED = {
 # onnxruntime (and a C compiler) only. The subprocess test in test_export.py checks what
 # importing them loads; this one also sees imports inside functions, in them and in every
 # project module they reach.
-DEVICE_MODULES = ["export.runtime", "export.bench", "export.c_build", "export.c_runtime"]
+DEVICE_MODULES = [
+    "export.runtime",
+    "export.bench",
+    "export.c_build",
+    "export.c_bench",
+    "export.c_runtime",
+    "export.targets",
+]
 DEVICE_FORBIDDEN = {"torch", "gymnasium", "mujoco", "onnx"}
 
 

@@ -867,7 +867,9 @@ def test_export_c_command_then_eval_equals_onnx(trained_runs, which, tmp_path, c
     )
     assert "parity ok" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [
+        "Makefile",
         "README.md",
+        "bench.c",
         "policy.c",
         "policy.h",
         "policy.onnx",

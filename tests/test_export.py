@@ -343,7 +343,7 @@ def test_unavailable_provider_lists_available_ones(exported):
 # ----- device-side imports and the benchmark CLI ------------------------------------------
 def test_runtime_and_bench_import_neither_torch_nor_gym():
     code = (
-        "import export.runtime, export.bench, export.c_runtime; import sys; "
+        "import export.runtime, export.bench, export.c_runtime, export.targets; import sys; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch','gymnasium','mujoco','onnx'}); "
         "assert not bad, bad"
     )
