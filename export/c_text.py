@@ -180,17 +180,31 @@ the safe action, 0 clipped into the action bounds ({{{safe_action}}}), and `stat
 zeros, an episode start. Otherwise it returns `POLICY_OK` (0) with the policy's action,
 within the action bounds.
 
-Build, portable (the object runs on every CPU of the target architecture):
-`gcc {host_flags} -std=c99 -c policy.c`
-(`-fno-trapping-math` lets gcc vectorise the clamps of erf/exp; it changes no result).
-Add `-march=native` only when building on the machine that runs the policy: it lets gcc
-use every instruction of the build machine (FMA, AVX2, AVX-512, ...), and such an object
-dies with SIGILL (illegal instruction) on a CPU that lacks one; to tune for a known
-deployment CPU name it instead (`-march=x86-64-v3`, `-mcpu=cortex-a72`).
+Portable builds: each runs on every CPU of its architecture (`-fno-trapping-math` lets gcc
+vectorise the clamps of erf/exp and changes no result; `-ffp-contract=fast` fuses
+multiply-adds where the instruction set has them):
 
-- aarch64: `aarch64-linux-gnu-gcc {aarch64_flags} -std=c99 -c policy.c`
-- Cortex-M4: `arm-none-eabi-gcc {cortex_m4_flags} -std=c99 -c policy.c`
-  (`-fno-math-errno` turns `sqrtf` into one instruction)
+| target | command |
+|---|---|
+| any x86-64 | `gcc {host_flags} -std=c99 -c policy.c` |
+| any aarch64 (ARMv8-A) | `aarch64-linux-gnu-gcc {aarch64_flags} -std=c99 -c policy.c` |
+| Cortex-M4F (FPU) | `arm-none-eabi-gcc {cortex_m4_flags} -std=c99 -c policy.c` |
+
+On Cortex-M4, `-fno-math-errno` turns `sqrtf` into one instruction; `-mfloat-abi=hard
+-mfpu=fpv4-sp-d16` needs the single-precision FPU (a Cortex-M4 without one: `-mfloat-abi=soft`,
+much slower). To tune for a known CPU, name it: `-march=x86-64-v3` (AVX2 and FMA: Haswell,
+Zen and later), `-mcpu=cortex-a72` (Raspberry Pi 4), `-mcpu=cortex-a76` (Raspberry Pi 5);
+such an object may not run on older CPUs of the architecture. `-march=native` is only for
+an object built on the machine that runs it: it uses every instruction of the build
+machine (FMA, AVX2, AVX-512, ...) and dies with SIGILL (illegal instruction) on a CPU that
+lacks one.
+
+Time the step on the board itself, no Python needed: `make bench` (builds `bench.c` with the
+portable flags and prints p50/p90/p99/max of `policy_step` and the clock's floor; `make
+bench CFLAGS="..."` for another build; cross-build with `make policy_bench
+CC=aarch64-linux-gnu-gcc CFLAGS="..."` and copy `policy_bench` to the board). From a
+development machine, `compressm-rl bench {dir_name} --target aarch64 --ssh USER@HOST`
+cross-builds, checks the board's build against the host's, and times it there.
 
 From the C library `policy.c` may call {library}, and nothing else.
 Which of them stay calls depends on the compiler and flags (gcc inlines `fabsf` and
@@ -198,7 +212,8 @@ Which of them stay calls depends on the compiler and flags (gcc inlines `fabsf` 
 provide these symbols on a bare-metal target.
 
 Check it against the ONNX graph and evaluate it in MuJoCo with compressm-rl:
-`compressm-rl eval {dir_name}` and `compressm-rl bench {dir_name}` (times the step inside C).
+`compressm-rl eval {dir_name}`; `compressm-rl loop {dir_name} --rate 1000` drives MuJoCo's
+own C library with it on a real-time schedule, without Python.
 """
 
 # What the generated C may call from the C library (math.h: libm, string.h: libc), for
