@@ -247,18 +247,25 @@ def markdown_table(results: list[dict], machine: dict | None = None) -> str:
             f"onnxruntime {machine['onnxruntime']} ({machine['provider']}, 1 thread), "
             f"Python {machine['python']}, batch 1\n"
         )
+    # Rows timed on a target say how far the target's build is from this machine's.
+    parity = any("parity_vs_host" in r for r in results)
     lines.append(
         "| model | kind | state dims | nodes | p50 µs | p90 µs | p99 µs | max µs | steps/s |"
+        + (" max abs Δaction vs host |" if parity else "")
     )
-    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if parity else ""))
     for r in results:
         dims = r.get("state_dims")
         nodes = r.get("nodes")
-        lines.append(
+        line = (
             f"| {r['name']} | {r.get('kind', '')} | {dims if dims else '-'} | "
             f"{nodes if nodes is not None else '-'} | {_us(r['p50_us'])} | {_us(r['p90_us'])} | "
             f"{_us(r['p99_us'])} | {_us(r['max_us'])} | {r['steps_per_s']:,.0f} |"
         )
+        if parity:
+            check = r.get("parity_vs_host") if r.get("kind") == "c" else None
+            line += f" {check['max_abs_action']:.2g} |" if check else " - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
