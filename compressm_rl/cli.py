@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -96,6 +95,7 @@ def _resume_run(args) -> int:
     from dataclasses import replace
 
     from compressm_rl.device import resolve_device
+    from compressm_rl.rl.launch import launch_ranks, wants_ranks
     from compressm_rl.runs import TrainConfig, load_config, locked_run_dir
     from compressm_rl.runs.checkpoint import CHECKPOINT
     from compressm_rl.runs.config import MACHINE_SETTINGS
@@ -122,10 +122,10 @@ def _resume_run(args) -> int:
             "it from step 0 with its saved config",
             file=sys.stderr,
         )
-    if _launched(args):
+    if wants_ranks(args.nproc):
         with locked_run_dir(args.resume):  # busy: one line from here, not from each rank
             pass
-        return _launch(args)
+        return launch_ranks(args.argv, args.nproc)
     train(config, args.resume, resume=True, progress=not args.no_progress)
     print(f"run saved in {args.resume}")
     return 0
@@ -133,103 +133,26 @@ def _resume_run(args) -> int:
 
 def _new_run(args) -> int:
     from compressm_rl.device import resolve_device
+    from compressm_rl.rl.launch import launch_ranks, wants_ranks
     from compressm_rl.runs import locked_run_dir
-    from compressm_rl.runs.config import check_replaceable
+    from compressm_rl.runs.config import check_replaceable, config_from_flags
     from compressm_rl.train import train
 
     if args.env is None:
         raise ValueError("--env is required to start a run (or pass --resume DIR to continue one)")
-    config = _config_from(args)  # every setting checked before anything is created
+    config = config_from_flags(args)  # every setting checked before anything is created
     resolve_device(config.device)  # and that this machine has the device
     out = args.out or Path("runs") / f"{args.env}-s{config.seed}"
     check_replaceable(out, args.overwrite)
-    if _launched(args):
+    if wants_ranks(args.nproc):
         if out.exists():  # busy: one line from here rather than from each rank
             with locked_run_dir(out):
                 pass
-        return _launch(args)
+        return launch_ranks(args.argv, args.nproc)
     train(config, out, progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run saved in {out}")
     return 0
-
-
-def _config_from(args):
-    """The ``TrainConfig`` of ``train``'s flags over its ``--config`` file."""
-    import yaml
-
-    from compressm_rl.compression import CompressionConfig
-    from compressm_rl.rl.config import PPOConfig
-    from compressm_rl.runs.config import TrainConfig
-    from compressm_rl.settings import given_flags
-
-    data: dict = {}
-    if args.config:
-        try:
-            data = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{args.config} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{args.config} must hold a mapping of TrainConfig keys")
-    data.update(env_id=args.env, **given_flags(args, TrainConfig))
-    for section, cls in (("ppo", PPOConfig), ("compression", CompressionConfig)):
-        if not isinstance(data.get(section) or {}, dict):
-            raise ValueError(f"{args.config}: {section} must be a mapping of settings")
-        data[section] = {**(data.get(section) or {}), **given_flags(args, cls)}
-    if "total_steps" in data:  # a top-level total_steps is the ppo one (TrainConfig.from_dict)
-        data["ppo"].setdefault("total_steps", data.pop("total_steps"))
-    return TrainConfig.from_dict(data)
-
-
-def _launched(args) -> bool:
-    """Whether this `train` asks for several ranks and is not one of them yet."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if args.nproc is not None and not 1 <= args.nproc <= (cpus or 1):
-        raise ValueError(
-            f"--nproc = {args.nproc} is out of range: 1 to {cpus}, the CPUs this process may "
-            "use (each rank steps its own envs and model; more ranks than cores only "
-            "time-share them, and each holds its own memory)"
-        )
-    return (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ
-
-
-def _launch(args) -> int:
-    """Run this same command as ``args.nproc`` ranks through ``torch.distributed.run`` (the
-    engine behind torchrun: rendezvous, a failed rank stops the others), on the loopback
-    address; returns its exit status. The settings were checked here first."""
-    import subprocess
-
-    from compressm_rl.rl.distributed import free_loopback_port
-    from compressm_rl.rl.launch import LAUNCHER_PID
-
-    argv, skip = [], False
-    for arg in args.argv:  # the command as given, without --nproc
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            argv.append(arg)
-    command = [sys.executable, "-m", "compressm_rl.rl.launch", "--nnodes", "1"]
-    command += ["--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1"]
-    command += ["--master-port", str(free_loopback_port()), "-m", "compressm_rl.cli", *argv]
-    # torchrun in its own session: a Ctrl-C reaches this process only, which passes it on
-    # once, and torchrun gives each rank exactly one signal (it sends SIGKILL itself after
-    # its shutdown timeout). subprocess.run would kill torchrun 0.25 s after a SIGINT and
-    # orphan the ranks mid-save.
-    env = {**os.environ, LAUNCHER_PID: str(os.getpid())}  # it dies with this process
-    launcher = subprocess.Popen(command, start_new_session=True, env=env)
-
-    def pass_on(signum: int, _frame) -> None:
-        launcher.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        status = launcher.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return status  # 130 / 143 after a stop, as a shell reports it (rl.launch)
 
 
 # ----- eval, report, compress -----------------------------------------------------------

@@ -359,6 +359,164 @@ def _gym_make(env_id: str):
     return gymnasium.make(env_id)
 
 
+def _open_candidate(
+    policy: ActorCritic, candidate: str | os.PathLike | object, batch: int | None, provider: str
+) -> tuple[object, str, int]:
+    """``check_parity``'s ``candidate`` and ``batch`` resolved: ``(stepper, label, batch)``,
+    a path opened as ``OnnxPolicy``; raises as ``check_parity`` says where ``batch`` is not
+    an object's ``batch_size`` or the candidate's sizes are not the policy's."""
+    if isinstance(candidate, (str, os.PathLike)):
+        label = "onnx"
+        batch = 1 if batch is None else batch
+        candidate = OnnxPolicy(candidate, provider=provider, batch_size=batch)
+    else:
+        label = type(candidate).__name__
+        if batch is None:
+            batch = int(candidate.batch_size)
+        elif int(candidate.batch_size) != batch:
+            raise ValueError(f"batch={batch}, but the candidate steps {candidate.batch_size} rows")
+    state_size = int(policy.actor.state_size)
+    sizes = (candidate.obs_dim, candidate.act_dim, candidate.state.shape[-1])
+    if sizes != (policy.obs_dim, policy.act_dim, state_size):
+        raise ParityError(
+            f"the {label} candidate has obs/act/state sizes {'/'.join(map(str, sizes))}, the "
+            f"policy {policy.obs_dim}/{policy.act_dim}/{state_size}: not exported from this policy"
+        )
+    return candidate, label, batch
+
+
+def _judge_step(
+    reference: Float64Actor,
+    judges: dict[str, _Judge],
+    where: tuple[str, int],
+    obs32: np.ndarray,
+    start: np.ndarray,
+    held: dict[str, np.ndarray],
+    got: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """Judge one step of both float32 paths, the candidate first (``_Judge.check``), against
+    the float64 step from the same obs ``obs32`` ``[B, obs_dim]`` and each path's own state.
+
+    ``where``: ``(env_id, step)``; ``start`` ``[B]``: the episode starts; keyed ``"candidate"``
+    and ``"torch"``: ``judges``, ``held`` (each path's state after its previous step, ``[B,
+    S]`` float32) and ``got`` (its ``(action [B, act_dim], new state [B, S])`` this step).
+    """
+    batch = start.shape[0]
+    # One float64 call for both paths: rows [candidate's B | torch's B].
+    ref_act, ref_state = reference.step(
+        np.concatenate([obs32, obs32]),
+        np.concatenate([held["candidate"], held["torch"]]),
+        np.concatenate([start, start]),
+    )
+    rows = {"candidate": slice(0, batch), "torch": slice(batch, None)}
+    refs, errs = {}, {}
+    for key, r in rows.items():
+        incoming = np.where(start[:, None], 0.0, held[key].astype(np.float64))
+        scales = (np.abs(ref_act[r]), reference.state_scale(ref_state[r], incoming))
+        refs[key] = (ref_act[r], ref_state[r]), scales
+        errs[key] = [np.abs(g - w) for g, w in zip(got[key], refs[key][0], strict=True)]
+    # The candidate's allowance for the normaliser's rounding, from its own state.
+    norm = reference.normaliser_rounding(obs32, held["candidate"], start)
+    for key, judge in judges.items():  # the candidate first
+        other = errs["torch" if key == "candidate" else "candidate"]
+        (want_act, want_state), (act_scale, state_scale) = refs[key]
+        mine = norm if key == "candidate" else (None, None)
+        judge.check(where, "action", got[key][0], want_act, act_scale, other[0], mine[0])
+        judge.check(where, "state", got[key][1], want_state, state_scale, other[1], mine[1])
+
+
+def _rollout(
+    policy: ActorCritic,
+    candidate: object,
+    reference: Float64Actor,
+    judges: dict[str, _Judge],
+    envs: list,
+    env_id: str,
+    steps: int,
+    seed: int,
+) -> tuple[int, float]:
+    """Step ``envs`` (one per candidate row, env ``k`` first reset with ``seed + k``) for
+    ``steps`` steps on the candidate's actions, torch float32 fed the same observations and
+    episode starts, each step judged (``_judge_step``); closes ``envs``, whatever happens.
+    Returns ``(episodes started, end-to-end max abs action difference torch vs candidate)``."""
+    batch, state_size = len(envs), int(policy.actor.state_size)
+    # One torch thread: at these sizes more threads only add synchronisation, and on a
+    # busy machine they cost 40x (13 ms instead of 0.3 ms per step measured on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        obs = np.stack([env.reset(seed=seed + k)[0] for k, env in enumerate(envs)])
+        start = np.ones(batch, dtype=bool)
+        episodes = batch
+        torch_state = None
+        # Each path's state after its previous step, float32 [B, S]: its incoming state
+        # once the episode starts are zeroed (the float64 step zeroes them itself, so a
+        # candidate whose reset() leaves a row as it was is caught).
+        held = {key: np.zeros((batch, state_size), np.float32) for key in ("candidate", "torch")}
+        end_to_end = 0.0
+        for t in range(steps):
+            obs32 = np.asarray(obs, dtype=np.float32)  # what both float32 paths see
+            torch_act, torch_state = policy.predict(
+                obs32, torch_state, episode_start=start, deterministic=True
+            )
+            candidate.reset(start)
+            cand_act = np.asarray(candidate.act(obs32))
+            got = {
+                "candidate": (cand_act, np.asarray(candidate.state)),
+                "torch": (torch_act, torch_state.actor.numpy()),
+            }
+            _judge_step(reference, judges, (env_id, t), obs32, start, held, got)
+            end_to_end = max(end_to_end, float(np.abs(cand_act - torch_act).max()))
+            held = {key: got[key][1] for key in got}
+
+            for k, env in enumerate(envs):  # the envs go on with the candidate's actions
+                o, _, terminated, truncated, _ = env.step(cand_act[k])
+                start[k] = terminated or truncated
+                if start[k]:
+                    o, _ = env.reset()
+                    episodes += 1
+                obs[k] = o
+    finally:
+        torch.set_num_threads(threads)
+        for env in envs:
+            env.close()
+    return episodes, end_to_end
+
+
+def _report(
+    env_id: str,
+    steps: int,
+    batch: int,
+    episodes: int,
+    end_to_end: float,
+    judges: dict[str, _Judge],
+    rounding: tuple[float, float],
+    rounding_factor: float,
+) -> dict:
+    """``check_parity``'s result (its Returns); ``rounding``: ``_rounding_check``'s."""
+    cand, torch_judge = judges["candidate"], judges["torch"]
+    rounding_used, vs_torch = rounding
+    return {
+        "env_id": env_id,
+        "steps": steps,
+        "batch": batch,
+        "episodes_started": episodes,
+        "max_abs_err": cand.max_abs,
+        "max_rel_err": cand.max_rel,
+        "max_state_abs_err": cand.max_state,
+        "max_tolerance_used": max(cand.tolerance_used, rounding_used),
+        "rounding_used": rounding_used,
+        "rms_err_vs_float32": vs_torch,
+        "rounding_factor": rounding_factor,
+        "max_torch_abs_err": torch_judge.max_abs,
+        "max_torch_state_abs_err": torch_judge.max_state,
+        "max_torch_tolerance_used": torch_judge.tolerance_used,
+        "torch_vs_candidate_max_abs_err": end_to_end,
+        "rtol": cand.rtol,
+        "atol": cand.atol,
+    }
+
+
 def check_parity(
     policy: ActorCritic,
     candidate: str | os.PathLike | object,
@@ -377,162 +535,62 @@ def check_parity(
 
     Args:
         policy: the torch policy the candidate was exported from (copied to CPU if needed).
-        candidate: the exported policy: a path to an ``.onnx`` file (run as
-            ``OnnxPolicy(path, provider, batch_size=batch)``), or an object with
-            ``OnnxPolicy``'s stepping interface: ``reset(mask)``, ``act(obs)``, ``state``
-            (a copy, ``[batch_size, S]`` float32), ``recurrent``, ``obs_dim``, ``act_dim``,
-            ``batch_size``. It is reset at step 0 and stepped in place.
+        candidate: the exported policy: a path to an ``.onnx`` file (run as ``OnnxPolicy(path,
+            provider, batch_size=batch)``), or an object with ``OnnxPolicy``'s stepping
+            interface: ``reset(mask)``, ``act(obs)``, ``state`` (a copy, ``[batch_size, S]``
+            float32), ``recurrent``, ``obs_dim``, ``act_dim``, ``batch_size``. It is reset at
+            step 0 and stepped in place.
         env_id: environment id passed to ``make_env``.
         steps: control steps per env.
         batch: envs stepped together; None: 1 for a path, ``candidate.batch_size`` for an
             object (which must equal ``batch`` when both are given).
         seed: env ``k`` is first reset with ``seed + k``; later resets continue its RNG.
-        rtol, atol: each action and state element must be within ``atol + rtol·scale`` of
-            the float64 step from the same obs and incoming state, ``scale`` being
-            ``|ref|`` for an action and ``Float64Actor.state_scale`` (the complex state's
-            size) for a state; enforced for the candidate and for torch float32.
+        rtol, atol: each action and state element must be within ``atol + rtol·scale`` of the
+            float64 step from the same obs and incoming state, ``scale`` being ``|ref|`` for an
+            action and ``Float64Actor.state_scale`` (the complex state's size) for a state;
+            enforced for the candidate and for torch float32.
         make_env: ``env_id -> gymnasium.Env`` (default ``gymnasium.make``; pass
             ``envs.make_env`` for this project's POMDP ids).
         provider: ORT execution provider (a path candidate only).
-        rounding_factor: after the rollout, the candidate's RMS one-step error at each
-            output element may be this many times float32's (torch float32's RMS error,
-            floored at ``eps`` times the RMS scale), plus the normaliser's rounding
-            (module docstring). Enforced for the candidate only.
+        rounding_factor: after the rollout, the candidate's RMS one-step error at each output
+            element may be this many times float32's (torch float32's RMS error, floored at
+            ``eps`` times the RMS scale), plus the normaliser's rounding (module docstring).
+            Enforced for the candidate only.
 
     Returns:
         ``{"env_id", "steps", "batch", "episodes_started", "max_abs_err", "max_rel_err",
         "max_state_abs_err", "max_tolerance_used", "rounding_used", "rms_err_vs_float32",
         "rounding_factor", "max_torch_abs_err", "max_torch_state_abs_err",
         "max_torch_tolerance_used", "torch_vs_candidate_max_abs_err", "rtol", "atol"}``.
-        ``max_abs_err``, ``max_rel_err`` (``|Δ| / (|ref| + atol)``, finite where the
-        action is 0) and ``max_state_abs_err`` are the candidate's worst one-step action
-        and state errors against float64, ``max_torch_*`` torch float32's;
-        ``rounding_used`` is the largest ratio of the candidate's RMS error at an element
-        to its rounding allowance, ``rms_err_vs_float32`` the largest multiple of
-        float32's RMS error (``max(RMS_torch, eps·RMS(scale))``) without the normaliser's
-        term; ``max_torch_tolerance_used`` is torch's worst ``err / allowed`` (atol +
-        rtol), ``max_tolerance_used`` the candidate's, or its ``rounding_used`` if larger
-        (above 1 fails).
-        ``torch_vs_candidate_max_abs_err`` is the end-to-end action difference between
-        the two float32 paths, each on its own state: information only (float32 rounding
-        integrated over the rollout, not a one-step error).
+        ``max_abs_err``, ``max_rel_err`` (``|Δ| / (|ref| + atol)``, finite where the action is
+        0) and ``max_state_abs_err`` are the candidate's worst one-step action and state errors
+        against float64, ``max_torch_*`` torch float32's; ``rounding_used`` is the largest
+        ratio of the candidate's RMS error at an element to its rounding allowance,
+        ``rms_err_vs_float32`` the largest multiple of float32's RMS error (``max(RMS_torch,
+        eps·RMS(scale))``) without the normaliser's term; ``max_torch_tolerance_used`` is
+        torch's worst ``err / allowed`` (atol + rtol), ``max_tolerance_used`` the candidate's,
+        or its ``rounding_used`` if larger (above 1 fails). ``torch_vs_candidate_max_abs_err``:
+        the end-to-end action difference of the two float32 paths, each on its own state:
+        information only (float32 rounding integrated over the rollout, not a one-step error).
 
     Raises:
-        ParityError: at the first step where an action or state element of the candidate
-            or of torch float32 is out of tolerance (the candidate is judged first); after
-            the rollout, where the candidate's RMS error at an element is beyond the
-            rounding allowance (naming the step of its largest error there); or when the
-            candidate's sizes are not the policy's.
+        ParityError: at the first step where an action or state element of the candidate or
+            of torch float32 is out of tolerance (the candidate is judged first); after the
+            rollout, where the candidate's RMS error at an element is beyond the rounding
+            allowance (naming the step of its largest error there); or when the candidate's
+            sizes are not the policy's.
         ValueError: ``batch`` differs from an object candidate's ``batch_size``.
     """
     make_env = make_env or _gym_make
     if next(policy.parameters()).device.type != "cpu":
         policy = copy.deepcopy(policy).cpu()
-    if isinstance(candidate, (str, os.PathLike)):
-        label = "onnx"
-        batch = 1 if batch is None else batch
-        candidate = OnnxPolicy(candidate, provider=provider, batch_size=batch)
-    else:
-        label = type(candidate).__name__
-        if batch is None:
-            batch = int(candidate.batch_size)
-        elif int(candidate.batch_size) != batch:
-            raise ValueError(f"batch={batch}, but the candidate steps {candidate.batch_size} rows")
-    state_size = int(policy.actor.state_size)
-    sizes = (candidate.obs_dim, candidate.act_dim, candidate.state.shape[-1])
-    if sizes != (policy.obs_dim, policy.act_dim, state_size):
-        raise ParityError(
-            f"the {label} candidate has obs/act/state sizes {'/'.join(map(str, sizes))}, the "
-            f"policy {policy.obs_dim}/{policy.act_dim}/{state_size}: not exported from this policy"
-        )
+    candidate, label, batch = _open_candidate(policy, candidate, batch, provider)
     reference = Float64Actor(policy)
-    judges = {
+    judges = {  # in the order they judge each step
         "candidate": _Judge(label, atol, rtol, reference.state_dims),
         "torch": _Judge("torch float32", atol, rtol, reference.state_dims),
     }
     envs = [make_env(env_id) for _ in range(batch)]
-    # One torch thread: at these sizes more threads only add synchronisation, and on a
-    # busy machine they cost 40x (13 ms instead of 0.3 ms per step measured on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        obs = np.stack([env.reset(seed=seed + k)[0] for k, env in enumerate(envs)])
-        start = np.ones(batch, dtype=bool)
-        episodes = batch
-        torch_state = None
-        # Each path's state after its previous step, float32 [B, S]: its incoming state
-        # once the episode starts are zeroed (the float64 step zeroes them itself, so a
-        # candidate whose reset() leaves a row as it was is caught).
-        held = {
-            "candidate": np.zeros((batch, state_size), np.float32),
-            "torch": np.zeros((batch, state_size), np.float32),
-        }
-        end_to_end = 0.0
-        for t in range(steps):
-            obs32 = np.asarray(obs, dtype=np.float32)  # what both float32 paths see
-            torch_act, torch_state = policy.predict(
-                obs32, torch_state, episode_start=start, deterministic=True
-            )
-            candidate.reset(start)
-            cand_act = np.asarray(candidate.act(obs32))
-            got = {
-                "candidate": (cand_act, np.asarray(candidate.state)),
-                "torch": (torch_act, torch_state.actor.numpy()),
-            }
-            # One float64 call for both paths: rows [candidate's B | torch's B].
-            ref_act, ref_state = reference.step(
-                np.concatenate([obs32, obs32]),
-                np.concatenate([held["candidate"], held["torch"]]),
-                np.concatenate([start, start]),
-            )
-            rows = {"candidate": slice(0, batch), "torch": slice(batch, None)}
-            refs, errs = {}, {}
-            for key, r in rows.items():
-                incoming = np.where(start[:, None], 0.0, held[key].astype(np.float64))
-                scales = (np.abs(ref_act[r]), reference.state_scale(ref_state[r], incoming))
-                refs[key] = (ref_act[r], ref_state[r]), scales
-                errs[key] = [np.abs(g - w) for g, w in zip(got[key], refs[key][0], strict=True)]
-            # The candidate's allowance for the normaliser's rounding, from its own state.
-            norm = reference.normaliser_rounding(obs32, held["candidate"], start)
-            for key, judge in judges.items():  # the candidate first
-                other = errs["torch" if key == "candidate" else "candidate"]
-                (want_act, want_state), (act_scale, state_scale) = refs[key]
-                mine = norm if key == "candidate" else (None, None)
-                where = (env_id, t)
-                judge.check(where, "action", got[key][0], want_act, act_scale, other[0], mine[0])
-                judge.check(where, "state", got[key][1], want_state, state_scale, other[1], mine[1])
-            end_to_end = max(end_to_end, float(np.abs(cand_act - torch_act).max()))
-            held = {key: got[key][1] for key in got}
-
-            for k, env in enumerate(envs):
-                o, _, terminated, truncated, _ = env.step(cand_act[k])
-                start[k] = terminated or truncated
-                if start[k]:
-                    o, _ = env.reset()
-                    episodes += 1
-                obs[k] = o
-    finally:
-        torch.set_num_threads(threads)
-        for env in envs:
-            env.close()
-    cand, torch_judge = judges["candidate"], judges["torch"]
-    rounding_used, vs_torch = _rounding_check(env_id, cand, torch_judge, rounding_factor)
-    return {
-        "env_id": env_id,
-        "steps": steps,
-        "batch": batch,
-        "episodes_started": episodes,
-        "max_abs_err": cand.max_abs,
-        "max_rel_err": cand.max_rel,
-        "max_state_abs_err": cand.max_state,
-        "max_tolerance_used": max(cand.tolerance_used, rounding_used),
-        "rounding_used": rounding_used,
-        "rms_err_vs_float32": vs_torch,
-        "rounding_factor": rounding_factor,
-        "max_torch_abs_err": torch_judge.max_abs,
-        "max_torch_state_abs_err": torch_judge.max_state,
-        "max_torch_tolerance_used": torch_judge.tolerance_used,
-        "torch_vs_candidate_max_abs_err": end_to_end,
-        "rtol": rtol,
-        "atol": atol,
-    }
+    episodes, end_to_end = _rollout(policy, candidate, reference, judges, envs, env_id, steps, seed)
+    rounding = _rounding_check(env_id, judges["candidate"], judges["torch"], rounding_factor)
+    return _report(env_id, steps, batch, episodes, end_to_end, judges, rounding, rounding_factor)

@@ -242,3 +242,26 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
             f"{out} holds a {CONFIG} that is not a compressm-rl run's ({err}); --overwrite "
             "replaces only a run of this tool: choose another --out"
         ) from None
+
+
+def config_from_flags(args) -> TrainConfig:
+    """The ``TrainConfig`` of ``compressm-rl train``'s parsed flags (``args.env``,
+    ``args.config`` and every setting's flag) over its ``--config`` file, checked."""
+    from compressm_rl.settings import given_flags
+
+    data: dict = {}
+    if args.config:
+        try:
+            data = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{args.config} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config} must hold a mapping of TrainConfig keys")
+    data.update(env_id=args.env, **given_flags(args, TrainConfig))
+    for section, cls in (("ppo", PPOConfig), ("compression", CompressionConfig)):
+        if not isinstance(data.get(section) or {}, dict):
+            raise ValueError(f"{args.config}: {section} must be a mapping of settings")
+        data[section] = {**(data.get(section) or {}), **given_flags(args, cls)}
+    if "total_steps" in data:  # a top-level total_steps is the ppo one (TrainConfig.from_dict)
+        data["ppo"].setdefault("total_steps", data.pop("total_steps"))
+    return TrainConfig.from_dict(data)
