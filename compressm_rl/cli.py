@@ -1,4 +1,4 @@
-"""The ``compressm-rl`` command line: train, eval, report, compress, export, bench.
+"""The ``compressm-rl`` command line: train, eval, report, compress, export, bench, loop.
 
 One convention: ``_add_NAME(subparsers)`` declares a command and sets its ``handler``;
 ``_NAME(args)`` does the work through the library and returns the exit status.
@@ -390,6 +390,37 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_loop(sub) -> None:
+    p = sub.add_parser(
+        "loop",
+        help="drive MuJoCo's C library with a C export on a real-time schedule, no Python",
+        description="Generate and build one C program that links MuJoCo's own library with "
+        "the export's policy.c, starts each episode where `compressm-rl eval --seed S` starts "
+        "it, forms observations, rewards and terminations as Gymnasium's v5 task does, and "
+        "steps policy and physics on absolute deadlines (SCHED_FIFO and mlockall where "
+        "permitted). Reports the returns and the timing of the policy step and of the whole "
+        "control step (p50/p99/p99.9/max, deadline misses).",
+    )
+    p.add_argument("export", type=Path, help="C export directory (compressm-rl export --format c)")
+    p.add_argument("--env", help="task (default: the export's own)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--rate", type=float, help="control rate in Hz (default: as fast as possible)")
+    p.add_argument("--seed", type=int, default=10_000, help="episode k starts as eval's seed+k")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the result as JSON")
+    p.set_defaults(handler=_loop)
+
+
+def _loop(args) -> int:
+    from compressm_rl.control_loop import format_loop_report, run_loop
+    from compressm_rl.runs.files import atomic_write_text
+
+    result = run_loop(args.export, args.episodes, args.seed, args.rate, args.env)
+    print(format_loop_report(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # ----- entry point ----------------------------------------------------------------------
 def build_parser(with_settings: bool = True) -> argparse.ArgumentParser:
     """The command line; ``with_settings`` False leaves out `train`'s run settings (which
@@ -397,12 +428,12 @@ def build_parser(with_settings: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compressm-rl",
         description="Train SSM policies with recurrent PPO, compress them with balanced "
-        "truncation, export them to ONNX.",
+        "truncation, export them to ONNX and C, and time and run them on devices.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub, with_settings)
-    for add in (_add_eval, _add_report, _add_compress, _add_export, _add_bench):
+    for add in (_add_eval, _add_report, _add_compress, _add_export, _add_bench, _add_loop):
         add(sub)
     return parser
 
