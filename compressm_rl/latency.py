@@ -72,6 +72,7 @@ def target_rows(models: list[Path], options: BenchOptions) -> list[dict]:
     if options.target == "cortex-m4":
         from export.cortex_m4 import run_cortex_m4
 
+        # The board runs the fixed 1,000-step parity sequence and counts every step.
         return [run_cortex_m4(model) for model in models]
     from export.targets import bench_on_target, runner_command
 

@@ -52,6 +52,8 @@ PACKAGES = {
     "qemu-aarch64": "qemu-user",
     "arm-none-eabi-gcc": "gcc-arm-none-eabi (and libnewlib-arm-none-eabi: math.h)",
     "arm-none-eabi-size": "binutils-arm-none-eabi",
+    "arm-none-eabi-nm": "binutils-arm-none-eabi",
+    "qemu-system-arm": "qemu-system-arm",
 }
 
 # Steps through policy_step with observations and reset flags read from stdin, writing

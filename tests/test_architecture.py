@@ -31,6 +31,7 @@ DEVICE_MODULES = [
     "export.c_build",
     "export.c_bench",
     "export.c_runtime",
+    "export.cortex_m4",
     "export.targets",
 ]
 DEVICE_FORBIDDEN = {"torch", "gymnasium", "mujoco", "onnx"}
