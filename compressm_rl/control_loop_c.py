@@ -12,7 +12,7 @@ from __future__ import annotations
 # Task kinds, as the C program numbers them.
 TASK_KINDS = {"InvertedPendulum-v5": 0, "Hopper-v5": 1, "Walker2d-v5": 2, "HalfCheetah-v5": 3}
 
-INPUT_MAGIC = 0x434D4C4F4F500001  # "CMLOOP" + layout version 1
+INPUT_MAGIC = 0x434D4C4F4F500002  # "CMLOOP" + layout version 2
 OUTPUT_MAGIC = 0x434D4C4F4F500101
 
 # int64 fields at the start of the input file, in order.
@@ -38,6 +38,7 @@ INPUT_HEADER = (
 INPUT_PARAMS = (
     "timestep",  # model.opt.timestep, s
     "rate_hz",  # 0: as fast as possible
+    "spin_us",  # the last this many µs before a release are busy-waited, not slept
     "forward_weight",
     "ctrl_weight",  # used as float32, as Gymnasium's `w * float32 sum` under NumPy 2
     "healthy_reward",
@@ -65,7 +66,7 @@ LOOP_SOURCE = r"""/* Closed-loop control of a MuJoCo task by an exported policy 
  * Usage: loop MODEL.xml INPUT.bin OUTPUT.bin
  *
  * Inputs. MODEL.xml: the task's MJCF, the file Gymnasium's env loads. INPUT.bin (native
- * byte order): int64 header[16] and double params[11] (names: compressm_rl/control_loop_c.py
+ * byte order): int64 header[16] and double params[12] (names: compressm_rl/control_loop_c.py
  * INPUT_HEADER / INPUT_PARAMS), then double state_low[R], state_high[R] (R =
  * state_range_size), int64 keep[obs_dim], and per episode, episode-major: double
  * qpos[nq], qvel[nv], act[na] (the state Gymnasium's reset(seed=S+k) leaves) and
@@ -78,7 +79,8 @@ LOOP_SOURCE = r"""/* Closed-loop control of a MuJoCo task by an exported policy 
  * mj_step frame_skip times, and computes the reward and termination as the v5 task's
  * step() does, in the same float operations and order (float32 ctrl cost). With
  * rate_hz > 0 step i is released at t0 + i * period (CLOCK_MONOTONIC, absolute:
- * clock_nanosleep TIMER_ABSTIME, no drift) and misses its deadline when its work ends
+ * clock_nanosleep TIMER_ABSTIME, no drift; the last spin_us before it busy-waited) and
+ * misses its deadline when its work ends
  * after t0 + (i + 1) * period. The reset between episodes is done after a terminal
  * step's work, in its slack, and is not part of any control step. With `realtime` set,
  * mlockall(MCL_CURRENT | MCL_FUTURE) and SCHED_FIFO at fifo_priority are tried before the
@@ -117,8 +119,8 @@ LOOP_SOURCE = r"""/* Closed-loop control of a MuJoCo task by an exported policy 
 #include "policy.h"
 
 enum { PENDULUM = 0, HOPPER = 1, WALKER = 2, CHEETAH = 3 };
-enum { HEADER_SIZE = 16, PARAMS_SIZE = 11, OUT_HEADER_SIZE = 8 };
-static const int64_t INPUT_MAGIC = 0x434D4C4F4F500001LL;
+enum { HEADER_SIZE = 16, PARAMS_SIZE = 12, OUT_HEADER_SIZE = 8 };
+static const int64_t INPUT_MAGIC = 0x434D4C4F4F500002LL;
 static const int64_t OUTPUT_MAGIC = 0x434D4C4F4F500101LL;
 
 typedef struct {
@@ -128,7 +130,7 @@ typedef struct {
 } Header;
 
 typedef struct {
-    double timestep, rate_hz, forward_weight, ctrl_weight, healthy_reward;
+    double timestep, rate_hz, spin_us, forward_weight, ctrl_weight, healthy_reward;
     double z_low, z_high, angle_low, angle_high, pendulum_angle_limit, velocity_clip;
 } Params;
 
@@ -317,12 +319,17 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static void sleep_until(int64_t ns)
+/* Sleeps until spin_ns before `release`, then busy-waits for it: a core that stays awake
+ * is not handed to another vCPU or task in the last stretch, so the step starts on time. */
+static void wait_until(int64_t release, int64_t spin_ns)
 {
+    const int64_t wake = release - spin_ns;
     struct timespec ts;
-    ts.tv_sec = (time_t)(ns / 1000000000LL);
-    ts.tv_nsec = (long)(ns % 1000000000LL);
+    ts.tv_sec = (time_t)(wake / 1000000000LL);
+    ts.tv_nsec = (long)(wake % 1000000000LL);
     while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
+    }
+    while (now_ns() < release) {
     }
 }
 
@@ -391,6 +398,7 @@ static void run(const Task *t, const mjModel *m, mjData *d, Record *r)
     float obs[POLICY_OBS_DIM], action[POLICY_ACTION_DIM];
     float state[POLICY_STATE_DIM + 1];
     const int64_t period = t->p.rate_hz > 0 ? llround(1e9 / t->p.rate_hz) : 0;
+    const int64_t spin_ns = llround(t->p.spin_us * 1e3);
     r->period_ns = period;
     int64_t release = now_ns() + period;
     for (int64_t k = 0; k < t->h.episodes; ++k) {
@@ -398,7 +406,7 @@ static void run(const Task *t, const mjModel *m, mjData *d, Record *r)
         memset(state, 0, sizeof state);
         int terminated = 0;
         for (int64_t step = 0; step < t->h.max_steps && !terminated; ++step) {
-            if (period) sleep_until(release);
+            if (period) wait_until(release, spin_ns);
             const int64_t start = now_ns();
             observe(t, d, full);
             policy_input(t, full, obs);

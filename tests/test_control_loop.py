@@ -81,6 +81,11 @@ def test_rate_run_reports_the_fields(exports):
     assert result["steal_ms"] is None or result["steal_ms"] >= 0
     report = format_loop_report(result)
     assert "policy step" in report and "control step" in report and "2000 Hz" in report
+    assert result["spin_us"] == 0.0
+
+    spun = run_loop(export, episodes=1, seed=3, rate_hz=2000, spin_us=100.0)
+    assert spun["spin_us"] == 100.0 and spun["returns"] == result["returns"][:1]
+    assert "the last 100 µs of each wait spun" in format_loop_report(spun)
 
     plain = run_loop(export, episodes=1, seed=3, realtime=False)
     assert not plain["sched_fifo"] and plain["sched_fifo_note"] == "not requested"
@@ -106,6 +111,9 @@ def test_unsupported_tasks_are_refused_before_building(exports, env_id, tmp_path
         (dict(rate_hz=float("nan")), "rate_hz"),
         (dict(rate_hz=1e9), "rate_hz"),
         (dict(rate_hz="fast"), "rate_hz"),
+        (dict(spin_us=50.0), "give rate_hz too"),
+        (dict(rate_hz=1000, spin_us=1000.0), "not shorter than the period"),
+        (dict(rate_hz=1000, spin_us=-1.0), "spin_us"),
         (dict(env_id="Walker2d-v5"), "trained on another task"),
     ],
 )
