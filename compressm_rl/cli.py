@@ -405,6 +405,13 @@ def _add_loop(sub) -> None:
     p.add_argument("--env", help="task (default: the export's own)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--rate", type=float, help="control rate in Hz (default: as fast as possible)")
+    p.add_argument(
+        "--spin-us",
+        type=float,
+        default=0.0,
+        help="with --rate, busy-wait the last this many µs before each step instead of "
+        "sleeping (steadier wake-ups for that share of a core; e.g. 100 at 1000 Hz)",
+    )
     p.add_argument("--seed", type=int, default=10_000, help="episode k starts as eval's seed+k")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the result as JSON")
     p.set_defaults(handler=_loop)
@@ -414,7 +421,9 @@ def _loop(args) -> int:
     from compressm_rl.control_loop import format_loop_report, run_loop
     from compressm_rl.runs.files import atomic_write_text
 
-    result = run_loop(args.export, args.episodes, args.seed, args.rate, args.env)
+    result = run_loop(
+        args.export, args.episodes, args.seed, args.rate, args.env, spin_us=args.spin_us
+    )
     print(format_loop_report(result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
@@ -435,6 +444,9 @@ def build_parser(with_settings: bool = True) -> argparse.ArgumentParser:
     _add_train(sub, with_settings)
     for add in (_add_eval, _add_report, _add_compress, _add_export, _add_bench, _add_loop):
         add(sub)
+    from compressm_rl.sweep.command import add_sweep  # light: its handler imports optuna
+
+    add_sweep(sub, with_settings)
     return parser
 
 
@@ -443,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    parser = build_parser(with_settings=command == "train")
+    parser = build_parser(with_settings=command in ("train", "sweep"))
     args = parser.parse_args(argv)
     args.argv = argv  # for `train --nproc`
     if args.command is None:

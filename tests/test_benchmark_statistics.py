@@ -1,10 +1,13 @@
-"""The statistics ``benchmarks/compression.py`` reports its ratios with."""
+"""The statistics the sweep (``compressm_rl.sweep.stats``) and ``benchmarks/compression.py``
+report their ratios with, and the flags both share with `compressm-rl train`."""
 
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from compressm_rl.sweep.stats import bootstrap_mean, bootstrap_ratio, parting_step
 
 _spec = importlib.util.spec_from_file_location(
     "compression_benchmark", Path(__file__).parents[1] / "benchmarks" / "compression.py"
@@ -24,9 +27,7 @@ def test_bootstrap_interval_covers_the_ratio_of_two_samples_of_one_mean(paired):
     covered = 0
     for i in range(draws):
         a, b = rng.normal(1600, 250, 6), rng.normal(1600, 250, 6)
-        ratio, low, high = compression_benchmark.bootstrap_ratio(
-            a, b, paired=paired, resamples=1000, seed=i
-        )
+        ratio, low, high = bootstrap_ratio(a, b, paired=paired, resamples=1000, seed=i)
         assert ratio == pytest.approx(a.mean() / b.mean())
         assert low < ratio < high
         covered += low <= 1.0 <= high
@@ -39,18 +40,40 @@ def test_paired_bootstrap_uses_the_pairing():
     rng = np.random.default_rng(1)
     a = rng.normal(1600, 250, 6)
     b = a * rng.normal(1.0, 0.02, 6)
-    _, low_p, high_p = compression_benchmark.bootstrap_ratio(a, b, paired=True)
-    _, low_u, high_u = compression_benchmark.bootstrap_ratio(a, b, paired=False)
+    _, low_p, high_p = bootstrap_ratio(a, b, paired=True)
+    _, low_u, high_u = bootstrap_ratio(a, b, paired=False)
     assert high_p - low_p < 0.3 * (high_u - low_u)
 
 
 def test_bootstrap_refuses_unequal_pairs_and_gives_no_interval_from_one_seed():
     with pytest.raises(ValueError, match="equal lengths"):
-        compression_benchmark.bootstrap_ratio(np.ones(6), np.ones(12), paired=True)
-    ratio, low, high = compression_benchmark.bootstrap_ratio(np.array([2.0]), np.array([1.0]))
+        bootstrap_ratio(np.ones(6), np.ones(12), paired=True)
+    ratio, low, high = bootstrap_ratio(np.array([2.0]), np.array([1.0]))
     assert ratio == 2.0 and np.isnan(low) and np.isnan(high)
-    _, low, high = compression_benchmark.bootstrap_ratio(np.ones(6), np.ones(12), paired=False)
+    _, low, high = bootstrap_ratio(np.ones(6), np.ones(12), paired=False)
     assert low == high == 1.0  # a pooled reference against one sample, unpaired
+
+
+def test_bootstrap_mean_interval_covers_the_mean():
+    """Six seeds from one normal distribution: the expanded 90% interval of their mean
+    holds the true mean in about 90% of draws; one seed gives no interval."""
+    rng = np.random.default_rng(2)
+    covered = 0
+    for i in range(400):
+        mean, low, high = bootstrap_mean(rng.normal(1600, 250, 6), resamples=1000, seed=i)
+        assert low < mean < high
+        covered += low <= 1600 <= high
+    assert 0.85 <= covered / 400 <= 0.97
+    mean, low, high = bootstrap_mean(np.array([3.0]))
+    assert mean == 3.0 and np.isnan(low) and np.isnan(high)
+
+
+def test_the_benchmark_re_exports_what_compare_reads():
+    """``benchmarks/compare.py`` imports its helpers from ``benchmarks/compression.py``."""
+    names = ("TRAIN_RETURN_ITERATIONS", "bootstrap_ratio", "is_done", "run_parting_step")
+    for name in (*names, "running_returns", "summarise"):
+        assert hasattr(compression_benchmark, name), name
+    assert compression_benchmark.bootstrap_ratio is bootstrap_ratio
 
 
 def test_parting_step_finds_where_a_linked_full_run_left_the_trajectory():
@@ -58,11 +81,11 @@ def test_parting_step_finds_where_a_linked_full_run_left_the_trajectory():
     before it is the step they parted at; a difference after the cut is the cut's."""
     full = [{"global_step": str(s), "episode_return": str(r)} for s, r in ((2, 1.0), (4, 2.0))]
     same = [dict(r) for r in full]
-    assert compression_benchmark.parting_step(full, same, first_cut=4) is None
+    assert parting_step(full, same, first_cut=4) is None
     other = [dict(full[0]), {"global_step": "4", "episode_return": "2.5"}]
-    assert compression_benchmark.parting_step(full, other, first_cut=4) == 4
-    assert compression_benchmark.parting_step(full, other, first_cut=2) is None
-    assert compression_benchmark.parting_step(full, other, first_cut=None) == 4
+    assert parting_step(full, other, first_cut=4) == 4
+    assert parting_step(full, other, first_cut=2) is None
+    assert parting_step(full, other, first_cut=None) == 4
 
 
 def test_compare_pairs_a_row_only_where_every_run_kept_the_reference_trajectory(tmp_path):
@@ -121,3 +144,25 @@ def test_the_benchmark_takes_trains_compression_flags_and_defaults():
                 train[flag].help,
             )
     assert not {"--tol", "--gramian", "--allocation", "--at", "--steps"} & set(bench)
+
+
+def test_the_sweep_takes_every_flag_of_train_s_settings_with_its_defaults():
+    """`compressm-rl sweep` spells, defaults and explains every run setting as `train`
+    does (both derived from the settings dataclasses by ``add_flags``)."""
+    from compressm_rl.cli import build_parser
+
+    def options(parser) -> dict:
+        return {o: a for a in parser._actions for o in a.option_strings}
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    train, sweep = options(commands["train"]), options(commands["sweep"])
+    settings = [o for o, a in train.items() if a.dest not in ("help", "resume", "overwrite")]
+    settings = [o for o in settings if o not in ("--out", "--nproc", "--no-progress")]
+    assert {"--total-steps", "--compress-gramian", "--heal-steps", "--env"} <= set(settings)
+    for flag in settings:
+        assert flag in sweep, flag
+        if flag not in ("--env", "--config"):  # their help says what they are to a sweep
+            assert (sweep[flag].default, sweep[flag].help) == (
+                train[flag].default,
+                train[flag].help,
+            )

@@ -1,0 +1,265 @@
+"""A sweep worker: take trials from the study one at a time, run them, record them, until
+none is left. Start as many workers as there are cores (here or on other machines); they
+share the study's trials through its storage.
+
+Per loop: fail the trials whose workers stopped beating (and queue them again), take a
+waiting trial (the storage gives each to one worker only: the state change from WAITING
+to RUNNING is atomic), or in a search ask the sampler for a new one while the search has
+trials left, run it with a heartbeat, and tell the study its values. A worker that finds
+no trial to take while others still run waits for them, so that a trial whose worker
+dies is still retried by someone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from compressm_rl.stopping import TrainingStopped
+from compressm_rl.sweep import plan
+from compressm_rl.sweep.study import quiet_experimental
+from compressm_rl.sweep.trials import run_trial
+
+
+@dataclass
+class Queue:
+    """A study this worker takes trials from; ``search`` set: it may ask the sampler
+    for new trials (up to ``spec.trials``), else it only runs queued ones."""
+
+    study: optuna.Study
+    search: bool = False
+
+
+class StorageClock:
+    """Seconds spent waiting on the storage in this process's main thread."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+class Heartbeat:
+    """Record the trial's heartbeat now and then every ``interval`` seconds from a thread
+    while the ``with`` block runs (a no-op on a storage without heartbeats)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.storage = study._storage  # the study's own storage object (Optuna's cache)
+        self.trial_id = trial_id
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if is_heartbeat_enabled(self.storage):
+            self.storage.record_heartbeat(self.trial_id)  # before any work: never unbeaten
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval()
+        while not self.stop.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # the trial was failed as stale meanwhile: nothing to keep up
+                return
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def say(line: str) -> None:
+    """One progress line (one write: lines of workers sharing a terminal stay whole)."""
+    sys.stdout.write(f"[{worker_name()}] {line}\n")
+    sys.stdout.flush()
+
+
+def pop_waiting(study: optuna.Study) -> tuple[optuna.Trial, FrozenTrial] | None:
+    """Take the first waiting trial of ``study`` (lowest number) that no other worker
+    takes first, as Optuna's ``Study.ask`` does, but never create one."""
+    storage = study._storage
+    for frozen in storage.get_all_trials(study._study_id, False, (TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, frozen._trial_id), frozen
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _search_left(queue: Queue, spec: plan.SweepSpec) -> bool:
+    """Whether the search has trials left to ask for (retries of a trial do not count)."""
+    trials = queue.study.get_trials(deepcopy=False)
+    return sum("failed_trial" not in t.system_attrs for t in trials) < spec.trials
+
+
+def next_trial(queues: list[Queue], spec: plan.SweepSpec):
+    """``(queue, trial, frozen or None)`` to run next, or None if there is none now."""
+    for queue in queues:
+        with quiet_experimental():
+            fail_stale_trials(queue.study)  # a dead worker's trial: failed and queued again
+        popped = pop_waiting(queue.study)
+        if popped is not None:
+            return queue, *popped
+    for queue in queues:
+        if queue.search and _search_left(queue, spec):
+            with warnings.catch_warnings():  # Optuna's hint that `optimize` beats: so do we
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                return queue, queue.study.ask(), None
+    return None
+
+
+def running(queues: list[Queue]) -> int:
+    return sum(len(q.study.get_trials(False, states=(TrialState.RUNNING,))) for q in queues)
+
+
+def run_worker(spec: plan.SweepSpec, out, queues: list[Queue], poll_s: float) -> int:
+    """Run trials until none is waiting, left to ask for, or running elsewhere; returns
+    how many this worker ran."""
+    done, waiting = 0, False
+    while True:
+        clock = StorageClock()
+        with clock.timed():
+            taken = next_trial(queues, spec)
+            others = running(queues) if taken is None else 0
+        if taken is None:
+            if not others:
+                return done
+            if not waiting:
+                say(f"waiting for {others} trial(s) of other workers (retried here if one dies)")
+                waiting = True
+            time.sleep(poll_s)
+            continue
+        waiting = False
+        run_one(spec, out, *taken, clock)
+        done += 1
+
+
+def trial_params(spec: plan.SweepSpec, trial: optuna.Trial, frozen: FrozenTrial | None) -> dict:
+    """The trial's parameters: the queued ones (grid, references, retries), or suggested
+    by the sampler (a new search trial); its seed is a user attribute in a search."""
+    fixed = dict(frozen.system_attrs.get("fixed_params") or frozen.params) if frozen else {}
+    if "kind" in fixed:  # a grid point or a reference run
+        params = {"kind": trial.suggest_categorical("kind", plan.KINDS)}
+        if "tol" in fixed:
+            params["tol"] = trial.suggest_float("tol", 0.0, 1.0)
+        else:
+            params["budget"] = trial.suggest_int("budget", 0, plan.BUDGET_MAX)
+        return {**params, "seed": trial.suggest_int("seed", 0, plan.SEED_MAX)}
+    params: dict = {"kind": "compressed"}
+    if "tol" in spec.search_space:
+        params["tol"] = plan.round_tol(
+            trial.suggest_float("tol", *plan.SEARCH_SPACE["tol"], log=True)
+        )
+    else:
+        params["budget"] = trial.suggest_int(
+            "budget", min(spec.budgets), max(spec.budgets), log=True
+        )
+    for key in ("gramian", "heal_steps"):
+        if key in spec.search_space:
+            params[key] = trial.suggest_categorical(key, plan.SEARCH_SPACE[key])
+    seed = trial.user_attrs.get("seed")
+    if seed is None:  # seeds in turn; a retry keeps its trial's (user attributes carry over)
+        seed = spec.seeds[trial.number % len(spec.seeds)]
+        trial.set_user_attr("seed", seed)
+    return {**params, "seed": seed}
+
+
+def run_one(spec, out, queue: Queue, trial: optuna.Trial, frozen, clock: StorageClock) -> None:
+    """Run ``trial`` under its heartbeat and tell the study how it went."""
+    study, start = queue.study, time.perf_counter()
+    with Heartbeat(study, trial._trial_id):
+        with clock.timed():
+            params = trial_params(spec, trial, frozen)
+            name = plan.run_name(params)
+            trial.set_user_attr("run", name)
+            trial.set_user_attr("worker", worker_name())
+        retry = frozen.system_attrs.get("failed_trial") if frozen else None
+        say(f"trial {trial.number} {name}" + ("" if retry is None else f" (retry of {retry})"))
+        try:
+            result = run_trial(spec, params, out, say)
+        except (TrainingStopped, KeyboardInterrupt) as stopped:  # this worker is stopping
+            _requeue(study, trial, name, stopped)
+            raise
+        except Exception as err:  # this trial's own failure: the worker goes on
+            _failed(study, trial, name, err, clock)
+            return
+    _succeeded(spec, study, trial, name, result, clock, time.perf_counter() - start)
+
+
+@contextmanager
+def _unless_failed_meanwhile(trial: optuna.Trial, name: str):
+    """Writes to a trial that another worker failed as stale (its heartbeat came late)
+    are refused; its retry re-reads the run's results, so nothing is lost."""
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        say(f"trial {trial.number} {name}: failed as stale meanwhile; its retry re-reads it")
+
+
+def _succeeded(spec, study, trial, name: str, result: dict, clock: StorageClock, wall: float):
+    """Record the results as user attributes and tell the study the trial's values."""
+    x = result["c_p50_us"] if spec.objective == "latency" else result["total_states"]
+    with _unless_failed_meanwhile(trial, name):
+        with clock.timed():
+            for key, value in {**result, "wall_s": wall}.items():
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("storage_s", clock.seconds)  # what the trial's record can hold
+        with clock.timed():
+            study.tell(trial, [result["det_return"], float(x)], skip_if_finished=True)
+        train = result["train_return"]
+        say(
+            f"trial {trial.number} {name}: done in {wall:.1f} s: return "
+            f"{result['det_return']:.1f} (training {'-' if train is None else f'{train:.1f}'}), "
+            f"actor n {result['actor_dims']} = {result['total_states']} states, C p50 "
+            f"{result['c_p50_us']:.3g} µs; storage {1e3 * clock.seconds:.0f} ms "
+            f"({100 * clock.seconds / wall:.2f}% of the trial)"
+        )
+
+
+def _failed(study, trial, name: str, err: Exception, clock: StorageClock) -> None:
+    """Record why the trial failed and tell the study (a rerun of the sweep queues it
+    again: ``study.enqueue_missing``)."""
+    reason = f"{type(err).__name__}: {_first_line(err)}"
+    with _unless_failed_meanwhile(trial, name), clock.timed():
+        trial.set_user_attr("error", reason)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        say(f"trial {trial.number} {name}: failed: {reason}")
+
+
+def _requeue(study, trial, name: str, stopped: BaseException) -> None:
+    """A trial stopped by a signal is failed and queued again at once, for the next
+    worker (its run kept its last iteration: the next one resumes it)."""
+    with _unless_failed_meanwhile(trial, name):
+        trial.set_user_attr("error", f"stopped: {_first_line(stopped)}")
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        with quiet_experimental():
+            RetryHeartbeatStaleTrialCallback()(study, study._storage.get_trial(trial._trial_id))
+        say(f"trial {trial.number} {name}: stopped; queued again for the next worker")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,190 @@
+"""`compressm-rl sweep`: workers in separate processes share one Optuna study (SQLite)
+without running a trial twice, a worker killed mid-trial is retried by another that
+resumes its run, a storage that cannot be opened stops the sweep before anything runs,
+and the report is written from a finished study. Real tiny training runs throughout
+(InvertedPendulum-v5, ``make_tiny_config``'s sizes), numpy warnings as errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_PPO
+
+from compressm_rl.cli import main
+from compressm_rl.runs import MetricsLog, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# make_tiny_config's sizes; a checkpoint every iteration, so a killed run has one.
+TINY_YAML = "state_dim: 12\nwidth: 8\ncheckpoint_every: 1\nppo: {}\n".format(
+    "{" + ", ".join(f"{k}: {v}" for k, v in TINY_PPO.items()) + "}"
+)
+STEPS_PER_ITERATION = TINY_PPO["num_envs"] * TINY_PPO["rollout_steps"]
+# Subprocesses: every warning is an error there too, as in this process (pyproject.toml).
+ENV = {**os.environ, "PYTHONWARNINGS": "error", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def sweep_argv(out: Path, config: Path, total_steps: int, *extra: str) -> list[str]:
+    return [
+        *("sweep", "--env", "InvertedPendulum-v5", "--out", str(out), "--config", str(config)),
+        *("--total-steps", str(total_steps), "--compress-at", "0.25,0.5", "--budgets", "8"),
+        *("--eval-episodes", "2", "--parity-steps", "20", "--bench-steps", "200"),
+        *("--heartbeat", "1", *extra),
+    ]
+
+
+def start_worker(argv: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "compressm_rl.cli", *argv]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(worker: subprocess.Popen, timeout: float = 100) -> str:
+    output, _ = worker.communicate(timeout=timeout)
+    assert worker.returncode == 0, output
+    return output
+
+
+def trials_of(out: Path, name: str | None = None):
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}")
+    return optuna.load_study(study_name=name or out.name, storage=storage).get_trials()
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_sweep(tmp_path_factory, tiny_yaml):
+    """A grid of one budget over two seeds, run by two workers started together."""
+    out = tmp_path_factory.mktemp("sweeps") / "shared"
+    argv = sweep_argv(out, tiny_yaml, 4 * STEPS_PER_ITERATION, "--seeds", "0,1")
+    workers = [start_worker(argv) for _ in range(2)]
+    return out, [finish(w) for w in workers]
+
+
+def test_two_workers_share_the_grid_without_running_a_trial_twice(shared_sweep):
+    from optuna.trial import TrialState
+
+    out, outputs = shared_sweep
+    trials = trials_of(out)
+    assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
+    runs = sorted(t.user_attrs["run"] for t in trials)
+    kinds = ("full-b0", "compressed-b8", "small-b8", "posthoc-b8")
+    assert runs == sorted(f"{k}-s{s}" for k in kinds for s in (0, 1))  # each point once
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    said = "".join(outputs)
+    for run in runs:
+        trained = said.count(f"] {run}: training from step 0")
+        assert trained == (0 if run.startswith("posthoc") else 1), (run, said)
+        assert f"] {run}: resuming" not in said
+        steps = [int(r["global_step"]) for r in MetricsLog(out / "trials" / run).read()]
+        assert steps == [STEPS_PER_ITERATION * (i + 1) for i in range(4)]  # once, whole
+    for t in trials:  # every recorded result is there, the storage's time a small share
+        attrs = t.user_attrs
+        assert attrs["c_p50_us"] > 0 and attrs["total_states"] == sum(attrs["actor_dims"])
+        assert 0 < attrs["storage_s"] < attrs["wall_s"]
+        assert t.values == [attrs["det_return"], attrs["total_states"]]
+
+
+def test_the_report_is_written_from_a_finished_study(shared_sweep, capsys):
+    out, _ = shared_sweep
+    (out / "pareto.md").unlink()
+    (out / "pareto.png").unlink()
+    assert main(["sweep", "--out", str(out), "--report"]) == 0
+    text = (out / "pareto.md").read_text()
+    for label in ("| full |", "| compressed-b8 |", "| small-b8 |", "| posthoc-b8 |"):
+        assert label in text
+    assert "8 complete" in text and "Storage round trips per trial" in text
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_killed_worker_s_trial_is_resumed_by_another(tmp_path, tiny_yaml):
+    """Worker A is killed (SIGKILL) mid-training; worker B fails its trial once its
+    heartbeat is stale, retries it and resumes the run from A's last checkpoint."""
+    from optuna.trial import TrialState
+
+    out = tmp_path / "killed"
+    total = 40 * STEPS_PER_ITERATION
+    argv = sweep_argv(out, tiny_yaml, total, "--seeds", "0", "--methods", "compressed")
+    run = out / "trials" / "full-b0-s0"  # trial 0: the first taken
+    first = start_worker(argv)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint.pt").exists() or len(MetricsLog(run).read()) < 4:
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    killed_at = load_checkpoint(run).global_step
+    assert 0 < killed_at < total
+
+    said = finish(start_worker(argv))
+    assert f"{run.name}: resuming at step {killed_at}" in said
+    assert f"{run.name}: training from step 0" not in said
+    trials = {t.number: t for t in trials_of(out)}
+    assert trials[0].state == TrialState.FAIL  # failed as stale, then retried
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == 0]
+    assert [t.state for t in retries] == [TrialState.COMPLETE]
+    assert retries[0].user_attrs["trained_from"] == killed_at
+    steps = [int(r["global_step"]) for r in MetricsLog(run).read()]
+    assert steps == list(range(STEPS_PER_ITERATION, total + 1, STEPS_PER_ITERATION))
+
+
+@pytest.mark.parametrize("storage", ["postgresql://nobody@127.0.0.1:1/x", "sqlite-missing-dir"])
+def test_a_storage_that_cannot_be_opened_is_one_line_before_anything_runs(
+    tmp_path, tiny_yaml, capsys, storage
+):
+    if storage == "sqlite-missing-dir":
+        storage = f"sqlite:///{tmp_path / 'missing' / 'dir' / 'study.db'}"
+    out = tmp_path / "sweep"
+    argv = sweep_argv(out, tiny_yaml, 4 * STEPS_PER_ITERATION, "--storage", storage)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot open the study storage {storage}: ")
+    assert len(err.strip().splitlines()) == 1 and "--storage" in err
+    assert not out.exists() and not (tmp_path / "missing").exists()
+
+
+def test_the_journal_storage_fails_and_requeues_a_trial_whose_heartbeat_stopped(tmp_path):
+    """Optuna's journal storage keeps no heartbeats; the sweep's adds them, so a journal
+    file shared by workers retries a dead worker's trial as a database does."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    from compressm_rl.sweep.study import HeartbeatJournalStorage, quiet_experimental
+    from compressm_rl.sweep.worker import Heartbeat, pop_waiting
+
+    with quiet_experimental():
+        retry = RetryHeartbeatStaleTrialCallback()
+    backend = JournalFileBackend(str(tmp_path / "study.log"))
+    storage = HeartbeatJournalStorage(backend, heartbeat_interval=1, grace_period=2, callback=retry)
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize"])
+    study.enqueue_trial({"kind": "full", "seed": 3, "budget": 0})
+    trial, _ = pop_waiting(study)
+    trial.suggest_int("seed", 0, 10)
+    with Heartbeat(study, trial._trial_id):  # beating: never stale
+        time.sleep(3)
+        with quiet_experimental():
+            fail_stale_trials(study)
+        assert study.trials[0].state == TrialState.RUNNING
+    time.sleep(2.5)  # silent for longer than its grace period
+    with quiet_experimental():
+        fail_stale_trials(study)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.system_attrs["fixed_params"] == {"kind": "full", "seed": 3, "budget": 0}
+    assert retry.system_attrs["failed_trial"] == 0
+    assert pop_waiting(study)[0].number == 1 and pop_waiting(study) is None
