@@ -128,7 +128,7 @@ def open_storage(url: str, heartbeat: int | None, out: Path) -> BaseStorage:
                 beats["heartbeat_stale_trial_callback"] = retry
             # SQLite: wait for another worker's write rather than fail at once.
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-            return RDBStorage(url, engine_kwargs=engine, **beats)  # connects, makes tables
+            return _rdb_storage(url, engine, beats)
         except Exception as err:  # sqlalchemy's, a missing driver, the OS's: one line
             reason = _first_line(getattr(err, "orig", None) or err)
             if isinstance(err, ImportError) and err.__cause__ is not None:  # which driver
@@ -139,6 +139,25 @@ def open_storage(url: str, heartbeat: int | None, out: Path) -> BaseStorage:
                 f"or journal file in a writable directory), or leave it out for "
                 f"sqlite:///{Path(out) / DEFAULT_DB}"
             ) from None
+
+
+# What a worker sees when another creates the same database's tables at the same moment
+# (Optuna makes them on first connection, with no lock between processes: optuna#1092).
+_CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key")
+
+
+def _rdb_storage(url: str, engine: dict | None, beats: dict, attempts: int = 5) -> RDBStorage:
+    """``RDBStorage(url)``, which connects and makes the tables; tried again, after a
+    short wait, when another worker was making them at the same moment."""
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, **beats)
+        except Exception as err:
+            raced = any(text in str(err) for text in _CREATION_RACE)
+            if not raced or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))  # the other worker's tables are then in place
+    raise AssertionError("unreachable")
 
 
 def _first_line(err: BaseException) -> str:
