@@ -167,17 +167,46 @@ def _add_eval(sub) -> None:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=10_000, help="episode k uses reset(seed=seed+k)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument(
+        "--dynamics",
+        default="none",
+        metavar="SPEC",
+        help="randomized dynamics drawn per episode (seeded by the episode's seed): a preset "
+        "(none, mild, wide) and/or ranges, e.g. mass=0.7:1.3,friction=0.5:1.5,delay=0:2 "
+        "(default none: the plain task)",
+    )
+    p.add_argument(
+        "--dynamics-grid",
+        metavar="GRID",
+        help="evaluate at every point of a grid of fixed dynamics, e.g. "
+        "mass=0.5:1.5:5,friction=0.3:2.0:5 (key=low:high:count or key=value); writes "
+        "dynamics_grid.md and, for 1 or 2 keys, dynamics_grid.png",
+    )
+    p.add_argument(
+        "--out-dir", type=Path, default=Path("."), help="where --dynamics-grid writes (default .)"
+    )
     p.set_defaults(handler=_eval)
 
 
 def _eval(args) -> int:
     from compressm_rl.runs import evaluate, load_controller
+    from compressm_rl.runs.evaluate import evaluate_grid, parse_grid_spec, write_grid
+    from envs import parse_dynamics
 
     if args.episodes < 1:
         raise ValueError(f"--episodes = {args.episodes} is out of range: at least 1")
+    dynamics = parse_dynamics(args.dynamics)  # bad specs fail before the policy loads
+    grid = parse_grid_spec(args.dynamics_grid) if args.dynamics_grid else None
     controller, env_id = load_controller(args.target)
     env_id = args.env or env_id
-    returns = evaluate(controller, env_id, args.episodes, args.seed)
+    if grid is not None:
+        result = evaluate_grid(controller, env_id, grid, args.episodes, args.seed, dynamics)
+        paths = write_grid(result, args.out_dir)
+        summary = {"env_id": env_id, "episodes": args.episodes, "points": result.rows()}
+        print(json.dumps(summary) if args.json else result.markdown())
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+        return 0
+    returns = evaluate(controller, env_id, args.episodes, args.seed, dynamics)
     if args.json:
         summary = {"env_id": env_id, "episodes": len(returns), "mean": float(returns.mean())}
         summary.update(std=float(returns.std()), returns=returns.tolist())

@@ -202,7 +202,12 @@ def _prepare(
     seed = config.seed + RANK_SEED_STRIDE * world.rank
     cfg = config.ppo
     envs = make_vec_env(
-        config.env_id, cfg.num_envs, seed, config.num_workers, config.physics_threads
+        config.env_id,
+        cfg.num_envs,
+        seed,
+        config.num_workers,
+        config.physics_threads,
+        dynamics=config.dynamics,
     )
     state = (_resume if resume else _start)(config, run_dir, envs, device, world)
     broadcast_module(state.policy, world)  # bit-identical from the start

@@ -37,13 +37,21 @@ from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 
+from envs.dynamics import RandomizedDynamics
 from envs.physics import parallel_physics
 from envs.pomdp import KeepPartObservation
 
 # Wrappers whose step does nothing a batched step must repeat (checks only), or what it
-# does itself (the time limit, the observation part); matched by exact type, each at most
-# once (a subclass may change what step does; a second TimeLimit would count on its own).
-_HANDLED_WRAPPERS = (TimeLimit, OrderEnforcing, PassiveEnvChecker, KeepPartObservation)
+# does itself (the time limit, the observation part, the randomized dynamics' delay,
+# pushes and noise); matched by exact type, each at most once (a subclass may change what
+# step does; a second TimeLimit would count on its own).
+_HANDLED_WRAPPERS = (
+    TimeLimit,
+    OrderEnforcing,
+    PassiveEnvChecker,
+    KeepPartObservation,
+    RandomizedDynamics,
+)
 _TASKS = (HopperEnv, Walker2dEnv, HalfCheetahEnv)
 
 
@@ -80,6 +88,8 @@ class _Task:
         wrappers = _handled_wrappers(env)
         layer = env.unwrapped
         if wrappers is None or type(layer) not in _TASKS or layer.render_mode is not None:
+            return None
+        if wrappers.get(RandomizedDynamics, env) is not env:  # its noise must come last
             return None
         keep = wrappers.get(KeepPartObservation)
         hopper = type(layer) is HopperEnv
@@ -131,6 +141,8 @@ class LocomotionStep:
         # The TimeLimit wrappers keep counting, so a sub-env stepped or reset on its own
         # afterwards still sees the right elapsed time.
         self._limits = [_handled_wrappers(env).get(TimeLimit) for env in envs]
+        # Each env's own draws (delay, pushes, noise), made as its own step makes them.
+        self._dynamics = [_handled_wrappers(env).get(RandomizedDynamics) for env in envs]
         model = self._sims[0][0]
         self._qpos = np.empty((len(envs), model.nq))
         self._qvel = np.empty((len(envs), model.nv))
@@ -143,6 +155,7 @@ class LocomotionStep:
         """
         task, qpos, qvel = self.task, self._qpos, self._qvel
         n = len(self._sims)
+        actions = self._before_step(actions)
         x_before, dt = np.empty(n), np.empty(n)
         truncated = np.zeros(n, dtype=bool)
         for i, (model, data) in enumerate(self._sims):
@@ -167,6 +180,7 @@ class LocomotionStep:
         obs = np.concatenate((qpos[:, 1:] if task.exclude_x else qpos, velocity), axis=1)
         if task.keep is not None:
             obs = obs[:, task.keep]
+        self._after_step(obs)
         ctrl_cost = task.ctrl_weight * np.sum(np.square(actions), axis=1)
         forward_reward = task.forward_weight * x_velocity
         if not task.has_health:
@@ -182,6 +196,23 @@ class LocomotionStep:
         reward = forward_reward + healthy * task.healthy_reward - ctrl_cost
         terminated = ~healthy if task.terminate_when_unhealthy else np.zeros(n, dtype=bool)
         return obs, reward, terminated, truncated
+
+    def _before_step(self, actions: np.ndarray) -> np.ndarray:
+        """The actions applied now ``[N, nu]`` (delayed where an env's dynamics delay
+        them; its push, if any, made): ``RandomizedDynamics.step``'s first half."""
+        if not any(self._dynamics):
+            return actions
+        applied = np.array(actions, copy=True)
+        for i, dynamics in enumerate(self._dynamics):
+            if dynamics is not None:
+                applied[i] = dynamics.before_step(actions[i])
+        return applied
+
+    def _after_step(self, obs: np.ndarray) -> None:
+        """Observation noise, in place on ``obs [N, obs_dim]``: the step's second half."""
+        for i, dynamics in enumerate(self._dynamics):
+            if dynamics is not None:
+                obs[i] = dynamics.after_step(obs[i])
 
 
 def locomotion_step(envs: list[gym.Env], physics_threads: int = 1) -> LocomotionStep | None:

@@ -10,6 +10,7 @@ import difflib
 
 import gymnasium as gym
 
+from envs.dynamics import Dynamics, RandomizedDynamics, parse_dynamics
 from envs.pomdp import KeepPartObservation
 from envs.vector import SameStepSyncVectorEnv
 
@@ -49,12 +50,17 @@ def check_env_id(env_id: str) -> str:
     )
 
 
-def make_env(env_id: str, **kwargs) -> gym.Env:
-    """One env, with the POMDP wrapper when the id asks for it."""
+def make_env(env_id: str, dynamics: Dynamics | str | None = None, **kwargs) -> gym.Env:
+    """One env, with the POMDP wrapper when the id asks for it and, outermost, the
+    randomized-dynamics wrapper when ``dynamics`` (a ``Dynamics`` or its spec string,
+    ``envs.dynamics.parse_dynamics``) randomizes anything; None, ``''`` and ``'none'``
+    build exactly the plain env."""
+    dynamics = parse_dynamics(dynamics)  # a bad spec fails before anything is built
     base = check_env_id(env_id)
     _, keep = split_env_id(env_id)
     env = gym.make(base, **kwargs)
-    return KeepPartObservation(env, keep) if keep else env
+    env = KeepPartObservation(env, keep) if keep else env
+    return env if dynamics.is_none else RandomizedDynamics(env, dynamics)
 
 
 def make_vec_env(
@@ -63,6 +69,7 @@ def make_vec_env(
     seed: int,
     num_workers: int = 0,
     physics_threads: int = 1,
+    dynamics: Dynamics | str | None = None,
     **env_kwargs,
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies in SAME_STEP autoreset mode; ``reset(seed=seed)`` seeds them
@@ -73,11 +80,13 @@ def make_vec_env(
     ``num_workers > 0`` runs the envs in subprocesses (``AsyncVectorEnv``), else in this
     process (``envs.vector.SameStepSyncVectorEnv``: ``info`` holds only ``final_obs``);
     there ``physics_threads > 1`` runs the locomotion tasks' ``mj_step`` on that many
-    threads (``envs.physics``, bit-identical). ``env_kwargs`` go to ``gymnasium.make``
-    (e.g. ``max_episode_steps``).
+    threads (``envs.physics``, bit-identical). ``dynamics`` randomizes each env's own
+    model per episode (``make_env``; env i's draws follow its reset seed ``seed + i``).
+    ``env_kwargs`` go to ``gymnasium.make`` (e.g. ``max_episode_steps``).
     """
     check_env_id(env_id)
-    fns = [lambda: make_env(env_id, **env_kwargs) for _ in range(num_envs)]
+    dynamics = parse_dynamics(dynamics)
+    fns = [lambda: make_env(env_id, dynamics, **env_kwargs) for _ in range(num_envs)]
     if num_workers > 0:
         envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     else:

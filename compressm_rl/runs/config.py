@@ -17,7 +17,7 @@ from compressm_rl.device import DEVICES
 from compressm_rl.rl.config import PPOConfig, preset_for
 from compressm_rl.runs.files import atomic_write_text
 from compressm_rl.settings import check_types, setting
-from envs import check_env_id
+from envs import check_env_id, parse_dynamics
 
 CONFIG = "config.yaml"
 POLICY_TYPES = ("ssm", "mlp")
@@ -39,6 +39,14 @@ class TrainConfig:
 
     env_id: str
     seed: int = setting(0, "seeds the policy, the envs and the action noise", flag="--seed")
+    # Kept as written (config.yaml shows what was asked); parsed by envs.parse_dynamics.
+    dynamics: str = setting(
+        "none",
+        "randomized dynamics, drawn per episode: a preset (none: the plain task, mild, wide) "
+        "and/or ranges, e.g. mass=0.7:1.3,friction=0.5:1.5,gain=0.9:1.1,delay=0:2,"
+        "obs_noise=0:0.01",
+        flag="--dynamics",
+    )
     policy: str = setting(
         "ssm", "ssm (stacked LRU layers) or mlp", flag="--policy", choices=("ssm", "mlp")
     )
@@ -81,6 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_types(self, "")
         check_env_id(self.env_id)
+        parse_dynamics(self.dynamics)  # a one-line error naming the bad part
         if self.ppo is None:
             self.ppo = preset_for(self.env_id)
         for name, kind in (("ppo", PPOConfig), ("compression", CompressionConfig)):

@@ -3,17 +3,23 @@
 
 Convention: one env, episode k starts with ``env.reset(seed=seed + k)`` and the
 controller's ``reset()``, actions are the deterministic (clipped mean) ones, and the
-return is the sum of raw rewards until the episode terminates or is truncated.
+return is the sum of raw rewards until the episode terminates or is truncated. With
+randomized ``dynamics`` the same seed also fixes episode k's draw (``envs.dynamics``).
+
+``evaluate_grid`` evaluates on held-out dynamics: each grid point fixes named parameters
+(``mass``, ``friction``, ...) to one value, with the same episode seeds at every point.
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from envs import make_env
+from envs import Dynamics, make_env, parse_dynamics, parse_grid
 from policies.actor_critic import ActorCritic, RecurrentState
 
 
@@ -86,12 +92,19 @@ def load_controller(target: Path) -> tuple[Controller, str]:
     return TorchController(policy), meta["env_id"]
 
 
-def evaluate(controller: Controller, env_id: str, episodes: int = 10, seed: int = 0) -> np.ndarray:
-    """Undiscounted returns of ``episodes`` deterministic episodes, ``[episodes]`` float64.
+def evaluate(
+    controller: Controller,
+    env_id: str,
+    episodes: int = 10,
+    seed: int = 0,
+    dynamics: Dynamics | str | None = None,
+) -> np.ndarray:
+    """Undiscounted returns of ``episodes`` deterministic episodes, ``[episodes]`` float64,
+    on the plain task or with ``dynamics`` (a ``Dynamics`` or spec, drawn per episode).
 
     Raises ValueError if the controller's observation or action size is not the env's
     (e.g. a policy trained on another task)."""
-    env = make_env(env_id)
+    env = make_env(env_id, dynamics)
     sizes = {
         "observation": (_size(controller, "obs_dim"), env.observation_space.shape[0]),
         "action": (_size(controller, "act_dim"), env.action_space.shape[0]),
@@ -124,3 +137,99 @@ def _size(controller: Controller, name: str) -> int | None:
     if value is None and isinstance(controller, TorchController):
         value = getattr(controller.policy, name)
     return None if value is None else int(value)
+
+
+@dataclass
+class GridResult:
+    """Returns over a grid of fixed dynamics: ``points[j]`` (``{key: value}``) gave the
+    returns ``returns[j]`` (``[points, episodes]`` float64)."""
+
+    env_id: str
+    grid: dict[str, list[float]]
+    points: list[dict[str, float]]
+    returns: np.ndarray
+
+    def rows(self) -> list[dict[str, float]]:
+        """Each point's values with its ``mean`` and ``std`` return (JSON-ready)."""
+        return [
+            {**point, "mean": float(r.mean()), "std": float(r.std())}
+            for point, r in zip(self.points, self.returns, strict=True)
+        ]
+
+    def markdown(self) -> str:
+        """One row per grid point: its values, mean and std of the return."""
+        keys = list(self.grid)
+        rows = [f"| {' | '.join(keys)} | mean return | std |", "|" + "---|" * (len(keys) + 2)]
+        for point, returns in zip(self.points, self.returns, strict=True):
+            values = " | ".join(f"{point[k]:g}" for k in keys)
+            rows.append(f"| {values} | {returns.mean():.1f} | {returns.std():.1f} |")
+        return "\n".join(rows)
+
+
+def evaluate_grid(
+    controller: Controller,
+    env_id: str,
+    grid: dict[str, list[float]] | str,
+    episodes: int = 10,
+    seed: int = 0,
+    dynamics: Dynamics | str | None = None,
+) -> GridResult:
+    """``evaluate`` at every point of ``grid`` (``{key: values}`` or a spec such as
+    ``mass=0.5:1.5:5,friction=0.3:2:5``, ``envs.dynamics.parse_grid``): each point fixes
+    its keys to one value on top of ``dynamics`` (unset keys: nominal, or drawn from
+    ``dynamics`` where it sets them). Points are the product of the values, first key
+    outermost."""
+    grid = parse_grid_spec(grid)
+    base = parse_dynamics(dynamics)
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    fixed = [base.fixed(**point) for point in points]  # every point checked before any runs
+    returns = [evaluate(controller, env_id, episodes, seed, dynamics) for dynamics in fixed]
+    return GridResult(env_id, grid, points, np.array(returns))
+
+
+def parse_grid_spec(grid: dict[str, list[float]] | str) -> dict[str, list[float]]:
+    """A grid as ``{key: values}``, from a spec string (``envs.parse_grid``) or a mapping;
+    ``evaluate_grid`` checks every point before it evaluates any."""
+    if isinstance(grid, str):
+        return parse_grid(grid)
+    grid = {key: list(values) for key, values in grid.items()}
+    if not grid or not all(grid.values()):
+        raise ValueError(f"dynamics grid {grid} needs one key or more, each with values")
+    return grid
+
+
+def write_grid(result: GridResult, out_dir: Path) -> list[Path]:
+    """``dynamics_grid.md`` (the table) and, for a 1- or 2-key grid, ``dynamics_grid.png``
+    (mean return against the key, or a heat map over the two) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "dynamics_grid.md"
+    title = f"# {result.env_id}: mean return over held-out dynamics\n\n"
+    table.write_text(title + result.markdown() + "\n")
+    if len(result.grid) > 2:
+        return [table]
+    image = out_dir / "dynamics_grid.png"
+    _plot_grid(result, image)
+    return [table, image]
+
+
+def _plot_grid(result: GridResult, path: Path) -> None:
+    """A line (one key) or a heat map (two keys, first on the rows) of the mean return."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend to set
+
+    keys = list(result.grid)
+    means = result.returns.mean(axis=1)
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.subplots()
+    if len(keys) == 1:
+        ax.plot(result.grid[keys[0]], means, marker="o")
+        ax.set(xlabel=keys[0], ylabel="mean return")
+    else:
+        rows, cols = (result.grid[k] for k in keys)
+        image = ax.imshow(means.reshape(len(rows), len(cols)), origin="lower", aspect="auto")
+        ax.set_xticks(range(len(cols)), [f"{v:g}" for v in cols])
+        ax.set_yticks(range(len(rows)), [f"{v:g}" for v in rows])
+        ax.set(xlabel=keys[1], ylabel=keys[0])
+        fig.colorbar(image, ax=ax, label="mean return")
+    ax.set_title(f"{result.env_id}: {result.returns.shape[1]} episodes per point")
+    fig.savefig(path, dpi=100)
