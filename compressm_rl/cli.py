@@ -17,14 +17,7 @@ import sys
 from pathlib import Path
 
 from compressm_rl import __version__
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+from compressm_rl.settings import int_list
 
 
 # ----- train ----------------------------------------------------------------------------
@@ -248,7 +241,7 @@ def _add_compress(sub) -> None:
     group.add_argument("--tol", type=float, help="drop this fraction of Σ HSV per layer")
     group.add_argument(
         "--state-dims",
-        type=_ints,
+        type=int_list,
         help="target complex states per actor layer (critic layers get the same), e.g. 24,18",
     )
     p.set_defaults(handler=_compress)

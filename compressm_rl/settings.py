@@ -74,6 +74,16 @@ def setting(default, help: str, flag: str | None = None, choices: tuple | None =
 _PARSERS = {"int": int, "float": float, "str": str}
 
 
+def int_list(text: str) -> list[int]:
+    """``"8,16,32"`` -> ``[8, 16, 32]`` (a flag's comma-separated integers)."""
+    return [int(x) for x in text.split(",")]
+
+
+def float_list(text: str) -> list[float]:
+    """``"0.1,0.2"`` -> ``[0.1, 0.2]`` (a flag's comma-separated numbers)."""
+    return [float(x) for x in text.split(",")]
+
+
 def _parser_for(annotation: str):
     """The argparse ``type`` for an annotation: ``list[T]`` reads ``a,b,c``."""
     kind = next(a.strip() for a in annotation.split("|") if a.strip() != "None")

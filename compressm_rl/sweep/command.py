@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from compressm_rl.settings import float_list, int_list
+
 DESCRIPTION = (
     "Decide how far to compress: train, evaluate, export to C and time many policies of one "
     "task, and report return against state size and against the C step's latency "
@@ -24,14 +26,6 @@ DESCRIPTION = (
     "by another worker, which resumes the run from its checkpoint. Every run setting below "
     "is a TrainConfig field, as in `compressm-rl train`."
 )
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
 
 
 def _names(text: str) -> list[str]:
@@ -88,16 +82,16 @@ def _add_plan_flags(group) -> None:
     """The grid's or the search's flags, and how each policy is measured."""
     group.add_argument(
         "--budgets",
-        type=_ints,
+        type=int_list,
         help="grid: complex states per part to compress to (default 8,16,32,64); search: "
         "the ends of the budget's range",
     )
     group.add_argument(
         "--tols",
-        type=_floats,
+        type=float_list,
         help="grid: compress by energy to these fractions of the HSV sum instead (or besides)",
     )
-    group.add_argument("--seeds", type=_ints, help="seeds of every method (default 0,1,2)")
+    group.add_argument("--seeds", type=int_list, help="seeds of every method (default 0,1,2)")
     group.add_argument(
         "--methods",
         type=_names,
