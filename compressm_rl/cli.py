@@ -51,15 +51,9 @@ def _add_train(sub, with_settings: bool = True) -> None:
     p.set_defaults(handler=_train, command_parser=p)
     if not with_settings:  # `compressm-rl --help` and other commands: no torch to load
         return
-    from compressm_rl.compression import CompressionConfig
-    from compressm_rl.rl.config import PPOConfig
-    from compressm_rl.runs.config import TrainConfig
-    from compressm_rl.settings import add_flags
+    from compressm_rl.runs.config import add_run_flags
 
-    add_flags(p.add_argument_group("run"), TrainConfig)
-    preset = {name: "the task preset" for name in ("total_steps", "num_envs")}
-    add_flags(p.add_argument_group("PPO (the rest: ppo keys in --config)"), PPOConfig, preset)
-    add_flags(p.add_argument_group("in-training compression"), CompressionConfig)
+    add_run_flags(p)
 
 
 # What `train --resume` takes besides the run: the machine's settings, how many ranks,

@@ -16,7 +16,7 @@ from compressm_rl.compression import CompressionConfig
 from compressm_rl.device import DEVICES
 from compressm_rl.rl.config import PPOConfig, preset_for
 from compressm_rl.runs.files import atomic_write_text
-from compressm_rl.settings import check_types, setting
+from compressm_rl.settings import add_flags, check_types, setting
 from envs import check_env_id, parse_dynamics
 
 CONFIG = "config.yaml"
@@ -274,3 +274,12 @@ def config_from_flags(args) -> TrainConfig:
     if "total_steps" in data:  # a top-level total_steps is the ppo one (TrainConfig.from_dict)
         data["ppo"].setdefault("total_steps", data.pop("total_steps"))
     return TrainConfig.from_dict(data)
+
+
+def add_run_flags(parser, compression_title: str = "in-training compression") -> None:
+    """Every run setting (``TrainConfig``, ``ppo``, ``compression``) as a flag of
+    ``parser``, in three groups; how ``train`` and ``sweep`` take them alike."""
+    add_flags(parser.add_argument_group("run"), TrainConfig)
+    preset = {name: "the task preset" for name in ("total_steps", "num_envs")}
+    add_flags(parser.add_argument_group("PPO (the rest: ppo keys in --config)"), PPOConfig, preset)
+    add_flags(parser.add_argument_group(compression_title), CompressionConfig)
