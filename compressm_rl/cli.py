@@ -1,4 +1,5 @@
-"""The ``compressm-rl`` command line: train, eval, report, compress, export, bench, loop.
+"""The ``compressm-rl`` command line: train, eval, report, compress, export, bench, loop,
+sweep.
 
 One convention: ``_add_NAME(subparsers)`` declares a command and sets its ``handler``;
 ``_NAME(args)`` does the work through the library and returns the exit status.
