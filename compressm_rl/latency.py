@@ -44,7 +44,9 @@ def check_options(models: list[Path], options: BenchOptions) -> None:
             f"--steps {options.steps} --warmup {options.warmup} is out of range: at least 1 "
             "timed step and 0 warm-up steps"
         )
-    device = options.ssh or options.runner or options.ssh_config
+    if options.ssh_config and not options.ssh:
+        raise ValueError("--ssh-config is for --ssh: give the destination too")
+    device = options.ssh or options.runner
     if options.target is None and not device and options.cpu is None:
         return
     if options.run is not None:
@@ -68,7 +70,7 @@ def check_options(models: list[Path], options: BenchOptions) -> None:
 
 
 def target_rows(models: list[Path], options: BenchOptions) -> list[dict]:
-    """Rows of each C export on the target (floors first, one per target run)."""
+    """Rows of each C export on the target: the clock's floor (from the last run) first."""
     if options.target == "cortex-m4":
         from export.cortex_m4 import run_cortex_m4
 

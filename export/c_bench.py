@@ -305,12 +305,12 @@ class BenchResult:
     @classmethod
     def from_raw(cls, raw: bytes, steps: int) -> BenchResult:
         """Parse ``bench.c --raw`` output (little-endian int64: every target built here is)."""
-        samples = np.frombuffer(raw, "<i8")
-        if samples.size != 2 * steps:
+        if len(raw) != 16 * steps:
             raise ValueError(
                 f"the timing harness wrote {len(raw)} bytes, expected {16 * steps} "
                 f"({steps} steps): the device's output was cut or mixed with other text"
             )
+        samples = np.frombuffer(raw, "<i8")
         return cls(samples[:steps].copy(), samples[steps:].copy())
 
 

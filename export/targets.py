@@ -2,7 +2,7 @@
 
     compressm-rl bench policy_c/ --target aarch64 --ssh pi@robot [--cpu cortex-a72]
     compressm-rl bench policy_c/ --target aarch64                  # qemu-aarch64: emulated
-    compressm-rl bench policy_c/ --target native --runner "adb shell"
+    compressm-rl bench policy_c/ --target aarch64 --runner "adb shell"   # a phone or board
 
 The C export is built with the target's portable flags (``TARGETS``; ``--cpu`` tunes for
 a named core), the timing harness (``export.c_bench``'s ``bench.c``) and the I/O harness
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import platform
 import shlex
+import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from export.c_build import (
 
 PARITY_STEPS = 1000
 SSH_OPTIONS = ["-o", "BatchMode=yes"]  # never wait for a password prompt
+DEVICE_TIMEOUT_S = 600.0  # a device command running longer is a hung device or link
 
 
 @dataclass(frozen=True)
@@ -99,26 +102,38 @@ class Device:
         if self.runner is not None:
             find_tool(self.runner[0])
             script = 'd=$(mktemp -d "${TMPDIR:-/tmp}/compressm-bench.XXXXXX") && echo "$d"'
-            self._remote_dir = self._shell(script, what="making a directory on the device")
-            self._remote_dir = self._remote_dir.decode().strip().splitlines()[-1]
-            if not self._remote_dir.startswith("/"):
-                raise ToolchainError(f"the device gave {self._remote_dir!r} for a temporary dir")
+            lines = self._shell(script, what="making a directory on the device").decode()
+            made = (lines.strip().splitlines() or [""])[-1]
+            if not made.startswith("/"):
+                raise ToolchainError(f"the device gave {made!r} for a temporary directory")
+            self._remote_dir = made
         elif self.emulator is not None:
             find_tool(self.emulator)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._remote_dir is not None:
-            try:
-                self._shell(f"rm -rf {shlex.quote(self._remote_dir)}", what="cleaning up")
-            finally:
-                self._remote_dir = None
+    def __exit__(self, kind, error, trace) -> None:
+        if self._remote_dir is None:
+            return
+        there, self._remote_dir = self._remote_dir, None
+        try:
+            self._shell(f"rm -rf {shlex.quote(there)}", what="cleaning up")
+        except ToolchainError as cleanup:
+            if kind is not None:  # the first error is the one worth reading
+                return
+            # The measurement is done: say what was left behind rather than lose it.
+            warnings.warn(f"{cleanup}; {there} is left on the device", stacklevel=2)
 
     def _shell(self, script: str, stdin: bytes | None = None, what: str = "") -> bytes:
-        command = [*self.runner, script]
-        return _run(
-            command, what or f"running on the device ({' '.join(self.runner)})", input=stdin
-        ).stdout
+        """Run ``script`` on the device; its stdout. Without ``stdin`` the runner reads
+        nothing (ssh would otherwise swallow this process's stdin)."""
+        what = what or f"running on the device ({' '.join(self.runner)})"
+        feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+        try:
+            return _run([*self.runner, script], what, timeout=DEVICE_TIMEOUT_S, **feed).stdout
+        except subprocess.TimeoutExpired:
+            raise ToolchainError(
+                f"{what} took over {DEVICE_TIMEOUT_S:g} s: the device or the link hangs"
+            ) from None
 
     def install(self, program: Path) -> str:
         """Copy an executable to the device; returns how to name it there."""
@@ -132,6 +147,11 @@ class Device:
             f"copying {program.name} to the device",
         )
         return there
+
+    def run_io(self, program: str, sources: Path, obs, resets):
+        """``export.c_build.run_io`` of an installed I/O harness, on the device."""
+        where = shlex.quote(program) if self.runner is not None else program
+        return run_io(Path(where), sources, obs, resets, runner=self.prefix())
 
     def prefix(self) -> list[str]:
         """What precedes an installed program's path to run it (``run_io``'s runner)."""
@@ -230,10 +250,13 @@ def bench_on_target(
     emulator = None
     if runner is None and spec.machine != platform.machine():
         emulator = spec.emulator
+    if runner is not None and "-static" not in flags:
+        flags = [*flags, "-static"]  # whatever C library the device has
     with (
         tempfile.TemporaryDirectory(prefix="compressm-c-target-") as tmp,
         Device(runner, emulator) as device,
     ):
+        _check_machine(device, spec)
         build = Path(tmp)
         bench = compile_bench(sources, build / "policy_bench", spec.compiler, flags)
         io = build_io(sources, build, spec.compiler, flags)
@@ -259,13 +282,28 @@ def bench_on_target(
     return row, floor
 
 
+def _check_machine(device: Device, spec: Target) -> None:
+    """ToolchainError, before anything is built, when a device's ``uname -m`` is not the
+    target's architecture."""
+    if device.runner is None:
+        return
+    machine = device.describe()["machine"]
+    aliases = {"arm64": "aarch64", "amd64": "x86_64"}
+    if aliases.get(machine, machine) != aliases.get(spec.machine, spec.machine):
+        others = [t.name for t in TARGETS.values() if t.machine == machine]
+        hint = f"--target {others[0]}" if others else "a target of its architecture"
+        raise ToolchainError(
+            f"the device is {machine}, not {spec.machine} (--target {spec.name}): give {hint}"
+        )
+
+
 def _check_parity(sources: Path, build: Path, device: Device, io_there: str) -> dict:
     """Actions and states of the device's build against this machine's on the same
     ``parity_inputs``; ``{"steps", "max_abs_action", "max_abs_state"}``."""
     obs, resets = parity_inputs(read_header_dims(sources)[0])
     host_io = build_io(sources, build / "host", "gcc", list(HOST_FLAGS))
     want_actions, want_states = run_io(host_io, sources, obs, resets)
-    got_actions, got_states = run_io(Path(io_there), sources, obs, resets, runner=device.prefix())
+    got_actions, got_states = device.run_io(io_there, sources, obs, resets)
     for what, got, want in (
         ("action", got_actions, want_actions),
         ("state", got_states, want_states),

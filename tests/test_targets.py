@@ -128,6 +128,8 @@ def test_runner_and_flag_errors_are_clear(export_dir, capsys):
         ([str(export_dir), "--runner", "sh -c", "--run", "x"], "--run (torch rows)"),
         ([str(export_dir), "--target", "cortex-m4", "--ssh", "a@b"], "mps2-an386"),
         ([str(export_dir), "--runner", "no-such-runner-here"], "no-such-runner-here not found"),
+        ([str(export_dir), "--ssh-config", "cfg"], "--ssh-config is for --ssh"),
+        ([str(onnx_file), "--ssh-config", "cfg"], "--ssh-config is for --ssh"),
     ]
     for argv, message in cases:
         assert main(["bench", *argv, "--steps", "10"]) == 2
@@ -244,3 +246,20 @@ def test_an_unreachable_device_is_one_line(export_dir, sshd, capsys):
     )
     with pytest.raises(ToolchainError):
         bench_on_target(export_dir, "native", runner_command("x@127.0.0.1:1", None, config))
+
+
+def test_a_device_of_another_architecture_is_refused_before_building(export_dir, capsys):
+    from compressm_rl.cli import main
+
+    argv = ["bench", str(export_dir), "--target", "aarch64", "--runner", "sh -c"]
+    assert main([*argv, "--steps", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the device is {platform.machine()}, not aarch64" in err
+    assert "--target native" in err and len(err.splitlines()) == 1
+
+
+def test_device_output_mixed_with_text_is_named():
+    from export.c_bench import BenchResult
+
+    with pytest.raises(ValueError, match="cut or mixed with other text"):
+        BenchResult.from_raw(b"welcome\n" + bytes(160), 10)
