@@ -188,3 +188,27 @@ def test_the_journal_storage_fails_and_requeues_a_trial_whose_heartbeat_stopped(
     assert retry.system_attrs["fixed_params"] == {"kind": "full", "seed": 3, "budget": 0}
     assert retry.system_attrs["failed_trial"] == 0
     assert pop_waiting(study)[0].number == 1 and pop_waiting(study) is None
+
+
+def test_kept_results_are_re_read_only_by_the_same_sweep(tmp_path):
+    from dataclasses import replace
+
+    from compressm_rl.runs.checkpoint import CHECKPOINT
+    from compressm_rl.sweep.plan import SweepSpec
+    from compressm_rl.sweep.trials import read_result, write_result
+
+    run = tmp_path / "compressed-b16-s0"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(b"a checkpoint")  # only its size and time are read
+    spec = SweepSpec("Hopper-v5", {"total_steps": 1000, "physics_threads": 1}, {"gramian": "data"})
+    write_result(run, spec, {"return": 1.0})
+    assert read_result(run, spec) == {"return": 1.0}
+    machine = replace(spec, config={**spec.config, "physics_threads": 2})
+    assert read_result(run, machine) == {"return": 1.0}  # a worker's own machine setting
+    for other in (
+        replace(spec, config={**spec.config, "total_steps": 2000}),
+        replace(spec, recipe={"gramian": "white"}),
+        replace(spec, env_id="Walker2d-v5"),
+        replace(spec, eval_episodes=10),
+    ):
+        assert read_result(run, other) is None

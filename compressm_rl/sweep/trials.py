@@ -29,7 +29,7 @@ from compressm_rl.runs import (
     locked_run_dir,
 )
 from compressm_rl.runs.checkpoint import CHECKPOINT
-from compressm_rl.runs.config import CONFIG, trained_with
+from compressm_rl.runs.config import CONFIG, MACHINE_SETTINGS, trained_with
 from compressm_rl.runs.files import atomic_write_text
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import training_return
@@ -185,9 +185,15 @@ def measure(spec: plan.SweepSpec, run: Path, seed: int, trained: bool) -> dict:
 
 
 def _result_key(run: Path, spec: plan.SweepSpec) -> dict:
+    """What a kept result must match to be re-read: the checkpoint it measured, the
+    measuring settings, and the sweep's run settings (another sweep's results in the same
+    directory are not this one's; a machine's own settings may differ between workers)."""
     checkpoint = (run / CHECKPOINT).stat()
     measuring = {k: getattr(spec, k) for k in ("eval_episodes", "parity_steps", "bench_steps")}
-    return {"checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns], **measuring}
+    runs = {k: v for k, v in spec.config.items() if k not in MACHINE_SETTINGS}
+    sweep = {"env_id": spec.env_id, "config": runs, "recipe": spec.recipe}
+    key = {"checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns], **measuring, **sweep}
+    return json.loads(json.dumps(key))  # as it reads back from trial.json
 
 
 def read_result(run: Path, spec: plan.SweepSpec) -> dict | None:

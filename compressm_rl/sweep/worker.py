@@ -78,8 +78,16 @@ class Heartbeat:
         while not self.stop.wait(interval):
             try:
                 self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # the trial was failed as stale meanwhile: nothing to keep up
-                return
+            except Exception:  # the trial failed as stale meanwhile, or a storage hiccup
+                if not self._still_running():
+                    return  # nothing to keep up
+                # A locked database or a network blip: beat again next interval.
+
+    def _still_running(self) -> bool:
+        try:
+            return self.storage.get_trial(self.trial_id).state == TrialState.RUNNING
+        except Exception:  # the storage is still away: keep trying
+            return True
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
