@@ -158,14 +158,16 @@ def measure(spec: plan.SweepSpec, run: Path, seed: int, trained: bool) -> dict:
     """A finished run's numbers: training return (None where it was not trained:
     ``posthoc``), deterministic return over ``spec.eval_episodes`` episodes, final actor
     sizes, the C step's median latency on this machine (µs, batch 1) and the training's
-    wall-clock (s)."""
+    wall-clock (s). The deterministic return is taken on the sweep's training dynamics."""
     from compressm_rl.deploy import export_c_run
     from export.bench import cpu_model
     from export.c_bench import bench_c
 
     policy, meta = load_policy(run)
     controller = TorchController(policy, frozen=True)
-    returns = evaluate(controller, spec.env_id, spec.eval_episodes, EVAL_SEED + seed)
+    # On the dynamics the sweep trains on (the plain task unless --dynamics was given).
+    dynamics = spec.config.get("dynamics") or None
+    returns = evaluate(controller, spec.env_id, spec.eval_episodes, EVAL_SEED + seed, dynamics)
     export_c_run(run, run / C_EXPORT, parity_steps=spec.parity_steps)
     timing = bench_c(run / C_EXPORT, steps=spec.bench_steps, warmup=spec.bench_steps // 10)
     rows = MetricsLog(run).read()
