@@ -7,9 +7,9 @@ runs on the target device). Each ``.onnx`` model is timed through ``OnnxPolicy.a
 batch 1 on random observations, one call at a time, as a controller would call it:
 p50/p90/p99/max in µs and steps/s. Two floor rows time an Identity graph, the least ORT can
 do per call (through IOBinding, the path ``OnnxPolicy`` uses, and through ``session.run``).
-A C export (its directory or ``policy.c``) is compiled with a generated timing harness and
-timed inside C (``export.c_bench.bench_c``), on the same observations, with the clock's own
-floor as a row. It is built with the portable ``export.c_build.HOST_FLAGS``, the build the
+A C export (its directory or ``policy.c``) is compiled with ``bench.c`` (``export.c_bench``)
+and timed inside C, on standard-normal observations drawn in C, with the clock's own floor
+as a row. It is built with the portable ``export.c_build.HOST_FLAGS``, the build the
 export's README documents for a deployment target; ``--native`` adds ``-march=native``
 (this machine's full instruction set: faster where FMA/AVX pay, and only valid here). The
 identity model is embedded as serialised bytes so the ``onnx`` package is not needed.
