@@ -42,6 +42,7 @@ from mujoco import batch as mj_batch
 from mujoco import rollout as mj_rollout
 
 from envs.physics import ParallelPhysics, _build
+from export.bench import cpu_model
 
 FRAME_SKIP = 4
 STATE = mujoco.mjtState.mjSTATE_INTEGRATION
@@ -217,9 +218,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), "?")
-    print(f"mujoco {mujoco.__version__}, {platform.python_version()}, {cpu}")
+    print(f"mujoco {mujoco.__version__}, {platform.python_version()}, {cpu_model()}")
     print(f"{len(os.sched_getaffinity(0))} CPUs; Hopper-v5, frame_skip {FRAME_SKIP}")
     print(f"{args.rounds} rounds x {args.steps} control steps, variants interleaved\n")
     for n in (int(s) for s in args.sizes.split(",")):

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +46,7 @@ from compressm_rl.control_loop_c import (
     TASK_KINDS,
 )
 from envs import KeepPartObservation, make_env, split_env_id
+from export.bench import cpu_model
 from export.c_build import (
     C_STANDARD,
     HOST_FLAGS,
@@ -55,9 +54,9 @@ from export.c_build import (
     ToolchainError,
     check_weights_finite,
     find_tool,
-    first_error_line,
     read_header_dims,
     read_metadata,
+    run_tool,
     source_dir,
 )
 
@@ -292,21 +291,6 @@ def mujoco_c_library() -> tuple[Path, Path]:
     return include, libraries[0]
 
 
-def _call(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``command``; a ToolchainError with its first error line if it fails."""
-    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    if result.returncode != 0:
-        first = first_error_line(result.stderr)
-        status = f"signal {-result.returncode}" if result.returncode < 0 else result.returncode
-        raise ToolchainError(
-            f"{what} failed ({status})" + (f": {first}" if first else ""),
-            command,
-            result.returncode,
-            result.stderr,
-        )
-    return result
-
-
 def build_loop(sources: Path, build_dir: Path) -> Path:
     """The loop executable in ``build_dir``: ``LOOP_SOURCE`` + ``sources/policy.c``, linked
     with the wheel's ``libmujoco`` (found at run time through an rpath)."""
@@ -316,16 +300,16 @@ def build_loop(sources: Path, build_dir: Path) -> Path:
     exe = build_dir / "loop"
     loop_c.write_text(LOOP_SOURCE)
     common = [gcc, *C_STANDARD, "-I", str(sources), "-c"]
-    _call(
+    run_tool(
         [*common, *LOOP_FLAGS, "-I", str(include), str(loop_c), "-o", str(loop_o)],
         f"compiling {loop_c}",
     )
-    _call(
+    run_tool(
         [*common, *HOST_FLAGS, str(sources / SOURCE_NAME), "-o", str(policy_o)],
         f"compiling {sources / SOURCE_NAME}",
     )
     link = [gcc, str(loop_o), str(policy_o), str(library), f"-Wl,-rpath,{library.parent}"]
-    _call([*link, "-lm", "-o", str(exe)], f"linking {exe}")
+    run_tool([*link, "-lm", "-o", str(exe)], f"linking {exe}")
     return exe
 
 
@@ -385,17 +369,6 @@ def latency_summary(ns: np.ndarray) -> dict[str, float | None]:
     }
 
 
-def machine_name() -> str:
-    """The CPU model (``/proc/cpuinfo``'s model name), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_loop_detailed(
     c_export: Path,
     episodes: int = 10,
@@ -431,7 +404,7 @@ def run_loop_detailed(
         write_input(tmp / "input.bin", task, states)
         command = [str(exe), str(task.model_path), str(tmp / "input.bin"), str(tmp / "out.bin")]
         steal_before = steal_ns()
-        status = _status(_call(command, f"running {exe.name}", cwd=tmp).stdout)
+        status = _status(run_tool(command, f"running {exe.name}", cwd=tmp).stdout.decode())
         steal_after = steal_ns()
         header, returns, lengths, times = read_output(tmp / "out.bin")
     if steal_before is not None and steal_after is not None:
@@ -492,7 +465,7 @@ def _result(
         "page_faults": sum(rusage[:2]) if rusage else None,
         "involuntary_switches": rusage[3] if rusage else None,
         "steal_ms": status.get("steal_ms"),
-        "machine": machine_name(),
+        "machine": cpu_model(),
     }
 
 

@@ -27,9 +27,9 @@ import numpy as np
 from export.c_build import (
     C_STANDARD,
     HOST_FLAGS,
-    _run,
     find_tool,
     read_metadata,
+    run_tool,
     source_dir,
 )
 from export.c_text import comment_text
@@ -290,7 +290,7 @@ def compile_bench(
     harness.write_text(bench_source(read_metadata(sources), name))
     command = [find_tool(cc), *C_STANDARD, *(HOST_FLAGS if flags is None else flags)]
     command += ["-I", str(sources), str(sources / "policy.c"), str(harness), "-o", str(out), "-lm"]
-    _run(command, f"compiling {sources / 'policy.c'} with {BENCH_NAME}")
+    run_tool(command, f"compiling {sources / 'policy.c'} with {BENCH_NAME}")
     return out
 
 
@@ -344,7 +344,7 @@ class CBenchmark:
 
     def run(self) -> BenchResult:
         """One timed pass: ``steps`` calls after ``warmup`` untimed ones."""
-        result = _run(self._command, "the C timing harness")
+        result = run_tool(self._command, "the C timing harness")
         return BenchResult.from_raw(result.stdout, self._steps)
 
     def close(self) -> None:

@@ -140,7 +140,9 @@ def is_c_export(path: str | os.PathLike) -> bool:
     return path.suffix == ".c" or (path / SOURCE_NAME).is_file()
 
 
-def _run(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+def run_tool(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``command`` (stdout and stderr captured, as bytes); a ``ToolchainError`` naming
+    ``what`` failed, with the tool's first error line, if it exits non-zero."""
     result = subprocess.run(command, capture_output=True, **kwargs)
     if result.returncode != 0:
         stderr = result.stderr.decode(errors="replace") if isinstance(result.stderr, bytes) else ""
@@ -183,7 +185,7 @@ def compile_c(
         command.append(str(main))
     if shared:
         command += ["-shared", "-fPIC"]
-    _run([*command, "-o", str(out), "-lm"], f"compiling {sources / SOURCE_NAME}")
+    run_tool([*command, "-o", str(out), "-lm"], f"compiling {sources / SOURCE_NAME}")
     return out
 
 
@@ -324,7 +326,7 @@ def run_io(
     records = np.zeros(len(obs), dtype=[("reset", "u1"), ("obs", "<f4", (obs_dim,))])
     records["reset"], records["obs"] = resets, obs
     command = [*(runner or []), str(executable)]
-    result = _run(command, f"running {executable.name}", input=records.tobytes())
+    result = run_tool(command, f"running {executable.name}", input=records.tobytes())
     out = np.frombuffer(result.stdout, np.float32).reshape(len(obs), act_dim + state_dim)
     return out[:, :act_dim].copy(), out[:, act_dim:].copy()
 
@@ -344,11 +346,11 @@ def cortex_m4_size(path: str | os.PathLike) -> dict:
     with tempfile.TemporaryDirectory(prefix="compressm-c-m4-") as tmp:
         obj = Path(tmp) / "policy.o"
         command = [find_tool("arm-none-eabi-gcc"), *C_STANDARD, *CORTEX_M4_FLAGS, "-c"]
-        _run(
+        run_tool(
             [*command, "-I", str(sources), str(sources / SOURCE_NAME), "-o", str(obj)],
             f"cross-compiling {sources / SOURCE_NAME}",
         )
-        sections = _run([size_tool, "-A", str(obj)], "arm-none-eabi-size").stdout.decode()
+        sections = run_tool([size_tool, "-A", str(obj)], "arm-none-eabi-size").stdout.decode()
         sizes = {"code": 0, "weights": 0, "ram": 0}
         for line in sections.splitlines():
             parts = line.split()
@@ -367,6 +369,6 @@ def cortex_m4_size(path: str | os.PathLike) -> dict:
                 stack = int(line.split("\t")[1])
         undefined = []
         if nm_tool:
-            listing = _run([nm_tool, "-u", str(obj)], "arm-none-eabi-nm").stdout.decode()
+            listing = run_tool([nm_tool, "-u", str(obj)], "arm-none-eabi-nm").stdout.decode()
             undefined = [line.split()[-1] for line in listing.splitlines() if line.strip()]
     return {**sizes, "stack": stack, "undefined": undefined, "flags": " ".join(CORTEX_M4_FLAGS)}

@@ -54,11 +54,11 @@ from export.c_build import (
     HEADER_NAME,
     SOURCE_NAME,
     ToolchainError,
-    _run,
     build_io,
     find_tool,
     read_header_dims,
     run_io,
+    run_tool,
     source_dir,
 )
 from export.cortex_m4_c import BOARD_C, LINKER_SCRIPT
@@ -209,7 +209,7 @@ def build_image(sources: Path, build_dir: Path, obs: np.ndarray, resets: np.ndar
     (build_dir / "board.c").write_text(BOARD_C)
     (build_dir / "board.ld").write_text(LINKER_SCRIPT.replace("@STACK_BYTES@", str(STACK_BYTES)))
     policy_o = build_dir / "policy.o"
-    _run(
+    run_tool(
         [cc, *C_STANDARD, *CORTEX_M4_FLAGS, "-c", "-I", str(sources), str(sources / SOURCE_NAME)]
         + ["-o", str(policy_o)],
         f"cross-compiling {sources / SOURCE_NAME}",
@@ -217,7 +217,7 @@ def build_image(sources: Path, build_dir: Path, obs: np.ndarray, resets: np.ndar
     objects = [policy_o]
     for name in ("board", "inputs"):
         objects.append(build_dir / f"{name}.o")
-        _run(
+        run_tool(
             [cc, *C_STANDARD, *HARNESS_FLAGS, "-c", "-I", str(sources), "-I", str(build_dir)]
             + [str(build_dir / f"{name}.c"), "-o", str(objects[-1])],
             f"compiling the Cortex-M4 harness {build_dir / name}.c",
@@ -225,7 +225,7 @@ def build_image(sources: Path, build_dir: Path, obs: np.ndarray, resets: np.ndar
     check_harness_calls_no_library(build_dir / "board.o")
     image = build_dir / "image.elf"
     # -Xlinker, not -Wl,: a -Wl, argument is split at commas, and paths may hold them.
-    _run(
+    run_tool(
         [cc, *LINK_FLAGS, "-T", str(build_dir / "board.ld"), *map(str, objects)]
         + ["-Xlinker", f"-Map={build_dir / 'image.map'}", "-o", str(image)],
         f"linking the Cortex-M4 image of {sources / SOURCE_NAME}",
@@ -235,7 +235,7 @@ def build_image(sources: Path, build_dir: Path, obs: np.ndarray, resets: np.ndar
 
 def undefined_symbols(obj: Path) -> list[str]:
     """The symbols ``obj`` needs from elsewhere (``arm-none-eabi-nm -u``)."""
-    listing = _run([find_tool("arm-none-eabi-nm"), "-u", str(obj)], "arm-none-eabi-nm")
+    listing = run_tool([find_tool("arm-none-eabi-nm"), "-u", str(obj)], "arm-none-eabi-nm")
     return [line.split()[-1] for line in listing.stdout.decode().splitlines() if line.strip()]
 
 
@@ -253,7 +253,7 @@ def check_harness_calls_no_library(board_o: Path) -> None:
 
 def section_sizes(image: Path) -> dict[str, int]:
     """Bytes of each allocated output section of ``image`` (``arm-none-eabi-size -A``)."""
-    listing = _run([find_tool("arm-none-eabi-size"), "-A", str(image)], "arm-none-eabi-size")
+    listing = run_tool([find_tool("arm-none-eabi-size"), "-A", str(image)], "arm-none-eabi-size")
     sizes = {}
     for line in listing.stdout.decode().splitlines():
         parts = line.split()
@@ -264,7 +264,7 @@ def section_sizes(image: Path) -> dict[str, int]:
 
 def symbol_addresses(image: Path) -> dict[str, int]:
     """Addresses of ``image``'s symbols (``arm-none-eabi-nm``), for the linker-script marks."""
-    listing = _run([find_tool("arm-none-eabi-nm"), str(image)], "arm-none-eabi-nm")
+    listing = run_tool([find_tool("arm-none-eabi-nm"), str(image)], "arm-none-eabi-nm")
     symbols = {}
     for line in listing.stdout.decode().splitlines():
         parts = line.split()
@@ -334,7 +334,7 @@ def qemu_command(image: Path) -> list[str]:
 
 def emulator_version() -> str:
     """``qemu-system-arm --version``'s first line ("QEMU emulator version 7.2.22 ...")."""
-    listing = _run([find_tool("qemu-system-arm"), "--version"], "qemu-system-arm --version")
+    listing = run_tool([find_tool("qemu-system-arm"), "--version"], "qemu-system-arm --version")
     return listing.stdout.decode().splitlines()[0].strip()
 
 

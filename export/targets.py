@@ -38,11 +38,11 @@ from export.c_build import (
     AARCH64_FLAGS,
     HOST_FLAGS,
     ToolchainError,
-    _run,
     build_io,
     find_tool,
     read_header_dims,
     run_io,
+    run_tool,
     source_dir,
 )
 
@@ -129,7 +129,7 @@ class Device:
         what = what or f"running on the device ({' '.join(self.runner)})"
         feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
         try:
-            return _run([*self.runner, script], what, timeout=DEVICE_TIMEOUT_S, **feed).stdout
+            return run_tool([*self.runner, script], what, timeout=DEVICE_TIMEOUT_S, **feed).stdout
         except subprocess.TimeoutExpired:
             raise ToolchainError(
                 f"{what} took over {DEVICE_TIMEOUT_S:g} s: the device or the link hangs"
@@ -165,7 +165,7 @@ class Device:
             script = " ".join(shlex.quote(part) for part in [program, *arguments])
             return self._shell(script, what=f"running {Path(program).name} on the device")
         command = [*self.prefix(), program, *arguments]
-        return _run(command, f"running {Path(program).name}").stdout
+        return run_tool(command, f"running {Path(program).name}").stdout
 
     def describe(self) -> dict:
         """``{"machine": uname -m, "cpu": model name or "", "emulated": bool}`` of the
