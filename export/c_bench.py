@@ -25,9 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from export.c_build import (
-    C_STANDARD,
-    HOST_FLAGS,
-    find_tool,
+    compile_c,
     read_metadata,
     run_tool,
     source_dir,
@@ -285,13 +283,8 @@ def compile_bench(
 ) -> Path:
     """Build ``sources``' ``policy.c`` with a fresh ``bench.c`` (``bench_source``) into the
     executable ``out`` (its directory must exist; nothing is written beside the sources)."""
-    name = f"C {sources.name}"
-    harness = out.with_name(out.name + "_" + BENCH_NAME)
-    harness.write_text(bench_source(read_metadata(sources), name))
-    command = [find_tool(cc), *C_STANDARD, *(HOST_FLAGS if flags is None else flags)]
-    command += ["-I", str(sources), str(sources / "policy.c"), str(harness), "-o", str(out), "-lm"]
-    run_tool(command, f"compiling {sources / 'policy.c'} with {BENCH_NAME}")
-    return out
+    harness = bench_source(read_metadata(sources), f"C {sources.name}")
+    return compile_c(sources, out, harness, cc, flags)
 
 
 @dataclass

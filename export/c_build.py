@@ -172,7 +172,8 @@ def compile_c(
     Args:
         sources: directory with ``policy.c`` and ``policy.h``.
         out: the executable or shared library to write (its directory must exist).
-        harness: C source of a ``main`` (``IO_HARNESS``) or None.
+        harness: C source of a ``main`` (``IO_HARNESS``, ``export.c_bench``'s ``bench.c``)
+            or None.
         cc: the compiler (``gcc``, ``aarch64-linux-gnu-gcc``, ...).
         flags: optimisation flags (``HOST_FLAGS`` by default).
         shared: build a shared library (``-shared -fPIC``) for ``ctypes``.

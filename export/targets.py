@@ -256,13 +256,13 @@ def bench_on_target(
         tempfile.TemporaryDirectory(prefix="compressm-c-target-") as tmp,
         Device(runner, emulator) as device,
     ):
-        _check_machine(device, spec)
+        info = device.describe()
+        _check_machine(info, device.runner is not None, spec)
         build = Path(tmp)
         bench = compile_bench(sources, build / "policy_bench", spec.compiler, flags)
         io = build_io(sources, build, spec.compiler, flags)
         parity = _check_parity(sources, build, device, device.install(io))
         raw = device.run(device.install(bench), raw_arguments(steps, warmup, seed))
-        info = device.describe()
     result = BenchResult.from_raw(raw, steps)
     tags = dict(
         target=target,
@@ -282,12 +282,12 @@ def bench_on_target(
     return row, floor
 
 
-def _check_machine(device: Device, spec: Target) -> None:
-    """ToolchainError, before anything is built, when a device's ``uname -m`` is not the
-    target's architecture."""
-    if device.runner is None:
+def _check_machine(info: dict, remote: bool, spec: Target) -> None:
+    """ToolchainError, before anything is built, when a remote device's ``uname -m``
+    (``info``, ``Device.describe``) is not the target's architecture."""
+    if not remote:
         return
-    machine = device.describe()["machine"]
+    machine = info["machine"]
     aliases = {"arm64": "aarch64", "amd64": "x86_64"}
     if aliases.get(machine, machine) != aliases.get(spec.machine, spec.machine):
         others = [t.name for t in TARGETS.values() if t.machine == machine]
