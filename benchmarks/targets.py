@@ -21,7 +21,6 @@ from pathlib import Path
 from latency import POLICIES, build_policies, file_stem
 
 from compressm_rl.latency import BenchOptions, bench
-from export.c_bench import BENCH_NAME, MAKEFILE_NAME
 from export.c_codegen import generate
 from export.onnx_export import build_model
 
@@ -37,12 +36,7 @@ def write_c_exports(out_dir: Path) -> list[Path]:
         c_dir = out_dir / file_stem(name)
         c_dir.mkdir(parents=True, exist_ok=True)
         sources = generate(model, dir_name=str(c_dir))
-        for file_name, text in (
-            ("policy.c", sources.source),
-            ("policy.h", sources.header),
-            (BENCH_NAME, sources.bench),
-            (MAKEFILE_NAME, sources.makefile),
-        ):
+        for file_name, text in sources.files().items():
             (c_dir / file_name).write_text(text)
         paths.append(c_dir)
     return paths

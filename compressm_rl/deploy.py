@@ -113,11 +113,7 @@ def export_c_run(
     model = build_model(policy, meta["env_id"], meta["global_step"], merged=False)
     sources = generate(model, onnx_name="policy.onnx", dir_name=str(out))
     files = {
-        "policy.c": sources.source.encode(),
-        "policy.h": sources.header.encode(),
-        "README.md": sources.readme.encode(),
-        "bench.c": sources.bench.encode(),
-        "Makefile": sources.makefile.encode(),
+        **{name: text.encode() for name, text in sources.files().items()},
         "policy.onnx": model.SerializeToString(),
     }
     reports: list[dict] = []

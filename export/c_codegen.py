@@ -61,12 +61,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.c_bench import bench_source, makefile
+from export.c_bench import BENCH_NAME, MAKEFILE_NAME, bench_source, makefile
 from export.c_build import (
     AARCH64_FLAGS,
     CORTEX_M4_FLAGS,
+    HEADER_NAME,
     HOST_FLAGS,
     METADATA_TAG,
+    SOURCE_NAME,
     safe_action,
 )
 from export.c_emitter import BLOCK, Emitter, UnsupportedGraphError, c_array
@@ -96,6 +98,17 @@ class CSources:
     action_dim: int
     state_dim: int
     metadata: dict[str, str]
+
+    def files(self) -> dict[str, str]:
+        """The export directory's generated text files by name (``compressm-rl export
+        --format c`` writes the ``policy.onnx`` they came from beside them)."""
+        return {
+            SOURCE_NAME: self.source,
+            HEADER_NAME: self.header,
+            "README.md": self.readme,
+            BENCH_NAME: self.bench,
+            MAKEFILE_NAME: self.makefile,
+        }
 
 
 def generate(

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_c_export import write_sources
 
 from compressm_rl.control_loop import format_loop_report, run_loop
 from compressm_rl.runs.evaluate import evaluate
 from envs import make_env
 from export.c_build import ToolchainError
-from export.c_codegen import generate
 from export.c_runtime import CPolicy
 from export.onnx_export import build_model
 from policies.actor_critic import ActorCritic
@@ -36,11 +36,7 @@ def write_export(env_id: str, out: Path) -> Path:
     policy = ActorCritic(
         obs_dim, space.shape[0], space.low, space.high, width=16, state_dims=[6, 4]
     )
-    sources = generate(build_model(policy, env_id, merged=False))
-    out.mkdir(parents=True)
-    (out / "policy.c").write_text(sources.source)
-    (out / "policy.h").write_text(sources.header)
-    return out
+    return write_sources(build_model(policy, env_id, merged=False), out)
 
 
 @pytest.fixture(scope="module")

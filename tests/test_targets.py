@@ -18,7 +18,7 @@ import pytest
 from test_c_export import POLICIES, require, write_sources
 from test_export import make_policy
 
-from export.c_bench import BENCH_NAME, MAKEFILE_NAME, CBenchmark, bench_source, makefile
+from export.c_bench import CBenchmark, bench_source, makefile
 from export.c_build import AARCH64_FLAGS, HOST_FLAGS, ToolchainError, read_metadata
 from export.c_codegen import generate
 from export.onnx_export import build_model
@@ -36,8 +36,8 @@ def export_dir(tmp_path_factory) -> Path:
     model = build_model(policy, "Hopper-v5", 0, merged=False)
     out = write_sources(model, tmp_path_factory.mktemp("target") / "policy_c")
     sources = generate(model, dir_name=str(out))
-    (out / BENCH_NAME).write_text(sources.bench)
-    (out / MAKEFILE_NAME).write_text(sources.makefile)
+    for name, text in sources.files().items():
+        (out / name).write_text(text)
     return out
 
 
