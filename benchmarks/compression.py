@@ -47,9 +47,9 @@ import numpy as np
 import yaml
 
 from compressm_rl.compression import CompressionConfig
-from compressm_rl.runs import TorchController, TrainConfig, evaluate, load_policy
+from compressm_rl.runs import TorchController, evaluate, load_policy
 from compressm_rl.runs.files import atomic_write_text
-from compressm_rl.settings import add_flags, flagged_fields, given_flags
+from compressm_rl.settings import add_flags, flagged_fields, given_flags, int_list
 from compressm_rl.sweep.plan import TRIALS
 from compressm_rl.sweep.stats import (  # noqa: F401  (benchmarks/compare.py imports them here)
     TRAIN_RETURN_ITERATIONS,
@@ -59,7 +59,7 @@ from compressm_rl.sweep.stats import (  # noqa: F401  (benchmarks/compare.py imp
     running_returns,
     training_return,
 )
-from compressm_rl.sweep.trials import is_trained
+from compressm_rl.sweep.trials import is_trained as is_done  # noqa: F401  (compare.py)
 
 LABELS = {
     "1-full": "full",
@@ -70,11 +70,6 @@ LABELS = {
 # A 10-episode deterministic return moved by up to 790 between two episode sets
 # (Hopper-v5-P); the sweep evaluates each policy on 30.
 EVAL_EPISODES = 30
-
-
-def is_done(config: TrainConfig, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run of ``config`` trained to its last iteration."""
-    return is_trained(config, run_dir)
 
 
 def deterministic_returns(run_dir: Path, policy, env_id: str, seed: int) -> np.ndarray:
@@ -230,7 +225,7 @@ def main() -> None:
         parser.error(f"--ppo takes a YAML mapping such as '{{lr: 1.0e-3}}', not {args.ppo!r}")
     given = given_flags(args, CompressionConfig)
     target = f"b{compression.budget}" if compression.budget else f"t{compression.tol:g}"
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = int_list(args.seeds)
     for env_id in args.envs.split(","):
         if args.reuse_from is not None:
             reuse_full_runs(args.reuse_from, args.out, env_id, seeds)
