@@ -85,8 +85,31 @@ def test_batched_locomotion_step_is_bit_identical(env_id, kwargs):
     assert ended["truncated"] + ended["terminated"]  # autoresets were compared too
 
 
+@pytest.mark.parametrize(
+    "env_id, kwargs",
+    [
+        ("Swimmer-v5", {"max_episode_steps": 30}),
+        ("Swimmer-v5", {"exclude_current_positions_from_observation": False}),
+        # A narrow health band: random actions end Ant's episodes within the test.
+        ("Ant-v5", {"healthy_z_range": (0.45, 1.0)}),
+        ("Ant-v5", {"include_cfrc_ext_in_observation": False, "main_body": "torso"}),
+        ("Ant-v5", {"contact_force_range": (-0.5, 2.0), "dynamics": "wide,push_prob=0.2"}),
+        ("Humanoid-v5", {}),
+        ("Humanoid-v5", {"include_cinert_in_observation": False, "contact_cost_range": (0, 1e-4)}),
+        ("Humanoid-v5", {"include_cvel_in_observation": False, "dynamics": "wide"}),
+    ],
+)
+def test_contact_tasks_step_bit_identical(env_id, kwargs):
+    """Ant and Humanoid read cfrc_ext (mj_rnePostConstraint after the step) for their
+    contact cost and observation; Swimmer is batched too."""
+    ended = _compare(env_id, batched=True, steps=80, **{"max_episode_steps": 30, **kwargs})
+    assert ended["truncated"] + ended["terminated"]
+
+
 @two_cpus
-@pytest.mark.parametrize("env_id, threads", [("Hopper-v5", 2), ("Walker2d-v5-P", 3)])
+@pytest.mark.parametrize(
+    "env_id, threads", [("Hopper-v5", 2), ("Walker2d-v5-P", 3), ("Humanoid-v5", 2)]
+)
 def test_physics_on_threads_is_bit_identical(env_id, threads):
     """mj_step on POSIX threads (envs.physics) against Gymnasium stepping env by env."""
     ended = _compare(env_id, batched=True, steps=100, threads=threads, max_episode_steps=30)
