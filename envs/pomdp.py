@@ -15,19 +15,20 @@ KEEP_CHOICES = ("positions", "velocities")
 
 
 def position_count(env: gym.Env) -> int:
-    """Number of leading observation entries that are joint positions."""
+    """Number of leading observation entries that are joint positions, from the task's
+    ``observation_structure`` (Gymnasium's v5 MuJoCo tasks: ``qpos`` less the excluded
+    root coordinates: 1 on the planar walkers, 2 on Swimmer, Ant and Humanoid)."""
     base = env.unwrapped
-    model = getattr(base, "model", None)
-    if model is None:
+    name = env.spec.id if env.spec else type(base).__name__
+    if getattr(base, "model", None) is None:
+        raise ValueError(f"{name} is not a MuJoCo env: no POMDP variant")
+    structure = getattr(base, "observation_structure", None)
+    if not isinstance(structure, dict) or "qpos" not in structure or "qvel" not in structure:
         raise ValueError(
-            f"{env.spec.id if env.spec else env} is not a MuJoCo env: no POMDP variant"
+            f"{name}'s observation is not [qpos, qvel, ...] (it declares no "
+            "observation_structure): no -P / -V variant; use the task's own id"
         )
-    excluded = getattr(base, "_exclude_current_positions_from_observation", False)
-    # Walker2d/Hopper/HalfCheetah drop the root x; Ant/Humanoid-style tasks drop x and y.
-    dropped = 0
-    if excluded:
-        dropped = 2 if model.nq - model.nv == 1 else 1
-    return int(model.nq - dropped)
+    return int(structure["qpos"])
 
 
 class KeepPartObservation(gym.ObservationWrapper):

@@ -17,9 +17,21 @@ from envs.vector import SameStepSyncVectorEnv
 POMDP_SUFFIXES = {"-P": "positions", "-V": "velocities"}
 
 
-# The tasks this project is tuned and tested on (their PPO presets live with the RL code,
+# The tasks this project has presets for (their PPO settings live with the RL code,
 # compressm_rl/rl/presets.yaml); any other Gymnasium id works too.
-TASKS = ("InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
+TASKS = (
+    "InvertedPendulum-v5",
+    "Hopper-v5",
+    "HalfCheetah-v5",
+    "Walker2d-v5",
+    "Swimmer-v5",
+    "Ant-v5",
+    "Humanoid-v5",
+    "Reacher-v5",
+    "Pusher-v5",
+)
+# Those whose observation is [qpos, qvel, ...]: the ones with -P / -V variants.
+POMDP_TASKS = TASKS[:7]
 
 
 def split_env_id(env_id: str) -> tuple[str, str | None]:
@@ -33,19 +45,24 @@ def split_env_id(env_id: str) -> tuple[str, str | None]:
 def known_env_ids() -> list[str]:
     """Gymnasium ids plus the POMDP variants of the project's tasks."""
     ids = list(gym.registry.keys())
-    ids += [base + suffix for base in TASKS for suffix in POMDP_SUFFIXES]
+    ids += [base + suffix for base in POMDP_TASKS for suffix in POMDP_SUFFIXES]
     return ids
 
 
 def check_env_id(env_id: str) -> str:
     """Return the Gymnasium id behind ``env_id`` or raise a ValueError naming close matches."""
     base, keep = split_env_id(env_id)
+    if keep and base in TASKS and base not in POMDP_TASKS:
+        raise ValueError(
+            f"{env_id!r}: {base}'s observation is not [positions, velocities], so it has no "
+            f"-P / -V variant; use {base} (variants exist for {', '.join(POMDP_TASKS)})"
+        )
     if base in gym.registry:
         return base
     close = difflib.get_close_matches(env_id, known_env_ids(), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ValueError(
-        f"unknown env id {env_id!r}.{hint} Tuned tasks: {', '.join(TASKS)} "
+        f"unknown env id {env_id!r}.{hint} Tasks with presets: {', '.join(TASKS)} "
         f"(append -P or -V for the positions-only / velocities-only variants)."
     )
 

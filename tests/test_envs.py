@@ -172,6 +172,29 @@ def test_unknown_tasks_and_wrappers_step_one_by_one():
     assert _compare("InvertedPendulum-v5", batched=False, steps=60)["terminated"]
 
 
+@pytest.mark.parametrize("env_id", ["Swimmer-v5", "Ant-v5", "Humanoid-v5", "Hopper-v5"])
+def test_pomdp_variants_keep_exactly_the_joint_positions_or_velocities(env_id):
+    """-P keeps qpos less the excluded root coordinates (1 on Hopper, 2 on Swimmer, Ant
+    and Humanoid), -V keeps qvel, read off the env's own state."""
+    for suffix, keep in (("-P", "positions"), ("-V", "velocities")):
+        env = make_env(env_id + suffix)
+        obs, _ = env.reset(seed=0)
+        data = env.unwrapped.data
+        skipped = 1 if env_id == "Hopper-v5" else 2
+        want = data.qpos[skipped:] if keep == "positions" else data.qvel
+        np.testing.assert_array_equal(obs, want)
+        assert env.observation_space.shape == want.shape
+
+
+def test_tasks_without_a_positions_velocities_split_have_no_pomdp_variant():
+    with pytest.raises(ValueError, match="Reacher-v5's observation is not .* use Reacher-v5"):
+        make_env("Reacher-v5-P")
+    with pytest.raises(ValueError, match="declares no observation_structure"):
+        from envs import KeepPartObservation
+
+        KeepPartObservation(gym.make("Pusher-v5"), "velocities")
+
+
 def test_batched_step_checks_its_input():
     envs = SameStepSyncVectorEnv([lambda: make_env("Hopper-v5")] * 2)
     with pytest.raises(RuntimeError, match="reset the envs"):
