@@ -67,9 +67,11 @@ def tiny_yaml(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shared_sweep(tmp_path_factory, tiny_yaml):
-    """A grid of one budget over two seeds, run by two workers started together."""
+    """A grid of one budget over two seeds, with the MLP reference, run by two workers
+    started together."""
     out = tmp_path_factory.mktemp("sweeps") / "shared"
-    argv = sweep_argv(out, tiny_yaml, 4 * STEPS_PER_ITERATION, "--seeds", "0,1")
+    methods = ("--methods", "compressed,small,posthoc,mlp")
+    argv = sweep_argv(out, tiny_yaml, 4 * STEPS_PER_ITERATION, "--seeds", "0,1", *methods)
     workers = [start_worker(argv) for _ in range(2)]
     return out, [finish(w) for w in workers]
 
@@ -81,7 +83,7 @@ def test_two_workers_share_the_grid_without_running_a_trial_twice(shared_sweep):
     trials = trials_of(out)
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
     runs = sorted(t.user_attrs["run"] for t in trials)
-    kinds = ("full-b0", "compressed-b8", "small-b8", "posthoc-b8")
+    kinds = ("full-b0", "compressed-b8", "small-b8", "posthoc-b8", "mlp-b0")
     assert runs == sorted(f"{k}-s{s}" for k in kinds for s in (0, 1))  # each point once
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
     said = "".join(outputs)
@@ -104,9 +106,10 @@ def test_the_report_is_written_from_a_finished_study(shared_sweep, capsys):
     (out / "pareto.png").unlink()
     assert main(["sweep", "--out", str(out), "--report"]) == 0
     text = (out / "pareto.md").read_text()
-    for label in ("| full |", "| compressed-b8 |", "| small-b8 |", "| posthoc-b8 |"):
+    for label in ("| full |", "| compressed-b8 |", "| small-b8 |", "| posthoc-b8 |", "| mlp |"):
         assert label in text
-    assert "8 complete" in text and "Storage round trips per trial" in text
+    assert "| mlp | 2 | [] [] | 0 |" in text  # no state
+    assert "10 complete" in text and "Storage round trips per trial" in text
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -89,7 +89,9 @@ def _add_plan_flags(group) -> None:
     group.add_argument(
         "--methods",
         type=_names,
-        help="what the grid compares with the full runs (default compressed,small,posthoc)",
+        help="what the grid compares with the full runs: some of compressed, small, posthoc "
+        "and mlp (an MLP policy with the full run's settings: does the task need memory?) "
+        "(default compressed,small,posthoc)",
     )
     group.add_argument(
         "--search",

@@ -2,7 +2,7 @@
 worker runs the same sweep), its trials' parameters, their run directories and configs.
 
 A trial is one policy, named by its parameters: ``kind`` (``full``, ``compressed``,
-``small``, ``posthoc``), its target (``budget``: complex states per part, or ``tol``:
+``small``, ``posthoc``, ``mlp``), its target (``budget``: complex states per part, or ``tol``:
 the fraction of each layer's Hankel singular value sum to drop; 0 / none for ``full``),
 the search's recipe settings where it searches them, and ``seed``. Its run directory is
 ``OUT/trials/<kind>-b<budget>[-<setting><value>...]-s<seed>``, so that a retried trial,
@@ -23,8 +23,11 @@ from pathlib import Path
 from compressm_rl.runs.config import MACHINE_SETTINGS, TrainConfig
 
 TRIALS = "trials"
-KINDS = ("full", "compressed", "small", "posthoc")
+# mlp: the full run's settings with a feed-forward policy, the size's lower end (no
+# state at all): whether the task needs memory.
+KINDS = ("full", "compressed", "small", "posthoc", "mlp")
 METHODS = KINDS[1:]  # what a grid compares with the full policy
+DEFAULT_METHODS = ("compressed", "small", "posthoc")
 OBJECTIVES = ("states", "latency")
 # The search's optional dimensions besides the budget (``tol`` replaces it: compress by
 # energy, the size an outcome).
@@ -57,7 +60,7 @@ class SweepSpec:
     budgets: list[int] = field(default_factory=list)
     tols: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     trials: int = 0  # the search's trial count
     objective: str = "states"
     search_space: list[str] = field(default_factory=list)
@@ -111,9 +114,20 @@ def with_kind(params: dict, kind: str) -> dict:
     return {**params, "kind": kind}
 
 
+def kind_choices(spec: SweepSpec) -> tuple[str, ...]:
+    """The choices of the trials' ``kind`` parameter. Optuna fixes a categorical's choices
+    for a study's life, and sweeps without the MLP reference hold the first four."""
+    return KINDS if "mlp" in spec.methods else KINDS[:4]
+
+
 def full_config(spec: SweepSpec, seed: int) -> TrainConfig:
     """The full policy's config at ``seed`` (compression off)."""
     return TrainConfig.from_dict({**spec.config, "seed": seed, "compression": {}})
+
+
+def mlp_config(spec: SweepSpec, seed: int) -> TrainConfig:
+    """The MLP reference's config at ``seed``: the full run's, with an MLP policy."""
+    return TrainConfig.from_dict({**spec.config, "seed": seed, "compression": {}, "policy": "mlp"})
 
 
 def compressed_config(spec: SweepSpec, params: dict) -> TrainConfig:
@@ -153,8 +167,8 @@ def grid_points(spec: SweepSpec) -> list[dict]:
     """The grid's trials' parameters, in the order workers take them: per seed its full
     run and its compressed runs (with two workers and one target, a seed's full and
     compressed runs start side by side: their wall-clocks compare under one load), then
-    the small and post-training runs, which depend on them. A search queues none: its
-    sampler makes its trials."""
+    the small and post-training runs, which depend on them, then the MLP references. A
+    search queues none: its sampler makes its trials."""
     if spec.mode != "grid":
         return []
     targets = [{"budget": b} for b in spec.budgets] + [{"tol": t} for t in spec.tols]
@@ -165,6 +179,8 @@ def grid_points(spec: SweepSpec) -> list[dict]:
     for kind in ("small", "posthoc"):
         if kind in spec.methods:
             points += [{"kind": kind, **t, "seed": s} for t in targets for s in spec.seeds]
+    if "mlp" in spec.methods:
+        points += [{"kind": "mlp", "seed": s, "budget": 0} for s in spec.seeds]
     return points
 
 
@@ -191,6 +207,8 @@ def check_spec(spec: SweepSpec) -> None:
             flag = f"--{name.replace('_', '-')}"
             raise ValueError(f"{flag} {getattr(spec, name)} is out of range: at least {low}")
     full_config(spec, spec.seeds[0])
+    if "mlp" in spec.methods:
+        mlp_config(spec, spec.seeds[0])
     for point in _points_to_check(spec):
         compressed_config(spec, {**point, "seed": spec.seeds[0]})
 

@@ -32,6 +32,10 @@ STYLE = {
     "small": ("C1", "s"),
     "posthoc": ("C2", "^"),
 }
+# References drawn as a line with its interval: the full policy, and the MLP (no state,
+# so no place on a states axis).
+# (The full policy's point is in the legend already.)
+LINES = {"full": ("black", "-", None), "mlp": ("C3", ":", "MLP (no memory)")}
 
 
 @dataclass
@@ -142,7 +146,7 @@ def _seconds(point: Point) -> str:
 
 
 def _label(point: Point) -> str:
-    return "full" if point.kind == "full" else point.label
+    return point.kind if point.kind in LINES else point.label
 
 
 HEADER = [
@@ -245,23 +249,25 @@ def write_report(out: Path, name: str, spec: plan.SweepSpec, studies: list[optun
 
 def plot(pts: list[Point], path: Path, title: str) -> None:
     """Return against states and against the C step's p50 (columns), deterministic and
-    training return (rows); the full policy a line with its interval, the front dashed."""
+    training return (rows); the full policy and the MLP lines with their intervals, the
+    front dashed."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = next((p for p in pts if p.kind == "full"), None)
+    lines = {kind: next((p for p in pts if p.kind == kind), None) for kind in LINES}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
     for row, (ret, ret_name) in enumerate(RETURNS):
         for col, (x, x_name) in enumerate(AXES):
             ax = axes[row][col]
-            shown = [p for p in pts if p.interval(ret) is not None]
+            shown = [p for p in pts if p.interval(ret) is not None and p.kind != "mlp"]
             for kind, (color, marker) in STYLE.items():
                 _errorbars(ax, [p for p in shown if p.kind == kind], x, ret, color, marker, kind)
-            if full in shown:
-                _reference(ax, full, ret)
+            for kind, point in lines.items():
+                if point is not None and point.interval(ret) is not None:
+                    _reference(ax, point, ret, *LINES[kind])
             _front(ax, shown, x, ret)
             xs = [p.mean(x) for p in shown]
             if xs and max(xs) > 4 * min(xs):  # sizes from 8 to 256 states: log
@@ -286,11 +292,11 @@ def _errorbars(ax, pts: list[Point], x: str, ret: str, color: str, marker: str, 
     ax.errorbar(xs, mean, yerr=[low, high], fmt=marker, color=color, label=label, capsize=3)
 
 
-def _reference(ax, full: Point, ret: str) -> None:
-    mean, low, high = full.interval(ret)
-    ax.axhline(mean, color="black", lw=1)
+def _reference(ax, point: Point, ret: str, color: str, style: str, label: str | None) -> None:
+    mean, low, high = point.interval(ret)
+    ax.axhline(mean, color=color, ls=style, lw=1, label=label)
     if not np.isnan(low):
-        ax.axhspan(low, high, color="black", alpha=0.08)
+        ax.axhspan(low, high, color=color, alpha=0.08)
 
 
 def _front(ax, pts: list[Point], x: str, ret: str) -> None:

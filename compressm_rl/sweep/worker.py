@@ -171,7 +171,7 @@ def trial_params(spec: plan.SweepSpec, trial: optuna.Trial, frozen: FrozenTrial 
     by the sampler (a new search trial); its seed is a user attribute in a search."""
     fixed = dict(frozen.system_attrs.get("fixed_params") or frozen.params) if frozen else {}
     if "kind" in fixed:  # a grid point or a reference run
-        params = {"kind": trial.suggest_categorical("kind", plan.KINDS)}
+        params = {"kind": trial.suggest_categorical("kind", plan.kind_choices(spec))}
         if "tol" in fixed:
             params["tol"] = trial.suggest_float("tol", 0.0, 1.0)
         else:
