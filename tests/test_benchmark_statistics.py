@@ -166,3 +166,45 @@ def test_the_sweep_takes_every_flag_of_train_s_settings_with_its_defaults():
                 train[flag].default,
                 train[flag].help,
             )
+
+
+_spec_r = importlib.util.spec_from_file_location(
+    "robustness_benchmark", Path(__file__).parents[1] / "benchmarks" / "robustness.py"
+)
+robustness_benchmark = importlib.util.module_from_spec(_spec_r)
+_spec_r.loader.exec_module(robustness_benchmark)
+
+
+def test_held_out_points_are_the_grid_points_outside_the_training_ranges():
+    """``wide`` trains on mass 0.7-1.3 and friction 0.5-1.5: of the default 3 x 3 grid only
+    the nominal point is inside; an unrandomized key is held out wherever it is not 1."""
+    from compressm_rl.runs.evaluate import parse_grid_spec
+
+    grid = parse_grid_spec("mass=0.5:1.5:3,friction=0.3:2.0:3")
+    outside = robustness_benchmark.held_out(grid, "wide")
+    points = robustness_benchmark.grid_points(grid)
+    assert points[4] == (1.0, 1.15) and outside == [True] * 4 + [False] + [True] * 4
+    assert robustness_benchmark.held_out(parse_grid_spec("gain=0.8:1.0:2"), "mass=0.5:2") == [
+        True,
+        False,
+    ]
+
+
+def test_robustness_report_pairs_each_ratio_by_seed():
+    """SSM / MLP from per-seed held-out means: a seed where both do badly moves both, so
+    the paired interval of two policies that differ by 10% everywhere excludes 1."""
+    outside = [True, False]
+    luck = np.array([500.0, 1500.0, 900.0, 1200.0])
+
+    def rows(scale):
+        return [
+            {"train_dist": scale * x, "train_return": x, "grid_means": [scale * x, 0.0]}
+            for x in luck
+        ]
+
+    methods = {m: rows(1.1 if m != "mlp" else 1.0) for m in robustness_benchmark.METHODS}
+    table = {"Hopper-v5": {**methods, "seeds": [0, 1, 2, 3]}}
+    args = robustness_benchmark.build_parser().parse_args(["--grid", "mass=0.5:1.0:2"])
+    text = robustness_benchmark.report(args, table, outside)
+    assert "| Hopper-v5 | SSM / MLP | 1.10 [1.10, 1.10] | 1.10 [1.10, 1.10] |" in text
+    assert "| Hopper-v5 | SSM compressed / SSM | 1.00 [1.00, 1.00] |" in text
