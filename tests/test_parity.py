@@ -102,14 +102,13 @@ def test_one_weight_off_by_a_thousandth_fails(hopper, tmp_path, name, expect):
     assert "vs float64" in str(err.value)
 
 
-@pytest.mark.parametrize("seed", [0, 2])
-def test_humanoid_exports_pass_and_a_weight_a_thousandth_off_still_fails(seed, tmp_path):
+def test_humanoid_exports_pass_and_a_weight_a_thousandth_off_still_fails(tmp_path):
     """Humanoid-v5's 348 observation dimensions, many near-constant (inertias, contact
     forces): a float32 normaliser's rounding moves a step's output by more than atol +
-    rtol·|ref| (seed 2 fails that rule alone), and the per-step check allows it; the
+    rtol·|ref| (this policy fails that rule alone), and the per-step check allows it; the
     rounding rule still catches a 0.1% weight error in the head."""
     env_id = "Humanoid-v5"
-    policy = make_policy(env_id, seed=seed, policy="ssm", state_dims=[32, 32])
+    policy = make_policy(env_id, seed=2, policy="ssm", state_dims=[32, 32])
     path = to_onnx(policy, tmp_path / "good.onnx", env_id=env_id)
     assert check_parity(policy, path, env_id, steps=200)["max_tolerance_used"] < 0.5
     with torch.no_grad():  # actions inside Humanoid's ±0.4, so the head's error shows
