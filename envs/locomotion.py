@@ -282,8 +282,10 @@ class LocomotionStep:
         return healthy
 
     def _contact_cost(self) -> np.ndarray:
-        """``[N]``: Ant's ``w · Σ clip(cfrc_ext)²``, Humanoid's ``clip(w · Σ cfrc_ext²)``,
-        each env's sum over its own ``[nbody, 6]`` forces as numpy sums one array."""
+        """``[N]``: Ant's ``w · Σ clip(cfrc_ext)²``, Humanoid's ``clip(w · Σ cfrc_ext²)``.
+        Summed env by env, as Gymnasium sums one env's ``[nbody, 6]`` array: numpy's
+        pairwise sum adds in an order that a reduction over the stacked array need not
+        keep."""
         task, forces = self.task, self._arrays["cfrc_ext"]
         if task.kind is AntEnv:
             forces = np.clip(forces, *task.contact_clip)

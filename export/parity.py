@@ -304,7 +304,8 @@ class _Judge:
                 f"{self.element(what, j)}: {self.label} {got[k, j]:.8g} vs float64 "
                 f"{ref[k, j]:.8g} from the same obs and incoming state (abs err "
                 f"{err[k, j]:.3g}, allowed atol {self.atol} + rtol {self.rtol}·{scale_name}"
-                f"{_norm_term(norm, k, j)} = {allowed[k, j]:.3g}; {int(bad.sum())} of {bad.size} {what} elements out, "
+                f"{_norm_term(norm, k, j)} = {allowed[k, j]:.3g}; "
+                f"{int(bad.sum())} of {bad.size} {what} elements out, "
                 f"max abs err this step {np.nanmax(err):.3g}; the other float32 path's "
                 f"one-step error there: {other_err[k, j]:.3g})"
             )

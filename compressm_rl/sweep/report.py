@@ -32,9 +32,8 @@ STYLE = {
     "small": ("C1", "s"),
     "posthoc": ("C2", "^"),
 }
-# References drawn as a line with its interval: the full policy, and the MLP (no state,
-# so no place on a states axis).
-# (The full policy's point is in the legend already.)
+# References drawn as a line with its interval: the full policy (its point is in the
+# legend already), and the MLP (no state, so no place on a states axis).
 LINES = {"full": ("black", "-", None), "mlp": ("C3", ":", "MLP (no memory)")}
 
 
