@@ -7,6 +7,7 @@ and the report is written from a finished study. Real tiny training runs through
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,7 +110,11 @@ def test_the_report_is_written_from_a_finished_study(shared_sweep, capsys):
     for label in ("| full |", "| compressed-b8 |", "| small-b8 |", "| posthoc-b8 |", "| mlp |"):
         assert label in text
     assert "| mlp | 2 | [] [] | 0 |" in text  # no state
-    assert "10 complete" in text and "Storage round trips per trial" in text
+    assert "10 complete" in text
+    assert (
+        re.search(r"10 finished trials took [\d.]+ h of trial time .* by 2 worker processes", text)
+        and "Storage round trips per trial" in text
+    )
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -215,3 +220,24 @@ def test_kept_results_are_re_read_only_by_the_same_sweep(tmp_path):
         replace(spec, eval_episodes=10),
     ):
         assert read_result(run, other) is None
+
+
+def test_active_time_is_the_union_of_the_trials_intervals():
+    """Overlaps count once, gaps (a sweep stopped and resumed later) not at all."""
+    from compressm_rl.sweep.report import active_seconds
+
+    assert active_seconds([(0, 10), (5, 12), (100, 110), (101, 102)]) == 22
+    assert active_seconds([(3, 4)]) == 1 and active_seconds([]) == 0
+
+
+def test_grid_tols_are_rounded_as_a_searched_tol_is():
+    """The run directory's name and the compressed run's config carry the same tol."""
+    from compressm_rl.cli import build_parser
+    from compressm_rl.sweep import plan
+    from compressm_rl.sweep.command import spec_from_args
+
+    argv = ["sweep", "--env", "Hopper-v5", "--out", "unused", "--tols", "0.123456,0.2"]
+    spec = spec_from_args(build_parser(with_settings=True).parse_args(argv))
+    point = next(p for p in plan.grid_points(spec) if p["kind"] == "compressed")
+    assert spec.tols == [0.123, 0.2] and plan.run_name(point) == "compressed-t0.123-s0"
+    assert plan.compressed_config(spec, point).compression.tol == 0.123

@@ -128,7 +128,7 @@ def spec_from_args(args):
     from dataclasses import asdict
 
     from compressm_rl.runs.config import config_from_flags
-    from compressm_rl.sweep.plan import SEARCH_SPACE, SweepSpec, check_spec
+    from compressm_rl.sweep.plan import SEARCH_SPACE, SweepSpec, check_spec, round_tol
 
     for flag, instead in (("compress_to", "--budgets"), ("compress_tol", "--tols")):
         if getattr(args, flag, None) is not None:
@@ -159,7 +159,8 @@ def spec_from_args(args):
         recipe=recipe,
         mode=mode,
         budgets=budgets,
-        tols=args.tols or [],
+        # Rounded as a searched tol is: the run directory's name and its config agree.
+        tols=[round_tol(tol) for tol in args.tols or []],
     )
     for name in ("seeds", "methods", "objective", "eval_episodes", "parity_steps", "bench_steps"):
         if getattr(args, name) is not None:

@@ -190,7 +190,7 @@ def markdown(name: str, spec: plan.SweepSpec, pts: list[Point], studies, out: Pa
         "",
     ]
     lines += table(pts, out) if pts else ["No trial has finished yet."]
-    return "\n".join(lines + _status(studies) + _overhead(pts)) + "\n"
+    return "\n".join(lines + _status(studies) + _wall_clock(studies) + _overhead(pts)) + "\n"
 
 
 def _cpus(pts: list[Point]) -> str:
@@ -216,6 +216,43 @@ def _status(studies) -> list[str]:
         if name not in done:
             lines.append(f"- {name}: {t.user_attrs.get('error', 'its worker stopped')}")
     return lines
+
+
+def active_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals (seconds): the time at least
+    one of them ran, so that a sweep stopped and resumed days later is not charged the
+    days in between."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _wall_clock(studies) -> list[str]:
+    """The finished trials' summed time against the time any of them ran, and by how
+    many workers (trials that a stopped worker left and another finished count once, from
+    the finishing trial's start)."""
+    trials = [
+        t
+        for study in studies
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+    if not trials:
+        return []
+    spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials]
+    summed, active = sum(end - start for start, end in spans), active_seconds(spans)
+    workers = len({t.user_attrs.get("worker") for t in trials})
+    return [
+        "",
+        "## Wall-clock",
+        "",
+        f"{len(trials)} finished trials took {summed / 3600:.2f} h of trial time in "
+        f"{active / 3600:.2f} h while any ran ({summed / active:.2f} trials at once on "
+        f"average), by {workers} worker processes.",
+    ]
 
 
 def _overhead(pts: list[Point]) -> list[str]:
