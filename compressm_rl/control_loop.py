@@ -46,6 +46,7 @@ from compressm_rl.control_loop_c import (
     TASK_KINDS,
 )
 from envs import KeepPartObservation, make_env, split_env_id
+from envs.locomotion import TaskSettings
 from export.bench import cpu_model
 from export.c_build import (
     C_STANDARD,
@@ -174,13 +175,13 @@ def _wrappers(env: gym.Env) -> dict[type, gym.Wrapper]:
     return found
 
 
-def _health_settings(layer: gym.Env) -> dict[str, float]:
+def _health_settings(settings: TaskSettings | None) -> dict[str, float]:
     """Hopper's and Walker2d's reward and health settings (zeros for the others)."""
-    if not isinstance(layer, HopperEnv | Walker2dEnv):
+    if settings is None or settings.healthy_angle is None:
         return dict.fromkeys(("healthy_reward", "z_low", "z_high", "angle_low", "angle_high"), 0.0)
-    (z_low, z_high), (angle_low, angle_high) = layer._healthy_z_range, layer._healthy_angle_range
+    (z_low, z_high), (angle_low, angle_high) = settings.healthy_z, settings.healthy_angle
     return {
-        "healthy_reward": float(layer._healthy_reward),
+        "healthy_reward": float(settings.healthy_reward),
         "z_low": float(z_low),
         "z_high": float(z_high),
         "angle_low": float(angle_low),
@@ -188,15 +189,15 @@ def _health_settings(layer: gym.Env) -> dict[str, float]:
     }
 
 
-def _state_range(layer: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+def _state_range(settings: TaskSettings | None, model) -> tuple[np.ndarray, np.ndarray]:
     """Hopper's ``healthy_state_range`` per element of ``state_vector()[2:]`` ``[nq - 2 +
     nv]`` (scalars broadcast), or two empty arrays for the other tasks."""
-    if not isinstance(layer, HopperEnv):
+    if settings is None or settings.healthy_state is None:
         return np.zeros(0), np.zeros(0)
-    size = layer.model.nq - 2 + layer.model.nv
+    size = model.nq - 2 + model.nv
     low, high = (
         np.broadcast_to(np.asarray(bound, np.float64), (size,)).copy()
-        for bound in layer._healthy_state_range
+        for bound in settings.healthy_state
     )
     return low, high
 
@@ -216,11 +217,14 @@ def read_task(
     model = layer.model
     if model.nu >= 8:  # NumPy sums 8 or more float32 in another order than the C loop
         raise ValueError(f"{env_id}: {model.nu} actuators; the C ctrl cost handles up to 7")
-    exclude_x = bool(getattr(layer, "_exclude_current_positions_from_observation", False))
+    # The locomotion tasks' settings as the batched step reads them (the pendulum has none).
+    settings = TaskSettings.of(env) if base != "InvertedPendulum-v5" else None
+    if settings is None and base != "InvertedPendulum-v5":
+        raise ValueError(f"{env_id}: its wrappers or settings are not the task's own")
+    exclude_x = settings is not None and settings.skip_qpos == 1
     full_dim = (model.nq - int(exclude_x)) + model.nv
     keep = np.arange(full_dim) if part is None else np.asarray(part._index)
-    state_low, state_high = _state_range(layer)
-    locomotion = base != "InvertedPendulum-v5"
+    state_low, state_high = _state_range(settings, model)
     header = {
         "magic": INPUT_MAGIC,
         "kind": TASK_KINDS[base],
@@ -234,7 +238,8 @@ def read_task(
         "obs_dim": len(keep),
         "exclude_x": int(exclude_x),
         "clip_velocity": int(isinstance(layer, HopperEnv | Walker2dEnv)),
-        "terminate_when_unhealthy": int(getattr(layer, "_terminate_when_unhealthy", True)),
+        # The pendulum always ends an episode when it falls.
+        "terminate_when_unhealthy": int(settings is None or settings.terminate_when_unhealthy),
         "state_range_size": len(state_low),
         "realtime": int(realtime),
         "fifo_priority": FIFO_PRIORITY,
@@ -243,9 +248,9 @@ def read_task(
         "timestep": float(model.opt.timestep),
         "rate_hz": rate_hz,
         "spin_us": float(spin_us),
-        "forward_weight": float(layer._forward_reward_weight) if locomotion else 0.0,
-        "ctrl_weight": float(layer._ctrl_cost_weight) if locomotion else 0.0,
-        **_health_settings(layer),
+        "forward_weight": float(settings.forward_weight) if settings else 0.0,
+        "ctrl_weight": float(settings.ctrl_weight) if settings else 0.0,
+        **_health_settings(settings),
         "pendulum_angle_limit": PENDULUM_ANGLE_LIMIT,
         "velocity_clip": VELOCITY_CLIP,
     }

@@ -78,8 +78,10 @@ def _handled_wrappers(env: gym.Env) -> dict[type, gym.Wrapper] | None:
 
 
 @dataclass
-class _Task:
-    """The settings of one task, read from an env instance (all copies must agree)."""
+class TaskSettings:
+    """The settings of one task, read from an env instance (all copies must agree): the
+    one reader of Gymnasium's private task attributes (the C control loop reads them here
+    too)."""
 
     kind: type
     frame_skip: int
@@ -98,7 +100,7 @@ class _Task:
     keep: np.ndarray | None  # observation indices kept by KeepPartObservation
 
     @classmethod
-    def of(cls, env: gym.Env) -> _Task | None:
+    def of(cls, env: gym.Env) -> TaskSettings | None:
         wrappers = _handled_wrappers(env)
         layer = env.unwrapped
         kind = type(layer)
@@ -134,7 +136,7 @@ class _Task:
             keep=None if keep is None else keep._index,
         )
 
-    def same_as(self, other: _Task) -> bool:
+    def same_as(self, other: TaskSettings) -> bool:
         return all(_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
 
@@ -170,7 +172,7 @@ class LocomotionStep:
             to one); 1 steps the envs one by one in this thread.
     """
 
-    def __init__(self, envs: list[gym.Env], task: _Task, physics_threads: int = 1) -> None:
+    def __init__(self, envs: list[gym.Env], task: TaskSettings, physics_threads: int = 1) -> None:
         self.task = task
         self._sims = [(env.unwrapped.model, env.unwrapped.data) for env in envs]
         self.physics, self.physics_note = parallel_physics(self._sims, physics_threads)
@@ -313,7 +315,7 @@ class LocomotionStep:
 
 def locomotion_step(envs: list[gym.Env], physics_threads: int = 1) -> LocomotionStep | None:
     """A batched step for ``envs`` if they are copies of one known task, else None."""
-    tasks = [_Task.of(env) for env in envs]
+    tasks = [TaskSettings.of(env) for env in envs]
     if not tasks or any(t is None for t in tasks):
         return None
     if not all(t.same_as(tasks[0]) for t in tasks[1:]):
