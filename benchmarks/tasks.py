@@ -10,7 +10,8 @@ seed by seed across the tasks, so that every task has a first seed early. ``--wo
 N`` with ``--worker K`` (0 ≤ K < N) takes every N-th run from the K-th: start one process
 per K, on one machine or several sharing OUT. Then evaluates each finished policy over 30
 deterministic episodes (episode k of seed s from ``reset(seed=10_000 + s + k)``, as the
-sweep does; kept in the run's ``evaluation.json``) and writes ``OUT/tasks.md``: means over
+sweep does; ``benchmarks/compression.py``'s evaluation, kept in the run's
+``evaluation.json``) and writes ``OUT/tasks.md``: means over
 seeds with expanded 90% bootstrap intervals, the training return (the last 50
 iterations' episodes), and the published PPO returns at 1M steps.
 """
@@ -18,18 +19,17 @@ iterations' episodes), and the published PPO returns at 1M steps.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+from compression import EVAL_EPISODES, deterministic_returns
 
-from compressm_rl.runs import TorchController, TrainConfig, evaluate, load_policy
+from compressm_rl.runs import TrainConfig, load_policy
 from compressm_rl.runs.files import atomic_write_text
 from compressm_rl.settings import int_list
 from compressm_rl.sweep.stats import bootstrap_mean, training_return
-from compressm_rl.sweep.trials import EVAL_SEED, ensure_trained, is_trained
+from compressm_rl.sweep.trials import ensure_trained, is_trained
 
-EVAL_EPISODES = 30
 # Published PPO (MLP) returns at 1M steps: RL Zoo (SB3, tuned per task), CleanRL
 # (ppo_continuous_action, one setting for all), Tianshou (its MuJoCo PPO benchmark).
 PUBLISHED = {
@@ -68,27 +68,6 @@ def config_of(args: argparse.Namespace, env_id: str, seed: int) -> TrainConfig:
     return TrainConfig.from_dict({**data, "ppo": {"total_steps": args.total_steps}})
 
 
-def deterministic_returns(run: Path, env_id: str, seed: int) -> np.ndarray:
-    """``EVAL_EPISODES`` deterministic returns of the run's policy, evaluated once per
-    checkpoint (``evaluation.json``)."""
-    checkpoint = (run / "checkpoint.pt").stat()
-    key = {
-        "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
-        "episodes": EVAL_EPISODES,
-        "first_seed": EVAL_SEED + seed,
-    }
-    cache = run / "evaluation.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return np.array(saved["returns"])
-    policy, _ = load_policy(run)
-    controller = TorchController(policy, frozen=True)
-    returns = evaluate(controller, env_id, EVAL_EPISODES, EVAL_SEED + seed)
-    atomic_write_text(cache, json.dumps({"key": key, "returns": returns.tolist()}) + "\n")
-    return returns
-
-
 def _cell(values: list[float]) -> str:
     mean, low, high = bootstrap_mean(np.array(values))
     return f"{mean:.0f}" if np.isnan(low) else f"{mean:.0f} [{low:.0f}, {high:.0f}]"
@@ -114,7 +93,10 @@ def report(args: argparse.Namespace) -> str:
         if not done:
             lines.append(f"| {env_id} | 0 | – | – | – | {published} |")
             continue
-        det = [float(deterministic_returns(run, env_id, seed).mean()) for seed, run in done]
+        det = [
+            float(deterministic_returns(run, load_policy(run)[0], env_id, seed).mean())
+            for seed, run in done
+        ]
         train = [training_return(run) for _, run in done]
         per_seed = ", ".join(f"{d:.0f}" for d in det)
         lines.append(
