@@ -241,3 +241,51 @@ def test_grid_tols_are_rounded_as_a_searched_tol_is():
     point = next(p for p in plan.grid_points(spec) if p["kind"] == "compressed")
     assert spec.tols == [0.123, 0.2] and plan.run_name(point) == "compressed-t0.123-s0"
     assert plan.compressed_config(spec, point).compression.tol == 0.123
+
+
+def test_a_tune_trains_the_settings_it_samples_and_ranks_them(tmp_path, tiny_yaml, capsys):
+    """--tune: TPE picks PPO settings per trial; each run is trained with exactly the
+    settings its name carries; only the choices the config accepts are offered (4
+    sequences per iteration: 2 or 4 minibatches); tune.md ranks what was tried."""
+    import yaml
+
+    from compressm_rl.sweep import plan
+
+    out = tmp_path / "tune"
+    space = ("--search-space", "lr,minibatches,init_log_std", "--seeds", "0,1")
+    argv = sweep_argv(out, tiny_yaml, 2 * STEPS_PER_ITERATION, "--tune", "2", *space)
+    argv.remove("--budgets"), argv.remove("8")
+    argv.remove("--compress-at"), argv.remove("0.25,0.5")
+    assert main(argv) == 0
+    trials = trials_of(out)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for trial in trials:
+        run = out / "trials" / trial.user_attrs["run"]
+        ppo = yaml.safe_load((run / "config.yaml").read_text())["ppo"]
+        assert (
+            trial.params["minibatches"] in (2, 4)
+            and ppo["minibatches"] == trial.params["minibatches"]
+        )
+        assert ppo["lr"] == plan.round_sampled(trial.params["lr"])
+        assert ppo["init_log_std"] == trial.params["init_log_std"]
+        assert run.name.endswith(f"-s{trial.user_attrs['seed']}")
+    assert sorted(t.user_attrs["seed"] for t in trials) == [0, 1]  # the seeds in turn
+    text = (out / "tune.md").read_text()
+    assert "| 1 | init_log_std " in text and "| 2 | init_log_std " in text
+    assert (out / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--tune", "2"), "--search-space  is out of range"),
+        (("--tune", "2", "--search-space", "lr,gramian"), "some of lr, init_log_std"),
+        (("--tune", "2", "--search-space", "lr", "--budgets", "8"), "--budgets is not a tune's"),
+        (("--tune", "2", "--search", "2"), "--search and --tune are two kinds of sweep"),
+    ],
+)
+def test_a_bad_tune_is_one_line_before_anything_runs(tmp_path, tiny_yaml, extra, match, capsys):
+    out = tmp_path / "tune"
+    argv = [*("sweep", "--env", "InvertedPendulum-v5", "--out", str(out)), *extra]
+    assert main([*argv, "--config", str(tiny_yaml)]) == 2
+    assert match in capsys.readouterr().err and not out.exists()

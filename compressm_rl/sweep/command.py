@@ -17,7 +17,9 @@ DESCRIPTION = (
     "settings below, train's defaults), one trained small from scratch at its final sizes, "
     "and the full run truncated after training to them; and per seed the full run as the "
     "reference. --search N: N compressed runs chosen by NSGA-II, maximising the "
-    "deterministic return and minimising the states (or --objective latency). Each run "
+    "deterministic return and minimising the states (or --objective latency). --tune N: "
+    "N uncompressed runs whose PPO settings (--search-space) Optuna's TPE sampler picks, "
+    "maximising the deterministic return (RL Zoo's way to tune a preset). Each run "
     "lives in OUT/trials/KIND-bBUDGET-sSEED. Trials are shared through an Optuna study: "
     "start this same command in as many processes as there are cores, here or on other "
     "machines (with --storage a database or journal file all of them reach, and OUT on a "
@@ -62,7 +64,8 @@ def add_sweep(sub, with_settings: bool = True) -> None:
     p.add_argument(
         "--report",
         action="store_true",
-        help="write OUT/pareto.md and pareto.png from the study and exit",
+        help="write OUT/pareto.md and pareto.png (a tune: tune.md, tune.png) from the study "
+        "and exit",
     )
     p.set_defaults(handler=sweep, command_parser=p)
     if not with_settings:  # `compressm-rl --help` and other commands: no torch to load
@@ -100,6 +103,14 @@ def _add_plan_flags(group) -> None:
         help="multi-objective search of N compressed runs (NSGA-II) instead of the grid",
     )
     group.add_argument(
+        "--tune",
+        type=int,
+        metavar="N",
+        help="tune the uncompressed policy's PPO settings instead: N runs whose "
+        "--search-space settings (some of lr, init_log_std, minibatches, epochs, gamma, "
+        "gae_lambda, clip_coef, ent_coef, vf_coef, max_grad_norm) Optuna's TPE sampler picks",
+    )
+    group.add_argument(
         "--objective",
         choices=("states", "latency"),
         help="what the search minimises besides maximising the return (default states)",
@@ -109,7 +120,7 @@ def _add_plan_flags(group) -> None:
         type=_names,
         metavar="NAMES",
         help="what the search varies besides the budget: some of tol (instead of the "
-        "budget), gramian, heal_steps",
+        "budget), gramian, heal_steps; what a tune varies (see --tune)",
     )
     group.add_argument("--eval-episodes", type=int, help="deterministic episodes (default 30)")
     group.add_argument(
@@ -119,7 +130,8 @@ def _add_plan_flags(group) -> None:
 
 
 # The sweep's own settings (stored in the study); a joining worker leaves them out.
-SPEC_FLAGS = ("budgets", "tols", "seeds", "methods", "search", "objective", "search_space")
+SPEC_FLAGS = ("budgets", "tols", "seeds", "methods", "search", "tune", "objective")
+SPEC_FLAGS += ("search_space",)
 SPEC_FLAGS += ("eval_episodes", "parity_steps", "bench_steps", "config")
 
 
@@ -128,27 +140,20 @@ def spec_from_args(args):
     from dataclasses import asdict
 
     from compressm_rl.runs.config import config_from_flags
-    from compressm_rl.sweep.plan import SEARCH_SPACE, SweepSpec, check_spec, round_tol
+    from compressm_rl.sweep.plan import SweepSpec, check_spec, round_sampled
 
     for flag, instead in (("compress_to", "--budgets"), ("compress_tol", "--tols")):
         if getattr(args, flag, None) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} is {instead} in a sweep: give that")
-    mode = "search" if args.search is not None else "grid"
-    budgets = args.budgets or ([] if args.tols and mode == "grid" else [8, 16, 32, 64])
-    space = args.search_space or []
-    if mode == "search":
-        unknown = sorted(set(space) - set(SEARCH_SPACE))
-        if args.search < 1 or unknown:
-            raise ValueError(
-                f"--search {args.search} --search-space {','.join(space)} is out of range: at "
-                f"least 1 trial, over the budget and some of {','.join(SEARCH_SPACE)}"
-            )
-        if args.tols:
-            raise ValueError("--tols is the grid's: a search varies tol with --search-space tol")
-    elif space or args.objective:
-        raise ValueError("--search-space and --objective apply to --search N only")
+    mode, space = _mode(args)
+    if mode == "tune":
+        budgets = []
+    else:
+        budgets = args.budgets or ([] if args.tols and mode == "grid" else [8, 16, 32, 64])
     # The recipe checked with a target in it (some settings need one, e.g. uniform allocation).
-    args.compress_to, args.compress_tol = (budgets[0], None) if budgets else (None, args.tols[0])
+    args.compress_to, args.compress_tol = (
+        (budgets[0], None) if budgets else (None, args.tols[0] if args.tols else None)
+    )
     config = config_from_flags(args)
     recipe = {k: v for k, v in asdict(config.compression).items() if k not in ("budget", "tol")}
     data = config.to_dict()
@@ -160,14 +165,47 @@ def spec_from_args(args):
         mode=mode,
         budgets=budgets,
         # Rounded as a searched tol is: the run directory's name and its config agree.
-        tols=[round_tol(tol) for tol in args.tols or []],
+        tols=[round_sampled(tol) for tol in args.tols or []],
     )
     for name in ("seeds", "methods", "objective", "eval_episodes", "parity_steps", "bench_steps"):
         if getattr(args, name) is not None:
             setattr(spec, name, getattr(args, name))
-    spec.trials, spec.search_space = args.search or 0, space
+    spec.trials, spec.search_space = args.search or args.tune or 0, space
     check_spec(spec)
     return spec
+
+
+def _mode(args) -> tuple[str, list[str]]:
+    """The sweep's mode (grid, search, tune) and what it varies, its flags checked."""
+    from compressm_rl.sweep.plan import SEARCH_SPACE, TUNE_SPACE
+
+    space = args.search_space or []
+    if args.search is not None and args.tune is not None:
+        raise ValueError("--search and --tune are two kinds of sweep: give one")
+    if args.tune is not None:
+        unknown = sorted(set(space) - set(TUNE_SPACE))
+        if args.tune < 1 or not space or unknown:
+            raise ValueError(
+                f"--tune {args.tune} --search-space {','.join(space)} is out of range: at least "
+                f"1 trial, over some of {', '.join(TUNE_SPACE)}"
+            )
+        given = [f for f in ("budgets", "tols", "methods", "objective") if getattr(args, f)]
+        if given:
+            raise ValueError(f"--{given[0]} is not a tune's: a tune trains uncompressed runs")
+        return "tune", space
+    if args.search is not None:
+        unknown = sorted(set(space) - set(SEARCH_SPACE))
+        if args.search < 1 or unknown:
+            raise ValueError(
+                f"--search {args.search} --search-space {','.join(space)} is out of range: at "
+                f"least 1 trial, over the budget and some of {','.join(SEARCH_SPACE)}"
+            )
+        if args.tols:
+            raise ValueError("--tols is the grid's: a search varies tol with --search-space tol")
+        return "search", space
+    if space or args.objective:
+        raise ValueError("--search-space and --objective apply to --search N or --tune N only")
+    return "grid", space
 
 
 def sweep(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 worker runs the same sweep), its trials' parameters, their run directories and configs.
 
 A trial is one policy, named by its parameters: ``kind`` (``full``, ``compressed``,
-``small``, ``posthoc``, ``mlp``), its target (``budget``: complex states per part, or ``tol``:
+``small``, ``posthoc``, ``mlp``; ``tuned`` in a tune), its target (``budget``: complex states per part, or ``tol``:
 the fraction of each layer's Hankel singular value sum to drop; 0 / none for ``full``),
 the search's recipe settings where it searches them, and ``seed``. Its run directory is
 ``OUT/trials/<kind>-b<budget>[-<setting><value>...]-s<seed>``, so that a retried trial,
@@ -25,9 +25,11 @@ from compressm_rl.runs.config import MACHINE_SETTINGS, TrainConfig
 TRIALS = "trials"
 # mlp: the full run's settings with a feed-forward policy, the size's lower end (no
 # state at all): whether the task needs memory.
-KINDS = ("full", "compressed", "small", "posthoc", "mlp")
-METHODS = KINDS[1:]  # what a grid compares with the full policy
+GRID_KINDS = ("full", "compressed", "small", "posthoc", "mlp")
+KINDS = (*GRID_KINDS, "tuned")  # tuned: a full run with the PPO settings a tune picked
+METHODS = GRID_KINDS[1:]  # what a grid compares with the full policy
 DEFAULT_METHODS = ("compressed", "small", "posthoc")
+MODES = ("grid", "search", "tune")
 OBJECTIVES = ("states", "latency")
 # The search's optional dimensions besides the budget (``tol`` replaces it: compress by
 # energy, the size an outcome).
@@ -35,6 +37,21 @@ SEARCH_SPACE = {
     "tol": (0.01, 0.5),  # log-uniform, rounded to 3 significant digits
     "gramian": ("white", "data"),
     "heal_steps": (0, 25, 50, 100),
+}
+# What a tune varies: PPO settings (``compressm-rl train``'s names), after RL Zoo's PPO
+# search space, cut to this trainer's settings. lr is log-uniform (3 significant digits);
+# the others are choices, kept to those valid for the sweep's config (``tune_choices``).
+TUNE_SPACE = {
+    "lr": (1e-5, 2e-3),
+    "init_log_std": (-2.0, -1.5, -1.0, -0.5, 0.0),
+    "minibatches": (2, 4, 8, 16, 32),
+    "epochs": (5, 10, 20),
+    "gamma": (0.98, 0.99, 0.995, 0.999),
+    "gae_lambda": (0.9, 0.95, 0.98, 1.0),
+    "clip_coef": (0.1, 0.2, 0.3),
+    "ent_coef": (0.0, 1e-4, 1e-3, 1e-2),
+    "vf_coef": (0.25, 0.5, 1.0),
+    "max_grad_norm": (0.5, 1.0, 2.0),
 }
 # Wide bounds for the grid's parameters: Optuna requires one distribution per name in a
 # study, so a grid extended later (more seeds, other budgets) keeps them.
@@ -56,12 +73,12 @@ class SweepSpec:
     env_id: str
     config: dict
     recipe: dict
-    mode: str = "grid"  # or "search"
+    mode: str = "grid"  # or "search", "tune"
     budgets: list[int] = field(default_factory=list)
     tols: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    trials: int = 0  # the search's trial count
+    trials: int = 0  # the search's (or the tune's) trial count
     objective: str = "states"
     search_space: list[str] = field(default_factory=list)
     eval_episodes: int = 30
@@ -117,7 +134,7 @@ def with_kind(params: dict, kind: str) -> dict:
 def kind_choices(spec: SweepSpec) -> tuple[str, ...]:
     """The choices of the trials' ``kind`` parameter. Optuna fixes a categorical's choices
     for a study's life, and sweeps without the MLP reference hold the first four."""
-    return KINDS if "mlp" in spec.methods else KINDS[:4]
+    return GRID_KINDS if "mlp" in spec.methods else GRID_KINDS[:4]
 
 
 def full_config(spec: SweepSpec, seed: int) -> TrainConfig:
@@ -130,6 +147,31 @@ def mlp_config(spec: SweepSpec, seed: int) -> TrainConfig:
     return TrainConfig.from_dict({**spec.config, "seed": seed, "compression": {}, "policy": "mlp"})
 
 
+def tuned_config(spec: SweepSpec, params: dict) -> TrainConfig:
+    """A tune's run: the full policy's config with the PPO settings in ``params``."""
+    ppo = {**spec.config["ppo"], **{k: v for k, v in params.items() if k in TUNE_SPACE}}
+    data = {**spec.config, "seed": params["seed"], "compression": {}, "ppo": ppo}
+    return TrainConfig.from_dict(data)
+
+
+def tune_choices(spec: SweepSpec, key: str) -> tuple:
+    """The values of ``TUNE_SPACE[key]`` the sweep's config accepts (e.g. minibatch counts
+    that divide its sequences), the same on every worker; a ``ValueError`` if none is."""
+    valid = []
+    for value in TUNE_SPACE[key]:
+        try:
+            tuned_config(spec, {"seed": spec.seeds[0], key: value})
+            valid.append(value)
+        except ValueError:
+            continue
+    if not valid:
+        raise ValueError(
+            f"--search-space {key}: none of {TUNE_SPACE[key]} is valid with this sweep's "
+            "settings; leave it out"
+        )
+    return tuple(valid)
+
+
 def compressed_config(spec: SweepSpec, params: dict) -> TrainConfig:
     """The in-training compressed run of ``params``: the recipe, its target and the
     searched settings."""
@@ -140,7 +182,7 @@ def compressed_config(spec: SweepSpec, params: dict) -> TrainConfig:
         elif key in SEARCH_SPACE:
             compression[key] = value
     if compression.get("tol") is not None:
-        compression["tol"] = round_tol(compression["tol"])
+        compression["tol"] = round_sampled(compression["tol"])
     data = {**spec.config, "seed": params["seed"], "compression": compression}
     return TrainConfig.from_dict(data)
 
@@ -157,10 +199,10 @@ def small_config(spec: SweepSpec, params: dict, actor_dims: list[int]) -> TrainC
     return TrainConfig.from_dict(data)
 
 
-def round_tol(tol: float) -> float:
-    """A searched ``tol`` to 3 significant digits: its run directory's name and its config
-    then agree."""
-    return float(f"{tol:.3g}")
+def round_sampled(value: float) -> float:
+    """A sampled float setting (``tol``, ``lr``) to 3 significant digits: its run
+    directory's name and its config then agree."""
+    return float(f"{value:.3g}")
 
 
 def grid_points(spec: SweepSpec) -> list[dict]:
@@ -207,6 +249,10 @@ def check_spec(spec: SweepSpec) -> None:
             flag = f"--{name.replace('_', '-')}"
             raise ValueError(f"{flag} {getattr(spec, name)} is out of range: at least {low}")
     full_config(spec, spec.seeds[0])
+    if spec.mode == "tune":
+        for key in spec.search_space:
+            tune_choices(spec, key)
+        return
     if "mlp" in spec.methods:
         mlp_config(spec, spec.seeds[0])
     for point in _points_to_check(spec):

@@ -274,7 +274,12 @@ def _overhead(pts: list[Point]) -> list[str]:
 
 
 def write_report(out: Path, name: str, spec: plan.SweepSpec, studies: list[optuna.Study]) -> Path:
-    """Write ``OUT/pareto.md`` and ``OUT/pareto.png``; returns the Markdown file's path."""
+    """Write ``OUT/pareto.md`` and ``OUT/pareto.png`` (a tune: ``OUT/tune.md`` and
+    ``tune.png``); returns the Markdown file's path."""
+    if spec.mode == "tune":
+        from compressm_rl.sweep.tune_report import write_tune_report
+
+        return write_tune_report(out, name, spec, studies[0])
     pts = points(finished_rows(studies))
     path = Path(out) / MARKDOWN
     atomic_write_text(path, markdown(name, spec, pts, studies, out))

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-from optuna.samplers import NSGAIISampler
+from optuna.samplers import NSGAIISampler, TPESampler
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat  # what a storage with heartbeats is
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -189,6 +189,10 @@ def join_sweep(
     study, spec = join_study(storage, name, spec, grid_points)
     if spec.mode == "grid":
         return [(study, False)], spec
+    if spec.mode == "tune":  # RL Zoo's sampler; the runs are their own references
+        # Unseeded, as NSGA-II: seeded alike, every worker would ask for the same settings.
+        study.sampler = TPESampler(n_startup_trials=max(1, min(10, spec.trials // 3)))
+        return [(study, True)], spec
     population = max(2, min(50, spec.trials // 4))  # a few generations even in short searches
     study.sampler = NSGAIISampler(population_size=population)
     reference, _ = join_study(storage, reference_name(name), spec, reference_points)
@@ -201,7 +205,7 @@ def sweep_studies(storage: BaseStorage, name: str) -> tuple[SweepSpec, list[optu
     if SPEC not in study.user_attrs:
         raise ValueError(f"study {name!r} holds no sweep settings: it is not a sweep's study")
     spec = SweepSpec.from_dict(study.user_attrs[SPEC])
-    if spec.mode == "grid":
+    if spec.mode in ("grid", "tune"):
         return spec, [study]
     return spec, [load_study(storage, reference_name(name)), study]
 

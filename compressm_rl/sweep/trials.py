@@ -57,6 +57,8 @@ def run_trial(spec: plan.SweepSpec, params: dict, out: Path, say: Say) -> dict:
         trained_from = ensure_trained(plan.compressed_config(spec, params), run, say)
     elif kind == "mlp":
         trained_from = ensure_trained(plan.mlp_config(spec, params["seed"]), run, say)
+    elif kind == "tuned":
+        trained_from = ensure_trained(plan.tuned_config(spec, params), run, say)
     else:  # small and posthoc take the compressed run's final sizes
         compressed = plan.with_kind(params, "compressed")
         source = plan.run_dir(out, compressed)

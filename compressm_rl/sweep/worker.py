@@ -177,9 +177,11 @@ def trial_params(spec: plan.SweepSpec, trial: optuna.Trial, frozen: FrozenTrial 
         else:
             params["budget"] = trial.suggest_int("budget", 0, plan.BUDGET_MAX)
         return {**params, "seed": trial.suggest_int("seed", 0, plan.SEED_MAX)}
+    if spec.mode == "tune":
+        return {**tuned_params(spec, trial), "seed": _seed(spec, trial)}
     params: dict = {"kind": "compressed"}
     if "tol" in spec.search_space:
-        params["tol"] = plan.round_tol(
+        params["tol"] = plan.round_sampled(
             trial.suggest_float("tol", *plan.SEARCH_SPACE["tol"], log=True)
         )
     else:
@@ -189,11 +191,29 @@ def trial_params(spec: plan.SweepSpec, trial: optuna.Trial, frozen: FrozenTrial 
     for key in ("gramian", "heal_steps"):
         if key in spec.search_space:
             params[key] = trial.suggest_categorical(key, plan.SEARCH_SPACE[key])
+    return {**params, "seed": _seed(spec, trial)}
+
+
+def tuned_params(spec: plan.SweepSpec, trial: optuna.Trial) -> dict:
+    """A tune trial's PPO settings, suggested by the sampler over ``spec.search_space``."""
+    params: dict = {"kind": "tuned", "budget": 0}
+    for key in spec.search_space:
+        if key == "lr":
+            value = trial.suggest_float("lr", *plan.TUNE_SPACE["lr"], log=True)
+            params["lr"] = plan.round_sampled(value)
+        else:
+            params[key] = trial.suggest_categorical(key, plan.tune_choices(spec, key))
+    return params
+
+
+def _seed(spec: plan.SweepSpec, trial: optuna.Trial) -> int:
+    """A sampled trial's seed: the sweep's seeds in turn; a retry keeps its trial's (user
+    attributes carry over)."""
     seed = trial.user_attrs.get("seed")
-    if seed is None:  # seeds in turn; a retry keeps its trial's (user attributes carry over)
+    if seed is None:
         seed = spec.seeds[trial.number % len(spec.seeds)]
         trial.set_user_attr("seed", seed)
-    return {**params, "seed": seed}
+    return seed
 
 
 def run_one(spec, out, queue: Queue, trial: optuna.Trial, frozen, clock: StorageClock) -> None:
