@@ -12,6 +12,7 @@ One module per job:
                  to C and time the C step
     stats.py     training return, bootstrap intervals over seeds, where two runs parted
     report.py    pareto.md and pareto.png
+    tune_report.py  a tune's tune.md and tune.png
     command.py   the command line
 
 Nothing heavy is imported here: ``compressm-rl --help`` imports ``command`` alone.
