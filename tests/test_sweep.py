@@ -289,3 +289,27 @@ def test_a_bad_tune_is_one_line_before_anything_runs(tmp_path, tiny_yaml, extra,
     argv = [*("sweep", "--env", "InvertedPendulum-v5", "--out", str(out)), *extra]
     assert main([*argv, "--config", str(tiny_yaml)]) == 2
     assert match in capsys.readouterr().err and not out.exists()
+
+
+def test_a_grid_grows_when_joined_with_more_points(tmp_path, tiny_yaml, capsys):
+    """The same sweep started again with another budget and seed: the study takes the
+    larger grid and trains only its new points; a narrower or different one is refused."""
+    out = tmp_path / "grows"
+    total = 2 * STEPS_PER_ITERATION
+    first = sweep_argv(out, tiny_yaml, total, "--seeds", "0", "--methods", "compressed")
+    assert main(first) == 0
+    grown = [*first, "--seeds", "0,1"]
+    grown[grown.index("--budgets") + 1] = "8,10"
+    assert main(grown) == 0
+    said = capsys.readouterr().out
+    runs = sorted(t.user_attrs["run"] for t in trials_of(out))
+    assert runs == sorted(
+        ["full-b0-s0", "compressed-b8-s0", "full-b0-s1", "compressed-b8-s1"]
+        + ["compressed-b10-s0", "compressed-b10-s1"]
+    )
+    assert said.count("full-b0-s0: training from step 0") == 1  # trained once, in the first
+    assert "| compressed-b10 | 2 |" in (out / "pareto.md").read_text()
+    other = [*grown]
+    other[other.index("--total-steps") + 1] = str(2 * total)
+    assert main(other) == 2
+    assert "is a sweep of other settings (config.ppo differ)" in capsys.readouterr().err

@@ -93,6 +93,18 @@ class SweepSpec:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def extended_by(self, other: SweepSpec) -> bool:
+        """Whether ``other`` is this grid with more points: the same settings, and budgets,
+        tols, seeds and methods that include this one's (the trials' ``kind`` choices kept:
+        an MLP reference cannot join a study made without it)."""
+        grown = ("budgets", "tols", "seeds", "methods")
+        return (
+            self.mode == other.mode == "grid"
+            and set(self.differences(other)) <= set(grown)
+            and all(set(getattr(self, k)) <= set(getattr(other, k)) for k in grown)
+            and kind_choices(self) == kind_choices(other)
+        )
+
     def differences(self, other: SweepSpec) -> list[str]:
         """The settings in which ``other`` differs from this sweep, by name; the
         machine's settings (device, physics threads) may differ between workers."""

@@ -225,7 +225,8 @@ def join_study(
     """Create the study ``name`` and queue ``points_of(spec)`` (the first worker), or join
     it and check that ``spec`` is its sweep (the others; ``spec`` None: take the
     study's). Returns the study and its spec. Points that no trial holds any more (failed
-    for good) are queued again, so a sweep run again fills its holes."""
+    for good) are queued again, so a sweep run again fills its holes; a grid joined with
+    more budgets, tols, seeds or methods (``SweepSpec.extended_by``) becomes that grid."""
     created = False
     if spec is not None:
         try:
@@ -247,6 +248,10 @@ def join_study(
     saved = SweepSpec.from_dict(saved)
     if spec is not None and not created:
         differ = saved.differences(spec)
+        if differ and saved.extended_by(spec):  # the grid grows: its new points are queued
+            _wait_for(study, QUEUED)
+            study.set_user_attr(SPEC, spec.to_dict())
+            saved, differ = spec, []
         if differ:
             raise ValueError(
                 f"study {name!r} is a sweep of other settings ({', '.join(differ)} differ); "
