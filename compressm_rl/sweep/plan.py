@@ -2,9 +2,10 @@
 worker runs the same sweep), its trials' parameters, their run directories and configs.
 
 A trial is one policy, named by its parameters: ``kind`` (``full``, ``compressed``,
-``small``, ``posthoc``, ``mlp``; ``tuned`` in a tune), its target (``budget``: complex states per part, or ``tol``:
-the fraction of each layer's Hankel singular value sum to drop; 0 / none for ``full``),
-the search's recipe settings where it searches them, and ``seed``. Its run directory is
+``small``, ``posthoc``, ``mlp``; ``tuned`` in a tune), its target (``budget``: complex
+states per part, or ``tol``: the fraction of each layer's Hankel singular value sum to
+drop; 0 / none for ``full``), the search's recipe settings or the tune's PPO settings
+where it samples them, and ``seed``. Its run directory is
 ``OUT/trials/<kind>-b<budget>[-<setting><value>...]-s<seed>``, so that a retried trial,
 or a duplicate of one, finds the run it left.
 
@@ -29,7 +30,6 @@ GRID_KINDS = ("full", "compressed", "small", "posthoc", "mlp")
 KINDS = (*GRID_KINDS, "tuned")  # tuned: a full run with the PPO settings a tune picked
 METHODS = GRID_KINDS[1:]  # what a grid compares with the full policy
 DEFAULT_METHODS = ("compressed", "small", "posthoc")
-MODES = ("grid", "search", "tune")
 OBJECTIVES = ("states", "latency")
 # The search's optional dimensions besides the budget (``tol`` replaces it: compress by
 # energy, the size an outcome).
