@@ -2,6 +2,7 @@
 report their ratios with, and the flags both share with `compressm-rl train`."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,30 @@ def test_robustness_report_pairs_each_ratio_by_seed():
     text = robustness_benchmark.report(args, table, outside)
     assert "| Hopper-v5 | SSM / MLP | 1.10 [1.10, 1.10] | 1.10 [1.10, 1.10] |" in text
     assert "| Hopper-v5 | SSM compressed / SSM | 1.00 [1.00, 1.00] |" in text
+
+
+_spec_t = importlib.util.spec_from_file_location(
+    "tasks_benchmark", Path(__file__).parents[1] / "benchmarks" / "tasks.py"
+)
+tasks_benchmark = importlib.util.module_from_spec(_spec_t)
+sys.modules.setdefault("compression", compression_benchmark)  # tasks.py imports it by name
+_spec_t.loader.exec_module(tasks_benchmark)
+
+
+def test_task_runs_go_seed_by_seed_and_workers_split_them():
+    """Every task gets its first seed before any gets a second; two workers take every
+    other run, together all of them once; each run's config is the task's preset."""
+    args = tasks_benchmark.build_parser().parse_args(
+        ["--envs", "Ant-v5,Humanoid-v5", "--seeds", "0,1", "--out", "o"]
+    )
+    runs = tasks_benchmark.runs(args)
+    assert [(env, seed) for env, seed, _ in runs] == [
+        ("Ant-v5", 0),
+        ("Humanoid-v5", 0),
+        ("Ant-v5", 1),
+        ("Humanoid-v5", 1),
+    ]
+    assert runs[0::2] + runs[1::2] != runs and sorted(runs[0::2] + runs[1::2]) == sorted(runs)
+    config = tasks_benchmark.config_of(args, "Ant-v5", 1)
+    assert config.seed == 1 and config.ppo.init_log_std == -0.5  # Ant's preset
+    assert config.ppo.total_steps == 1_000_000
