@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from envs import make_env
+from envs import KeepPartObservation, make_env
 from envs.vector import SameStepSyncVectorEnv
 
 two_cpus = pytest.mark.skipif(
@@ -190,8 +190,6 @@ def test_tasks_without_a_positions_velocities_split_have_no_pomdp_variant():
     with pytest.raises(ValueError, match="Reacher-v5's observation is not .* use Reacher-v5"):
         make_env("Reacher-v5-P")
     with pytest.raises(ValueError, match="declares no observation_structure"):
-        from envs import KeepPartObservation
-
         KeepPartObservation(gym.make("Pusher-v5"), "velocities")
 
 
