@@ -58,14 +58,19 @@ def markdown(name: str, spec: plan.SweepSpec, rows: list[dict]) -> str:
     ]
     for rank, (label, group) in enumerate(ranked(rows), start=1):
         det = bootstrap_mean(np.array([r["det_return"] for r in group]))
-        train = np.mean([r["train_return"] for r in group])
-        seconds = np.mean([r["train_wall_s"] for r in group])
         interval = "" if np.isnan(det[1]) else f" [{det[1]:.0f}, {det[2]:.0f}]"
+        train, seconds = (_mean(group, key) for key in ("train_return", "train_wall_s"))
         lines.append(
-            f"| {rank} | {label} | {len(group)} | {det[0]:.0f}{interval} | {train:.0f} | "
-            f"{seconds:.0f} |"
+            f"| {rank} | {label} | {len(group)} | {det[0]:.0f}{interval} | {train} | {seconds} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mean(rows: list[dict], key: str) -> str:
+    """The rows' mean ``key``, or ``-`` where a run has none (no episode ended in its
+    last iterations)."""
+    values = [r.get(key) for r in rows]
+    return "-" if any(v is None for v in values) else f"{np.mean(values):.0f}"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
