@@ -238,7 +238,7 @@ def grid_points(grid: dict[str, list[float]]) -> list[tuple]:
 def _values(rows: list[dict], outside: list[bool], key: str) -> np.ndarray:
     if key == "held_out":
         return np.array([np.mean(np.array(r["grid_means"])[outside]) for r in rows])
-    return np.array([r[key] for r in rows], dtype=np.float64)
+    return np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=np.float64)
 
 
 def plot(table: dict, outside: list[bool], path: Path) -> None:
