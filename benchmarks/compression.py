@@ -167,6 +167,21 @@ def sweep_argv(args: argparse.Namespace, env_id: str, compression: dict) -> list
     return argv
 
 
+def run_sweep_workers(argv: list[str], workers: int, env_id: str) -> None:
+    """``compressm-rl sweep`` with ``argv`` in ``workers`` processes, waited for; a worker's
+    failure or a Ctrl-C (which the workers get too: each saves its run and stops) ends
+    the script with the way to resume."""
+    command = [sys.executable, "-m", "compressm_rl.cli", *argv]
+    processes = [subprocess.Popen(command) for _ in range(max(1, workers))]
+    try:
+        statuses = [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        [process.wait() for process in processes]
+        raise SystemExit("stopped (Ctrl-C); run the same command again to resume") from None
+    if any(statuses):
+        raise SystemExit(f"{env_id}: a sweep worker exited with {max(statuses)} (see above)")
+
+
 def link(path: Path, target: Path) -> None:
     """``path`` a relative symbolic link to ``target`` (kept if it is one already)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,15 +244,7 @@ def main() -> None:
     for env_id in args.envs.split(","):
         if args.reuse_from is not None:
             reuse_full_runs(args.reuse_from, args.out, env_id, seeds)
-        command = [sys.executable, "-m", "compressm_rl.cli", *sweep_argv(args, env_id, given)]
-        workers = [subprocess.Popen(command) for _ in range(max(1, args.workers))]
-        try:
-            statuses = [worker.wait() for worker in workers]
-        except KeyboardInterrupt:  # the workers got it too: each saves its run and stops
-            statuses = [worker.wait() for worker in workers]
-            raise SystemExit("stopped (Ctrl-C); run the same command again to resume") from None
-        if any(statuses):
-            raise SystemExit(f"{env_id}: a sweep worker exited with {max(statuses)} (see above)")
+        run_sweep_workers(sweep_argv(args, env_id, given), args.workers, env_id)
         link_labels(args.out, env_id, seeds, target)
         print((args.out / env_id / "pareto.md").read_text(), flush=True)
         print(wall_clock_ratios(args.out, env_id, seeds), flush=True)

@@ -31,11 +31,10 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from compression import run_sweep_workers
 
 from compressm_rl.runs import TorchController, load_policy
 from compressm_rl.runs.evaluate import evaluate_grid, parse_grid_spec
@@ -88,15 +87,7 @@ def run_sweep(args: argparse.Namespace, env_id: str, out: Path) -> None:
     argv = ["sweep", "--env", env_id, "--out", str(out), "--study", "robustness"]
     argv += ["--dynamics", args.dynamics, "--budgets", str(args.budget), "--seeds", args.seeds]
     argv += ["--methods", "compressed,small,mlp", "--total-steps", str(args.total_steps)]
-    command = [sys.executable, "-m", "compressm_rl.cli", *argv]
-    workers = [subprocess.Popen(command) for _ in range(max(1, args.workers))]
-    try:
-        statuses = [worker.wait() for worker in workers]
-    except KeyboardInterrupt:  # the workers got it too: each saves its run and stops
-        [worker.wait() for worker in workers]
-        raise SystemExit("stopped (Ctrl-C); run the same command again to resume") from None
-    if any(statuses):
-        raise SystemExit(f"{env_id}: a sweep worker exited with {max(statuses)} (see above)")
+    run_sweep_workers(argv, args.workers, env_id)
 
 
 def held_out(grid: dict[str, list[float]], dynamics: str) -> list[bool]:

@@ -173,6 +173,8 @@ _spec_r = importlib.util.spec_from_file_location(
     "robustness_benchmark", Path(__file__).parents[1] / "benchmarks" / "robustness.py"
 )
 robustness_benchmark = importlib.util.module_from_spec(_spec_r)
+# robustness.py and tasks.py import compression.py by name, as scripts in benchmarks/.
+sys.modules.setdefault("compression", compression_benchmark)
 _spec_r.loader.exec_module(robustness_benchmark)
 
 
@@ -215,7 +217,6 @@ _spec_t = importlib.util.spec_from_file_location(
     "tasks_benchmark", Path(__file__).parents[1] / "benchmarks" / "tasks.py"
 )
 tasks_benchmark = importlib.util.module_from_spec(_spec_t)
-sys.modules.setdefault("compression", compression_benchmark)  # tasks.py imports it by name
 _spec_t.loader.exec_module(tasks_benchmark)
 
 
