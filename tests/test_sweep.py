@@ -198,6 +198,41 @@ def test_the_journal_storage_fails_and_requeues_a_trial_whose_heartbeat_stopped(
     assert pop_waiting(study)[0].number == 1 and pop_waiting(study) is None
 
 
+def test_a_point_queued_twice_runs_once_whichever_copy_is_taken_first(tmp_path):
+    """Two workers joining at once may both queue a point that failed for good: the
+    lower-numbered copy runs, the other is set aside, and a finished point's copy too."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from compressm_rl.sweep.report import _status
+    from compressm_rl.sweep.worker import pop_waiting, set_aside_duplicate
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    point = {"kind": "full", "seed": 3, "budget": 0}
+    for params in (point, point, {**point, "seed": 4}):
+        study.enqueue_trial(params)
+    # The second copy is taken first (by a worker with an older list): set aside for #0.
+    second = study.trials[1]
+    study._storage.set_trial_state_values(second._trial_id, state=TrialState.RUNNING)
+    assert set_aside_duplicate(study, second)
+    trial, _ = pop_waiting(study)
+    assert trial.number == 0
+    study.tell(trial, 1.0)
+    study.enqueue_trial(point)  # a copy of a finished point
+    trial, _ = pop_waiting(study)
+    assert trial.number == 2  # the copy (#3) is never handed out
+    assert pop_waiting(study) is None
+    states = [(t.state, t.user_attrs.get("duplicate_of")) for t in study.trials]
+    assert states == [
+        (TrialState.COMPLETE, None),
+        (TrialState.FAIL, 0),
+        (TrialState.RUNNING, None),
+        (TrialState.FAIL, 0),
+    ]
+    status = _status([study])
+    assert status[3] == "1 complete, 2 duplicate, 1 running." and len(status) == 4
+
+
 def test_kept_results_are_re_read_only_by_the_same_sweep(tmp_path):
     from dataclasses import replace
 

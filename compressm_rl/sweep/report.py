@@ -199,13 +199,16 @@ def _cpus(pts: list[Point]) -> str:
 
 def _status(studies) -> list[str]:
     """Trials not finished: failed (with their error, unless a later trial finished the
-    same run), waiting, running."""
+    same run), waiting, running; copies of a point set aside unrun are counted apart."""
     lines, done = ["", "## Trials", ""], set()
     counts: dict[str, int] = {}
     failed = []
     for study in studies:
         for t in study.get_trials(deepcopy=False):
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            state = "DUPLICATE" if "duplicate_of" in t.user_attrs else t.state.name
+            counts[state] = counts.get(state, 0) + 1
+            if "duplicate_of" in t.user_attrs:  # a second copy of a point, never run
+                continue
             if t.state == TrialState.COMPLETE:
                 done.add(t.user_attrs.get("run"))
             elif t.state == TrialState.FAIL:

@@ -282,13 +282,13 @@ def enqueue_missing(study: optuna.Study, points: list[dict]) -> int:
     """Queue each of ``points`` that no waiting, running or finished trial holds (by its
     parameters); returns how many were queued."""
     live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-    held = [_params_of(t) for t in study.get_trials(deepcopy=False, states=live)]
+    held = [params_of(t) for t in study.get_trials(deepcopy=False, states=live)]
     missing = [p for p in points if p not in held]
     for params in missing:
         study.enqueue_trial(params)
     return len(missing)
 
 
-def _params_of(trial) -> dict:
+def params_of(trial) -> dict:
     """A trial's parameters: its own, or the fixed ones it was queued with."""
     return dict(trial.system_attrs.get("fixed_params") or trial.params)

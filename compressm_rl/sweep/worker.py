@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compressm_rl.stopping import TrainingStopped
 from compressm_rl.sweep import plan
-from compressm_rl.sweep.study import quiet_experimental
+from compressm_rl.sweep.study import params_of, quiet_experimental
 from compressm_rl.sweep.trials import run_trial
 
 
@@ -107,15 +107,40 @@ def say(line: str) -> None:
 
 def pop_waiting(study: optuna.Study) -> tuple[optuna.Trial, FrozenTrial] | None:
     """Take the first waiting trial of ``study`` (lowest number) that no other worker
-    takes first, as Optuna's ``Study.ask`` does, but never create one."""
+    takes first, as Optuna's ``Study.ask`` does, but never create one. A taken trial
+    whose point another trial already holds is set aside (``set_aside_duplicate``)."""
     storage = study._storage
     for frozen in storage.get_all_trials(study._study_id, False, (TrialState.WAITING,)):
         try:
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, frozen._trial_id), frozen
+            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
+        if not set_aside_duplicate(study, frozen):
+            return optuna.Trial(study, frozen._trial_id), frozen
     return None
+
+
+def set_aside_duplicate(study: optuna.Study, taken: FrozenTrial) -> bool:
+    """Fail the just-taken ``taken`` (marked ``duplicate_of``) if its point is finished
+    in another trial, or held by a waiting or running one with a lower number; returns
+    whether it did. Two workers that join a sweep at the same moment may both queue a
+    point that failed for good; of the two copies the lower-numbered one runs, whichever
+    worker takes which first."""
+    params = params_of(taken)
+    if not params:
+        return False  # a sampler's trial: its parameters come later
+    for other in study.get_trials(deepcopy=False):
+        if other.number == taken.number:
+            continue
+        held = other.state == TrialState.COMPLETE or (
+            other.state in (TrialState.WAITING, TrialState.RUNNING) and other.number < taken.number
+        )
+        if held and params_of(other) == params:
+            study._storage.set_trial_user_attr(taken._trial_id, "duplicate_of", other.number)
+            study._storage.set_trial_state_values(taken._trial_id, state=TrialState.FAIL)
+            return True
+    return False
 
 
 def _search_left(queue: Queue, spec: plan.SweepSpec) -> bool:
