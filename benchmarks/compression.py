@@ -37,7 +37,6 @@ runs); (2)/(1) then pairs only where one code on one kind of CPU made both
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import yaml
 
 from compressm_rl.compression import CompressionConfig
 from compressm_rl.runs import TorchController, evaluate, load_policy
-from compressm_rl.runs.files import atomic_write_text
+from compressm_rl.runs.files import atomic_write_text, checkpoint_stamp, kept
 from compressm_rl.settings import add_flags, flagged_fields, given_flags, int_list
 from compressm_rl.sweep.plan import TRIALS
 from compressm_rl.sweep.stats import (  # noqa: F401  (benchmarks/compare.py imports them here)
@@ -76,23 +75,21 @@ def deterministic_returns(run_dir: Path, policy, env_id: str, seed: int) -> np.n
     """``EVAL_EPISODES`` deterministic returns of the run's ``policy`` (episode k starts at
     ``reset(seed=10_000 + seed + k)``, as the sweep's evaluation), kept in the run's
     ``evaluation.json`` so that the same checkpoint is not evaluated twice."""
-    checkpoint = (run_dir / "checkpoint.pt").stat()
     first_seed = 10_000 + seed
     key = {
-        "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
+        "checkpoint": checkpoint_stamp(run_dir),
         "env_id": env_id,
         "episodes": EVAL_EPISODES,
         "first_seed": first_seed,
         "controller": "TorchController(frozen=True)",
     }
-    cache = run_dir / "evaluation.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return np.array(saved["returns"])
-    returns = evaluate(TorchController(policy, frozen=True), env_id, EVAL_EPISODES, first_seed)
-    atomic_write_text(cache, json.dumps({"key": key, "returns": returns.tolist()}))
-    return returns
+    controller = TorchController(policy, frozen=True)
+    returns = kept(
+        run_dir / "evaluation.json",
+        key,
+        lambda: evaluate(controller, env_id, EVAL_EPISODES, first_seed).tolist(),
+    )
+    return np.array(returns)
 
 
 def summarise(run_dir: Path, env_id: str, seed: int, label: str) -> dict:

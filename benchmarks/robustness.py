@@ -38,7 +38,7 @@ from compression import run_sweep_workers
 
 from compressm_rl.runs import TorchController, load_policy
 from compressm_rl.runs.evaluate import evaluate_grid, parse_grid_spec
-from compressm_rl.runs.files import atomic_write_text, save_figure
+from compressm_rl.runs.files import atomic_write_text, checkpoint_stamp, kept, save_figure
 from compressm_rl.settings import int_list
 from compressm_rl.sweep.plan import TRIALS
 from compressm_rl.sweep.stats import bootstrap_mean, bootstrap_ratio
@@ -104,19 +104,17 @@ def held_out(grid: dict[str, list[float]], dynamics: str) -> list[bool]:
 def evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) -> dict:
     """The run's training-distribution return (the sweep's) and its held-out grid
     returns, evaluated once per checkpoint and grid (``robustness.json``)."""
-    checkpoint = (run / "checkpoint.pt").stat()
     key = {
-        "checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns],
+        "checkpoint": checkpoint_stamp(run),
         "grid": args.grid,
         "episodes": args.episodes,
         "dynamics": args.dynamics,
         "seed": EVAL_SEED + seed,
     }
-    cache = run / CACHE
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["result"]
+    return kept(run / CACHE, key, lambda: _evaluate_run(run, env_id, seed, args))
+
+
+def _evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) -> dict:
     policy, _ = load_policy(run)
     grid = evaluate_grid(
         TorchController(policy, frozen=True),
@@ -127,14 +125,12 @@ def evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) ->
         args.dynamics,
     )
     trial = json.loads((run / RESULT).read_text())["result"]
-    result = {
+    return {
         "train_dist": trial["det_return"],
         "train_return": trial["train_return"],
         "actor_dims": trial["actor_dims"],
         "grid_means": [float(r.mean()) for r in grid.returns],
     }
-    atomic_write_text(cache, json.dumps({"key": key, "result": result}) + "\n")
-    return result
 
 
 def collect(args: argparse.Namespace, dirs: dict[str, Path]) -> dict:

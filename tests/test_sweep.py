@@ -255,6 +255,12 @@ def test_kept_results_are_re_read_only_by_the_same_sweep(tmp_path):
         replace(spec, eval_episodes=10),
     ):
         assert read_result(run, other) is None
+    (run / CHECKPOINT).write_bytes(b"the checkpoint of more training")
+    assert read_result(run, spec) is None  # another checkpoint: measured again
+    write_result(run, spec, {"return": 2.0})
+    text = (run / "trial.json").read_text()
+    (run / "trial.json").write_text(text[: len(text) // 2])  # half a file
+    assert read_result(run, spec) is None
 
 
 def test_active_time_is_the_union_of_the_trials_intervals():

@@ -1,14 +1,16 @@
-"""Writing into a run directory safely: atomic writes and the training lock."""
+"""Writing into a run directory safely: atomic writes, the training lock, and results
+kept beside the checkpoint they measured."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 LOCK = ".lock"
 
@@ -151,3 +153,37 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """A matplotlib figure as a PNG, written atomically (a killed run leaves no 0-byte plot)."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def checkpoint_stamp(run_dir: Path) -> list[int]:
+    """The run's ``checkpoint.pt`` as a kept result's key names it: size and mtime (ns).
+    Training on rewrites it, so results of an older checkpoint are not re-read."""
+    stat = (Path(run_dir) / "checkpoint.pt").stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def read_kept(path: Path, key: dict) -> Any | None:
+    """The result kept in ``path`` (``keep``) under ``key``; None if there is none, it
+    was kept under another key, or the file is unreadable (half written by a process
+    killed before atomic writes, or edited: measured again, never half-read)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != json.loads(json.dumps(key)):
+        return None  # the key compared as it reads back (tuples as lists)
+    return saved.get("result")
+
+
+def keep(path: Path, key: dict, result: Any) -> None:
+    """Keep the JSON-able ``result`` in ``path`` under ``key``, atomically."""
+    atomic_write_text(Path(path), json.dumps({"key": key, "result": result}, indent=1) + "\n")
+
+
+def kept(path: Path, key: dict, compute: Callable[[], Any]) -> Any:
+    """The result kept in ``path`` under ``key``, else ``compute()``, kept there."""
+    result = read_kept(path, key)
+    if result is None:
+        result = compute()
+        keep(path, key, result)
+    return result

@@ -10,7 +10,6 @@ its checkpoint, and one that another process is training is waited for (its lock
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,7 +29,7 @@ from compressm_rl.runs import (
 )
 from compressm_rl.runs.checkpoint import CHECKPOINT
 from compressm_rl.runs.config import CONFIG, MACHINE_SETTINGS, trained_with
-from compressm_rl.runs.files import atomic_write_text
+from compressm_rl.runs.files import checkpoint_stamp, keep, read_kept
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import training_return
 
@@ -194,27 +193,19 @@ def _result_key(run: Path, spec: plan.SweepSpec) -> dict:
     """What a kept result must match to be re-read: the checkpoint it measured, the
     measuring settings, and the sweep's run settings (another sweep's results in the same
     directory are not this one's; a machine's own settings may differ between workers)."""
-    checkpoint = (run / CHECKPOINT).stat()
     measuring = {k: getattr(spec, k) for k in ("eval_episodes", "parity_steps", "bench_steps")}
     runs = {k: v for k, v in spec.config.items() if k not in MACHINE_SETTINGS}
     sweep = {"env_id": spec.env_id, "config": runs, "recipe": spec.recipe}
-    key = {"checkpoint": [checkpoint.st_size, checkpoint.st_mtime_ns], **measuring, **sweep}
-    return json.loads(json.dumps(key))  # as it reads back from trial.json
+    return {"checkpoint": checkpoint_stamp(run), **measuring, **sweep}
 
 
 def read_result(run: Path, spec: plan.SweepSpec) -> dict | None:
     """The results a trial kept in ``run``, if they are of its present checkpoint and
     this sweep's measuring settings."""
-    path = run / RESULT
-    if not path.exists() or not (run / CHECKPOINT).exists():
+    if not (run / CHECKPOINT).exists():
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # half a file from a killed process: measured again
-    return saved["result"] if saved.get("key") == _result_key(run, spec) else None
+    return read_kept(run / RESULT, _result_key(run, spec))
 
 
 def write_result(run: Path, spec: plan.SweepSpec, result: dict) -> None:
-    text = json.dumps({"key": _result_key(run, spec), "result": result}, indent=1)
-    atomic_write_text(run / RESULT, text + "\n")
+    keep(run / RESULT, _result_key(run, spec), result)
