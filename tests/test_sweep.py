@@ -222,15 +222,40 @@ def test_a_point_queued_twice_runs_once_whichever_copy_is_taken_first(tmp_path):
     trial, _ = pop_waiting(study)
     assert trial.number == 2  # the copy (#3) is never handed out
     assert pop_waiting(study) is None
-    states = [(t.state, t.user_attrs.get("duplicate_of")) for t in study.trials]
+    states = [(t.state, t.user_attrs.get("set_aside")) for t in study.trials]
     assert states == [
         (TrialState.COMPLETE, None),
-        (TrialState.FAIL, 0),
+        (TrialState.FAIL, "a copy of trial 0"),
         (TrialState.RUNNING, None),
-        (TrialState.FAIL, 0),
+        (TrialState.FAIL, "a copy of trial 0"),
     ]
     status = _status([study])
-    assert status[3] == "1 complete, 2 duplicate, 1 running." and len(status) == 4
+    assert status[3] == "1 complete, 1 running, 2 set aside." and len(status) == 4
+
+
+def test_a_search_asked_by_workers_at_once_runs_its_own_number_of_trials(tmp_path):
+    """Of trials asked at the same moment past a search's last, the later ones are set
+    aside; retries and trials set aside do not count toward the search's trials."""
+    import optuna
+
+    from compressm_rl.sweep.plan import SweepSpec
+    from compressm_rl.sweep.worker import Queue, ask_search, beyond_search, set_aside
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    queue = Queue(study, search=True)
+    spec = SweepSpec("Hopper-v5", {}, {}, mode="search", trials=2)
+    first = ask_search(queue, spec)
+    study.tell(first, 1.0)
+    study.enqueue_trial({"budget": 8}, user_attrs={}, skip_if_exists=False)
+    retry = study.trials[-1]
+    study._storage.set_trial_system_attr(retry._trial_id, "failed_trial", 0)
+    aside = study.ask()
+    set_aside(study, aside._trial_id, "a copy of trial 0")
+    second, third = study.ask(), study.ask()  # two workers past the first check at once
+    assert not beyond_search(queue, spec, second.number)
+    assert beyond_search(queue, spec, third.number)
+    set_aside(study, third._trial_id, "beyond the search's 2 trials")
+    assert ask_search(queue, spec) is None  # the search has its 2
 
 
 def test_kept_results_are_re_read_only_by_the_same_sweep(tmp_path):

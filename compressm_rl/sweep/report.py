@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from compressm_rl.runs.files import atomic_write_text, save_figure
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import bootstrap_mean, bootstrap_ratio, run_parting_step
+from compressm_rl.sweep.study import SET_ASIDE
 
 MARKDOWN, FIGURE = "pareto.md", "pareto.png"
 RETURNS = (("det_return", "deterministic return"), ("train_return", "training return"))
@@ -199,15 +200,15 @@ def _cpus(pts: list[Point]) -> str:
 
 def _status(studies) -> list[str]:
     """Trials not finished: failed (with their error, unless a later trial finished the
-    same run), waiting, running; copies of a point set aside unrun are counted apart."""
+    same run), waiting, running; trials set aside unrun are counted apart."""
     lines, done = ["", "## Trials", ""], set()
     counts: dict[str, int] = {}
     failed = []
     for study in studies:
         for t in study.get_trials(deepcopy=False):
-            state = "DUPLICATE" if "duplicate_of" in t.user_attrs else t.state.name
+            state = "SET ASIDE" if SET_ASIDE in t.user_attrs else t.state.name
             counts[state] = counts.get(state, 0) + 1
-            if "duplicate_of" in t.user_attrs:  # a second copy of a point, never run
+            if SET_ASIDE in t.user_attrs:  # taken but never run (a copy, past the search)
                 continue
             if t.state == TrialState.COMPLETE:
                 done.add(t.user_attrs.get("run"))

@@ -41,6 +41,7 @@ GRACE_BEATS = 4  # a trial silent this many heartbeat intervals is failed and re
 MAX_RETRY = 3  # retries of one trial whose workers keep dying
 HEARTBEAT = "heartbeat"  # the journal's heartbeat: a trial system attribute (epoch s)
 SPEC, QUEUED = "sweep", "queued"  # study user attributes: the settings, the grid queued
+SET_ASIDE = "set_aside"  # a trial's user attribute: why a worker took it but never ran it
 JOIN_WAIT_S = 60.0  # how long a joining worker waits for the first to queue the grid
 
 

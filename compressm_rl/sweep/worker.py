@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compressm_rl.stopping import TrainingStopped
 from compressm_rl.sweep import plan
-from compressm_rl.sweep.study import params_of, quiet_experimental
+from compressm_rl.sweep.study import SET_ASIDE, params_of, quiet_experimental
 from compressm_rl.sweep.trials import run_trial
 
 
@@ -122,11 +122,11 @@ def pop_waiting(study: optuna.Study) -> tuple[optuna.Trial, FrozenTrial] | None:
 
 
 def set_aside_duplicate(study: optuna.Study, taken: FrozenTrial) -> bool:
-    """Fail the just-taken ``taken`` (marked ``duplicate_of``) if its point is finished
-    in another trial, or held by a waiting or running one with a lower number; returns
-    whether it did. Two workers that join a sweep at the same moment may both queue a
-    point that failed for good; of the two copies the lower-numbered one runs, whichever
-    worker takes which first."""
+    """Set aside the just-taken ``taken`` if its point is finished in another trial, or
+    held by a waiting or running one with a lower number; returns whether it did. Two
+    workers that join a sweep at the same moment may both queue a point that failed for
+    good; of the two copies the lower-numbered one runs, whichever worker takes which
+    first."""
     params = params_of(taken)
     if not params:
         return False  # a sampler's trial: its parameters come later
@@ -137,16 +137,45 @@ def set_aside_duplicate(study: optuna.Study, taken: FrozenTrial) -> bool:
             other.state in (TrialState.WAITING, TrialState.RUNNING) and other.number < taken.number
         )
         if held and params_of(other) == params:
-            study._storage.set_trial_user_attr(taken._trial_id, "duplicate_of", other.number)
-            study._storage.set_trial_state_values(taken._trial_id, state=TrialState.FAIL)
+            set_aside(study, taken._trial_id, f"a copy of trial {other.number}")
             return True
     return False
 
 
-def _search_left(queue: Queue, spec: plan.SweepSpec) -> bool:
-    """Whether the search has trials left to ask for (retries of a trial do not count)."""
-    trials = queue.study.get_trials(deepcopy=False)
-    return sum("failed_trial" not in t.system_attrs for t in trials) < spec.trials
+def set_aside(study: optuna.Study, trial_id: int, why: str) -> None:
+    """Fail a trial this worker took but will not run, saying why (user attribute
+    ``SET_ASIDE``): the report counts it apart, and no rerun queues it again."""
+    study._storage.set_trial_user_attr(trial_id, SET_ASIDE, why)
+    study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+
+
+def _searched(queue: Queue) -> list[int]:
+    """The numbers of the search's own trials (not retries, not set aside)."""
+    return [
+        t.number
+        for t in queue.study.get_trials(deepcopy=False)
+        if "failed_trial" not in t.system_attrs and SET_ASIDE not in t.user_attrs
+    ]
+
+
+def ask_search(queue: Queue, spec: plan.SweepSpec) -> optuna.Trial | None:
+    """A new trial from the search's sampler while the search has trials left; None
+    when it has none. Workers asking at the same moment may each get one past the
+    last: those beyond ``spec.trials`` (by number) are set aside."""
+    if len(_searched(queue)) >= spec.trials:
+        return None
+    with warnings.catch_warnings():  # Optuna's hint that `optimize` beats: so do we
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        trial = queue.study.ask()
+    if beyond_search(queue, spec, trial.number):
+        set_aside(queue.study, trial._trial_id, f"beyond the search's {spec.trials} trials")
+        return None
+    return trial
+
+
+def beyond_search(queue: Queue, spec: plan.SweepSpec, number: int) -> bool:
+    """Whether the search's trial ``number`` is past its last (``spec.trials``)."""
+    return sorted(_searched(queue)).index(number) >= spec.trials
 
 
 def next_trial(queues: list[Queue], spec: plan.SweepSpec):
@@ -158,10 +187,10 @@ def next_trial(queues: list[Queue], spec: plan.SweepSpec):
         if popped is not None:
             return queue, *popped
     for queue in queues:
-        if queue.search and _search_left(queue, spec):
-            with warnings.catch_warnings():  # Optuna's hint that `optimize` beats: so do we
-                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                return queue, queue.study.ask(), None
+        if queue.search:
+            trial = ask_search(queue, spec)
+            if trial is not None:
+                return queue, trial, None
     return None
 
 
