@@ -198,6 +198,30 @@ def test_the_journal_storage_fails_and_requeues_a_trial_whose_heartbeat_stopped(
     assert pop_waiting(study)[0].number == 1 and pop_waiting(study) is None
 
 
+def test_a_trial_taken_by_a_worker_that_stopped_before_its_first_beat_is_retried(tmp_path):
+    """SQLite: a trial left running without a single heartbeat is stale after the grace
+    period, as a beaten one is."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from compressm_rl.sweep.study import open_storage, quiet_experimental
+    from compressm_rl.sweep.worker import pop_waiting
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", 1, tmp_path)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({"kind": "full", "seed": 3, "budget": 0})
+    pop_waiting(study)  # and the worker stops here, before its Heartbeat
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.RUNNING  # within its grace period
+    time.sleep(4.5)  # GRACE_BEATS heartbeats of 1 s
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.system_attrs["fixed_params"] == {"kind": "full", "seed": 3, "budget": 0}
+
+
 def test_a_point_queued_twice_runs_once_whichever_copy_is_taken_first(tmp_path):
     """Two workers joining at once may both queue a point that failed for good: the
     lower-numbered copy runs, the other is set aside, and a finished point's copy too."""

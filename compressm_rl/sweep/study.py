@@ -5,8 +5,8 @@ Storage URLs: none (``sqlite:///OUT/study.db``), any SQLAlchemy URL (``sqlite://
 ``postgresql://...``, ``mysql://...``: workers on many machines share a database server),
 or a journal file (``journal:PATH``, or a path ending in ``.log``: workers on machines
 that share a file system, no server). Both kinds keep heartbeats: a running trial
-whose worker stops beating for ``GRACE_BEATS`` intervals (killed, its machine gone) is
-failed by the next worker that looks and queued again (Optuna's
+whose worker stops beating for ``GRACE_BEATS`` intervals (killed, its machine gone), or
+never beat, is failed by the next worker that looks and queued again (Optuna's
 ``RetryHeartbeatStaleTrialCallback``), and that worker resumes its run directory.
 Optuna's journal storage keeps no heartbeats in 5.1; ``HeartbeatJournalStorage`` adds
 them as a trial system attribute (each worker's clock: keep machines within a few
@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -109,6 +110,36 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self.callback
 
 
+class HeartbeatRDBStorage(RDBStorage):
+    """Optuna's RDB storage, whose stale trials also include a running trial that never
+    beat: a worker stopped between taking a trial and its first beat (milliseconds, but
+    a Ctrl-C can land there) would otherwise leave it running for good, and every other
+    worker waiting for it. Its start (``datetime_start``, stamped by the taking worker's
+    clock) stands for its beat. Reads Optuna's heartbeat table, which 5.1 keeps private."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy.orm import selectinload
+
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
+        now = datetime.now()  # the clock `set_trial_state_values` stamps a start with
+        with _create_scoped_session(self.scoped_session) as session:
+            running = (
+                session.query(models.TrialModel)
+                .options(selectinload(models.TrialModel.heartbeats))
+                .filter(models.TrialModel.state == TrialState.RUNNING)
+                .filter(models.TrialModel.study_id == study_id)
+                .all()
+            )
+            for trial in running:
+                started = trial.datetime_start
+                if not trial.heartbeats and started is not None and now - started > grace:
+                    stale.append(trial.trial_id)
+        return stale
+
+
 def open_storage(url: str, heartbeat: int | None, out: Path) -> BaseStorage:
     """Open (creating its tables or file) and check the storage at ``url``, with
     heartbeats every ``heartbeat`` seconds (None: none, for reading a finished sweep).
@@ -148,11 +179,11 @@ _CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key")
 
 
 def _rdb_storage(url: str, engine: dict | None, beats: dict, attempts: int = 5) -> RDBStorage:
-    """``RDBStorage(url)``, which connects and makes the tables; tried again, after a
-    short wait, when another worker was making them at the same moment."""
+    """``HeartbeatRDBStorage(url)``, which connects and makes the tables; tried again,
+    after a short wait, when another worker was making them at the same moment."""
     for attempt in range(attempts):
         try:
-            return RDBStorage(url, engine_kwargs=engine, **beats)
+            return HeartbeatRDBStorage(url, engine_kwargs=engine, **beats)
         except Exception as err:
             raced = any(text in str(err) for text in _CREATION_RACE)
             if not raced or attempt == attempts - 1:
