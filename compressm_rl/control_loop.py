@@ -30,13 +30,17 @@ from pathlib import Path
 import gymnasium as gym
 import mujoco
 import numpy as np
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
+from gymnasium.envs.mujoco.humanoid_v5 import HumanoidEnv
 from gymnasium.envs.mujoco.inverted_pendulum_v5 import InvertedPendulumEnv
+from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 
 from compressm_rl.control_loop_c import (
+    EXTRA_OBS,
     INPUT_HEADER,
     INPUT_MAGIC,
     INPUT_PARAMS,
@@ -74,6 +78,9 @@ _TASK_CLASSES = {
     "Hopper-v5": HopperEnv,
     "Walker2d-v5": Walker2dEnv,
     "HalfCheetah-v5": HalfCheetahEnv,
+    "Swimmer-v5": SwimmerEnv,
+    "Ant-v5": AntEnv,
+    "Humanoid-v5": HumanoidEnv,
 }
 # policy.c is built with HOST_FLAGS, as CPolicy builds it. The loop's own code also goes
 # without multiply-add fusion: its reward arithmetic must round each operation as NumPy does.
@@ -176,17 +183,16 @@ def _wrappers(env: gym.Env) -> dict[type, gym.Wrapper]:
 
 
 def _health_settings(settings: TaskSettings | None) -> dict[str, float]:
-    """Hopper's and Walker2d's reward and health settings (zeros for the others)."""
-    if settings is None or settings.healthy_angle is None:
-        return dict.fromkeys(("healthy_reward", "z_low", "z_high", "angle_low", "angle_high"), 0.0)
-    (z_low, z_high), (angle_low, angle_high) = settings.healthy_z, settings.healthy_angle
-    return {
-        "healthy_reward": float(settings.healthy_reward),
-        "z_low": float(z_low),
-        "z_high": float(z_high),
-        "angle_low": float(angle_low),
-        "angle_high": float(angle_high),
-    }
+    """The health reward and ranges of the tasks that have them: height (Hopper,
+    Walker2d, Ant, Humanoid) and angle (Hopper, Walker2d); zeros where a task has none."""
+    values = dict.fromkeys(("healthy_reward", "z_low", "z_high", "angle_low", "angle_high"), 0.0)
+    if settings is None or settings.healthy_z is None:
+        return values
+    values["healthy_reward"] = float(settings.healthy_reward)
+    values["z_low"], values["z_high"] = (float(z) for z in settings.healthy_z)
+    if settings.healthy_angle is not None:
+        values["angle_low"], values["angle_high"] = (float(a) for a in settings.healthy_angle)
+    return values
 
 
 def _state_range(settings: TaskSettings | None, model) -> tuple[np.ndarray, np.ndarray]:
@@ -215,15 +221,14 @@ def read_task(
     if limit is None:
         raise ValueError(f"{env_id} has no time limit: the loop would not end")
     model = layer.model
-    if model.nu >= 8:  # NumPy sums 8 or more float32 in another order than the C loop
-        raise ValueError(f"{env_id}: {model.nu} actuators; the C ctrl cost handles up to 7")
     # The locomotion tasks' settings as the batched step reads them (the pendulum has none).
     settings = TaskSettings.of(env) if base != "InvertedPendulum-v5" else None
     if settings is None and base != "InvertedPendulum-v5":
         raise ValueError(f"{env_id}: its wrappers or settings are not the task's own")
-    exclude_x = settings is not None and settings.skip_qpos == 1
-    full_dim = (model.nq - int(exclude_x)) + model.nv
+    full_dim = layer.observation_space.shape[0]  # the task's, before KeepPartObservation
     keep = np.arange(full_dim) if part is None else np.asarray(part._index)
+    extra_obs = settings.extra_obs if settings else ()
+    contact_range = settings.contact_clip if settings and settings.contact_clip else (0.0, 0.0)
     state_low, state_high = _state_range(settings, model)
     header = {
         "magic": INPUT_MAGIC,
@@ -236,7 +241,9 @@ def read_task(
         "max_episode_steps": limit._max_episode_steps,
         "episodes": episodes,
         "obs_dim": len(keep),
-        "exclude_x": int(exclude_x),
+        "skip_qpos": settings.skip_qpos if settings else 0,
+        "extra_obs": sum(EXTRA_OBS[name][0] for name in extra_obs),
+        "main_body": settings.main_body if settings else 0,
         "clip_velocity": int(isinstance(layer, HopperEnv | Walker2dEnv)),
         # The pendulum always ends an episode when it falls.
         "terminate_when_unhealthy": int(settings is None or settings.terminate_when_unhealthy),
@@ -253,6 +260,9 @@ def read_task(
         **_health_settings(settings),
         "pendulum_angle_limit": PENDULUM_ANGLE_LIMIT,
         "velocity_clip": VELOCITY_CLIP,
+        "contact_weight": float(settings.contact_weight) if settings else 0.0,
+        "contact_low": float(contact_range[0]),
+        "contact_high": float(contact_range[1]),
     }
     return _Task(header, params, state_low, state_high, keep.astype(np.int64), layer.fullpath)
 

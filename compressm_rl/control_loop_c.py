@@ -10,9 +10,20 @@ initial states come in a binary file whose layout ``INPUT_HEADER`` / ``INPUT_PAR
 from __future__ import annotations
 
 # Task kinds, as the C program numbers them.
-TASK_KINDS = {"InvertedPendulum-v5": 0, "Hopper-v5": 1, "Walker2d-v5": 2, "HalfCheetah-v5": 3}
+TASK_KINDS = {
+    "InvertedPendulum-v5": 0,
+    "Hopper-v5": 1,
+    "Walker2d-v5": 2,
+    "HalfCheetah-v5": 3,
+    "Swimmer-v5": 4,
+    "Ant-v5": 5,
+    "Humanoid-v5": 6,
+}
+# The MjData arrays a task may append to its observation (bits of the header's
+# `extra_obs`), in the order Gymnasium appends them, with the rows each leaves out.
+EXTRA_OBS = {"cinert": (1, 1), "cvel": (2, 1), "qfrc_actuator": (4, 6), "cfrc_ext": (8, 1)}
 
-INPUT_MAGIC = 0x434D4C4F4F500002  # "CMLOOP" + layout version 2
+INPUT_MAGIC = 0x434D4C4F4F500003  # "CMLOOP" + layout version 3
 OUTPUT_MAGIC = 0x434D4C4F4F500101
 
 # int64 fields at the start of the input file, in order.
@@ -27,7 +38,9 @@ INPUT_HEADER = (
     "max_episode_steps",
     "episodes",
     "obs_dim",  # the policy's observation: entries `keep` of the task's observation
-    "exclude_x",  # the task's observation leaves out qpos[0]
+    "skip_qpos",  # the task's observation leaves out qpos[0:skip_qpos]
+    "extra_obs",  # EXTRA_OBS bits: MjData arrays after qpos and qvel
+    "main_body",  # Ant: the body whose x position gives the forward velocity
     "clip_velocity",  # qvel clipped into [-velocity_clip, velocity_clip] in the observation
     "terminate_when_unhealthy",
     "state_range_size",  # 0, or nq - 2 + nv: Hopper's healthy_state_range, per element
@@ -48,6 +61,9 @@ INPUT_PARAMS = (
     "angle_high",
     "pendulum_angle_limit",  # InvertedPendulum: terminated when |qpos[1]| exceeds it
     "velocity_clip",
+    "contact_weight",  # Ant, Humanoid
+    "contact_low",  # Ant: each force clipped into [low, high]; Humanoid: the cost
+    "contact_high",
 )
 # int64 fields at the start of the output file, in order.
 OUTPUT_HEADER = (
@@ -66,7 +82,7 @@ LOOP_SOURCE = r"""/* Closed-loop control of a MuJoCo task by an exported policy 
  * Usage: loop MODEL.xml INPUT.bin OUTPUT.bin
  *
  * Inputs. MODEL.xml: the task's MJCF, the file Gymnasium's env loads. INPUT.bin (native
- * byte order): int64 header[16] and double params[12] (names: compressm_rl/control_loop_c.py
+ * byte order): int64 header[18] and double params[15] (names: compressm_rl/control_loop_c.py
  * INPUT_HEADER / INPUT_PARAMS), then double state_low[R], state_high[R] (R =
  * state_range_size), int64 keep[obs_dim], and per episode, episode-major: double
  * qpos[nq], qvel[nv], act[na] (the state Gymnasium's reset(seed=S+k) leaves) and
@@ -74,10 +90,12 @@ LOOP_SOURCE = r"""/* Closed-loop control of a MuJoCo task by an exported policy 
  *
  * Each episode: mj_resetData, qpos/qvel/act set, mj_forward (Gymnasium's reset), policy
  * state zeroed; then control steps until termination or max_episode_steps. A control step
- * forms the observation from qpos/qvel (float64, as Gymnasium's v5 _get_obs, then the
- * entries `keep`, cast to float32), calls policy_step, writes the action to ctrl, runs
- * mj_step frame_skip times, and computes the reward and termination as the v5 task's
- * step() does, in the same float operations and order (float32 ctrl cost). With
+ * forms the observation from qpos/qvel and the task's MjData arrays (float64, as
+ * Gymnasium's v5 _get_obs, then the entries `keep`, cast to float32), calls policy_step,
+ * writes the action to ctrl, runs mj_step frame_skip times (then mj_rnePostConstraint
+ * where the task reads contact forces, as Gymnasium does), and computes the reward and
+ * termination as the v5 task's step() does, in the same float operations and order: sums
+ * in NumPy's pairwise order, the ctrl cost in float32 but Humanoid's (data.ctrl). With
  * rate_hz > 0 step i is released at t0 + i * period (CLOCK_MONOTONIC, absolute:
  * clock_nanosleep TIMER_ABSTIME, no drift; the last spin_us before it busy-waited) and
  * misses its deadline when its work ends
@@ -118,20 +136,22 @@ LOOP_SOURCE = r"""/* Closed-loop control of a MuJoCo task by an exported policy 
 
 #include "policy.h"
 
-enum { PENDULUM = 0, HOPPER = 1, WALKER = 2, CHEETAH = 3 };
-enum { HEADER_SIZE = 16, PARAMS_SIZE = 12, OUT_HEADER_SIZE = 8 };
-static const int64_t INPUT_MAGIC = 0x434D4C4F4F500002LL;
+enum { PENDULUM = 0, HOPPER = 1, WALKER = 2, CHEETAH = 3, SWIMMER = 4, ANT = 5, HUMANOID = 6 };
+enum { CINERT = 1, CVEL = 2, QFRC_ACTUATOR = 4, CFRC_EXT = 8 };
+enum { HEADER_SIZE = 18, PARAMS_SIZE = 15, OUT_HEADER_SIZE = 8, MAX_OBS = 1024 };
+static const int64_t INPUT_MAGIC = 0x434D4C4F4F500003LL;
 static const int64_t OUTPUT_MAGIC = 0x434D4C4F4F500101LL;
 
 typedef struct {
     int64_t magic, kind, nq, nv, nu, na, frame_skip, max_steps, episodes, obs_dim;
-    int64_t exclude_x, clip_velocity, terminate_when_unhealthy, state_range_size;
-    int64_t realtime, fifo_priority;
+    int64_t skip_qpos, extra_obs, main_body, clip_velocity, terminate_when_unhealthy;
+    int64_t state_range_size, realtime, fifo_priority;
 } Header;
 
 typedef struct {
     double timestep, rate_hz, spin_us, forward_weight, ctrl_weight, healthy_reward;
     double z_low, z_high, angle_low, angle_high, pendulum_angle_limit, velocity_clip;
+    double contact_weight, contact_low, contact_high;
 } Params;
 
 typedef struct {
@@ -210,6 +230,17 @@ static void read_task(const char *path, Task *t)
     fclose(f);
 }
 
+/* The length of the task's observation before `keep`: Gymnasium's v5 _get_obs. */
+static int64_t observation_size(const Header *h, const mjModel *m)
+{
+    int64_t n = m->nq - h->skip_qpos + m->nv;
+    if (h->extra_obs & CINERT) n += (m->nbody - 1) * 10;
+    if (h->extra_obs & CVEL) n += (m->nbody - 1) * 6;
+    if (h->extra_obs & QFRC_ACTUATOR) n += m->nv - 6;
+    if (h->extra_obs & CFRC_EXT) n += (m->nbody - 1) * 6;
+    return n;
+}
+
 /* The sizes the input, the model and policy.h each state must agree. */
 static void check_sizes(const Task *t, const mjModel *m)
 {
@@ -218,27 +249,53 @@ static void check_sizes(const Task *t, const mjModel *m)
         fail("the model's nq/nv/nu/na are not the task's");
     if (h->obs_dim != POLICY_OBS_DIM || h->nu != POLICY_ACTION_DIM)
         fail("policy.h's POLICY_OBS_DIM/POLICY_ACTION_DIM are not the task's");
-    if (h->kind < PENDULUM || h->kind > CHEETAH || h->frame_skip < 1 || h->max_steps < 1 ||
+    if (h->kind < PENDULUM || h->kind > HUMANOID || h->frame_skip < 1 || h->max_steps < 1 ||
         h->episodes < 1)
         fail("bad task kind, frame_skip, max_episode_steps or episodes");
     if (h->state_range_size != 0 && h->state_range_size != m->nq - 2 + m->nv)
         fail("healthy_state_range of the wrong size");
-    const int64_t full = (h->exclude_x ? m->nq - 1 : m->nq) + m->nv;
+    if (h->skip_qpos < 0 || h->skip_qpos > m->nq || h->main_body < 0 || h->main_body >= m->nbody)
+        fail("skip_qpos or main_body out of range");
+    const int64_t full = observation_size(h, m);
+    if (full > MAX_OBS) fail("observation too large");
     for (int64_t j = 0; j < h->obs_dim; ++j)
         if (t->keep[j] < 0 || t->keep[j] >= full) fail("observation index out of range");
 }
 
-/* Gymnasium's v5 _get_obs: [qpos (without qpos[0] if exclude_x), qvel (clipped on
- * Hopper/Walker2d)], float64, [(nq - exclude_x) + nv]. */
-static void observe(const Task *t, const mjData *d, double *obs)
+/* np.clip(x, low, high): NaN stays NaN. */
+static double clip(double x, double low, double high)
+{
+    return x < low ? low : (x > high ? high : x);
+}
+
+/* Appends rows `first`.. of a row-major MjData array of `rows` x `width` to obs[n..]. */
+static int64_t append_rows(double *obs, int64_t n, const mjtNum *array, int64_t rows,
+                           int64_t width, int64_t first)
+{
+    for (int64_t i = first * width; i < rows * width; ++i) obs[n++] = array[i];
+    return n;
+}
+
+/* Gymnasium's v5 _get_obs: [qpos[skip_qpos:], qvel (clipped on Hopper/Walker2d), then
+ * the task's MjData arrays (Ant's contact forces clipped)], float64. */
+static void observe(const Task *t, const mjModel *m, const mjData *d, double *obs)
 {
     int64_t n = 0;
-    for (int64_t i = t->h.exclude_x ? 1 : 0; i < t->h.nq; ++i) obs[n++] = d->qpos[i];
+    for (int64_t i = t->h.skip_qpos; i < t->h.nq; ++i) obs[n++] = d->qpos[i];
     const double c = t->p.velocity_clip;
     for (int64_t i = 0; i < t->h.nv; ++i) {
         const double v = d->qvel[i];
-        /* np.clip: NaN stays NaN */
-        obs[n++] = t->h.clip_velocity ? (v < -c ? -c : (v > c ? c : v)) : v;
+        obs[n++] = t->h.clip_velocity ? clip(v, -c, c) : v;
+    }
+    const int64_t extra = t->h.extra_obs;
+    if (extra & CINERT) n = append_rows(obs, n, d->cinert, m->nbody, 10, 1);
+    if (extra & CVEL) n = append_rows(obs, n, d->cvel, m->nbody, 6, 1);
+    if (extra & QFRC_ACTUATOR) n = append_rows(obs, n, d->qfrc_actuator, m->nv, 1, 6);
+    if (extra & CFRC_EXT) {
+        const int clipped = t->h.kind == ANT;
+        for (int64_t i = 6; i < m->nbody * 6; ++i)
+            obs[n++] = clipped ? clip(d->cfrc_ext[i], t->p.contact_low, t->p.contact_high)
+                               : d->cfrc_ext[i];
     }
 }
 
@@ -255,9 +312,76 @@ static int all_finite(const double *x, int64_t n)
     return 1;
 }
 
-/* Hopper's and Walker2d's is_healthy (strict comparisons: NaN is unhealthy). */
+/* NumPy's sum of a contiguous float64 array (pairwise_sum: eight accumulators below
+ * 128 elements, halves above), so that a sum rounds as np.sum's does. */
+static double np_sum(const double *a, int64_t n)
+{
+    if (n < 8) {
+        double s = 0.0;
+        for (int64_t i = 0; i < n; ++i) s += a[i];
+        return s;
+    }
+    if (n <= 128) {
+        double r[8];
+        for (int j = 0; j < 8; ++j) r[j] = a[j];
+        int64_t i = 8;
+        for (; i < n - n % 8; i += 8)
+            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+        double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; ++i) s += a[i];
+        return s;
+    }
+    int64_t half = n / 2;
+    half -= half % 8;
+    return np_sum(a, half) + np_sum(a + half, n - half);
+}
+
+/* The same for float32 (NumPy adds float32 in float32). */
+static float np_sum_f32(const float *a, int64_t n)
+{
+    if (n < 8) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < n; ++i) s += a[i];
+        return s;
+    }
+    if (n <= 128) {
+        float r[8];
+        for (int j = 0; j < 8; ++j) r[j] = a[j];
+        int64_t i = 8;
+        for (; i < n - n % 8; i += 8)
+            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+        float s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; ++i) s += a[i];
+        return s;
+    }
+    int64_t half = n / 2;
+    half -= half % 8;
+    return np_sum_f32(a, half) + np_sum_f32(a + half, n - half);
+}
+
+/* The x position whose change over a step is the forward velocity: qpos[0]; Ant's main
+ * body; Humanoid's mass centre (gymnasium's mass_center: np.sum(mass * xipos, axis=0),
+ * row after row, over np.sum(mass), pairwise). */
+static double forward_position(const Task *t, const mjModel *m, const mjData *d)
+{
+    if (t->h.kind == ANT) return d->xpos[3 * t->h.main_body];
+    if (t->h.kind != HUMANOID) return d->qpos[0];
+    double moment = 0.0;
+    for (int64_t i = 0; i < m->nbody; ++i) moment += m->body_mass[i] * d->xipos[3 * i];
+    return moment / np_sum(m->body_mass, m->nbody);
+}
+
+/* Each task's is_healthy: Hopper's and Walker2d's height, angle (and Hopper's state)
+ * ranges; Ant's finite state and inclusive height range; Humanoid's height range.
+ * Strict comparisons elsewhere: NaN is unhealthy. */
 static int is_healthy(const Task *t, const mjData *d)
 {
+    if (t->h.kind == ANT) {
+        const double z = d->qpos[2];
+        return all_finite(d->qpos, t->h.nq) && all_finite(d->qvel, t->h.nv) &&
+               t->p.z_low <= z && z <= t->p.z_high;
+    }
+    if (t->h.kind == HUMANOID) return t->p.z_low < d->qpos[2] && d->qpos[2] < t->p.z_high;
     const double z = d->qpos[1], angle = d->qpos[2];
     int healthy = t->p.z_low < z && z < t->p.z_high;
     healthy = healthy && t->p.angle_low < angle && angle < t->p.angle_high;
@@ -269,9 +393,25 @@ static int is_healthy(const Task *t, const mjData *d)
     return healthy;
 }
 
-/* The reward of the step just taken (the v5 step's arithmetic) and its termination. */
+/* Ant's w * sum(clip(cfrc_ext)^2), Humanoid's clip(w * sum(cfrc_ext^2)), over every
+ * body's row (the world's included), as np.sum of the [nbody, 6] array. */
+static double contact_cost(const Task *t, const mjModel *m, const mjData *d, double *squares)
+{
+    const int64_t n = m->nbody * 6;
+    for (int64_t i = 0; i < n; ++i) {
+        const double f = t->h.kind == ANT
+                             ? clip(d->cfrc_ext[i], t->p.contact_low, t->p.contact_high)
+                             : d->cfrc_ext[i];
+        squares[i] = f * f;
+    }
+    const double cost = t->p.contact_weight * np_sum(squares, n);
+    return t->h.kind == HUMANOID ? clip(cost, t->p.contact_low, t->p.contact_high) : cost;
+}
+
+/* The reward of the step just taken (the v5 step's arithmetic) and its termination.
+ * `scratch` holds max(nu, nbody * 6) doubles. */
 static double reward(const Task *t, const mjModel *m, const mjData *d, const float *action,
-                     double x_before, int *terminated)
+                     double x_before, double *scratch, int *terminated)
 {
     if (t->h.kind == PENDULUM) {
         const int finite = all_finite(d->qpos, m->nq) && all_finite(d->qvel, m->nv);
@@ -279,21 +419,27 @@ static double reward(const Task *t, const mjModel *m, const mjData *d, const flo
         return *terminated ? 0.0 : 1.0; /* int(not terminated) */
     }
     const double dt = m->opt.timestep * (double)t->h.frame_skip; /* MujocoEnv.dt */
-    const double x_velocity = (d->qpos[0] - x_before) / dt;
+    const double x_velocity = (forward_position(t, m, d) - x_before) / dt;
     const double forward = t->p.forward_weight * x_velocity;
-    float squares = 0.0f; /* np.sum of a float32 array shorter than 8: left to right */
-    for (int64_t i = 0; i < t->h.nu; ++i) {
-        const float a2 = action[i] * action[i];
-        squares += a2;
+    double ctrl_cost;
+    if (t->h.kind == HUMANOID) { /* w * np.sum(np.square(data.ctrl)), float64 */
+        for (int64_t i = 0; i < t->h.nu; ++i) scratch[i] = d->ctrl[i] * d->ctrl[i];
+        ctrl_cost = t->p.ctrl_weight * np_sum(scratch, t->h.nu);
+    } else { /* float32(w) * np.sum(np.square(action)), float32 */
+        float squares[POLICY_ACTION_DIM];
+        for (int64_t i = 0; i < t->h.nu; ++i) squares[i] = action[i] * action[i];
+        ctrl_cost = (double)(t->ctrl_weight * np_sum_f32(squares, t->h.nu));
     }
-    const double ctrl_cost = (double)(t->ctrl_weight * squares);
-    if (t->h.kind == CHEETAH) {
+    if (t->h.kind == CHEETAH || t->h.kind == SWIMMER) {
         *terminated = 0;
         return forward - ctrl_cost;
     }
     const int healthy = is_healthy(t, d);
     *terminated = !healthy && t->h.terminate_when_unhealthy;
-    return (forward + (healthy ? 1.0 : 0.0) * t->p.healthy_reward) - ctrl_cost;
+    const double rewards = forward + (healthy ? 1.0 : 0.0) * t->p.healthy_reward;
+    if (t->h.kind == ANT || t->h.kind == HUMANOID)
+        return rewards - (ctrl_cost + contact_cost(t, m, d, scratch));
+    return rewards - ctrl_cost;
 }
 
 /* Gymnasium's reset for episode k: mj_resetData, set_state(qpos, qvel), mj_forward.
@@ -305,7 +451,7 @@ static int reset_episode(const Task *t, const mjModel *m, mjData *d, int64_t k, 
     memcpy(d->qvel, t->qvel0 + k * t->h.nv, sizeof(double) * (size_t)t->h.nv);
     if (t->h.na) memcpy(d->act, t->act0 + k * t->h.na, sizeof(double) * (size_t)t->h.na);
     mj_forward(m, d);
-    observe(t, d, full);
+    observe(t, m, d, full);
     const double *expected = t->obs0 + k * t->h.obs_dim;
     for (int64_t j = 0; j < t->h.obs_dim; ++j)
         if (memcmp(&full[t->keep[j]], &expected[j], sizeof(double)) != 0) return 0;
@@ -394,7 +540,10 @@ static void alloc_record(const Task *t, Record *r)
 /* All episodes; per-step times into r. */
 static void run(const Task *t, const mjModel *m, mjData *d, Record *r)
 {
-    double full[512];
+    double full[MAX_OBS];
+    double *scratch = alloc_zeroed((size_t)(m->nu > m->nbody * 6 ? m->nu : m->nbody * 6),
+                                   sizeof(double));
+    const int contacts = t->h.kind == ANT || t->h.kind == HUMANOID;
     float obs[POLICY_OBS_DIM], action[POLICY_ACTION_DIM];
     float state[POLICY_STATE_DIM + 1];
     const int64_t period = t->p.rate_hz > 0 ? llround(1e9 / t->p.rate_hz) : 0;
@@ -408,15 +557,16 @@ static void run(const Task *t, const mjModel *m, mjData *d, Record *r)
         for (int64_t step = 0; step < t->h.max_steps && !terminated; ++step) {
             if (period) wait_until(release, spin_ns);
             const int64_t start = now_ns();
-            observe(t, d, full);
+            observe(t, m, d, full);
             policy_input(t, full, obs);
             const int64_t policy_start = now_ns();
             const int status = policy_step(obs, state, action, state);
             const int64_t policy_end = now_ns();
-            const double x_before = d->qpos[0];
+            const double x_before = forward_position(t, m, d);
             for (int64_t i = 0; i < t->h.nu; ++i) d->ctrl[i] = (double)action[i];
             for (int64_t i = 0; i < t->h.frame_skip; ++i) mj_step(m, d);
-            r->returns[k] += reward(t, m, d, action, x_before, &terminated);
+            if (contacts) mj_rnePostConstraint(m, d); /* cfrc_ext, as Gymnasium's step */
+            r->returns[k] += reward(t, m, d, action, x_before, scratch, &terminated);
             const int64_t end = now_ns();
             const int64_t n = r->steps++;
             r->policy_ns[n] = policy_end - policy_start;
@@ -467,7 +617,6 @@ int main(int argc, char **argv)
     mjData *d = mj_makeData(m);
     if (d == NULL) fail("mj_makeData failed");
     check_sizes(&t, m);
-    if ((t.h.exclude_x ? m->nq - 1 : m->nq) + m->nv > 512) fail("observation too large");
     Record r;
     alloc_record(&t, &r);
     printf("mujoco %s\n", mj_versionString());
