@@ -13,7 +13,8 @@ deterministic episodes (episode k of seed s from ``reset(seed=10_000 + s + k)``,
 sweep does; ``benchmarks/compression.py``'s evaluation, kept in the run's
 ``evaluation.json``) and writes ``OUT/tasks.md``: means over
 seeds with expanded 90% bootstrap intervals, the training return (the last 50
-iterations' episodes), and the published PPO returns at 1M steps.
+iterations' episodes), and the published PPO returns at 1M steps, and ``OUT/tasks.png``:
+each task's training curves beside those figures.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import numpy as np
 from compression import EVAL_EPISODES, deterministic_returns
 
 from compressm_rl.runs import TrainConfig, load_policy
-from compressm_rl.runs.files import atomic_write_text
+from compressm_rl.runs.files import atomic_write_text, save_figure
 from compressm_rl.settings import int_list
-from compressm_rl.sweep.stats import bootstrap_mean, training_return
+from compressm_rl.sweep.stats import bootstrap_mean, running_returns, training_return
 from compressm_rl.sweep.trials import ensure_trained, is_trained
 
 # Published PPO (MLP) returns at 1M steps: RL Zoo (SB3, tuned per task), CleanRL
@@ -73,6 +74,42 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.0f}" if np.isnan(low) else f"{mean:.0f} [{low:.0f}, {high:.0f}]"
 
 
+def finished(args: argparse.Namespace, env_id: str) -> list[tuple[int, Path]]:
+    """``(seed, run directory)`` of ``env_id``'s finished runs."""
+    return [
+        (seed, run)
+        for env, seed, run in runs(args)
+        if env == env_id and is_trained(config_of(args, env, seed), run)
+    ]
+
+
+def plot(args: argparse.Namespace, path: Path) -> None:
+    """One panel a task: each seed's training return (20-iteration running mean) against
+    env steps, the published PPO returns at the run length as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = args.envs.split(",")
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.4), squeeze=False)
+    for ax, env_id in zip(axes[0], envs, strict=True):
+        done = finished(args, env_id)
+        if done:
+            steps, curves = running_returns([run for _, run in done], window=20)
+            for (seed, _), curve in zip(done, curves, strict=True):
+                ax.plot(steps, curve, lw=1, label=f"seed {seed}")
+        for i, (source, value) in enumerate(PUBLISHED.get(env_id, {}).items()):
+            ax.axhline(value, color="grey", ls=("--", ":", "-.")[i % 3], lw=1, label=f"{source} PPO")
+        ax.set(title=env_id, xlabel="env steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training return (20-iteration mean)")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def report(args: argparse.Namespace) -> str:
     lines = [
         f"# Returns at {args.total_steps:,} steps ({args.policy.upper()} policy, task presets)",
@@ -84,11 +121,7 @@ def report(args: argparse.Namespace) -> str:
         "|---|---:|---:|---|---:|---|",
     ]
     for env_id in args.envs.split(","):
-        done = [
-            (seed, run)
-            for env, seed, run in runs(args)
-            if env == env_id and is_trained(config_of(args, env, seed), run)
-        ]
+        done = finished(args, env_id)
         published = ", ".join(f"{k} {v}" for k, v in PUBLISHED.get(env_id, {}).items()) or "–"
         if not done:
             lines.append(f"| {env_id} | 0 | – | – | – | {published} |")
@@ -119,6 +152,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(args)
     atomic_write_text(args.out / "tasks.md", text)
+    plot(args, args.out / "tasks.png")
     print(text, flush=True)
 
 
