@@ -100,7 +100,9 @@ def plot(args: argparse.Namespace, path: Path) -> None:
             for (seed, _), curve in zip(done, curves, strict=True):
                 ax.plot(steps, curve, lw=1, label=f"seed {seed}")
         for i, (source, value) in enumerate(PUBLISHED.get(env_id, {}).items()):
-            ax.axhline(value, color="grey", ls=("--", ":", "-.")[i % 3], lw=1, label=f"{source} PPO")
+            ax.axhline(
+                value, color="grey", ls=("--", ":", "-.")[i % 3], lw=1, label=f"{source} PPO"
+            )
         ax.set(title=env_id, xlabel="env steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
