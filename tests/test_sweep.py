@@ -255,6 +255,12 @@ def test_a_point_queued_twice_runs_once_whichever_copy_is_taken_first(tmp_path):
     ]
     status = _status([study])
     assert status[3] == "1 complete, 1 running, 2 set aside." and len(status) == 4
+    # A search's retry is the same run as a finished trial only with the same seed.
+    study.enqueue_trial({"budget": 8}, user_attrs={"seed": 1})
+    trial, _ = pop_waiting(study)
+    study.tell(trial, 1.0)
+    study.enqueue_trial({"budget": 8}, user_attrs={"seed": 2})
+    assert pop_waiting(study)[0].number == 5
 
 
 def test_a_search_asked_by_workers_at_once_runs_its_own_number_of_trials(tmp_path):

@@ -127,8 +127,8 @@ def set_aside_duplicate(study: optuna.Study, taken: FrozenTrial) -> bool:
     workers that join a sweep at the same moment may both queue a point that failed for
     good; of the two copies the lower-numbered one runs, whichever worker takes which
     first."""
-    params = params_of(taken)
-    if not params:
+    point = _point(taken)
+    if not params_of(taken):
         return False  # a sampler's trial: its parameters come later
     for other in study.get_trials(deepcopy=False):
         if other.number == taken.number:
@@ -136,10 +136,16 @@ def set_aside_duplicate(study: optuna.Study, taken: FrozenTrial) -> bool:
         held = other.state == TrialState.COMPLETE or (
             other.state in (TrialState.WAITING, TrialState.RUNNING) and other.number < taken.number
         )
-        if held and params_of(other) == params:
+        if held and _point(other) == point:
             set_aside(study, taken._trial_id, f"a copy of trial {other.number}")
             return True
     return False
+
+
+def _point(trial: FrozenTrial) -> dict:
+    """What makes a trial's run: its parameters and, in a search or tune (where the seed
+    is a user attribute, carried over to a retry), its seed."""
+    return {"seed": trial.user_attrs.get("seed"), **params_of(trial)}
 
 
 def set_aside(study: optuna.Study, trial_id: int, why: str) -> None:
