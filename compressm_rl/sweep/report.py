@@ -317,7 +317,10 @@ def plot(pts: list[Point], path: Path, title: str) -> None:
             xs = [p.mean(x) for p in shown]
             if xs and max(xs) > 4 * min(xs):  # sizes from 8 to 256 states: log
                 ax.set_xscale("log")
-                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ticker = matplotlib.ticker  # ticks at 1, 2, 5 × 10^k, written 2, not 2×10⁰
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set(xlabel=x_name, ylabel=ret_name)
             ax.legend(fontsize=7)
     fig.suptitle(f"{title}: return against size and latency (mean over seeds, 90% intervals)")
