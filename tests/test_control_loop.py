@@ -32,7 +32,6 @@ TASKS = [
     "Swimmer-v5",
     "Ant-v5",
     "Humanoid-v5",
-    "Humanoid-v5-P",
 ]
 
 
