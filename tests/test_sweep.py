@@ -19,6 +19,7 @@ from conftest import TINY_PPO
 
 from compressm_rl.cli import main
 from compressm_rl.runs import MetricsLog, load_checkpoint
+from compressm_rl.sweep.study import results_of
 
 ROOT = Path(__file__).resolve().parents[1]
 # make_tiny_config's sizes; a checkpoint every iteration, so a killed run has one.
@@ -95,7 +96,7 @@ def test_two_workers_share_the_grid_without_running_a_trial_twice(shared_sweep):
         steps = [int(r["global_step"]) for r in MetricsLog(out / "trials" / run).read()]
         assert steps == [STEPS_PER_ITERATION * (i + 1) for i in range(4)]  # once, whole
     for t in trials:  # every recorded result is there, the storage's time a small share
-        attrs = t.user_attrs
+        attrs = results_of(t)
         assert attrs["c_p50_us"] > 0 and attrs["total_states"] == sum(attrs["actor_dims"])
         assert 0 < attrs["storage_s"] < attrs["wall_s"]
         assert t.values == [attrs["det_return"], attrs["total_states"]]
@@ -112,8 +113,9 @@ def test_the_report_is_written_from_a_finished_study(shared_sweep, capsys):
     assert "| mlp | 2 | [] [] | 0 |" in text  # no state
     assert "10 complete" in text
     assert (
-        re.search(r"10 finished trials took [\d.]+ h of trial time .* by 2 worker processes", text)
-        and "Storage round trips per trial" in text
+        re.search(r"10 finished trials took [\d.]+ h of trial time .* at most 2\), by 2 wor", text)
+        and "Storage round trips per training trial (8," in text
+        and "Storage round trips per measuring only trial (2," in text
     )
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -144,7 +146,7 @@ def test_a_killed_worker_s_trial_is_resumed_by_another(tmp_path, tiny_yaml):
     assert trials[0].state == TrialState.FAIL  # failed as stale, then retried
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == 0]
     assert [t.state for t in retries] == [TrialState.COMPLETE]
-    assert retries[0].user_attrs["trained_from"] == killed_at
+    assert results_of(retries[0])["trained_from"] == killed_at
     steps = [int(r["global_step"]) for r in MetricsLog(run).read()]
     assert steps == list(range(STEPS_PER_ITERATION, total + 1, STEPS_PER_ITERATION))
 
@@ -316,6 +318,14 @@ def test_kept_results_are_re_read_only_by_the_same_sweep(tmp_path):
     text = (run / "trial.json").read_text()
     (run / "trial.json").write_text(text[: len(text) // 2])  # half a file
     assert read_result(run, spec) is None
+
+
+def test_most_trials_at_once_counts_overlaps_only():
+    from compressm_rl.sweep.report import most_at_once
+
+    assert most_at_once([(0, 10), (10, 20), (20, 30)]) == 1  # one worker, back to back
+    assert most_at_once([(0, 10), (5, 20), (6, 7), (12, 30)]) == 3
+    assert most_at_once([]) == 0
 
 
 def test_active_time_is_the_union_of_the_trials_intervals():

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from compressm_rl.runs.files import atomic_write_text, save_figure
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import bootstrap_mean, bootstrap_ratio, run_parting_step
-from compressm_rl.sweep.study import SET_ASIDE
+from compressm_rl.sweep.study import SET_ASIDE, results_of
 
 MARKDOWN, FIGURE = "pareto.md", "pareto.png"
 RETURNS = (("det_return", "deterministic return"), ("train_return", "training return"))
@@ -59,7 +59,7 @@ def finished_rows(studies: list[optuna.Study]) -> list[dict]:
     by_run: dict[str, dict] = {}
     for study in studies:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            attrs = trial.user_attrs
+            attrs = results_of(trial)
             params = {**trial.params, "seed": attrs.get("seed", trial.params.get("seed"))}
             params.setdefault("kind", "compressed")
             by_run[attrs["run"]] = {**params, **attrs, "number": trial.number}
@@ -255,26 +255,46 @@ def _wall_clock(studies) -> list[str]:
         "",
         f"{len(trials)} finished trials took {summed / 3600:.2f} h of trial time in "
         f"{active / 3600:.2f} h while any ran ({summed / active:.2f} trials at once on "
-        f"average), by {workers} worker processes.",
+        f"average, at most {most_at_once(spans)}), by {workers} worker processes in all.",
     ]
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The most ``(start, end)`` intervals that overlap at one moment (an end before a
+    start at the same instant: a worker's next trial does not overlap its last)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
 
 
 def _overhead(pts: list[Point]) -> list[str]:
     """The storage's share of the trials' wall-clock (pop, parameters, attributes; each
-    trial's last attribute write and its tell are timed in its progress line only)."""
-    rows = [r for p in pts for r in p.rows if r.get("storage_s") is not None and r.get("wall_s")]
-    if not rows:
-        return []
-    share = np.array([r["storage_s"] / r["wall_s"] for r in rows])
-    seconds = np.array([r["storage_s"] for r in rows])
-    return [
-        "",
-        "## Sweep overhead",
-        "",
-        f"Storage round trips per trial: median {1e3 * np.median(seconds):.0f} ms, "
-        f"{100 * np.median(share):.2f}% of the trial's wall-clock (max {100 * share.max():.2f}%), "
-        f"over {len(rows)} trials.",
-    ]
+    trial's last attribute write and its tell are timed in its progress line only), for
+    the trials that train and for those that only measure (post-training truncation)."""
+    lines = ["", "## Sweep overhead", ""]
+    for label, trains in (("training", True), ("measuring only", False)):
+        rows = [
+            r
+            for p in pts
+            for r in p.rows
+            if r.get("storage_s") is not None
+            and r.get("wall_s")
+            and (p.kind != "posthoc") == trains
+        ]
+        if not rows:
+            continue
+        share = np.array([r["storage_s"] / r["wall_s"] for r in rows])
+        seconds = np.array([r["storage_s"] for r in rows])
+        lines.append(
+            f"- Storage round trips per {label} trial ({len(rows)}, median wall-clock "
+            f"{np.median([r['wall_s'] for r in rows]):.0f} s): median "
+            f"{1e3 * np.median(seconds):.0f} ms, {100 * np.median(share):.2f}% of the trial's "
+            f"wall-clock (max {100 * share.max():.2f}%)."
+        )
+    return lines if len(lines) > 3 else []
 
 
 def write_report(out: Path, name: str, spec: plan.SweepSpec, studies: list[optuna.Study]) -> Path:

@@ -43,6 +43,7 @@ MAX_RETRY = 3  # retries of one trial whose workers keep dying
 HEARTBEAT = "heartbeat"  # the journal's heartbeat: a trial system attribute (epoch s)
 SPEC, QUEUED = "sweep", "queued"  # study user attributes: the settings, the grid queued
 SET_ASIDE = "set_aside"  # a trial's user attribute: why a worker took it but never ran it
+RESULT = "result"  # a finished trial's user attribute: its measurements (a dict)
 JOIN_WAIT_S = 60.0  # how long a joining worker waits for the first to queue the grid
 
 
@@ -324,3 +325,10 @@ def enqueue_missing(study: optuna.Study, points: list[dict]) -> int:
 def params_of(trial) -> dict:
     """A trial's parameters: its own, or the fixed ones it was queued with."""
     return dict(trial.system_attrs.get("fixed_params") or trial.params)
+
+
+def results_of(trial) -> dict:
+    """A finished trial's user attributes with its measurements (``RESULT``) spread
+    among them, as earlier sweeps wrote them (one attribute each)."""
+    attrs = dict(trial.user_attrs)
+    return {**attrs.pop(RESULT, {}), **attrs}

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from compressm_rl.runs.files import atomic_write_text, save_figure
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import bootstrap_mean
+from compressm_rl.sweep.study import results_of
 
 MARKDOWN, FIGURE = "tune.md", "tune.png"
 
@@ -25,7 +26,7 @@ def tuned_rows(study: optuna.Study) -> list[dict]:
         settings = {k: v for k, v in trial.params.items() if k in plan.TUNE_SPACE}
         if "lr" in settings:
             settings["lr"] = plan.round_sampled(settings["lr"])
-        rows.append({"number": trial.number, "settings": settings, **trial.user_attrs})
+        rows.append({"number": trial.number, "settings": settings, **results_of(trial)})
     return sorted(rows, key=lambda r: r["number"])
 
 

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compressm_rl.stopping import TrainingStopped
 from compressm_rl.sweep import plan
-from compressm_rl.sweep.study import SET_ASIDE, params_of, quiet_experimental
+from compressm_rl.sweep.study import RESULT, SET_ASIDE, params_of, quiet_experimental
 from compressm_rl.sweep.trials import run_trial
 
 
@@ -312,9 +312,8 @@ def _succeeded(spec, study, trial, name: str, result: dict, clock: StorageClock,
     """Record the results as user attributes and tell the study the trial's values."""
     x = result["c_p50_us"] if spec.objective == "latency" else result["total_states"]
     with _unless_failed_meanwhile(trial, name):
-        with clock.timed():
-            for key, value in {**result, "wall_s": wall}.items():
-                trial.set_user_attr(key, value)
+        with clock.timed():  # one write: each is a transaction (SQLite: ~20 ms)
+            trial.set_user_attr(RESULT, {**result, "wall_s": wall})
         trial.set_user_attr("storage_s", clock.seconds)  # what the trial's record can hold
         with clock.timed():
             study.tell(trial, [result["det_return"], float(x)], skip_if_finished=True)
