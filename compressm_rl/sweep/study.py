@@ -248,7 +248,8 @@ def describe(queues: list[tuple[optuna.Study, bool]]) -> str:
     counts: dict[str, int] = {}
     for study, _ in queues:
         for trial in study.get_trials(deepcopy=False):
-            counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
+            state = "set aside" if SET_ASIDE in trial.user_attrs else trial.state.name.lower()
+            counts[state] = counts.get(state, 0) + 1
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet"
 
 
