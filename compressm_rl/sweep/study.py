@@ -116,7 +116,8 @@ class HeartbeatRDBStorage(RDBStorage):
     beat: a worker stopped between taking a trial and its first beat (milliseconds, but
     a Ctrl-C can land there) would otherwise leave it running for good, and every other
     worker waiting for it. Its start (``datetime_start``, stamped by the taking worker's
-    clock) stands for its beat. Reads Optuna's heartbeat table, which 5.1 keeps private."""
+    local clock, as Optuna stamps it: workers in one time zone) stands for its beat.
+    Reads Optuna's heartbeat table, which 5.1 keeps private."""
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         from optuna.storages._rdb import models
