@@ -273,16 +273,17 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
 def _overhead(pts: list[Point]) -> list[str]:
     """The storage's share of the trials' wall-clock (pop, parameters, attributes; each
     trial's last attribute write and its tell are timed in its progress line only), for
-    the trials that train and for those that only measure (post-training truncation)."""
+    the trials that trained and for those that only measured (post-training truncation,
+    a run another trial had trained)."""
     lines = ["", "## Sweep overhead", ""]
-    for label, trains in (("training", True), ("measuring only", False)):
+    for label, trained in (("training", True), ("measuring only", False)):
         rows = [
             r
             for p in pts
             for r in p.rows
             if r.get("storage_s") is not None
             and r.get("wall_s")
-            and (p.kind != "posthoc") == trains
+            and (r.get("trained_from") is not None) == trained
         ]
         if not rows:
             continue
