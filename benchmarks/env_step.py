@@ -1,9 +1,9 @@
 """The batched locomotion step against Gymnasium's ``SyncVectorEnv``, side by side.
 
     python benchmarks/env_step.py [--envs Hopper-v5,Ant-v5] [--num-envs 8] [--steps 200]
-        [--rounds 5]
+        [--rounds 5] [--threads 2] [--envpool]
 
-(default: the six batched tasks) [--threads 2] [--envpool]
+(default: the six batched tasks)
 
 Per task, the vector envs (SAME_STEP autoreset, the same seeds and actions: uniform in
 ±0.4 of the action range, so Humanoid and Ant stay up for a while) step ``--steps``
