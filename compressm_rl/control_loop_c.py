@@ -581,6 +581,7 @@ static void run(const Task *t, const mjModel *m, mjData *d, Record *r)
             ++r->lengths[k];
         }
     }
+    free(scratch);
 }
 
 static void write_record(const char *path, const Task *t, const Record *r)
