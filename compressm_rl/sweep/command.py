@@ -244,7 +244,8 @@ def sweep(args: argparse.Namespace) -> int:
         print(f"report written to {path} and {path.with_suffix('.png')}")
         return 0
     queues, spec = studies.join_sweep(storage, name, spec)
-    say(f"joined study {name!r} at {studies.shown_url(url)}: {studies.describe(queues)}")
+    held = studies.describe([study for study, _ in queues])
+    say(f"joined study {name!r} at {studies.shown_url(url)}: {held}")
     count = run_worker(
         spec, args.out, [Queue(study, search) for study, search in queues], args.heartbeat
     )

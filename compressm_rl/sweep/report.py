@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from compressm_rl.runs.files import atomic_write_text, save_figure
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import bootstrap_mean, bootstrap_ratio, run_parting_step
-from compressm_rl.sweep.study import SET_ASIDE, results_of
+from compressm_rl.sweep.study import SET_ASIDE, describe, results_of
 
 MARKDOWN, FIGURE = "pareto.md", "pareto.png"
 RETURNS = (("det_return", "deterministic return"), ("train_return", "training return"))
@@ -201,20 +201,16 @@ def _cpus(pts: list[Point]) -> str:
 def _status(studies) -> list[str]:
     """Trials not finished: failed (with their error, unless a later trial finished the
     same run), waiting, running; trials set aside unrun are counted apart."""
-    lines, done = ["", "## Trials", ""], set()
-    counts: dict[str, int] = {}
+    lines, done = ["", "## Trials", "", f"{describe(studies)}."], set()
     failed = []
     for study in studies:
         for t in study.get_trials(deepcopy=False):
-            state = "SET ASIDE" if SET_ASIDE in t.user_attrs else t.state.name
-            counts[state] = counts.get(state, 0) + 1
             if SET_ASIDE in t.user_attrs:  # taken but never run (a copy, past the search)
                 continue
             if t.state == TrialState.COMPLETE:
                 done.add(t.user_attrs.get("run"))
             elif t.state == TrialState.FAIL:
                 failed.append(t)
-    lines.append(", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) + ".")
     for t in failed:
         name = t.user_attrs.get("run", f"trial {t.number}")
         if name not in done:

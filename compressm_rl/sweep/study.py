@@ -244,10 +244,11 @@ def sweep_studies(storage: BaseStorage, name: str) -> tuple[SweepSpec, list[optu
     return spec, [load_study(storage, reference_name(name)), study]
 
 
-def describe(queues: list[tuple[optuna.Study, bool]]) -> str:
-    """How many trials of each state the sweep's studies hold, e.g. ``3 waiting, 1 running``."""
+def describe(studies: list[optuna.Study]) -> str:
+    """How many trials of each state the sweep's studies hold, e.g. ``3 waiting, 1 running``
+    (trials set aside unrun apart from the failed)."""
     counts: dict[str, int] = {}
-    for study, _ in queues:
+    for study in studies:
         for trial in study.get_trials(deepcopy=False):
             state = "set aside" if SET_ASIDE in trial.user_attrs else trial.state.name.lower()
             counts[state] = counts.get(state, 0) + 1
