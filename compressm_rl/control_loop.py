@@ -242,7 +242,7 @@ def read_task(
         "episodes": episodes,
         "obs_dim": len(keep),
         "skip_qpos": settings.skip_qpos if settings else 0,
-        "extra_obs": sum(EXTRA_OBS[name][0] for name in extra_obs),
+        "extra_obs": sum(EXTRA_OBS[name] for name in extra_obs),
         "main_body": settings.main_body if settings else 0,
         "clip_velocity": int(isinstance(layer, HopperEnv | Walker2dEnv)),
         # The pendulum always ends an episode when it falls.

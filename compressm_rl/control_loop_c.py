@@ -19,9 +19,10 @@ TASK_KINDS = {
     "Ant-v5": 5,
     "Humanoid-v5": 6,
 }
-# The MjData arrays a task may append to its observation (bits of the header's
-# `extra_obs`), in the order Gymnasium appends them, with the rows each leaves out.
-EXTRA_OBS = {"cinert": (1, 1), "cvel": (2, 1), "qfrc_actuator": (4, 6), "cfrc_ext": (8, 1)}
+# The MjData arrays a task may append to its observation, as bits of the header's
+# `extra_obs`, in the order Gymnasium appends them (the rows each leaves out are
+# envs.locomotion's _EXTRA_ROWS, written into the C below).
+EXTRA_OBS = {"cinert": 1, "cvel": 2, "qfrc_actuator": 4, "cfrc_ext": 8}
 
 INPUT_MAGIC = 0x434D4C4F4F500003  # "CMLOOP" + layout version 3
 OUTPUT_MAGIC = 0x434D4C4F4F500101
