@@ -355,7 +355,9 @@ def test_a_tune_trains_the_settings_it_samples_and_ranks_them(tmp_path, tiny_yam
     sequences per iteration: 2 or 4 minibatches); tune.md ranks what was tried."""
     import yaml
 
+    from compressm_rl.rl.config import preset_entries
     from compressm_rl.sweep import plan
+    from compressm_rl.sweep.study import results_of
 
     out = tmp_path / "tune"
     space = ("--search-space", "lr,minibatches,init_log_std", "--seeds", "0,1")
@@ -378,6 +380,14 @@ def test_a_tune_trains_the_settings_it_samples_and_ranks_them(tmp_path, tiny_yam
     assert sorted(t.user_attrs["seed"] for t in trials) == [0, 1]  # the seeds in turn
     text = (out / "tune.md").read_text()
     assert "| 1 | init_log_std " in text and "| 2 | init_log_std " in text
+    # the best trial's settings, as its run has them, over the task's preset entries
+    best = max(trials, key=lambda t: results_of(t)["det_return"])
+    run = out / "trials" / best.user_attrs["run"]
+    ppo = yaml.safe_load((run / "config.yaml").read_text())["ppo"]
+    entry = yaml.safe_load(text.split("```yaml\n")[1].split("```")[0])
+    assert list(entry) == ["InvertedPendulum-v5"]
+    tuned = {key: ppo[key] for key in ("lr", "minibatches", "init_log_std")}
+    assert entry["InvertedPendulum-v5"] == {**preset_entries("InvertedPendulum-v5"), **tuned}
     assert (out / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

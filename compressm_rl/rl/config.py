@@ -127,7 +127,12 @@ def preset_tasks() -> list[str]:
     return list(_preset_table())
 
 
+def preset_entries(env_id: str) -> dict:
+    """The task's own ``presets.yaml`` entries (its base task's for a POMDP variant)."""
+    base, _ = split_env_id(env_id)
+    return dict(_preset_table().get(base, {}))
+
+
 def preset_for(env_id: str) -> PPOConfig:
     """The task's PPO settings (POMDP variants use their base task's; defaults otherwise)."""
-    base, _ = split_env_id(env_id)
-    return PPOConfig().with_overrides(**_preset_table().get(base, {}))
+    return PPOConfig().with_overrides(**preset_entries(env_id))

@@ -1,5 +1,5 @@
 """A tune's report: ``OUT/tune.md`` (the settings tried, ranked by deterministic return,
-each with its seeds' returns) and ``OUT/tune.png`` (each trial's return in the order the
+each with its seeds' returns, and the best as the task's ``presets.yaml`` entry) and ``OUT/tune.png`` (each trial's return in the order the
 sampler asked for them, with the best so far)."""
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import yaml
 from optuna.trial import TrialState
 
+from compressm_rl.rl.config import preset_entries
 from compressm_rl.runs.files import atomic_write_text, save_figure
 from compressm_rl.sweep import plan
 from compressm_rl.sweep.stats import bootstrap_mean
 from compressm_rl.sweep.study import results_of
+from envs.tasks import split_env_id
 
 MARKDOWN, FIGURE = "tune.md", "tune.png"
 
@@ -43,6 +46,13 @@ def ranked(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     return sorted(groups.items(), key=lambda g: -np.mean([r["det_return"] for r in g[1]]))
 
 
+def preset_entry(env_id: str, settings: dict) -> str:
+    """``settings`` as the task's ``presets.yaml`` entry (YAML): its present entries with
+    ``settings`` on top, so that pasting it over the old entry makes them the preset."""
+    base, _ = split_env_id(env_id)
+    return yaml.safe_dump({base: {**preset_entries(env_id), **settings}}, sort_keys=False)
+
+
 def markdown(name: str, spec: plan.SweepSpec, rows: list[dict]) -> str:
     steps = spec.config["ppo"]["total_steps"]
     lines = [
@@ -64,6 +74,11 @@ def markdown(name: str, spec: plan.SweepSpec, rows: list[dict]) -> str:
         lines.append(
             f"| {rank} | {label} | {len(group)} | {det[0]:.0f}{interval} | {train} | {seconds} |"
         )
+    if rows:
+        best = ranked(rows)[0][1][0]["settings"]
+        entry = preset_entry(spec.env_id, best)
+        lines += ["", "The best as the task's `compressm_rl/rl/presets.yaml` entry:", "", "```yaml"]
+        lines += [entry.rstrip("\n"), "```"]
     return "\n".join(lines) + "\n"
 
 
