@@ -1,6 +1,7 @@
 """A tune's report: ``OUT/tune.md`` (the settings tried, ranked by deterministic return,
-each with its seeds' returns, and the best as the task's ``presets.yaml`` entry) and ``OUT/tune.png`` (each trial's return in the order the
-sampler asked for them, with the best so far)."""
+each with its seeds' returns, and the best as the task's ``presets.yaml`` entry) and
+``OUT/tune.png`` (each trial's return in the order the sampler asked for them, with the
+best so far)."""
 
 from __future__ import annotations
 
