@@ -223,6 +223,8 @@ _spec_t.loader.exec_module(tasks_benchmark)
 def test_task_runs_go_seed_by_seed_and_workers_split_them():
     """Every task gets its first seed before any gets a second; two workers take every
     other run, together all of them once; each run's config is the task's preset."""
+    from compressm_rl.rl.config import PPOConfig, preset_for
+
     args = tasks_benchmark.build_parser().parse_args(
         ["--envs", "Ant-v5,Humanoid-v5", "--seeds", "0,1", "--out", "o"]
     )
@@ -235,5 +237,7 @@ def test_task_runs_go_seed_by_seed_and_workers_split_them():
     ]
     assert runs[0::2] + runs[1::2] != runs and sorted(runs[0::2] + runs[1::2]) == sorted(runs)
     config = tasks_benchmark.config_of(args, "Ant-v5", 1)
-    assert config.seed == 1 and config.ppo.init_log_std == -0.5  # Ant's preset
+    preset = preset_for("Ant-v5")  # not the defaults: the file's values are applied
+    assert config.seed == 1 and config.ppo.lr == preset.lr != PPOConfig().lr
+    assert config.ppo.with_overrides(total_steps=preset.total_steps) == preset
     assert config.ppo.total_steps == 1_000_000
