@@ -68,15 +68,16 @@ def markdown(name: str, spec: plan.SweepSpec, rows: list[dict]) -> str:
         "| rank | settings | seeds | deterministic return | training return | training s |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for rank, (label, group) in enumerate(ranked(rows), start=1):
+    ranking = ranked(rows)
+    for rank, (label, group) in enumerate(ranking, start=1):
         det = bootstrap_mean(np.array([r["det_return"] for r in group]))
         interval = "" if np.isnan(det[1]) else f" [{det[1]:.0f}, {det[2]:.0f}]"
         train, seconds = (_mean(group, key) for key in ("train_return", "train_wall_s"))
         lines.append(
             f"| {rank} | {label} | {len(group)} | {det[0]:.0f}{interval} | {train} | {seconds} |"
         )
-    if rows:
-        best = ranked(rows)[0][1][0]["settings"]
+    if ranking:
+        best = ranking[0][1][0]["settings"]
         entry = preset_entry(spec.env_id, best)
         lines += ["", "The best as the task's `compressm_rl/rl/presets.yaml` entry:", "", "```yaml"]
         lines += [entry.rstrip("\n"), "```"]
