@@ -22,7 +22,8 @@ episodes) and on a grid of fixed masses and frictions (``--grid``, each point on
 training ranges are the held-out set. Kept per run in ``robustness.json`` (keyed by the
 checkpoint and the grid), so the script can be stopped and run again. Writes
 ``OUT/robustness.md`` (means over seeds with expanded 90% bootstrap intervals; SSM / MLP,
-compressed / full and small / full paired by seed) and ``OUT/robustness.png``.
+compressed / full and small / full paired by seed; each policy's mean at every grid point)
+and ``OUT/robustness.png``.
 """
 
 from __future__ import annotations
@@ -205,16 +206,30 @@ def report(args: argparse.Namespace, table: dict, outside: list[bool]) -> str:
                 for k in ("train_dist", "held_out")
             ]
             lines.append(f"| {env_id} | {METHODS[a]} / {METHODS[b]} | {' | '.join(cells)} |")
-    lines += [
-        "",
-        f"Grid keys: {', '.join(grid)}; held-out points: "
-        + ", ".join(
-            str(dict(zip(grid, p, strict=True)))
-            for p, o in zip(grid_points(grid), outside, strict=True)
-            if o
-        ),
-    ]
+    lines += ["", *point_table(table, grid, outside)]
     return "\n".join(lines) + "\n"
+
+
+def point_table(table: dict, grid: dict[str, list[float]], outside: list[bool]) -> list[str]:
+    """Each policy's mean return over seeds at every grid point: where it breaks."""
+    heads = [
+        ", ".join(f"{v:g}" for v in point) + ("" if out else " (in)")
+        for point, out in zip(grid_points(grid), outside, strict=True)
+    ]
+    lines = [
+        f"Mean return at each grid point ({', '.join(grid)}); (in): inside the training ranges.",
+        "",
+        "| task | policy | " + " | ".join(heads) + " |",
+        "|---|---|" + "---:|" * len(heads),
+    ]
+    for env_id, methods in table.items():
+        for method, label in METHODS.items():
+            if methods[method]:
+                means = np.mean([r["grid_means"] for r in methods[method]], axis=0)
+                lines.append(
+                    f"| {env_id} | {label} | " + " | ".join(f"{m:.0f}" for m in means) + " |"
+                )
+    return lines
 
 
 def grid_points(grid: dict[str, list[float]]) -> list[tuple]:

@@ -211,6 +211,9 @@ def test_robustness_report_pairs_each_ratio_by_seed():
     text = robustness_benchmark.report(args, table, outside)
     assert "| Hopper-v5 | SSM / MLP | 1.10 [1.10, 1.10] | 1.10 [1.10, 1.10] |" in text
     assert "| Hopper-v5 | SSM compressed / SSM | 1.00 [1.00, 1.00] |" in text
+    # Per grid point: the held-out mass 0.5 first, then the nominal point, marked inside.
+    assert "| task | policy | 0.5 | 1 (in) |" in text
+    assert f"| Hopper-v5 | MLP | {luck.mean():.0f} | 0 |" in text
 
 
 _spec_t = importlib.util.spec_from_file_location(
