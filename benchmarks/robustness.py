@@ -17,10 +17,10 @@ with ``--dynamics`` drawn per episode, per seed:
 - mlp: an MLP with the same settings (no memory).
 
 Each policy is evaluated deterministically on the training distribution (the sweep's 30
-episodes) and on a grid of fixed masses and frictions (``--grid``, each point on top of
-``--dynamics``' other draws), ``--episodes`` episodes a point; the points outside the
-training ranges are the held-out set. Kept per run in ``robustness.json`` (keyed by the
-checkpoint and the grid), so the script can be stopped and run again. Writes
+episodes) and on a grid of fixed dynamics (``--grid``: masses and frictions unless told,
+e.g. ``gain=0.6:1.4:3,delay=0:4:3``; each point on top of ``--dynamics``' other draws), ``--episodes`` episodes a point; the points outside the
+training ranges are the held-out set. Kept per run and grid in ``robustness-HASH.json``
+(keyed by the checkpoint), so the script can be stopped and run again. Writes
 ``OUT/robustness.md`` (means over seeds with expanded 90% bootstrap intervals; SSM / MLP,
 compressed / full and small / full paired by seed; each policy's mean at every grid point)
 and ``OUT/robustness.png``.
@@ -29,6 +29,7 @@ and ``OUT/robustness.png``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -48,7 +49,6 @@ from envs import parse_dynamics
 
 METHODS = {"full": "SSM", "compressed": "SSM compressed", "small": "SSM small", "mlp": "MLP"}
 RATIOS = (("full", "mlp"), ("compressed", "full"), ("small", "full"))
-CACHE = "robustness.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,9 @@ def evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) ->
         "dynamics": args.dynamics,
         "seed": EVAL_SEED + seed,
     }
-    return kept(run / CACHE, key, lambda: _evaluate_run(run, env_id, seed, args))
+    # One file per grid, so a second grid (e.g. delay x motor gain) keeps the first's results.
+    cache = run / f"robustness-{hashlib.sha1(args.grid.encode()).hexdigest()[:8]}.json"
+    return kept(cache, key, lambda: _evaluate_run(run, env_id, seed, args))
 
 
 def _evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) -> dict:
