@@ -182,17 +182,23 @@ def report(args: argparse.Namespace, table: dict, outside: list[bool]) -> str:
         f"draws), {args.episodes} episodes a point. Means over seeds [expanded 90% bootstrap "
         "interval]; ratios paired by seed.",
         "",
-        "| task | seeds | policy | training distribution | held out | training return |",
-        "|---|---:|---|---:|---:|---:|",
+        "| task | seeds | policy | training distribution | held out | held out / training "
+        "distribution | training return |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for env_id, methods in table.items():
         for method, label in METHODS.items():
             rows = methods[method]
             if not rows:
                 continue
-            values = [_values(rows, outside, k) for k in ("train_dist", "held_out", "train_return")]
-            cells = " | ".join(_cell(bootstrap_mean(v)) for v in values)
-            lines.append(f"| {env_id} | {len(rows)} | {label} | {cells} |")
+            train, held, train_return = (
+                _values(rows, outside, k) for k in ("train_dist", "held_out", "train_return")
+            )
+            # How much of its own return a policy keeps off the training distribution.
+            kept_off = _cell(bootstrap_ratio(held, train), ".2f")
+            cells = [_cell(bootstrap_mean(train)), _cell(bootstrap_mean(held)), kept_off]
+            cells.append(_cell(bootstrap_mean(train_return)))
+            lines.append(f"| {env_id} | {len(rows)} | {label} | {' | '.join(cells)} |")
     lines += ["", "| task | ratio | training distribution | held out |", "|---|---|---:|---:|"]
     for env_id, methods in table.items():
         if not methods["seeds"]:

@@ -211,6 +211,8 @@ def test_robustness_report_pairs_each_ratio_by_seed():
     text = robustness_benchmark.report(args, table, outside)
     assert "| Hopper-v5 | SSM / MLP | 1.10 [1.10, 1.10] | 1.10 [1.10, 1.10] |" in text
     assert "| Hopper-v5 | SSM compressed / SSM | 1.00 [1.00, 1.00] |" in text
+    # Off the training distribution every policy keeps its held-out / training return.
+    assert "| Hopper-v5 | 4 | MLP | 1025 [" in text and "| 1.00 [1.00, 1.00] | 1025 [" in text
     # Per grid point: the held-out mass 0.5 first, then the nominal point, marked inside.
     assert "| task | policy | 0.5 | 1 (in) |" in text
     assert f"| Hopper-v5 | MLP | {luck.mean():.0f} | 0 |" in text
