@@ -14,16 +14,22 @@ with ``--dynamics`` drawn per episode, per seed:
 - compressed: the SSM compressed in training to ``--budget`` complex states per part
   (≤ ``--budget`` per layer),
 - small: an SSM trained from scratch at the compressed run's final sizes,
-- mlp: an MLP with the same settings (no memory).
+- mlp: an MLP with the same settings (no memory),
+
+and evaluates one more policy, no training needed:
+
+- stateless: the full SSM with its recurrent state reset before every step, which shows
+  how much of the SSM's return its memory carries.
 
 Each policy is evaluated deterministically on the training distribution (the sweep's 30
-episodes) and on a grid of fixed dynamics (``--grid``: masses and frictions unless told,
-e.g. ``gain=0.6:1.4:3,delay=0:4:3``; each point on top of ``--dynamics``' other draws), ``--episodes`` episodes a point; the points outside the
+episodes; the stateless SSM's own, same seeds) and on a grid of fixed dynamics (``--grid``:
+masses and frictions unless told, e.g. ``gain=0.6:1.4:3,delay=0:4:3``; each point on top of
+``--dynamics``' other draws), ``--episodes`` episodes a point; the points outside the
 training ranges are the held-out set. Kept per run and grid in ``robustness-HASH.json``
 (keyed by the checkpoint), so the script can be stopped and run again. Writes
 ``OUT/robustness.md`` (means over seeds with expanded 90% bootstrap intervals; SSM / MLP,
-compressed / full and small / full paired by seed; each policy's mean at every grid point)
-and ``OUT/robustness.png``.
+compressed / full, small / full and stateless / full paired by seed; each policy's mean at
+every grid point) and ``OUT/robustness.png``.
 """
 
 from __future__ import annotations
@@ -39,16 +45,30 @@ import numpy as np
 from compression import run_sweep_workers
 
 from compressm_rl.runs import TorchController, load_policy
-from compressm_rl.runs.evaluate import evaluate_grid, parse_grid_spec
+from compressm_rl.runs.evaluate import evaluate, evaluate_grid, parse_grid_spec
 from compressm_rl.runs.files import atomic_write_text, checkpoint_stamp, kept, save_figure
 from compressm_rl.settings import int_list
-from compressm_rl.sweep.plan import TRIALS
+from compressm_rl.sweep.plan import TRIALS, SweepSpec
 from compressm_rl.sweep.stats import bootstrap_mean, bootstrap_ratio
 from compressm_rl.sweep.trials import EVAL_SEED, RESULT
 from envs import parse_dynamics
 
-METHODS = {"full": "SSM", "compressed": "SSM compressed", "small": "SSM small", "mlp": "MLP"}
-RATIOS = (("full", "mlp"), ("compressed", "full"), ("small", "full"))
+METHODS = {
+    "full": "SSM",
+    "compressed": "SSM compressed",
+    "small": "SSM small",
+    "mlp": "MLP",
+    "stateless": "SSM, state reset every step",
+}
+RATIOS = (("full", "mlp"), ("compressed", "full"), ("small", "full"), ("stateless", "full"))
+
+
+class StatelessController(TorchController):
+    """The SSM with its memory taken away: the recurrent state is zero at every step."""
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        self.reset()
+        return super().act(obs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +122,12 @@ def held_out(grid: dict[str, list[float]], dynamics: str) -> list[bool]:
     ]
 
 
-def evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) -> dict:
+def evaluate_run(
+    run: Path, env_id: str, seed: int, args: argparse.Namespace, stateless: bool = False
+) -> dict:
     """The run's training-distribution return (the sweep's) and its held-out grid
-    returns, evaluated once per checkpoint and grid (``robustness.json``)."""
+    returns, evaluated once per checkpoint and grid (``robustness-HASH.json``);
+    ``stateless``: those of the run's policy with its state reset every step."""
     key = {
         "checkpoint": checkpoint_stamp(run),
         "grid": args.grid,
@@ -113,21 +136,25 @@ def evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) ->
         "seed": EVAL_SEED + seed,
     }
     # One file per grid, so a second grid (e.g. delay x motor gain) keeps the first's results.
-    cache = run / f"robustness-{hashlib.sha1(args.grid.encode()).hexdigest()[:8]}.json"
-    return kept(cache, key, lambda: _evaluate_run(run, env_id, seed, args))
+    digest = hashlib.sha1(args.grid.encode()).hexdigest()[:8]
+    cache = run / f"robustness-{'stateless-' if stateless else ''}{digest}.json"
+    return kept(cache, key, lambda: _evaluate_run(run, env_id, seed, args, stateless))
 
 
-def _evaluate_run(run: Path, env_id: str, seed: int, args: argparse.Namespace) -> dict:
+def _evaluate_run(
+    run: Path, env_id: str, seed: int, args: argparse.Namespace, stateless: bool
+) -> dict:
     policy, _ = load_policy(run)
+    controller = (StatelessController if stateless else TorchController)(policy, frozen=True)
     grid = evaluate_grid(
-        TorchController(policy, frozen=True),
-        env_id,
-        args.grid,
-        args.episodes,
-        EVAL_SEED + seed,
-        args.dynamics,
+        controller, env_id, args.grid, args.episodes, EVAL_SEED + seed, args.dynamics
     )
     trial = json.loads((run / RESULT).read_text())["result"]
+    if stateless:  # the sweep's evaluation, repeated without memory; nothing was trained
+        train_dist = evaluate(
+            controller, env_id, SweepSpec.eval_episodes, EVAL_SEED + seed, args.dynamics
+        )
+        trial = {**trial, "det_return": float(train_dist.mean()), "train_return": None}
     return {
         "train_dist": trial["det_return"],
         "train_return": trial["train_return"],
@@ -156,12 +183,18 @@ def collect(args: argparse.Namespace, dirs: dict[str, Path]) -> dict:
             method: [evaluate_run(out / TRIALS / f"{name}-s{s}", env_id, s, args) for s in done]
             for method, name in names.items()
         }
+        table[env_id]["stateless"] = [
+            evaluate_run(out / TRIALS / f"{names['full']}-s{s}", env_id, s, args, stateless=True)
+            for s in done
+        ]
         table[env_id]["seeds"] = done
     return table
 
 
 def _cell(stats: tuple[float, float, float], digits: str = ".0f") -> str:
     mean, low, high = stats
+    if np.isnan(mean):
+        return "–"
     return (
         f"{mean:{digits}}"
         if np.isnan(low)

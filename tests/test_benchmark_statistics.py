@@ -218,6 +218,26 @@ def test_robustness_report_pairs_each_ratio_by_seed():
     assert f"| Hopper-v5 | MLP | {luck.mean():.0f} | 0 |" in text
 
 
+def test_the_stateless_ssm_acts_on_each_observation_alone():
+    """Its every action is what a fresh episode would do on that observation; the SSM with
+    memory acts differently on the second step (its state then carries the first)."""
+    import torch
+
+    from compressm_rl.runs import TorchController
+    from policies.actor_critic import ActorCritic
+
+    torch.manual_seed(0)
+    policy = ActorCritic(6, 2, -np.ones(2), np.ones(2), width=8, state_dims=[4, 4])
+    observations = np.random.default_rng(0).normal(size=(3, 6))
+    stateless = robustness_benchmark.StatelessController(policy)
+    with_memory = TorchController(policy)
+    for obs in observations:
+        fresh = TorchController(policy)
+        np.testing.assert_array_equal(stateless.act(obs), fresh.act(obs))
+    with_memory.act(observations[0])
+    assert not np.array_equal(with_memory.act(observations[1]), stateless.act(observations[1]))
+
+
 _spec_t = importlib.util.spec_from_file_location(
     "tasks_benchmark", Path(__file__).parents[1] / "benchmarks" / "tasks.py"
 )
