@@ -28,8 +28,8 @@ masses and frictions unless told, e.g. ``gain=0.6:1.4:3,delay=0:4:3``; each poin
 training ranges are the held-out set. Kept per run and grid in ``robustness-HASH.json``
 (keyed by the checkpoint), so the script can be stopped and run again. Writes
 ``OUT/robustness.md`` (means over seeds with expanded 90% bootstrap intervals; SSM / MLP,
-compressed / full, small / full and stateless / full paired by seed; each policy's mean at
-every grid point) and ``OUT/robustness.png``.
+compressed / full, small / full, compressed / small and stateless / full paired by seed;
+each policy's mean at every grid point) and ``OUT/robustness.png``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,13 @@ METHODS = {
     "mlp": "MLP",
     "stateless": "SSM, state reset every step",
 }
-RATIOS = (("full", "mlp"), ("compressed", "full"), ("small", "full"), ("stateless", "full"))
+RATIOS = (
+    ("full", "mlp"),
+    ("compressed", "full"),
+    ("small", "full"),
+    ("compressed", "small"),
+    ("stateless", "full"),
+)
 
 
 class StatelessController(TorchController):
@@ -294,7 +300,7 @@ def plot(table: dict, outside: list[bool], path: Path) -> None:
 
     envs = [env for env in table if table[env]["seeds"]]
     fig, axes = plt.subplots(
-        1, max(1, len(envs)), figsize=(5.5 * max(1, len(envs)), 4), squeeze=False
+        1, max(1, len(envs)), figsize=(6.5 * max(1, len(envs)), 4), squeeze=False
     )
     for ax, env_id in zip(axes[0], envs, strict=False):
         for offset, (key, name) in enumerate(
@@ -308,7 +314,11 @@ def plot(table: dict, outside: list[bool], path: Path) -> None:
             ax.bar(
                 np.arange(len(METHODS)) + 0.4 * offset, mean, 0.4, yerr=err, capsize=3, label=name
             )
-        ax.set_xticks(np.arange(len(METHODS)) + 0.2, list(METHODS.values()), fontsize=8)
+        ax.set_xticks(
+            np.arange(len(METHODS)) + 0.2,
+            [m.replace(", ", ",\n") for m in METHODS.values()],
+            fontsize=8,
+        )
         ax.set(
             title=f"{env_id} ({len(table[env_id]['seeds'])} seeds)", ylabel="deterministic return"
         )
