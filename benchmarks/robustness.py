@@ -156,14 +156,15 @@ def _evaluate_run(
         controller, env_id, args.grid, args.episodes, EVAL_SEED + seed, args.dynamics
     )
     trial = json.loads((run / RESULT).read_text())["result"]
+    train_dist, train_return = trial["det_return"], trial["train_return"]
     if stateless:  # the sweep's evaluation, repeated without memory; nothing was trained
-        train_dist = evaluate(
+        returns = evaluate(
             controller, env_id, SweepSpec.eval_episodes, EVAL_SEED + seed, args.dynamics
         )
-        trial = {**trial, "det_return": float(train_dist.mean()), "train_return": None}
+        train_dist, train_return = float(returns.mean()), None
     return {
-        "train_dist": trial["det_return"],
-        "train_return": trial["train_return"],
+        "train_dist": train_dist,
+        "train_return": train_return,
         "actor_dims": trial["actor_dims"],
         "grid_means": [float(r.mean()) for r in grid.returns],
     }
